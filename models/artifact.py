@@ -12,7 +12,13 @@ nothing that tracing in fp16 would have kept.
 
 Normalisation lives in the metadata, not in the graph: the network sees
 (x - input_offset) / input_scale and its output is mapped back with * input_scale + input_offset,
-so the pipeline feeds and receives physical units (line integral per pixel).
+so the pipeline feeds and receives physical units (line integral per pixel). Attenuation per pixel
+scales with the pixel size: the same sample on a detector twice as wide gives half the values.
+When `reference_width` is set (the slice width the normalisation was fitted at), offset and scale
+follow the slice width W as x reference_width / W (`ModelMetadata.normalisation`), so a model
+trained on 256-pixel slices sees the same values from a 2048-pixel detector imaging a sample of
+the same size relative to its field of view (a beamline sets energy and field of view so that it
+does).
 
 TorchScript is deprecated from PyTorch 2.13 on (`torch.jit.*` emit DeprecationWarning); tomocast
 keeps it until its `torch.export` migration and silences exactly those warnings here.
@@ -47,6 +53,8 @@ EXPORTED_SUFFIX = ".pt2"
 # Every torch.export archive has this member (under its top folder).
 _EXPORTED_MARKER = "archive_format"
 FORMAT_VERSION: Final = 1
+# Fields format 1 gained later; a file without one gets the default.
+LATER_FIELDS: Final = frozenset({"reference_width"})
 # Small enough to be cheap on any device, a multiple of 8 so every U-Net level divides evenly.
 PROBE_SIZE = 16
 
@@ -91,6 +99,8 @@ class ModelMetadata(BaseModel):
     precision: Literal["fp32", "fp16"]
     input_offset: float = Field(allow_inf_nan=False)
     input_scale: float = Field(gt=0.0, allow_inf_nan=False)
+    # None: offset and scale are absolute (any width gets the same).
+    reference_width: int | None = Field(default=None, ge=1)
     trained: bool
     training: TrainingRecord
     metrics: dict[str, float]
@@ -104,6 +114,13 @@ class ModelMetadata(BaseModel):
         if depth % 2 == 0:
             raise ValueError(f"depth={depth} must be odd (the centre slice is the one predicted)")
         return depth
+
+    def normalisation(self, width: int) -> tuple[float, float]:
+        """(offset, scale) for slices `width` pixels wide: the network sees (x - offset) / scale."""
+        if width < 1:
+            raise ValueError(f"width={width} must be at least 1 pixel")
+        factor = 1.0 if self.reference_width is None else self.reference_width / width
+        return self.input_offset * factor, self.input_scale * factor
 
     @field_validator("input_scale")
     @classmethod
@@ -201,8 +218,9 @@ def _parse_metadata(path: Path, raw: str | bytes) -> ModelMetadata:
         raise ModelError(f"{path}: {METADATA_FILE} is not valid JSON ({exc})") from exc
     if not isinstance(fields, dict):
         raise ModelError(f"{path}: {METADATA_FILE} must hold a JSON object")
-    # Defaults are a convenience for writers; a file must state every field.
-    missing = sorted(set(ModelMetadata.model_fields) - set(fields))
+    # Defaults are a convenience for writers; a file must state every field, except those added
+    # after files were already written (their default is what those files meant).
+    missing = sorted(set(ModelMetadata.model_fields) - set(fields) - LATER_FIELDS)
     if missing:
         raise ModelError(f"{path}: {METADATA_FILE} lacks field(s) {', '.join(missing)}")
     try:

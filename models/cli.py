@@ -113,7 +113,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     _setup(args)
     written = export_checkpoint(args.checkpoint, args.out, name=args.name,
-                                formats=args.formats)
+                                formats=args.formats, reference_width=args.reference_width)
     for path in written:
         sys.stdout.write(f"{path}\n")
     return 0
@@ -217,6 +217,9 @@ def add_commands(command: Command) -> None:
     p.add_argument("--name", default=None, help="model name (default: <arch>-d<depth>-<steps>)")
     p.add_argument("--formats", nargs="+", choices=["fp32", "fp16", "pt2"],
                    default=["fp32", "fp16", "pt2"])
+    p.add_argument("--reference-width", type=int, default=None, metavar="PIXELS",
+                   help="slice width the input normalisation holds at (scaled as width / "
+                   "PIXELS at other widths); default: as the checkpoint records it; 0: absolute")
 
     p = command("infer", cmd_infer, "denoise the slices of an HDF5 file (writes ns, dn and gt)")
     p.add_argument("-ld", "--ld", "--low-dose", dest="low_dose", type=Path, required=True,

@@ -74,6 +74,11 @@ class TrainingData:
     input_offset: float
     input_scale: float
 
+    @property
+    def reference_width(self) -> int:
+        """The slice width the normalisation is fitted at (`ModelMetadata.reference_width`)."""
+        return int(self.train.shape[2])
+
 
 def _open(path: Path) -> h5py.File:
     if not path.exists():

@@ -65,6 +65,7 @@ def checkpoint_metadata(state: dict[str, Any], name: str, precision: str) -> Mod
         name=name, arch=config.arch, depth=config.depth,  # type: ignore[arg-type]
         precision=precision,  # type: ignore[arg-type]
         input_offset=float(state["input_offset"]), input_scale=float(state["input_scale"]),
+        reference_width=state.get("reference_width"),
         trained=True,
         training=TrainingRecord(
             data=state["data"], command=state["command"] or "unknown",
@@ -111,9 +112,18 @@ def save_exported(module: nn.Module, metadata: ModelMetadata, path: str | Path) 
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, name: str | None = None,
-                      formats: Sequence[str] = FORMATS) -> list[Path]:
-    """Write the requested artifacts of `checkpoint` into `out_dir`; returns their paths."""
+                      formats: Sequence[str] = FORMATS,
+                      reference_width: int | None = None) -> list[Path]:
+    """Write the requested artifacts of `checkpoint` into `out_dir`; returns their paths.
+
+    `reference_width` overrides the slice width the normalisation was fitted at, which
+    `tomocast train` records in the checkpoint (for older checkpoints, which lack it); 0 makes the
+    normalisation absolute."""
     state = load_checkpoint(checkpoint)
+    if reference_width is not None:
+        if reference_width < 0:
+            raise ValueError(f"reference_width={reference_width} must be >= 0 (0: absolute)")
+        state["reference_width"] = reference_width or None
     generator, config = generator_from_checkpoint(state)
     name = name or f"{config.arch}-d{config.depth}-s{state['step']}"
     out_dir = Path(out_dir)

@@ -277,6 +277,7 @@ class Trainer:
             "data": self.data.source,
             "input_offset": self.offset,
             "input_scale": self.scale,
+            "reference_width": self.data.reference_width,
             "command": self.command,
             "hardware": describe_hardware(self.device),
             "history": self.history,

@@ -102,8 +102,12 @@ def _build(name: str, path: Any, device: Any, memory_limit: int | None
         precision = name.partition("-")[2] or "auto"
         engine = DenoiseEngine(path, device, precision=precision,
                                memory_limit_bytes=memory_limit)
-        offset, scale = engine.metadata.input_offset, engine.metadata.input_scale
-        return lambda x: (engine.denoise(x * scale + offset) - offset) / scale
+        def run(x: torch.Tensor) -> torch.Tensor:
+            # Network units in and out, as the other variants: map through this width's scale.
+            offset, scale = engine.metadata.normalisation(x.shape[-1])
+            return (engine.denoise(x * scale + offset) - offset) / scale
+
+        return run
     module, metadata = load_artifact(path, device)
     channels_last = torch.channels_last
     if name == "script":

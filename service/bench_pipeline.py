@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--photons", type=float, default=1000.0, help="flat-field photons per pixel")
     _add(parser, "--model", default=None, help="denoiser artifact (default: the shipped one)")
     _add(parser, "--no-denoise", action="store_true", help="model.enabled = false")
+    _add(parser, "--no-prepare", action="store_true", help="worker.prepare_geometry = false: "
+         "each scan's FBP geometry is built by its first batch, not at scan_start")
     _add(parser, "--precision", default=None, help="worker.denoise_precision (auto, artifact, "
          "fp32, int8, ...; default: the service's setting)")
     _add(parser, "--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -68,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
                            photons=args.photons, seed=args.seed + i) for i in range(args.scans)]
     overrides: dict[str, Any] = {
         "ingest": {"endpoint": "tcp://127.0.0.1:*"}, "publish": {"endpoint": "tcp://127.0.0.1:*"},
-        "metrics": {"port": 0}, "worker": {"device": args.device, "batch_rows": args.batch},
+        "metrics": {"port": 0}, "worker": {"device": args.device, "batch_rows": args.batch,
+                                           "prepare_geometry": not args.no_prepare},
         "model": {"enabled": not args.no_denoise, "path": args.model}}
     if args.precision is not None:
         overrides["worker"]["denoise_precision"] = args.precision
@@ -150,7 +153,7 @@ def _report(args: argparse.Namespace, angles: int, startup: float, headers: list
                  "rate_projections_per_s": args.rate, "batch_rows": args.batch},
         "startup_s": startup, "slices": len(headers), "dropped": dropped,
         "failed_scans": sum(e["event"] == "scan_failed" for e in events),
-        "ms_per_slice": stages,
+        "ms_per_slice": stages, "prepare_geometry": not args.no_prepare,
         "slices_per_s": len(headers) / span if span > 0 else None,
         "end_to_end_ms": {k: 1e3 * v for k, v in _percentiles(end_to_end).items()},
         "scan_tail_s": {"median": float(np.median(tails)) if tails else None,
@@ -167,7 +170,9 @@ def _command(args: argparse.Namespace) -> str:
                         ("--threads", args.threads)):
         if value is not None:
             words += [flag, str(value)]
-    return shlex.join(words + (["--no-denoise"] if args.no_denoise else []))
+    flags = [flag for flag, on in (("--no-denoise", args.no_denoise),
+                                   ("--no-prepare", args.no_prepare)) if on]
+    return shlex.join(words + flags)
 
 
 def _table(report: dict[str, Any]) -> str:
@@ -186,6 +191,7 @@ def _table(report: dict[str, Any]) -> str:
              f"| slices published (dropped, failed scans) | {report['slices']} "
              f"({report['dropped']}, {report['failed_scans']}) |",
              f"| ms/slice by stage | {stages} |",
+             f"| FBP geometry built at scan_start | {report['prepare_geometry']} |",
              f"| slices/s | {rate:.1f} |" if rate else "| slices/s | - |"]
     if latency:
         lines.append(f"| end-to-end latency p50 / p95 / p99 | {latency['p50']:.0f} / "

@@ -92,6 +92,10 @@ class WorkerSettings(_Section):
         "picks the faster for the device (docs/benchmarks.md)"
     )
     circle_mask: bool = Field(False, description="zero pixels outside the reconstruction circle")
+    prepare_geometry: bool = Field(
+        True, description="build each scan's FBP geometry when the scan starts, while its "
+        "projections arrive, not in its first batch (docs/benchmarks.md)"
+    )
     denoise_precision: Literal["artifact", "auto", "fp32", "fp16", "bf16", "int8"] = Field(
         "auto", description="denoiser arithmetic: auto = fp16 on CUDA, bf16 on CPUs with "
         "native bf16, else int8 if it matches fp32 at load (docs/benchmarks.md), else fp32"

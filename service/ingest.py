@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ import zmq
 from service.config import IngestSettings
 from service.errors import ProtocolError
 from service.metrics import Metrics
-from service.protocol import FrameChunk, decode
+from service.protocol import FrameChunk, ScanStart, decode
 from service.publish import PublishChannel, Publisher
 from service.scan import CompletedScan, ScanAssembler
 from service.security import ServerKeys
@@ -33,12 +34,14 @@ class Ingest:
     """Owns the PULL socket and the scan assembler on its own thread.
 
     `start`/`stop` are called from the owner's thread; complete scans are put on `scans`
-    (a bounded queue the worker consumes); `None` is put there when ingest stops.
+    (a bounded queue the worker consumes); `None` is put there when ingest stops. Each accepted
+    `scan_start` is handed to `on_scan_start` on this thread (it must not block).
     """
 
     def __init__(self, settings: IngestSettings, context: zmq.Context, device: torch.device,
                  scans: queue.Queue[CompletedScan | None], publisher: Publisher,
-                 metrics: Metrics, curve: ServerKeys | None = None) -> None:
+                 metrics: Metrics, curve: ServerKeys | None = None,
+                 on_scan_start: Callable[[ScanStart], None] = lambda start: None) -> None:
         self.settings = settings
         self.context = context
         self.device = device
@@ -47,6 +50,7 @@ class Ingest:
         self.metrics = metrics
         self.limits = settings.limits()
         self.curve = curve
+        self.on_scan_start = on_scan_start
         self._stop = threading.Event()
         self._socket: zmq.Socket | None = None
         self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
@@ -91,7 +95,7 @@ class Ingest:
         self.assembler = assembler = ScanAssembler(
             self.device, self.settings.max_live_scans, on_complete=self._hand_over,
             on_event=self._event, on_clipped=self.metrics.clipped_pixels.inc,
-            max_live_bytes=self.settings.max_live_bytes,
+            max_live_bytes=self.settings.max_live_bytes, on_start=self.on_scan_start,
         )
         try:
             while not self._stop.is_set():

@@ -28,7 +28,7 @@ TAIL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 120
 STAGES = ("receive", "normalize", "wait", "fbp", "denoise", "publish", "end_to_end")
 PER_SLICE_STAGES = ("fbp", "denoise", "publish")
 QUEUES = ("scans", "publish")
-ERROR_STAGES = ("ingest", "worker", "publish", "archive")
+ERROR_STAGES = ("ingest", "prepare", "worker", "publish", "archive")
 SCAN_OUTCOMES = ("completed", "failed")
 
 

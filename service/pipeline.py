@@ -2,6 +2,8 @@
 
     DAQ --PUSH--> [ingest thread] --bounded queue (block)--> [worker thread] --inproc-->
         [publisher thread] --XPUB--> viewers
+    [ingest thread] --scan_start (drop)--> [prepare thread]: the scan's FBP geometry, built
+        while its projections arrive (`service.prepare`)
 
 `Service.start()` loads the model, warms the device, binds the sockets, then reports ready.
 """
@@ -25,12 +27,13 @@ from service.config import Settings
 from service.health import HealthServer
 from service.ingest import Ingest
 from service.metrics import Metrics
+from service.prepare import GeometryPreparer
 from service.publish import Publisher
 from service.scan import CompletedScan
 from service.security import ServerKeys, start_authenticator
 from service.worker import Worker
 from workers.denoise import DenoiseEngine, load_denoiser
-from workers.protocols import Reconstructor
+from workers.protocols import PreparableReconstructor, Reconstructor
 from workers.recon import make_reconstructor
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,7 @@ class Service:
         self.publisher: Publisher | None = None
         self.ingest: Ingest | None = None
         self.worker: Worker | None = None
+        self.preparer: GeometryPreparer | None = None
         self.archive: Archive | None = None
         self.authenticator: ThreadAuthenticator | None = None
 
@@ -115,8 +119,14 @@ class Service:
                                 "device": str(self.device)}
         self.publisher = Publisher(self.settings.publish, self.context, self.metrics, info, curve)
         self.publisher.start()
+        if self.settings.worker.prepare_geometry and isinstance(reconstructor,
+                                                                 PreparableReconstructor):
+            # as many as can be assembling at once; more would be built only to be evicted
+            self.preparer = GeometryPreparer(reconstructor, self.metrics,
+                                             self.settings.ingest.max_live_scans)
         self.ingest = Ingest(self.settings.ingest, self.context, self.device, self.scans,
-                             self.publisher, self.metrics, curve)
+                             self.publisher, self.metrics, curve,
+                             self.preparer.submit if self.preparer else lambda start: None)
         self.ingest.bind()
         if self.settings.archive.directory is not None:
             model = self.denoiser.metadata.model_dump() if self.denoiser else {"name": "none"}
@@ -132,6 +142,8 @@ class Service:
         self._why_not_ready = "warming up the device"
         self._warm_up(reconstructor)
         self.worker.start()
+        if self.preparer is not None:
+            self.preparer.start()
         self.ingest.start()
         self._ready.set()
         self._why_not_ready = "ready"
@@ -154,10 +166,14 @@ class Service:
         drained = True
         if self.ingest is not None:
             self.ingest.stop(max(0.0, deadline - time.monotonic()))
+        if self.preparer is not None:  # nothing more to prepare; a build under way may finish
+            self.preparer.stop()
         if self.worker is not None and not self.worker.join(max(0.0, deadline - time.monotonic())):
             log.error("scans still being reconstructed after the %.0f s drain timeout are lost",
                       timeout)
             drained = False
+        if self.preparer is not None:  # a daemon thread with no sockets: may be left behind
+            self.preparer.join(max(0.0, deadline - time.monotonic()))
         if self.archive is not None and drained:
             self.archive.stop()
         if self.publisher is not None:

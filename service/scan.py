@@ -156,7 +156,8 @@ class ScanAssembler:
     """Turns validated messages into complete scans. Owned by the ingest thread.
 
     `on_complete` receives each complete scan and may block (that is the backpressure path);
-    `on_event` receives lifecycle events (`scan_started`, `scan_failed`) as dicts.
+    `on_event` receives lifecycle events (`scan_started`, `scan_failed`) as dicts; `on_start`
+    receives each accepted `scan_start` (to prepare the scan's geometry) and must not block.
     """
 
     def __init__(
@@ -167,6 +168,7 @@ class ScanAssembler:
         on_event: Callable[[dict[str, Any]], None],
         on_clipped: Callable[[int], None] = lambda n: None,
         max_live_bytes: int = 8 << 30,
+        on_start: Callable[[ScanStart], None] = lambda start: None,
     ) -> None:
         self.device = device
         self.max_live_scans = max_live_scans
@@ -174,6 +176,7 @@ class ScanAssembler:
         self.on_complete = on_complete
         self.on_event = on_event
         self.on_clipped = on_clipped
+        self.on_start = on_start
         self.scans: dict[str, _Scan] = {}
 
     @property
@@ -260,6 +263,7 @@ class ScanAssembler:
                  start.seq, start.rows, start.cols, start.n_angles, start.dtype)
         self.on_event({"event": "scan_started", "scan_id": start.scan_id, "rows": start.rows,
                        "cols": start.cols, "n_angles": start.n_angles, "meta": start.meta})
+        self.on_start(start)
 
     def _check_seq(self, scan: _Scan, message: FrameChunk | ScanEnd) -> None:
         if message.seq in scan.seqs:

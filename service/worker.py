@@ -33,11 +33,19 @@ from workers.transfer import Delivery, HostTransfer, Mark, host_transfer
 log = logging.getLogger(__name__)
 
 
+def theta_tensor(theta: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A scan's angles as the worker hands them to the reconstructor: float32 on its device.
+    `service.prepare` hands over the same values, since reconstructors cache geometry by them."""
+    return torch.as_tensor(theta, dtype=torch.float32, device=device)
+
+
 class Worker:
     """Consumes `scans` on its own thread until it takes `None` from the queue.
 
     Owns the reconstructor and denoiser (and whatever device buffers they keep), and the
-    host transfer with its streams and pinned buffers (created on the worker's thread).
+    host transfer with its streams and pinned buffers (created on the worker's thread). The
+    reconstructor is shared with one other thread only through its thread-safe `prepare`
+    (`service.prepare`), which fills its geometry cache ahead of the scans.
     """
 
     def __init__(self, settings: WorkerSettings, publish: PublishSettings,
@@ -109,7 +117,7 @@ class Worker:
         fbp_batches: list[tuple[Mark, Mark, int]] = []
         times: dict[str, list[float]] = {"fbp": [], "denoise": []}
         with transfer.compute():
-            theta = torch.as_tensor(scan.theta, dtype=torch.float32, device=device)
+            theta = theta_tensor(scan.theta, device)
             volume = torch.empty((rows, cols, cols), dtype=torch.float32, device=device)
             for r0 in range(0, rows, batch):
                 r1 = min(rows, r0 + batch)

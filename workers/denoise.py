@@ -233,7 +233,7 @@ class DenoiseEngine:
             raise ValueError(f"{self.name} expects float32 on {self._device}, got {stack.dtype} "
                              f"on {stack.device}")
         height, width = stack.shape[-2:]
-        offset, scale = self._metadata.input_offset, self._metadata.input_scale
+        offset, scale = self._metadata.normalisation(width)
         with torch.inference_mode():
             # Normalise in fp32 before any cast: physical units may not fit fp16's range.
             padded = _pad_to_multiple((stack - offset) / scale)

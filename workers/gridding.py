@@ -23,26 +23,21 @@ Choices that make it the direct method's twin:
   so the slice is a contiguous crop of the grid.
 
 The spreading matrix (`workers.spreading`) depends on theta, center and cols only: it is built
-once per geometry on the target device and applied with `embedding_bag`. On a GPU no step loops
+once per geometry on the target device (by `prepare`, ahead of the data, when the service knows
+the scan's geometry first) and applied with `embedding_bag`. On a GPU no step loops
 in Python; on a CPU the sinogram stage goes a few MB of angles at a time to stay in cache.
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
-from workers.fbp import (
-    angle_weights,
-    canonical_filter_name,
-    check_inputs,
-    circle_mask,
-    fourier_filter,
-)
-from workers.fbp import padded_size as fbp_padded_size
+from workers.fbp import check_inputs, circle_mask
+from workers.filters import angle_weights, canonical_filter_name, filter_response
+from workers.geometry_cache import GeometryCache
 from workers.spreading import SpreadingMatrix, kaiser_bessel_transform, kernel_beta
 
 # Geometries one instance remembers: see GriddingFBP.matrix_bytes for what each one holds.
@@ -86,12 +81,17 @@ class _GriddingGeometry:
 
 
 class GriddingFBP:
-    """Filtered back-projection by gridding, satisfying `workers.protocols.Reconstructor`.
+    """Filtered back-projection by gridding, satisfying
+    `workers.protocols.PreparableReconstructor`.
 
-    Threading: an instance is owned by one worker thread. It keeps its work buffers and the
-    spreading matrices of the last two (theta, center, cols) it saw (`matrix_bytes` each:
-    170 MB at 512 columns x 768 angles, 630 MB at 1024 x 1536; building one takes about 1 s and
-    8 s on one CPU core). Uses torch's intra-op threads. `width` (grid cells) and `oversampling`
+    Threading: an instance is owned by one worker thread, which calls `reconstruct` and alone
+    touches the work buffers; `prepare` may be called from any other thread at the same time
+    (it only fills the geometry cache, `geometries`, which is thread-safe). The cache holds the
+    spreading matrices of two (theta, center, cols) (`matrix_bytes` each: 170 MB at 512 columns
+    x 768 angles, 630 MB at 1024 x 1536; building one takes about 1.5 s and 8 s on one CPU core),
+    plus one being built by a preparing thread: `prepare` the next scan's geometry while its
+    projections arrive, and its first batch does not wait for the build. Uses torch's intra-op
+    threads. `width` (grid cells) and `oversampling`
     trade speed for accuracy: within 1e-3 of the slice's peak of the exact sum by default, 5e-5
     at 6 and 2.0 (tests/unit/test_gridding.py). `max_work_bytes` bounds the grids of one chunk
     of slices.
@@ -109,7 +109,8 @@ class GriddingFBP:
             raise ValueError(f"oversampling={oversampling}: choose 1.2 to 4")
         self.width, self.oversampling = width, oversampling
         self.max_work_bytes = max_work_bytes
-        self._cache: OrderedDict[tuple[object, ...], _GriddingGeometry] = OrderedDict()
+        self.geometries: GeometryCache[_GriddingGeometry] = GeometryCache(
+            _GEOMETRY_CACHE_SIZE)
         self._buffers: dict[str, tuple[object, torch.Tensor]] = {}
 
     @property
@@ -128,13 +129,7 @@ class GriddingFBP:
         taps = angles * (2 * int(_REACH * period) + 1) * self.width**2
         return 8 * taps + 4 * self.grid_size(cols) ** 2
 
-    def _geometry(self, theta: torch.Tensor, center: float, cols: int) -> _GriddingGeometry:
-        theta64 = theta.detach().to("cpu", torch.float64)
-        key = (cols, float(center), theta64.numpy().tobytes())
-        cached = self._cache.get(key)
-        if cached is not None:
-            self._cache.move_to_end(key)
-            return cached
+    def _build(self, theta64: torch.Tensor, center: float, cols: int) -> _GriddingGeometry:
         device, grid, half = self._device, self.grid_size(cols), cols // 2
         weights = torch.as_tensor(angle_weights(theta64.numpy()), device=device)[:, None]
         cos, sin = torch.cos(theta64.to(device))[:, None], torch.sin(theta64.to(device))[:, None]
@@ -154,16 +149,20 @@ class GriddingFBP:
         deapodize = 1 / (transform[:, None] * transform[None, :])
         if self.circle_mask:
             deapodize = deapodize * circle_mask(cols, device)
-        size = fbp_padded_size(cols)
-        geometry = _GriddingGeometry(
-            spreading, torch.as_tensor(fourier_filter(self.filter_name, size),
-                                       dtype=torch.float32, device=device),
-            factor[..., None].to(torch.complex64), deapodize.float(), size, period,
-            grid // 2 - half)
-        self._cache[key] = geometry
-        if len(self._cache) > _GEOMETRY_CACHE_SIZE:
-            self._cache.popitem(last=False)
-        return geometry
+        size, response = filter_response(self.filter_name, cols, device)
+        return _GriddingGeometry(spreading, response, factor[..., None].to(torch.complex64),
+                                 deapodize.float(), size, period, grid // 2 - half)
+
+    def _geometry(self, theta: torch.Tensor, center: float, cols: int) -> _GriddingGeometry:
+        """The geometry `reconstruct` uses: from the cache, built here if nobody has."""
+        return self.geometries.for_reconstruct(theta, center, cols, self._build, self._device)
+
+    @torch.inference_mode()
+    def prepare(self, theta: torch.Tensor, center: float, cols: int) -> bool:
+        """Build the spreading matrix and the rest of the geometry `reconstruct` will need for
+        (angles, cols) sinograms at `theta` and `center`, from any thread; True if this call
+        built it (False: it was cached, or another thread built it while this one waited)."""
+        return self.geometries.prepare(theta, center, cols, self._build, self._device)
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
                 cols: int = 0) -> torch.Tensor:

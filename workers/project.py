@@ -7,7 +7,7 @@ values, zero outside. Joseph's method walks each ray one pixel row (or column, w
 crosses more steeply) at a time, interpolates linearly between the two pixels it passes, and
 scales by the path length per step, 1/|cos| (or 1/|sin|). It is the standard accurate projector
 (ASTRA's `linear` CPU kernel); to discretisation error it is the adjoint of
-`workers.fbp.backproject_tensor`.
+`workers.backproject.backproject_tensor`.
 
 Each ray is a sum of 2N weighted pixels, so the projector is an `embedding_bag` over a
 (pixel -> batch) table, the same fused gather-and-reduce the back-projector uses.

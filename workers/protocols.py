@@ -31,6 +31,25 @@ class Reconstructor(Protocol):
 
 
 @runtime_checkable
+class PreparableReconstructor(Reconstructor, Protocol):
+    """A `Reconstructor` that can build its per-geometry state (filters, weights, interpolation
+    tables, spreading matrices) before the data arrive, e.g. when a scan starts.
+
+    Threading: `prepare` may be called from any thread, also while the owning thread runs
+    `reconstruct`. Both go through one thread-safe cache: a geometry is built once (a
+    `reconstruct` that needs one being prepared waits for that build rather than starting
+    another) and used only when complete. Optional: the service prepares only reconstructors
+    that satisfy this protocol, and a failed `prepare` leaves `reconstruct` to build as usual.
+    """
+
+    def prepare(self, theta: torch.Tensor, center: float, cols: int) -> bool:
+        """Build what `reconstruct` will need for (angles, cols) sinograms at `theta` (angles,)
+        radians and `center`, handed to it exactly as `reconstruct` will be (the cache keys on
+        the values). True if this call built it; False if it was there already."""
+        ...
+
+
+@runtime_checkable
 class Denoiser(Protocol):
     """A slice denoiser taking `depth` adjacent slices as channels, predicting the centre one.
 

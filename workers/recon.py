@@ -16,10 +16,11 @@ from types import MappingProxyType
 import numpy as np
 import torch
 
-from workers.fbp import FBP, canonical_filter_name
+from workers.fbp import FBP
+from workers.filters import canonical_filter_name
 from workers.gridding import GriddingFBP
 from workers.project import project_tensor
-from workers.protocols import Reconstructor
+from workers.protocols import PreparableReconstructor
 
 ALGORITHMS = ("fbp", "gridrec")
 METHODS = ("auto", "direct", "gridding")
@@ -50,13 +51,15 @@ def _resolve(device: str | torch.device | None) -> torch.device:
 
 
 class AutoFBP:
-    """The FBP method measured faster for each geometry, satisfying `Reconstructor`.
+    """The FBP method measured faster for each geometry, satisfying `PreparableReconstructor`.
 
     On a CPU that is gridding (per slice 1.4x faster than direct at 64 columns, 3x at 256, 5-11x
     at 512 and up: docs/benchmarks.md) unless its spreading matrix would pass `max_matrix_bytes`
     (default 4 GiB; it is 2.5 GB at 2048 columns x 3072 angles). On CUDA it is direct until
     gridding is measured there (docs/benchmarks.md, "GPU"). Threading: owned by one worker
-    thread, like both methods; it holds both, and each keeps its own geometry cache.
+    thread, like both methods; it holds both, and each keeps its own geometry cache. `prepare`
+    may be called from any thread, as on either method: it prepares the one `reconstruct` will
+    use for that geometry.
     """
 
     def __init__(self, device: str | torch.device = "cpu", filter_name: str = "ramp",
@@ -77,15 +80,25 @@ class AutoFBP:
             return "direct"
         return "gridding"
 
+    def _method(self, angles: int, cols: int) -> FBP | GriddingFBP:
+        return self.gridding if self.method_for(angles, cols) == "gridding" else self.direct
+
+    def prepare(self, theta: torch.Tensor, center: float, cols: int) -> bool:
+        """Build the geometry of the method `reconstruct` will use for (theta.numel(), cols)
+        sinograms; any thread. True if this call built it."""
+        return self._method(theta.numel(), cols).prepare(theta, center, cols)
+
     def reconstruct(self, sinograms: torch.Tensor, theta: torch.Tensor,
                     center: float) -> torch.Tensor:
         """(B, A, C) float32 line integrals -> (B, C, C) float32 attenuation per pixel."""
-        gridding = sinograms.ndim == 3 and self.method_for(*sinograms.shape[1:]) == "gridding"
-        return (self.gridding if gridding else self.direct).reconstruct(sinograms, theta, center)
+        if sinograms.ndim != 3:  # the method's own check names the problem
+            return self.direct.reconstruct(sinograms, theta, center)
+        return self._method(*sinograms.shape[1:]).reconstruct(sinograms, theta, center)
 
 
 def make_reconstructor(method: str = "auto", device: str | torch.device = "cpu",
-                       filter_name: str = "ramp", circle_mask: bool = False) -> Reconstructor:
+                       filter_name: str = "ramp", circle_mask: bool = False
+                       ) -> PreparableReconstructor:
     """The FBP `Reconstructor` for `method`: "direct" (pixel-driven, `workers.fbp.FBP`),
     "gridding" (non-uniform FFT, `workers.gridding.GriddingFBP`) or "auto" (`AutoFBP`)."""
     if method == "direct":

@@ -116,6 +116,7 @@ def test_export_load_infer_matches_the_eager_model(tiny: Path, checkpoint: Path,
         engine = load_denoiser(path)
         assert engine.metadata.arch == "tomogan" and engine.metadata.trained
         assert engine.metadata.input_scale == pytest.approx(state["input_scale"])
+        assert engine.metadata.reference_width == data.train.shape[2] == state["reference_width"]
         assert "pytest" in engine.metadata.training.command
         np.testing.assert_allclose(engine.denoise(stack).numpy(), eager.numpy(), rtol=1e-4,
                                    atol=1e-6 * data.input_scale)

@@ -157,6 +157,8 @@ def test_refuses_missing_field(tmp_path: Path, field: str) -> None:
         ("created", "2025-01-01T00:00:00", "timezone"),
         ("training", {"data": "x"}, "Field required"),
         ("metrics", {"ssim": "high"}, "valid number"),
+        ("reference_width", 0, "greater than or equal to 1"),
+        ("reference_width", 25.6, "valid integer"),
     ],
 )
 def test_refuses_invalid_field(tmp_path: Path, field: str, value: Any, problem: str) -> None:
@@ -165,6 +167,20 @@ def test_refuses_invalid_field(tmp_path: Path, field: str, value: Any, problem: 
     with pytest.raises(ModelError, match=r"m\.pt: invalid tomocast\.json") as caught:
         load_artifact(path, "cpu")
     assert field in str(caught.value) and problem in str(caught.value)
+
+
+def test_metadata_without_reference_width_keeps_absolute_normalisation(tmp_path: Path) -> None:
+    # Artifacts written before the field existed: the same offset and scale at every width.
+    fields = _fields(input_offset=0.5, input_scale=2.0)
+    del fields["reference_width"]
+    path = _write_raw(tmp_path / "m.pt", CentreSlice(3), 3, {METADATA_FILE: json.dumps(fields)})
+    _, metadata = load_artifact(path, "cpu")
+    assert metadata.reference_width is None
+    assert metadata.normalisation(256) == metadata.normalisation(2048) == (0.5, 2.0)
+    fitted = metadata.model_copy(update={"reference_width": 256})
+    assert fitted.normalisation(2048) == (0.5 / 8, 2.0 / 8)
+    with pytest.raises(ValueError, match="width=0"):
+        fitted.normalisation(0)
 
 
 def test_refuses_unknown_field(tmp_path: Path) -> None:

@@ -146,6 +146,21 @@ def test_network_output_is_mapped_back_to_physical_units(tmp_path: Path) -> None
     np.testing.assert_allclose(out.numpy(), (stack[:, 1] + 50.0).numpy(), rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("width", [32, 64, 16, 40])
+def test_normalisation_follows_the_slice_width(tmp_path: Path, width: int) -> None:
+    # Fitted at 32 px: a slice twice as wide has half the attenuation per pixel, so +1 in the
+    # network's units is half as much in physical units, and the offset halves too.
+    path = save_artifact(
+        CentrePlus(3, 1.0), _metadata(input_offset=4.0, input_scale=50.0, reference_width=32),
+        tmp_path / "w.pt")
+    engine = DenoiseEngine(path, "cpu")
+    stack = torch.randn(2, 3, 24, width)
+    np.testing.assert_allclose(engine.denoise(stack).numpy(),
+                               (stack[:, 1] + 50.0 * 32 / width).numpy(), rtol=1e-6, atol=1e-5)
+    assert engine.metadata.normalisation(width) == pytest.approx((4.0 * 32 / width,
+                                                                  50.0 * 32 / width))
+
+
 def test_engine_runs_tomogan_on_odd_sizes(tmp_path: Path) -> None:
     torch.manual_seed(0)
     metadata = _metadata(name="tomogan-random", arch="tomogan", depth=5)
@@ -194,11 +209,13 @@ BF16_RMS, BF16_MAX = 0.01, 0.05
 
 
 def _physical(engine: DenoiseEngine, stacks: torch.Tensor) -> torch.Tensor:
-    return engine.metadata.input_offset + engine.metadata.input_scale * stacks
+    offset, scale = engine.metadata.normalisation(stacks.shape[-1])
+    return offset + scale * stacks
 
 
 def _network_units(engine: DenoiseEngine, slices: torch.Tensor) -> torch.Tensor:
-    return (slices - engine.metadata.input_offset) / engine.metadata.input_scale
+    offset, scale = engine.metadata.normalisation(slices.shape[-1])
+    return (slices - offset) / scale
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +311,7 @@ def test_memory_limit_gives_the_whole_batch_result(precision: str, limit_pixels:
 def test_cuda_graphs_give_the_eager_result() -> None:
     graphs = load_denoiser(None, "cuda", warmup_shape=(2, 64, 64))
     eager = DenoiseEngine(default_artifact_path("cuda"), "cuda", (2, 64, 64), cuda_graphs=False)
-    stack = (torch.rand(2, 3, 64, 64) * eager.metadata.input_scale).cuda()
+    stack = (torch.rand(2, 3, 64, 64) * eager.metadata.normalisation(64)[1]).cuda()
     first = graphs.denoise(stack)
     second = graphs.denoise(stack * 0.5)  # a replay must not overwrite the first result
     torch.testing.assert_close(first, eager.denoise(stack), rtol=0, atol=0)
@@ -305,7 +322,7 @@ def test_cuda_graphs_give_the_eager_result() -> None:
 def test_cuda_memory_limit_tiles_give_the_whole_slice() -> None:
     whole = load_denoiser(None, "cuda", warmup_shape=(1, 256, 256))
     tiled = load_denoiser(None, "cuda", warmup_shape=(1, 256, 256), memory_limit_bytes=1 << 24)
-    stack = (torch.rand(1, 3, 1024, 1024) * whole.metadata.input_scale).cuda()
-    scale = whole.metadata.input_scale
+    scale = whole.metadata.normalisation(1024)[1]
+    stack = (torch.rand(1, 3, 1024, 1024) * scale).cuda()
     np.testing.assert_allclose(tiled.denoise(stack).cpu().numpy() / scale,
                                whole.denoise(stack).cpu().numpy() / scale, rtol=0, atol=2e-3)

@@ -17,14 +17,9 @@ import torch
 from skimage.data import shepp_logan_phantom
 from skimage.transform import iradon, radon, resize
 
-from workers.fbp import (
-    FBP,
-    FILTER_NAMES,
-    BackProjectionGeometry,
-    angle_weights,
-    backproject_geometry,
-    fourier_filter,
-)
+from workers.backproject import BackProjectionGeometry, backproject_geometry
+from workers.fbp import FBP
+from workers.filters import FILTER_NAMES, angle_weights, fourier_filter
 from workers.protocols import Reconstructor
 from workers.recon import default_device, recon
 

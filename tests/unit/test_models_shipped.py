@@ -33,6 +33,7 @@ def test_metadata_says_what_it_is(engines: dict[str, DenoiseEngine]) -> None:
         # Normalised by the foam's attenuation at 256 px: mu = 1 / (0.42 * 256).
         assert metadata.input_offset == pytest.approx(0.0, abs=1e-4)
         assert metadata.input_scale == pytest.approx(1 / (0.42 * 256), rel=0.02)
+        assert metadata.reference_width == 256  # and scaled as 256 / width at other widths
         assert "tomocast train" in metadata.training.command
 
 
@@ -52,3 +53,16 @@ def test_denoises_a_held_out_phantom(engines: dict[str, DenoiseEngine]) -> None:
     assert gain > 5.0
     assert float(ssim(denoised, truth[1:2], mu)) > 0.7
     assert np.isfinite(denoised.numpy()).all()
+
+
+def test_denoises_a_wider_detector(engines: dict[str, DenoiseEngine]) -> None:
+    # The same kind of sample on a 512-px detector has half the attenuation per pixel: the
+    # engine must rescale its normalisation to the width, or the output is about zero.
+    (volume,) = render(EVALUATION_SEED + 8, rows=3, size=512, angles=720,
+                       chosen=[Condition(sparse=16)])
+    noisy, truth = torch.from_numpy(volume.noisy), torch.from_numpy(volume.target)
+    denoised = engines["fp32"].denoise(adjacent_stack(noisy, 1, 2, 3))
+    mu = float(truth.max())
+    gain = float(psnr(denoised, truth[1:2], mu) - psnr(noisy[1:2], truth[1:2], mu))
+    assert gain > 10.0
+    assert float(ssim(denoised, truth[1:2], mu)) > 0.8

@@ -14,7 +14,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 from skimage.transform import radon
 
-from workers.fbp import backproject_tensor
+from workers.backproject import backproject_tensor
 from workers.project import project_tensor
 from workers.recon import project
 

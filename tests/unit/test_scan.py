@@ -19,10 +19,11 @@ class Recorder:
     def __init__(self) -> None:
         self.completed: list[CompletedScan] = []
         self.events: list[dict[str, Any]] = []
+        self.starts: list[ScanStart] = []
 
     def assembler(self, max_live_scans: int = 2) -> ScanAssembler:
         return ScanAssembler(torch.device("cpu"), max_live_scans, self.completed.append,
-                             self.events.append)
+                             self.events.append, on_start=self.starts.append)
 
 
 def frames(kind: str, seq: int, index: int, data: np.ndarray, scan_id: str = "s") -> FrameChunk:
@@ -70,6 +71,7 @@ def test_stateful_rejections_leave_the_scan_intact(data: dict[str, np.ndarray]) 
     assert reason(assembler, start) == "scan_exists"
     assert reason(assembler, ScanStart("t", 0, ROWS, COLS, ANGLES, "uint16", n_flat=1)) \
         == "too_many_scans"
+    assert rec.starts == [start]  # only an accepted start has its geometry prepared
     assert reason(assembler, frames("projections", 1, 0, data["projections"][:1], "x")) \
         == "unknown_scan"
     assert reason(assembler, frames("projections", 1, 5, data["projections"][:2])) \

@@ -1,0 +1,89 @@
+"""Geometry ahead of the data: each scan's reconstruction geometry is built as the scan starts.
+
+The reconstructor's per-geometry state (the gridding method's spreading matrix: about 1.5 s at
+512 columns and 8 s at 1024 on one CPU core) would otherwise be built by the scan's first batch,
+after the last projection arrived: in the time an operator waits for the last slice. Here it is
+built on its own thread while the projections stream in, and the worker finds it cached.
+
+    [ingest thread] --scan_start--> bounded queue (drop, log) --> [prepare thread]
+        --reconstructor.prepare()--> the reconstructor's geometry cache <-- [worker thread]
+
+Policy: drop. The ingest never waits for this thread; a scan whose start finds the queue full
+(more scans starting than geometries can be built) is not prepared, and its first batch builds
+its geometry as it would without this thread. A failed prepare is one log line and
+`tomocast_errors_total{stage="prepare"}`; the worker then builds the geometry itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+
+from service.metrics import Metrics
+from service.protocol import ScanStart
+from service.worker import theta_tensor
+from workers.protocols import PreparableReconstructor
+
+log = logging.getLogger(__name__)
+
+
+class GeometryPreparer:
+    """Prepares each started scan's geometry on its own thread.
+
+    Threading: `submit` is called from the ingest thread and never blocks; `start` and `stop`
+    from the owner's. The reconstructor is shared with the worker thread through its
+    thread-safe `prepare` (`workers.protocols.PreparableReconstructor`).
+    """
+
+    def __init__(self, reconstructor: PreparableReconstructor, metrics: Metrics,
+                 pending: int) -> None:
+        self.reconstructor = reconstructor
+        self.metrics = metrics
+        self._starts: queue.Queue[ScanStart | None] = queue.Queue(pending)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prepare", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Skip what is pending; a build under way finishes (`join` waits for it). Never
+        blocks: a full queue means the thread is busy with an item, and it looks at the stop
+        flag before taking the next."""
+        self._stop.set()
+        with contextlib.suppress(queue.Full):
+            self._starts.put_nowait(None)
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def submit(self, start: ScanStart) -> None:
+        """Queue `start`'s geometry for building; drops it (logged) when the queue is full."""
+        try:
+            self._starts.put_nowait(start)
+        except queue.Full:
+            log.info("scan_id=%s seq=%d geometry not prepared: %d scans' geometries pending; "
+                     "its first batch builds it", start.scan_id, start.seq,
+                     self._starts.maxsize)
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and (start := self._starts.get()) is not None:
+            try:
+                self._prepare(start)
+            except Exception:  # the one place a failed prepare becomes a log line + counter
+                log.exception("scan_id=%s seq=%d preparing the geometry failed; the worker "
+                              "builds it", start.scan_id, start.seq)
+                self.metrics.errors.labels("prepare").inc()
+
+    def _prepare(self, start: ScanStart) -> None:
+        t0 = time.perf_counter()
+        theta = theta_tensor(start.theta_array(), self.reconstructor.device)
+        built = self.reconstructor.prepare(theta, start.rotation_center(), start.cols)
+        if built:
+            log.info("scan_id=%s seq=%d geometry prepared: %d angles x %d cols in %.2f s",
+                     start.scan_id, start.seq, start.n_angles, start.cols,
+                     time.perf_counter() - t0)
