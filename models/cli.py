@@ -39,6 +39,22 @@ def _numbers(kind: type[int] | type[float]) -> Callable[[str], list[int] | list[
     return parse
 
 
+def _at_least(least: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {least}")
+        return value
+
+    return parse
+
+
+non_negative, positive = _at_least(0), _at_least(1)
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -90,6 +106,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                     else "MSE only")
     if trainer.discriminator is None:
         log.warning("adversarial loss OFF: --lambda-adv is 0, no discriminator is trained")
+    if data.reference_width is None:
+        log.info("input normalisation: absolute (the noisy slices do not declare units "
+                 "'attenuation per pixel'); tomocast export --reference-width PIXELS changes it")
+    else:
+        log.info("input normalisation: fitted at %d px, follows the slice width (units "
+                 "'attenuation per pixel')", data.reference_width)
     sys.stderr.write(f"training {config.arch} (depth {config.depth}) on {data.source}; "
                      f"{config.precision} on {trainer.device}; perceptual "
                      f"{'on' if trainer.vgg is not None else 'off'}, adversarial "
@@ -125,7 +147,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     _setup(args)
     report = infer_file(args.low_dose, args.out, model=args.model, normal_dose=args.normal_dose,
                         dataset=args.dataset, device=_device(args.device), batch=args.batch,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, field_width=args.field_width)
     sys.stdout.write(report + "\n")
     return 0
 
@@ -217,9 +239,10 @@ def add_commands(command: Command) -> None:
     p.add_argument("--name", default=None, help="model name (default: <arch>-d<depth>-<steps>)")
     p.add_argument("--formats", nargs="+", choices=["fp32", "fp16", "pt2"],
                    default=["fp32", "fp16", "pt2"])
-    p.add_argument("--reference-width", type=int, default=None, metavar="PIXELS",
-                   help="slice width the input normalisation holds at (scaled as width / "
-                   "PIXELS at other widths); default: as the checkpoint records it; 0: absolute")
+    p.add_argument("--reference-width", type=non_negative, default=None, metavar="PIXELS",
+                   help="slice width the input normalisation was fitted at (offset and scale "
+                   "x PIXELS / width at other widths); default: as the checkpoint records it "
+                   "(data in attenuation per pixel); 0: absolute")
 
     p = command("infer", cmd_infer, "denoise the slices of an HDF5 file (writes ns, dn and gt)")
     p.add_argument("-ld", "--ld", "--low-dose", dest="low_dose", type=Path, required=True,
@@ -233,6 +256,9 @@ def add_commands(command: Command) -> None:
     p.add_argument("-o", "--out", type=Path, required=True, help="HDF5 file to write")
     p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
     p.add_argument("--batch", type=int, default=8, help="slices per forward pass")
+    p.add_argument("--field-width", type=positive, default=None, metavar="PIXELS",
+                   help="detector pixels across the full field of view, for slices cropped "
+                   "from it (the model's input scale follows it); default: the slice width")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = command("evaluate", cmd_evaluate, "quality table on held-out foam phantoms: PSNR and "

@@ -27,6 +27,9 @@ from service.errors import DataError
 
 ONE_FILE_DATASETS = ("train_ns", "train_gt", "test_ns", "test_gt")
 TWO_FILE_DATASET = "images"
+# The `units` attribute of slices whose values scale with the pixel size (what the service
+# reconstructs and `tomocast dataset` writes).
+PER_PIXEL_UNITS = "attenuation per pixel"
 # Normalisation percentiles: robust to a few hot pixels, and for a foam exactly (0, mu).
 LOW_PERCENTILE = 0.5
 HIGH_PERCENTILE = 99.5
@@ -73,11 +76,15 @@ class TrainingData:
     source: str  # what the data set is, in words (goes into the model metadata)
     input_offset: float
     input_scale: float
+    # The noisy slices declare attenuation per pixel (HDF5 attribute units = PER_PIXEL_UNITS).
+    per_pixel_units: bool = False
 
     @property
-    def reference_width(self) -> int:
-        """The slice width the normalisation is fitted at (`ModelMetadata.reference_width`)."""
-        return int(self.train.shape[2])
+    def reference_width(self) -> int | None:
+        """The slice width the normalisation is fitted at (`ModelMetadata.reference_width`), for
+        data in attenuation per pixel, whose values scale with the pixel size; None (absolute
+        normalisation) for data in other or unknown units."""
+        return int(self.train.shape[2]) if self.per_pixel_units else None
 
 
 def _open(path: Path) -> h5py.File:
@@ -106,6 +113,12 @@ def _read(file: h5py.File, path: Path, name: str, form: str) -> tuple[np.ndarray
     return images, rows
 
 
+def _per_pixel(file: h5py.File, name: str) -> bool:
+    """Whether data set `name` declares attenuation per pixel (`tomocast dataset` does)."""
+    units = file[name].attrs.get("units", "")
+    return (units.decode() if isinstance(units, bytes) else str(units)) == PER_PIXEL_UNITS
+
+
 def _pairs(noisy: np.ndarray, target: np.ndarray, rows: tuple[int, ...], what: str) -> SlicePairs:
     if noisy.shape != target.shape:
         raise DataError(f"{what}: noisy slices {noisy.shape} and targets {target.shape} differ "
@@ -129,6 +142,7 @@ def load_one_file(path: str | Path) -> TrainingData:
     with _open(path) as file:
         arrays = {name: _read(file, path, name, form) for name in ONE_FILE_DATASETS}
         described = str(file.attrs.get("description", ""))
+        per_pixel = _per_pixel(file, "train_ns")
     (train_ns, rows), (train_gt, _) = arrays["train_ns"], arrays["train_gt"]
     (test_ns, test_rows), (test_gt, _) = arrays["test_ns"], arrays["test_gt"]
     train = _pairs(train_ns, train_gt, rows, f"{path} train_ns/train_gt")
@@ -139,7 +153,7 @@ def load_one_file(path: str | Path) -> TrainingData:
     offset, scale = normalisation(train.target)
     source = f"{path.name}: {train.shape[0]} train / {test.shape[0]} test slices of " \
              f"{train.shape[1]}x{train.shape[2]}" + (f" ({described})" if described else "")
-    return TrainingData(train, test, source, offset, scale)
+    return TrainingData(train, test, source, offset, scale, per_pixel)
 
 
 def load_two_files(low_dose: str | Path, normal_dose: str | Path,
@@ -150,6 +164,7 @@ def load_two_files(low_dose: str | Path, normal_dose: str | Path,
         raise ValueError(f"test_fraction={test_fraction} must be in (0, 1)")
     with _open(low_dose) as file:
         noisy, rows = _read(file, low_dose, TWO_FILE_DATASET, "the low-dose file (-ld)")
+        per_pixel = _per_pixel(file, TWO_FILE_DATASET)
     with _open(normal_dose) as file:
         target, _ = _read(file, normal_dose, TWO_FILE_DATASET, "the normal-dose file (-nd)")
     _pairs(noisy, target, rows, f"{low_dose} vs {normal_dose}")
@@ -168,7 +183,7 @@ def load_two_files(low_dose: str | Path, normal_dose: str | Path,
     offset, scale = normalisation(train.target)
     source = (f"{low_dose.name} / {normal_dose.name}: {n - n_test} train / {n_test} test slices "
               f"of {noisy.shape[1]}x{noisy.shape[2]}")
-    return TrainingData(train, test, source, offset, scale)
+    return TrainingData(train, test, source, offset, scale, per_pixel)
 
 
 def _split_rows(rows: tuple[int, ...], at: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -95,9 +95,10 @@ def denoise_volumes(engine: DenoiseEngine, noisy: np.ndarray, volume_rows: tuple
 
 def infer_file(low_dose: str | Path, out: str | Path, model: str | Path | None = None,
                normal_dose: str | Path | None = None, dataset: str | None = None,
-               device: str = "cpu", batch: int = 8, progress: bool = True) -> str:
+               device: str = "cpu", batch: int = 8, progress: bool = True,
+               field_width: int | None = None) -> str:
     """Denoise `low_dose` into `out`; returns a one-line report (with PSNR/SSIM when targets
-    are known)."""
+    are known). `field_width`: see `workers.denoise.DenoiseEngine`."""
     from models.metrics import psnr, ssim
     from workers.denoise import load_denoiser
 
@@ -108,7 +109,7 @@ def infer_file(low_dose: str | Path, out: str | Path, model: str | Path | None =
         if target.shape != noisy.shape:
             raise DataError(f"{normal_dose} holds {target.shape} slices, {low_dose} "
                             f"{noisy.shape}")
-    engine = load_denoiser(model, device)
+    engine = load_denoiser(model, device, field_width=field_width)
     started = time.perf_counter()
     denoised = denoise_volumes(engine, noisy, rows, batch, progress)
     seconds = time.perf_counter() - started

@@ -25,6 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from models.dataset import PER_PIXEL_UNITS
 from service.errors import DataError
 from service.phantom import FoamPhantom
 
@@ -120,7 +121,7 @@ def _write_split(file: h5py.File, split: str, volumes: list[Volume]) -> None:
         dataset.attrs["volume_rows"] = rows
         dataset.attrs["seeds"] = np.array([v.seed for v in volumes], dtype=np.int64)
         dataset.attrs["conditions"] = json.dumps([v.condition.label for v in volumes])
-        dataset.attrs["units"] = "attenuation per pixel"
+        dataset.attrs["units"] = PER_PIXEL_UNITS
 
 
 def synthesize(out: str | Path, chosen: Sequence[Condition], phantoms: int = 16,

@@ -122,6 +122,11 @@ class WorkerSettings(_Section):
 class ModelSettings(_Section):
     path: Path | None = Field(None, description="denoiser artifact; default: the shipped model")
     enabled: bool = Field(True, description="denoise slices (off: topic 'slice' carries FBP)")
+    field_width: int | None = Field(
+        None, ge=1, description="detector pixels across the full field of view, when scans "
+        "read out a region of interest: the model's input scale follows it instead of each "
+        "slice's width (docs/model-card.md)"
+    )
 
 
 class ArchiveSettings(_Section):

@@ -35,13 +35,15 @@ class Ingest:
 
     `start`/`stop` are called from the owner's thread; complete scans are put on `scans`
     (a bounded queue the worker consumes); `None` is put there when ingest stops. Each accepted
-    `scan_start` is handed to `on_scan_start` on this thread (it must not block).
+    `scan_start` is handed to `on_scan_start`, and that of each scan that fails while being
+    assembled to `on_scan_failed`, on this thread (they must not block).
     """
 
     def __init__(self, settings: IngestSettings, context: zmq.Context, device: torch.device,
                  scans: queue.Queue[CompletedScan | None], publisher: Publisher,
                  metrics: Metrics, curve: ServerKeys | None = None,
-                 on_scan_start: Callable[[ScanStart], None] = lambda start: None) -> None:
+                 on_scan_start: Callable[[ScanStart], None] = lambda start: None,
+                 on_scan_failed: Callable[[ScanStart], None] = lambda start: None) -> None:
         self.settings = settings
         self.context = context
         self.device = device
@@ -51,6 +53,7 @@ class Ingest:
         self.limits = settings.limits()
         self.curve = curve
         self.on_scan_start = on_scan_start
+        self.on_scan_failed = on_scan_failed
         self._stop = threading.Event()
         self._socket: zmq.Socket | None = None
         self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
@@ -84,9 +87,15 @@ class Ingest:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop reading; a complete scan still waiting for the worker may wait up to `timeout`
-        more seconds before it is failed."""
+        more seconds before it is failed. Never started (the service failed to start): what
+        the thread would have done at its end, close the socket and end the worker's stream."""
         self._drain_deadline = time.monotonic() + timeout
         self._stop.set()
+        if self._thread.ident is None:
+            if self._socket is not None:
+                self._socket.close(linger=0)
+            self._put(None, force=True)
+            return
         self._thread.join(timeout + 2 * POLL_MS / 1000)
 
     def _run(self) -> None:
@@ -96,6 +105,7 @@ class Ingest:
             self.device, self.settings.max_live_scans, on_complete=self._hand_over,
             on_event=self._event, on_clipped=self.metrics.clipped_pixels.inc,
             max_live_bytes=self.settings.max_live_bytes, on_start=self.on_scan_start,
+            on_failed=self.on_scan_failed,
         )
         try:
             while not self._stop.is_set():

@@ -38,6 +38,10 @@ from workers.recon import make_reconstructor
 
 log = logging.getLogger(__name__)
 
+# At stop, how long the prepare thread's build under way may take before it is left behind (a
+# build takes seconds, and is most likely for the scan being received, which fails at stop)
+PREPARE_JOIN_S = 1.0
+
 
 def resolve_device(name: str) -> torch.device:
     """`auto` is CUDA when present, else the CPU."""
@@ -96,7 +100,8 @@ class Service:
             self.denoiser = load_denoiser(
                 self.settings.model.path, self.device,
                 precision=self.settings.worker.denoise_precision,
-                memory_limit_bytes=self.settings.worker.denoise_memory_bytes)
+                memory_limit_bytes=self.settings.worker.denoise_memory_bytes,
+                field_width=self.settings.model.field_width)
             meta = self.denoiser.metadata
             self.metrics.model.info({"name": meta.name, "arch": meta.arch, "depth": str(meta.depth),
                                      "precision": self.denoiser.precision,
@@ -121,12 +126,15 @@ class Service:
         self.publisher.start()
         if self.settings.worker.prepare_geometry and isinstance(reconstructor,
                                                                  PreparableReconstructor):
-            # as many as can be assembling at once; more would be built only to be evicted
+            # one per scan that can be assembling at once. The reconstructor's cache may hold
+            # fewer (gridding: the scan in progress and one more): with more scans started
+            # than that, the earliest prepared are evicted again before their turn
             self.preparer = GeometryPreparer(reconstructor, self.metrics,
                                              self.settings.ingest.max_live_scans)
         self.ingest = Ingest(self.settings.ingest, self.context, self.device, self.scans,
                              self.publisher, self.metrics, curve,
-                             self.preparer.submit if self.preparer else lambda start: None)
+                             self.preparer.submit if self.preparer else lambda start: None,
+                             self.preparer.cancel if self.preparer else lambda start: None)
         self.ingest.bind()
         if self.settings.archive.directory is not None:
             model = self.denoiser.metadata.model_dump() if self.denoiser else {"name": "none"}
@@ -156,7 +164,9 @@ class Service:
     def stop(self, timeout: float | None = None) -> bool:
         """Stop reading; scans still being received fail (`scan_failed` event); complete scans
         are reconstructed, published and archived within `timeout` (default
-        `worker.drain_timeout_s`). Returns whether everything was drained in time."""
+        `worker.drain_timeout_s`). Returns whether everything was drained in time. A geometry
+        build under way on the prepare thread is waited for `PREPARE_JOIN_S` at most. Also
+        stops a service whose `start` failed part-way."""
         if self._stopped is not None:
             return self._stopped
         timeout = self.settings.worker.drain_timeout_s if timeout is None else timeout
@@ -164,16 +174,20 @@ class Service:
         self._ready.clear()
         self._why_not_ready = "stopping"
         drained = True
+        if self.preparer is not None:
+            # Scans starting from now fail: nothing more to prepare. A build under way cannot
+            # be interrupted; a complete scan that needs it waits for it in the worker, within
+            # the deadline, and nothing else does. The thread is a daemon with no sockets.
+            self.preparer.stop()
+            if not self.preparer.join(min(PREPARE_JOIN_S, timeout)):
+                log.warning("stopping with a geometry build still running on the prepare "
+                            "thread; it ends with the process")
         if self.ingest is not None:
             self.ingest.stop(max(0.0, deadline - time.monotonic()))
-        if self.preparer is not None:  # nothing more to prepare; a build under way may finish
-            self.preparer.stop()
         if self.worker is not None and not self.worker.join(max(0.0, deadline - time.monotonic())):
             log.error("scans still being reconstructed after the %.0f s drain timeout are lost",
                       timeout)
             drained = False
-        if self.preparer is not None:  # a daemon thread with no sockets: may be left behind
-            self.preparer.join(max(0.0, deadline - time.monotonic()))
         if self.archive is not None and drained:
             self.archive.stop()
         if self.publisher is not None:
@@ -204,8 +218,10 @@ class Service:
         """One small reconstruct + denoise so the first scan pays no start-up cost."""
         cols, angles = 64, 32
         sinogram = torch.zeros((1, angles, cols), device=self.device)
-        theta = torch.linspace(0, torch.pi, angles, device=self.device)
+        theta = torch.linspace(0, torch.pi, angles)  # on the CPU, as the worker's
         volume = reconstructor.reconstruct(sinogram, theta, cols / 2)
+        if isinstance(reconstructor, PreparableReconstructor):
+            reconstructor.release()  # no scan uses the warm-up's geometry: unpin it
         if self.denoiser is not None:
             self.denoiser.warmup((1, cols, cols))
             self.denoiser.denoise(volume.expand(self.denoiser.depth, -1, -1)[None])

@@ -10,7 +10,8 @@ built on its own thread while the projections stream in, and the worker finds it
 
 Policy: drop. The ingest never waits for this thread; a scan whose start finds the queue full
 (more scans starting than geometries can be built) is not prepared, and its first batch builds
-its geometry as it would without this thread. A failed prepare is one log line and
+its geometry as it would without this thread. A scan that fails (times out, is refused at its
+end) before its turn is skipped. A failed prepare is one log line and
 `tomocast_errors_total{stage="prepare"}`; the worker then builds the geometry itself.
 """
 
@@ -33,9 +34,9 @@ log = logging.getLogger(__name__)
 class GeometryPreparer:
     """Prepares each started scan's geometry on its own thread.
 
-    Threading: `submit` is called from the ingest thread and never blocks; `start` and `stop`
-    from the owner's. The reconstructor is shared with the worker thread through its
-    thread-safe `prepare` (`workers.protocols.PreparableReconstructor`).
+    Threading: `submit` and `cancel` are called from the ingest thread and never block;
+    `start`, `stop` and `join` from the owner's. The reconstructor is shared with the worker
+    thread through its thread-safe `prepare` (`workers.protocols.PreparableReconstructor`).
     """
 
     def __init__(self, reconstructor: PreparableReconstructor, metrics: Metrics,
@@ -43,6 +44,10 @@ class GeometryPreparer:
         self.reconstructor = reconstructor
         self.metrics = metrics
         self._starts: queue.Queue[ScanStart | None] = queue.Queue(pending)
+        # the queued starts still wanted, by identity (a scan_id may come back): `cancel` takes
+        # a failed scan's out, and the thread prepares only what it finds here
+        self._wanted: dict[int, ScanStart] = {}
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prepare", daemon=True)
 
@@ -50,28 +55,47 @@ class GeometryPreparer:
         self._thread.start()
 
     def stop(self) -> None:
-        """Skip what is pending; a build under way finishes (`join` waits for it). Never
-        blocks: a full queue means the thread is busy with an item, and it looks at the stop
-        flag before taking the next."""
+        """Skip what is pending and take nothing more; a build under way runs on (it cannot be
+        interrupted): `join` says whether it has ended. Never blocks: a full queue means the
+        thread is busy with an item, and it looks at the stop flag before taking the next."""
         self._stop.set()
         with contextlib.suppress(queue.Full):
             self._starts.put_nowait(None)
 
     def join(self, timeout: float | None = None) -> bool:
-        self._thread.join(timeout)
+        """Whether the thread has ended (or was never started) within `timeout` s."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
         return not self._thread.is_alive()
 
     def submit(self, start: ScanStart) -> None:
-        """Queue `start`'s geometry for building; drops it (logged) when the queue is full."""
-        try:
-            self._starts.put_nowait(start)
-        except queue.Full:
-            log.info("scan_id=%s seq=%d geometry not prepared: %d scans' geometries pending; "
-                     "its first batch builds it", start.scan_id, start.seq,
-                     self._starts.maxsize)
+        """Queue `start`'s geometry for building; drops it (logged) when the queue is full, and
+        after `stop`."""
+        if self._stop.is_set():
+            return
+        with self._lock:
+            try:
+                self._starts.put_nowait(start)
+            except queue.Full:
+                log.info("scan_id=%s seq=%d geometry not prepared: %d scans' geometries "
+                         "pending; its first batch builds it", start.scan_id, start.seq,
+                         self._starts.maxsize)
+                return
+            self._wanted[id(start)] = start
+
+    def cancel(self, start: ScanStart) -> None:
+        """`start`'s scan failed: if its geometry is still queued, it is not built."""
+        with self._lock:
+            self._wanted.pop(id(start), None)
 
     def _run(self) -> None:
         while not self._stop.is_set() and (start := self._starts.get()) is not None:
+            with self._lock:
+                wanted = self._wanted.pop(id(start), None) is start
+            if not wanted:
+                log.info("scan_id=%s seq=%d geometry not prepared: the scan failed first",
+                         start.scan_id, start.seq)
+                continue
             try:
                 self._prepare(start)
             except Exception:  # the one place a failed prepare becomes a log line + counter
@@ -81,7 +105,7 @@ class GeometryPreparer:
 
     def _prepare(self, start: ScanStart) -> None:
         t0 = time.perf_counter()
-        theta = theta_tensor(start.theta_array(), self.reconstructor.device)
+        theta = theta_tensor(start.theta_array())  # on the CPU: no copy from the device
         built = self.reconstructor.prepare(theta, start.rotation_center(), start.cols)
         if built:
             log.info("scan_id=%s seq=%d geometry prepared: %d angles x %d cols in %.2f s",

@@ -157,7 +157,8 @@ class ScanAssembler:
 
     `on_complete` receives each complete scan and may block (that is the backpressure path);
     `on_event` receives lifecycle events (`scan_started`, `scan_failed`) as dicts; `on_start`
-    receives each accepted `scan_start` (to prepare the scan's geometry) and must not block.
+    receives each accepted `scan_start` (to prepare the scan's geometry) and `on_failed` the
+    `scan_start` of each scan that fails (its geometry is no longer wanted); neither may block.
     """
 
     def __init__(
@@ -169,6 +170,7 @@ class ScanAssembler:
         on_clipped: Callable[[int], None] = lambda n: None,
         max_live_bytes: int = 8 << 30,
         on_start: Callable[[ScanStart], None] = lambda start: None,
+        on_failed: Callable[[ScanStart], None] = lambda start: None,
     ) -> None:
         self.device = device
         self.max_live_scans = max_live_scans
@@ -177,6 +179,7 @@ class ScanAssembler:
         self.on_event = on_event
         self.on_clipped = on_clipped
         self.on_start = on_start
+        self.on_failed = on_failed
         self.scans: dict[str, _Scan] = {}
 
     @property
@@ -347,4 +350,5 @@ class ScanAssembler:
     def _fail(self, scan: _Scan, reason: str) -> None:
         self.scans.pop(scan.start.scan_id, None)
         log.error("scan_id=%s failed: %s", scan.start.scan_id, reason)
+        self.on_failed(scan.start)
         self.on_event({"event": "scan_failed", "scan_id": scan.start.scan_id, "reason": reason})

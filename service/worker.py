@@ -27,16 +27,18 @@ from service.metrics import Metrics
 from service.publish import PublishChannel, Publisher
 from service.scan import CompletedScan
 from workers.denoise import adjacent_stack
-from workers.protocols import Denoiser, Reconstructor
+from workers.protocols import Denoiser, PreparableReconstructor, Reconstructor
 from workers.transfer import Delivery, HostTransfer, Mark, host_transfer
 
 log = logging.getLogger(__name__)
 
 
-def theta_tensor(theta: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A scan's angles as the worker hands them to the reconstructor: float32 on its device.
-    `service.prepare` hands over the same values, since reconstructors cache geometry by them."""
-    return torch.as_tensor(theta, dtype=torch.float32, device=device)
+def theta_tensor(theta: np.ndarray) -> torch.Tensor:
+    """A scan's angles as the worker hands them to the reconstructor: float32 on the CPU, where
+    reconstructors read them to key and build their geometry (one on the device would be
+    copied back, with a wait, every batch). `service.prepare` hands over the same values,
+    since reconstructors cache geometry by them."""
+    return torch.as_tensor(theta, dtype=torch.float32, device="cpu")
 
 
 class Worker:
@@ -45,7 +47,8 @@ class Worker:
     Owns the reconstructor and denoiser (and whatever device buffers they keep), and the
     host transfer with its streams and pinned buffers (created on the worker's thread). The
     reconstructor is shared with one other thread only through its thread-safe `prepare`
-    (`service.prepare`), which fills its geometry cache ahead of the scans.
+    (`service.prepare`), which fills its geometry cache ahead of the scans; after each scan,
+    completed or failed, the worker `release`s the scan's geometry: the cache may evict it.
     """
 
     def __init__(self, settings: WorkerSettings, publish: PublishSettings,
@@ -62,6 +65,9 @@ class Worker:
         self.archive = archive
         self.model_name = denoiser.name if denoiser is not None else "none"
         self._transfer: HostTransfer | None = None  # made on the worker thread, per device
+        self._release = (reconstructor.release if isinstance(reconstructor,
+                                                             PreparableReconstructor)
+                         else lambda: None)
         self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
         self.busy = False  # processing a scan; read from other threads for metrics
 
@@ -73,7 +79,9 @@ class Worker:
         return self._thread.is_alive()
 
     def join(self, timeout: float | None = None) -> bool:
-        self._thread.join(timeout)
+        """Whether the thread has ended (or was never started) within `timeout` s."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
         return not self._thread.is_alive()
 
     def _run(self) -> None:
@@ -93,6 +101,7 @@ class Worker:
                     channel.send_event({"event": "scan_failed", "scan_id": scan.start.scan_id,
                                         "reason": "internal error in the worker (see the log)"})
                 finally:
+                    self._release()
                     self.busy = False
         finally:
             channel.close()
@@ -117,7 +126,7 @@ class Worker:
         fbp_batches: list[tuple[Mark, Mark, int]] = []
         times: dict[str, list[float]] = {"fbp": [], "denoise": []}
         with transfer.compute():
-            theta = theta_tensor(scan.theta, device)
+            theta = theta_tensor(scan.theta)
             volume = torch.empty((rows, cols, cols), dtype=torch.float32, device=device)
             for r0 in range(0, rows, batch):
                 r1 = min(rows, r0 + batch)

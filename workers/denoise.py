@@ -129,16 +129,27 @@ class DenoiseEngine:
 
     def __init__(self, path: str | Path, device: torch.device | str = "cpu",
                  warmup_shape: tuple[int, int, int] | None = None, precision: str = "artifact",
-                 memory_limit_bytes: int | None = None, cuda_graphs: bool = True) -> None:
+                 memory_limit_bytes: int | None = None, cuda_graphs: bool = True,
+                 field_width: int | None = None) -> None:
         """Load `path` onto `device`; on CUDA warm up at `warmup_shape` = (batch, H, W)
         (default (1, 256, 256)). `memory_limit_bytes` bounds the activations of one network
-        call (None: whole batches whatever their size)."""
+        call (None: whole batches whatever their size). `field_width`: the detector pixels
+        across the full field of view, which the input scale of a model with a
+        `reference_width` follows (`ModelMetadata.normalisation`); None: each slice's own
+        width, right for whole slices; set it for slices of a region of interest or a crop."""
+        if field_width is not None and field_width < 1:
+            raise ValueError(f"field_width={field_width} must be at least 1 pixel")
         self._device = torch.device(device)
         if self._device.type == "cuda" and self._device.index is None:
             # Tensors report "cuda:N", never bare "cuda": pin the index so device checks match.
             self._device = torch.device("cuda", torch.cuda.current_device())
         module, metadata = load_artifact(path, self._device)
         self._metadata: ModelMetadata = metadata
+        self._field_width = field_width
+        if metadata.reference_width is not None:
+            log.info("%s: input scale fitted at %d px, follows %s", metadata.name,
+                     metadata.reference_width, "each slice's width" if field_width is None
+                     else f"a {field_width}-px field of view")
         self._path = Path(path)
         self._precision = resolve_precision(precision, self._device, metadata)
         # Measured on the fp32 network before any conversion: fp16 would round far effects away.
@@ -233,7 +244,7 @@ class DenoiseEngine:
             raise ValueError(f"{self.name} expects float32 on {self._device}, got {stack.dtype} "
                              f"on {stack.device}")
         height, width = stack.shape[-2:]
-        offset, scale = self._metadata.normalisation(width)
+        offset, scale = self._metadata.normalisation(self._field_width or width)
         with torch.inference_mode():
             # Normalise in fp32 before any cast: physical units may not fit fp16's range.
             padded = _pad_to_multiple((stack - offset) / scale)
@@ -285,7 +296,8 @@ class DenoiseEngine:
 
 def load_denoiser(path: str | Path | None, device: torch.device | str = "cpu",
                   warmup_shape: tuple[int, int, int] | None = None, precision: str = "artifact",
-                  memory_limit_bytes: int | None = None) -> DenoiseEngine:
+                  memory_limit_bytes: int | None = None,
+                  field_width: int | None = None) -> DenoiseEngine:
     """A `DenoiseEngine` for the artifact at `path` (`.pt` TorchScript or `.pt2` exported
     program), or for the shipped default when None.
 
@@ -297,4 +309,5 @@ def load_denoiser(path: str | Path | None, device: torch.device | str = "cpu",
             f"the shipped default model {artifact} is missing: reinstall tomocast or pass a "
             "model path (serve --model PATH)"
         )
-    return DenoiseEngine(artifact, device, warmup_shape, precision, memory_limit_bytes)
+    return DenoiseEngine(artifact, device, warmup_shape, precision, memory_limit_bytes,
+                         field_width=field_width)

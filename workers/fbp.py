@@ -60,9 +60,10 @@ class FBP:
     may be called from any other thread at the same time (it only fills the geometry cache,
     `geometries`, which is thread-safe). The cache keeps the geometry (filter, weights, cos/sin
     terms) of the last few (theta, center, cols), so a stream of row batches with the same scan
-    geometry recomputes none of it. Uses torch's intra-op threads (all cores by default,
-    `torch.set_num_threads` to change). `max_work_bytes` bounds the temporaries of one
-    back-projection chunk (index and weight per pixel x angle), not the inputs and outputs.
+    geometry recomputes none of it; the owner calls `release` when a scan ends. Uses torch's
+    intra-op threads (all cores by default, `torch.set_num_threads` to change).
+    `max_work_bytes` bounds the temporaries of one back-projection chunk (index and weight per
+    pixel x angle), not the inputs and outputs.
     """
 
     def __init__(self, device: str | torch.device = "cpu", filter_name: str = "ramp",
@@ -101,6 +102,10 @@ class FBP:
         and `center`, from any thread; True if this call built it (False: it was cached, or
         another thread built it while this one waited)."""
         return self.geometries.prepare(theta, center, cols, self._build, self._device)
+
+    def release(self) -> None:
+        """The owning thread's scan ended: its geometry may be evicted like any other."""
+        self.geometries.release()
 
     def filter_sinograms(self, sinograms: torch.Tensor, geometry: _FBPGeometry) -> torch.Tensor:
         """Ramp-type filter along the detector and the angle weights: (B, A, C) -> (B, A, C)."""

@@ -52,10 +52,12 @@ class GeometryCache(Generic[V]):
     sees a half-built geometry; a build that raises caches nothing, and the next caller builds
     afresh.
 
-    Bound: `capacity` entries (>= 2), plus at most one being built per thread. The key most
-    recently got with `use=True` (the reconstructing thread's current geometry) is never
-    evicted: preparing geometries for later scans must not take the one a scan in progress
-    is using, or its next batch would build it again.
+    Bound: `capacity` entries (>= 2), plus at most one being built per thread. Eviction is
+    least recently used first, a `prepare` counting as a use, with one exception: the key
+    most recently got with `use=True` (the geometry of the scan the reconstructing thread is
+    on) is pinned until `release`, so preparing later scans' geometries never takes the one a
+    scan in progress uses (its next batch would build it again). The owner releases the pin
+    when the scan ends; until then one fewer prepared geometry fits.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -84,8 +86,9 @@ class GeometryCache(Generic[V]):
     def for_reconstruct(self, theta: torch.Tensor, center: float, cols: int, build: Build[V],
                         device: torch.device) -> V:
         """The geometry for the owning thread's `reconstruct`: cached, being built by another
-        thread (waited for), or built now; marked in use."""
-        theta64 = theta.detach().to("cpu", torch.float64)
+        thread (waited for), or built now; pinned until `release`. `theta` on the CPU costs
+        no device synchronisation: the key is computed on the host."""
+        theta64 = _host_angles(theta)
         value, _ = self.get(geometry_key(theta64.numpy(), center, cols),
                             lambda: build(theta64, center, cols), use=True)
         used_on_current_stream(value, device)
@@ -98,7 +101,7 @@ class GeometryCache(Generic[V]):
         check_geometry(theta, center, cols)
         if theta.numel() == 0:
             return False
-        theta64 = theta.detach().to("cpu", torch.float64)
+        theta64 = _host_angles(theta)
 
         def finished() -> V:
             value = build(theta64, center, cols)
@@ -107,10 +110,16 @@ class GeometryCache(Generic[V]):
 
         return self.get(geometry_key(theta64.numpy(), center, cols), finished, use=False)[1]
 
+    def release(self) -> None:
+        """The reconstructing thread is done with its geometry (its scan ended): unpin it, so
+        it is evicted in its turn like any other."""
+        with self._lock:
+            self._in_use = None
+
     def get(self, key: Hashable, build: Callable[[], V], use: bool) -> tuple[V, bool]:
         """The entry for `key`, built by `build()` if nobody has (or is building it); and
-        whether this call built it. `use`: the caller reconstructs with it now (protects it
-        from eviction until another key is used)."""
+        whether this call built it. `use`: the caller reconstructs with it now (pins it
+        against eviction until `release` or another key is used)."""
         while True:
             with self._lock:
                 if use:
@@ -145,6 +154,12 @@ class GeometryCache(Generic[V]):
                 return
             if key != self._in_use:
                 del self._entries[key]
+
+
+def _host_angles(theta: torch.Tensor) -> torch.Tensor:
+    """(angles,) float64 on the CPU, as keys and builds take them: a copy from the device (and
+    a wait for it) only when `theta` is there."""
+    return theta.detach().reshape(-1).to("cpu", torch.float64)
 
 
 def finish_on_device(device: torch.device) -> None:

@@ -88,13 +88,16 @@ class GriddingFBP:
     touches the work buffers; `prepare` may be called from any other thread at the same time
     (it only fills the geometry cache, `geometries`, which is thread-safe). The cache holds the
     spreading matrices of two (theta, center, cols) (`matrix_bytes` each: 170 MB at 512 columns
-    x 768 angles, 630 MB at 1024 x 1536; building one takes about 1.5 s and 8 s on one CPU core),
-    plus one being built by a preparing thread: `prepare` the next scan's geometry while its
-    projections arrive, and its first batch does not wait for the build. Uses torch's intra-op
-    threads. `width` (grid cells) and `oversampling`
-    trade speed for accuracy: within 1e-3 of the slice's peak of the exact sum by default, 5e-5
-    at 6 and 2.0 (tests/unit/test_gridding.py). `max_work_bytes` bounds the grids of one chunk
-    of slices.
+    x 768 angles, 630 MB at 1024 x 1536; building one takes about 1.5 s and 8 s on one CPU core,
+    and about twice the matrix's memory while it runs), plus one being built per thread. The
+    least recently used (reconstructed or prepared) goes first, never the one the scan in
+    progress uses: that stays pinned until the owner calls `release` at the scan's end. So while
+    a scan runs, one prepared geometry fits beside its own: `prepare` the next scan's while its
+    projections arrive, and its first batch does not wait for the build (another scan's
+    prepared before then evicts it, and that first batch builds it again). Uses torch's
+    intra-op threads. `width` (grid cells) and `oversampling` trade speed for accuracy: within
+    1e-3 of the slice's peak of the exact sum by default, 5e-5 at 6 and 2.0
+    (tests/unit/test_gridding.py). `max_work_bytes` bounds the grids of one chunk of slices.
     """
 
     def __init__(self, device: str | torch.device = "cpu", filter_name: str = "ramp",
@@ -163,6 +166,10 @@ class GriddingFBP:
         (angles, cols) sinograms at `theta` and `center`, from any thread; True if this call
         built it (False: it was cached, or another thread built it while this one waited)."""
         return self.geometries.prepare(theta, center, cols, self._build, self._device)
+
+    def release(self) -> None:
+        """The owning thread's scan ended: its geometry may be evicted like any other."""
+        self.geometries.release()
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
                 cols: int = 0) -> torch.Tensor:

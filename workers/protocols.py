@@ -1,7 +1,9 @@
 """The typed boundaries between the service and its compute workers.
 
 A CPU and a CUDA implementation satisfy the same protocol, so `service.pipeline` never branches on
-the device. Each protocol has a conformance test in tests/unit/test_protocols_conformance.py.
+the device. Conformance is asserted where each implementation is tested: tests/unit/test_fbp.py,
+test_gridding.py, test_geometry_cache.py (Reconstructor, PreparableReconstructor) and
+test_denoise.py (Denoiser).
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ class Reconstructor(Protocol):
         self, sinograms: torch.Tensor, theta: torch.Tensor, center: float
     ) -> torch.Tensor:
         """(batch, angles, cols) float32 line integrals on `device` -> (batch, cols, cols) float32
-        slices on `device`, in line integral per pixel. `theta` is (angles,) radians; `center`
-        follows TomoPy's convention (cols/2 = the detector's middle)."""
+        slices on `device`, in line integral per pixel. `theta` is (angles,) radians, on the
+        CPU or on `device`: on the CPU preferred, since reconstructors read the angles on the
+        host (to key and build their geometry), and a `theta` on a GPU costs a copy back and
+        a wait for the device in every call. `center` follows TomoPy's convention (cols/2 =
+        the detector's middle)."""
         ...
 
 
@@ -38,14 +43,22 @@ class PreparableReconstructor(Reconstructor, Protocol):
     Threading: `prepare` may be called from any thread, also while the owning thread runs
     `reconstruct`. Both go through one thread-safe cache: a geometry is built once (a
     `reconstruct` that needs one being prepared waits for that build rather than starting
-    another) and used only when complete. Optional: the service prepares only reconstructors
-    that satisfy this protocol, and a failed `prepare` leaves `reconstruct` to build as usual.
+    another) and used only when complete. The geometry the owning thread last reconstructed
+    with stays cached, whatever is prepared meanwhile, until that thread calls `release` (at
+    the end of each scan, and after a warm-up). Optional: the service prepares only
+    reconstructors that satisfy this protocol, and a failed `prepare` leaves `reconstruct` to
+    build as usual.
     """
 
     def prepare(self, theta: torch.Tensor, center: float, cols: int) -> bool:
         """Build what `reconstruct` will need for (angles, cols) sinograms at `theta` (angles,)
         radians and `center`, handed to it exactly as `reconstruct` will be (the cache keys on
         the values). True if this call built it; False if it was there already."""
+        ...
+
+    def release(self) -> None:
+        """The owning thread is done with the geometry of its last `reconstruct` (its scan
+        ended): from now on it may be evicted like any other. Owning thread only."""
         ...
 
 

@@ -88,6 +88,11 @@ class AutoFBP:
         sinograms; any thread. True if this call built it."""
         return self._method(theta.numel(), cols).prepare(theta, center, cols)
 
+    def release(self) -> None:
+        """The owning thread's scan ended: its geometry may be evicted like any other."""
+        self.direct.release()
+        self.gridding.release()
+
     def reconstruct(self, sinograms: torch.Tensor, theta: torch.Tensor,
                     center: float) -> torch.Tensor:
         """(B, A, C) float32 line integrals -> (B, C, C) float32 attenuation per pixel."""

@@ -12,8 +12,9 @@ import torch
 
 from service.client import Detector, Published, Subscriber
 from service.pipeline import Service
+from service.protocol import ScanStart
 from service.worker import theta_tensor
-from tests.unit.test_geometry_cache import wait_for
+from tests.helpers import GatedGridding, wait_for
 from workers.geometry_cache import geometry_key
 from workers.gridding import GriddingFBP
 
@@ -44,6 +45,19 @@ def slices(messages: list[Published]) -> list[int]:
     return sorted(m.header["index"] for m in messages if m.topic == "slice")
 
 
+def key(start: ScanStart) -> tuple[int, float, bytes]:
+    """`start`'s geometry's key in the reconstructor's cache, angles as the worker hands them."""
+    theta = theta_tensor(start.theta_array())
+    return geometry_key(theta.to(torch.float64).numpy(), start.rotation_center(), start.cols)
+
+
+def send_data(detector: Detector, scan_id: str) -> None:
+    detector.send_frames("flat", scan_id, 0, FLATS)
+    for first in range(0, ANGLES, 16):
+        detector.send_frames("projections", scan_id, first, PROJECTIONS[first:first + 16])
+    detector.end_scan(scan_id, ANGLES)
+
+
 def test_the_geometry_is_built_before_the_data_arrive_and_not_again(
         start_service: Any, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="service.prepare")
@@ -57,15 +71,11 @@ def test_the_geometry_is_built_before_the_data_arrive_and_not_again(
         # scan_start and nothing else yet: the geometry must come from it alone
         start = detector.start_scan("early", ROWS, COLS, ANGLES, "uint16",
                                     center=COLS / 2 + 0.5, n_flat=1)
-        theta = theta_tensor(start.theta_array(), torch.device("cpu"))  # as the worker will
-        key = geometry_key(theta.to(torch.float64).numpy(), start.rotation_center(), COLS)
-        wait_for("the geometry prepared at scan_start", lambda: key in reconstructor.geometries)
+        wait_for("the geometry prepared at scan_start",
+                 lambda: key(start) in reconstructor.geometries)
         assert reconstructor.geometries.builds == builds + 1
         assert "scan_id=early seq=0 geometry prepared: 96 angles x 64 cols" in caplog.text
-        detector.send_frames("flat", "early", 0, FLATS)
-        for first in range(0, ANGLES, 16):
-            detector.send_frames("projections", "early", first, PROJECTIONS[first:first + 16])
-        detector.end_scan("early", ANGLES)
+        send_data(detector, "early")
         messages = until_ended(viewer)
     assert messages[-1].header["event"] == "scan_completed"
     assert slices(messages) == list(range(ROWS))
@@ -109,3 +119,69 @@ def test_prepare_can_be_turned_off(start_service: Any, caplog: pytest.LogCapture
         messages = until_ended(viewer)
     assert slices(messages) == list(range(ROWS))
     assert "geometry prepared" not in caplog.text
+
+
+FAILING_CENTER = COLS / 2 - 1.5
+
+
+class FailsAfterFBP(GriddingFBP):
+    """The real gridding FBP, except that a scan at `FAILING_CENTER` fails in the worker after
+    its geometry was fetched (a stand-in for a device fault in the scan's first batch)."""
+
+    def reconstruct(self, sinograms: torch.Tensor, theta: torch.Tensor,
+                    center: float) -> torch.Tensor:
+        slices = super().reconstruct(sinograms, theta, center)
+        if center == FAILING_CENTER:
+            raise RuntimeError("simulated device fault")
+        return slices
+
+
+def test_prepared_geometries_evict_finished_ones_not_each_other(
+        start_service: Any) -> None:
+    """The gridding cache holds two geometries. Two scans start, both are prepared, then their
+    data arrive: the warm-up's geometry, and that of the scan before (completed or failed),
+    must make room for them rather than the first one's."""
+    reconstructor = FailsAfterFBP("cpu")
+    service, endpoints = start_service(reconstructor=reconstructor, model={"enabled": False})
+    builds = reconstructor.geometries.builds  # the warm-up's
+    pairs = ((COLS / 2 + 0.5, FAILING_CENTER),  # after the warm-up; the second fails ...
+             (COLS / 2 + 1.5, COLS / 2 + 2.5),  # ... then after a failed scan ...
+             (COLS / 2 + 3.5, COLS / 2 + 4.5))  # ... and after a completed one
+    with Subscriber(endpoints.publish) as viewer, Detector(endpoints.ingest) as detector:
+        viewer.wait_ready()
+        for centers in pairs:
+            starts = [detector.start_scan(f"at-{center}", ROWS, COLS, ANGLES, "uint16",
+                                          center=center, n_flat=1) for center in centers]
+            wait_for("both geometries prepared",
+                     lambda since=builds: reconstructor.geometries.builds == since + 2)
+            assert all(key(start) in reconstructor.geometries for start in starts)
+            for start in starts:
+                send_data(detector, start.scan_id)
+            ended = [until_ended(viewer)[-1].header for _ in starts]
+            assert [e["event"] for e in ended] == [
+                "scan_failed" if center == FAILING_CENTER else "scan_completed"
+                for center in centers]
+            builds += 2
+            assert reconstructor.geometries.builds == builds  # the worker built none
+    assert metric(service, "tomocast_errors_total", {"stage": "worker"}) == 1
+
+
+def test_a_scan_that_fails_before_its_turn_is_not_prepared(start_service: Any) -> None:
+    busy, doomed, after = COLS / 2 + 0.5, COLS / 2 + 1.5, COLS / 2 + 2.5
+    reconstructor = GatedGridding(held={busy})
+    service, endpoints = start_service(reconstructor=reconstructor, model={"enabled": False})
+    built = len(reconstructor.built)  # the warm-up's
+    reconstructor.gate.clear()
+    with Subscriber(endpoints.publish) as viewer, Detector(endpoints.ingest) as detector:
+        viewer.wait_ready()
+        detector.start_scan("busy", ROWS, COLS, ANGLES, "uint16", center=busy, n_flat=1)
+        wait_for("the busy scan's build to start", lambda: busy in reconstructor.built)
+        detector.start_scan("doomed", ROWS, COLS, ANGLES, "uint16", center=doomed, n_flat=1)
+        detector.end_scan("doomed", 0)  # no flats, no projections: it fails now
+        assert until_ended(viewer)[-1].header["event"] == "scan_failed"
+        start = detector.start_scan("after", ROWS, COLS, ANGLES, "uint16", center=after,
+                                    n_flat=1)
+        reconstructor.gate.set()
+        wait_for("the next scan's geometry", lambda: key(start) in reconstructor.geometries)
+    assert reconstructor.built[built:] == [busy, after]
+    assert metric(service, "tomocast_errors_total", {"stage": "prepare"}) == 0

@@ -48,6 +48,7 @@ def test_dataset_is_the_one_file_form(tiny: Path) -> None:
     data = load_one_file(tiny)
     assert data.input_offset == pytest.approx(0.0, abs=1e-6)
     assert data.input_scale == pytest.approx(1 / (0.42 * 32), rel=0.02)  # the foam's mu
+    assert data.reference_width == 32  # attenuation per pixel: the scale follows the width
 
 
 def test_a_few_steps_lower_the_loss(tiny: Path) -> None:
@@ -147,6 +148,46 @@ def test_two_file_form_trains_and_infers(tiny: Path, tmp_path: Path) -> None:
                  str(tmp_path / "two.pt"), "-o", str(out), "--no-progress"]) == 0
     with h5py.File(out) as file:
         assert file["dn"].shape == file["gt"].shape == data.train.noisy.shape
+    # The images declare no units: their normalisation stays absolute at any width...
+    assert load_denoiser(tmp_path / "two.pt").metadata.reference_width is None
+    # ...unless the export says at which width it was fitted.
+    assert main(["export", str(run / "checkpoint.pt"), "-o", str(tmp_path), "--name", "two-w",
+                 "--formats", "fp32", "--reference-width", "32"]) == 0
+    assert load_denoiser(tmp_path / "two-w.pt").metadata.reference_width == 32
+
+
+def test_export_reference_width_override(checkpoint: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    for given, expected in ((None, 32), ("64", 64), ("0", None)):
+        flag = [] if given is None else ["--reference-width", given]
+        assert main(["export", str(checkpoint), "-o", str(tmp_path), "--name", "w",
+                     "--formats", "fp32", *flag]) == 0
+        assert load_denoiser(tmp_path / "w.pt").metadata.reference_width == expected
+    with pytest.raises(SystemExit) as refused:
+        main(["export", str(checkpoint), "-o", str(tmp_path), "--reference-width", "-1"])
+    assert refused.value.code == 2
+    assert "--reference-width: -1 must be >= 0" in capsys.readouterr().err
+
+
+def test_infer_field_width_sets_the_input_scale(tiny: Path, checkpoint: Path,
+                                                tmp_path: Path) -> None:
+    # Slices cropped from a field of view twice as wide: scaled as 64-px slices, not 32.
+    (artifact,) = export_checkpoint(checkpoint, tmp_path, name="tiny", formats=["fp32"])
+    from models.infer import denoise_volumes
+
+    data = load_one_file(tiny)
+    expected = {width: denoise_volumes(load_denoiser(artifact, field_width=width),
+                                       data.test.noisy, data.test.volume_rows, progress=False)
+                for width in (None, 64)}
+    assert not np.allclose(expected[None], expected[64])
+    for width in (None, 64):
+        out = tmp_path / f"dn-{width}.h5"
+        flag = [] if width is None else ["--field-width", str(width)]
+        assert main(["infer", "--ld", str(tiny), "--model", str(artifact), "-o", str(out),
+                     "--no-progress", "--device", "cpu", *flag]) == 0
+        with h5py.File(out) as file:
+            np.testing.assert_allclose(file["dn"][()], expected[width], rtol=1e-5,
+                                       atol=1e-6 * data.input_scale)
 
 
 def test_infer_names_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

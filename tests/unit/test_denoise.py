@@ -161,6 +161,18 @@ def test_normalisation_follows_the_slice_width(tmp_path: Path, width: int) -> No
                                                                   50.0 * 32 / width))
 
 
+def test_field_width_overrides_the_slice_width(tmp_path: Path) -> None:
+    # A 32-px region of interest of a 64-px detector: scaled as the 64-px field of view.
+    path = save_artifact(
+        CentrePlus(3, 1.0), _metadata(input_offset=0.0, input_scale=50.0, reference_width=32),
+        tmp_path / "f.pt")
+    stack = torch.randn(1, 3, 16, 32)
+    out = DenoiseEngine(path, "cpu", field_width=64).denoise(stack)
+    np.testing.assert_allclose(out.numpy(), (stack[:, 1] + 25.0).numpy(), rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="field_width=0"):
+        DenoiseEngine(path, "cpu", field_width=0)
+
+
 def test_engine_runs_tomogan_on_odd_sizes(tmp_path: Path) -> None:
     torch.manual_seed(0)
     metadata = _metadata(name="tomogan-random", arch="tomogan", depth=5)

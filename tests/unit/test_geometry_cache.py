@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import math
 import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+from service.worker import theta_tensor
+from tests.helpers import GatedGridding, in_thread, wait_for
 from workers.fbp import FBP
 from workers.geometry_cache import GeometryCache
 from workers.gridding import GriddingFBP
@@ -26,15 +26,6 @@ CENTER = COLS / 2 + 0.3
 THETA = torch.arange(ANGLES, dtype=torch.float32) * (math.pi / ANGLES)
 SINOGRAMS = torch.from_numpy(np.random.default_rng(5).random((3, ANGLES, COLS),
                                                              dtype=np.float32))
-
-
-def wait_for(what: str, condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    """Poll `condition` until it holds; fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.01)  # a polling interval with a deadline, not synchronisation
 
 
 class Gate:
@@ -51,21 +42,6 @@ class Gate:
         if self.fail:
             raise RuntimeError("simulated out of memory")
         return self.value
-
-
-def in_thread(target: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
-    """Run `target` on a thread; its result (or exception) lands in the list."""
-    result: list[object] = []
-
-    def run() -> None:
-        try:
-            result.append(target())
-        except Exception as exc:  # handed to the test to assert on
-            result.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, result
 
 
 # ---- GeometryCache -------------------------------------------------------------------------
@@ -119,6 +95,25 @@ def test_bounded_and_the_geometry_in_use_is_never_evicted_by_a_prepare() -> None
         GeometryCache(1)
 
 
+def test_a_released_geometry_is_evicted_in_its_turn_like_any_other() -> None:
+    cache: GeometryCache[str] = GeometryCache(2)
+    cache.get("warm-up", lambda: "w", use=True)
+    cache.release()  # the warm-up (or a scan) is over
+    cache.get("scan-1", lambda: "g1", use=False)  # two scans start
+    cache.get("scan-2", lambda: "g2", use=False)
+    assert "warm-up" not in cache and "scan-1" in cache and "scan-2" in cache
+    cache.get("scan-1", lambda: "rebuilt", use=True)
+    cache.get("scan-2", lambda: "rebuilt", use=True)
+    assert cache.builds == 3
+    cache.get("scan-3", lambda: "g3", use=False)  # scan 2 is in progress: 1 goes (LRU) ...
+    cache.get("scan-4", lambda: "g4", use=False)  # ... then 3, never 2
+    assert "scan-2" in cache and "scan-4" in cache and len(cache) == 2
+    cache.get("scan-4", lambda: "g4", use=False)  # a prepare counts as a use ...
+    cache.release()  # ... and scan 2 is over: it goes before 4
+    cache.get("scan-5", lambda: "g5", use=False)
+    assert "scan-2" not in cache and "scan-4" in cache and "scan-5" in cache
+
+
 # ---- the reconstructors' prepare ---------------------------------------------------------
 
 @pytest.mark.parametrize("method", [FBP, GriddingFBP])
@@ -139,6 +134,37 @@ def test_after_prepare_reconstruct_builds_nothing(method: type[FBP] | type[Gridd
         fbp.prepare(THETA, math.inf, COLS)
 
 
+@pytest.mark.parametrize("method", [GriddingFBP, AutoFBP])
+def test_geometries_prepared_after_a_warm_up_are_all_used(
+        method: type[GriddingFBP] | type[AutoFBP]) -> None:
+    fbp = method("cpu")  # two geometries cached
+    cache = fbp.gridding.geometries if isinstance(fbp, AutoFBP) else fbp.geometries
+    fbp.reconstruct(SINOGRAMS[:1, :32], THETA[:32], CENTER)  # the service's warm-up
+    fbp.release()
+    assert fbp.prepare(THETA, CENTER - 1, COLS)  # two scans start, two geometries
+    assert fbp.prepare(THETA, CENTER + 1, COLS)
+    fbp.reconstruct(SINOGRAMS, THETA, CENTER - 1)  # the first scan ...
+    fbp.release()
+    fbp.reconstruct(SINOGRAMS, THETA, CENTER + 1)  # ... and the second find theirs
+    assert cache.builds == 3
+
+
+@pytest.mark.parametrize("method", [FBP, GriddingFBP, AutoFBP])
+def test_the_workers_theta_on_the_cpu_prepares_and_reconstructs(
+        method: type[FBP] | type[GriddingFBP] | type[AutoFBP]) -> None:
+    angles = np.arange(ANGLES) * (math.pi / ANGLES)  # float64, as a scan_start's
+    fbp = method("cpu")
+    theta = theta_tensor(angles)
+    assert theta.device.type == "cpu" and theta.dtype == torch.float32
+    assert fbp.prepare(theta, CENTER, COLS)
+    slices = fbp.reconstruct(SINOGRAMS, theta_tensor(angles), CENTER)
+    assert not fbp.prepare(theta_tensor(angles), CENTER, COLS)  # what reconstruct used
+    torch.testing.assert_close(slices, method("cpu").reconstruct(SINOGRAMS, theta, CENTER),
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="theta has 95 angles"):
+        fbp.reconstruct(SINOGRAMS, theta[1:], CENTER)
+
+
 def test_auto_prepares_the_method_it_will_use() -> None:
     auto = AutoFBP("cpu")
     assert isinstance(auto, PreparableReconstructor)
@@ -150,21 +176,6 @@ def test_auto_prepares_the_method_it_will_use() -> None:
     assert direct.prepare(THETA, CENTER, COLS)
     direct.reconstruct(SINOGRAMS, THETA, CENTER)
     assert (direct.gridding.geometries.builds, direct.direct.geometries.builds) == (0, 1)
-
-
-class GatedGridding(GriddingFBP):
-    """The real gridding FBP, its geometry builds counted by center and held at a gate."""
-
-    def __init__(self) -> None:
-        super().__init__("cpu")
-        self.gate = threading.Event()
-        self.gate.set()
-        self.built: list[float] = []
-
-    def _build(self, theta64: torch.Tensor, center: float, cols: int) -> Any:
-        self.built.append(center)
-        assert self.gate.wait(60)
-        return super()._build(theta64, center, cols)
 
 
 def test_reconstruct_waits_for_the_prepare_under_way() -> None:
@@ -242,4 +253,21 @@ def test_prepared_on_another_thread_and_stream_matches_the_cpu() -> None:
     torch.cuda.synchronize()
     assert fbp.geometries.builds == 1
     cpu = GriddingFBP("cpu").reconstruct(SINOGRAMS, THETA, CENTER)
+    torch.testing.assert_close(slices.cpu(), cpu, rtol=0, atol=1e-4 * float(cpu.abs().max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", [FBP, GriddingFBP, AutoFBP])
+def test_cuda_sinograms_with_the_workers_theta_on_the_cpu_match_the_cpu(
+        method: type[FBP] | type[GriddingFBP] | type[AutoFBP]) -> None:
+    angles = np.arange(ANGLES) * (math.pi / ANGLES)
+    fbp = method("cuda")
+    preparer, prepared = in_thread(lambda: fbp.prepare(theta_tensor(angles), CENTER, COLS))
+    preparer.join(120)
+    assert prepared == [True]
+    slices = fbp.reconstruct(SINOGRAMS.cuda(), theta_tensor(angles), CENTER)
+    assert not fbp.prepare(theta_tensor(angles), CENTER, COLS)  # what reconstruct used
+    if isinstance(fbp, AutoFBP):  # the same method on the CPU
+        method = FBP if fbp.method_for(ANGLES, COLS) == "direct" else GriddingFBP
+    cpu = method("cpu").reconstruct(SINOGRAMS, theta_tensor(angles), CENTER)
     torch.testing.assert_close(slices.cpu(), cpu, rtol=0, atol=1e-4 * float(cpu.abs().max()))

@@ -1,0 +1,55 @@
+"""Helpers shared by test modules: polling with a deadline, a function on a thread, and the real
+gridding FBP with its geometry builds held at a gate."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Container
+from typing import Any
+
+import torch
+
+from workers.gridding import GriddingFBP
+
+
+def wait_for(what: str, condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll `condition` until it holds; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.01)  # a polling interval with a deadline, not synchronisation
+
+
+def in_thread(target: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    """Run `target` on a thread; its result (or exception) lands in the list."""
+    result: list[object] = []
+
+    def run() -> None:
+        try:
+            result.append(target())
+        except Exception as exc:  # handed to the test to assert on
+            result.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+class GatedGridding(GriddingFBP):
+    """The real gridding FBP on the CPU, its geometry builds recorded by centre (`built`) and,
+    while `gate` is clear, held there: all of them, or only those at a centre in `held`."""
+
+    def __init__(self, held: Container[float] | None = None) -> None:
+        super().__init__("cpu")
+        self.gate = threading.Event()
+        self.gate.set()
+        self.held = held
+        self.built: list[float] = []
+
+    def _build(self, theta64: torch.Tensor, center: float, cols: int) -> Any:
+        self.built.append(center)
+        if self.held is None or center in self.held:
+            assert self.gate.wait(60)
+        return super()._build(theta64, center, cols)

@@ -1,0 +1,86 @@
+"""`Service.stop` in-process: it does not wait for a geometry build nobody will use, it still
+finishes the complete scans it promised to, and it stops a service whose start failed."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from service.client import Detector, Subscriber
+from service.config import load_settings
+from service.pipeline import Service
+from tests.helpers import GatedGridding, wait_for
+from workers.gridding import GriddingFBP
+
+ROWS, COLS, ANGLES = 4, 64, 96
+rng = np.random.default_rng(23)
+FLATS = np.full((1, ROWS, COLS), 4100, np.uint16)
+PROJECTIONS = (rng.poisson(2000, (ANGLES, ROWS, COLS)) + 100).astype(np.uint16)
+DRAIN_TIMEOUT_S = 60.0
+
+
+def test_stop_leaves_behind_a_geometry_build_for_a_scan_that_fails(start_service: Any) -> None:
+    partial_center = COLS / 2 + 1.5
+    reconstructor = GatedGridding(held={partial_center})  # the partial scan's build: seconds
+    service, endpoints = start_service(reconstructor=reconstructor, model={"enabled": False},
+                                       worker={"drain_timeout_s": DRAIN_TIMEOUT_S})
+    reconstructor.gate.clear()
+    slices: set[tuple[str, int]] = set()
+    events: dict[str, dict[str, Any]] = {}
+    try:
+        with Subscriber(endpoints.publish) as viewer, Detector(endpoints.ingest) as detector:
+            viewer.wait_ready()
+            detector.send_scan("whole", PROJECTIONS, flats=FLATS, chunk=16)
+            detector.start_scan("partial", ROWS, COLS, ANGLES, "uint16", center=partial_center,
+                                n_flat=1)
+            detector.send_frames("flat", "partial", 0, FLATS)
+            # the ingest reads in order: 'whole' is complete and handed to the worker by now
+            wait_for("the partial scan's build to start",
+                     lambda: partial_center in reconstructor.built)
+            t0 = time.monotonic()
+            drained = service.stop()
+            stopped_in = time.monotonic() - t0
+            assert service.preparer is not None and not service.preparer.join(0)  # left behind
+            while len(events) < 2:  # what stop published is in the viewer's buffers
+                message = viewer.recv(timeout=60.0)
+                assert message is not None, "the service went quiet before finishing"
+                if message.topic == "slice":
+                    slices.add((message.header["scan_id"], message.header["index"]))
+                elif message.header["event"] != "scan_started":
+                    events[message.header["scan_id"]] = message.header
+    finally:
+        reconstructor.gate.set()
+    assert drained and stopped_in < DRAIN_TIMEOUT_S / 4, stopped_in
+    assert events["whole"]["event"] == "scan_completed"
+    assert slices == {("whole", i) for i in range(ROWS)}
+    assert events["partial"]["event"] == "scan_failed"
+    assert "stopping" in events["partial"]["reason"]
+    assert service.preparer.join(60)  # the build it left ends on its own
+
+
+class FailsToWarmUp(GriddingFBP):
+    """A reconstructor that fails the service's warm-up (a stand-in for a broken device)."""
+
+    def reconstruct(self, sinograms: torch.Tensor, theta: torch.Tensor,
+                    center: float) -> torch.Tensor:
+        raise RuntimeError("simulated device fault at warm-up")
+
+
+def test_stop_after_a_failed_start_stops_what_was_started() -> None:
+    settings = load_settings(None, {"ingest": {"endpoint": "tcp://127.0.0.1:*"},
+                                    "publish": {"endpoint": "tcp://127.0.0.1:*"},
+                                    "metrics": {"port": 0}, "worker": {"device": "cpu"},
+                                    "model": {"enabled": False}})
+    service = Service(settings, FailsToWarmUp("cpu"))
+    with pytest.raises(RuntimeError, match="warm-up"):
+        service.start()
+    # built but never started
+    assert service.ingest is not None and service.worker is not None
+    assert service.preparer is not None
+    t0 = time.monotonic()
+    assert service.stop()
+    assert time.monotonic() - t0 < 10
