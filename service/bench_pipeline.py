@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--no-denoise", action="store_true", help="model.enabled = false")
     _add(parser, "--no-prepare", action="store_true", help="worker.prepare_geometry = false: "
          "each scan's FBP geometry is built by its first batch, not at scan_start")
+    _add(parser, "--sinogram-dtype", choices=["float32", "float16"], default="float32",
+         help="ingest.sinogram_dtype: storage of the scans being assembled")
     _add(parser, "--precision", default=None, help="worker.denoise_precision (auto, artifact, "
          "fp32, int8, ...; default: the service's setting)")
     _add(parser, "--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -69,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     scans = [simulate_scan(f"bench-{i}", rows=args.rows, cols=args.cols, n_angles=angles,
                            photons=args.photons, seed=args.seed + i) for i in range(args.scans)]
     overrides: dict[str, Any] = {
-        "ingest": {"endpoint": "tcp://127.0.0.1:*"}, "publish": {"endpoint": "tcp://127.0.0.1:*"},
+        "ingest": {"endpoint": "tcp://127.0.0.1:*", "sinogram_dtype": args.sinogram_dtype},
+        "publish": {"endpoint": "tcp://127.0.0.1:*"},
         "metrics": {"port": 0}, "worker": {"device": args.device, "batch_rows": args.batch,
                                            "prepare_geometry": not args.no_prepare},
         "model": {"enabled": not args.no_denoise, "path": args.model}}
@@ -154,6 +157,7 @@ def _report(args: argparse.Namespace, angles: int, startup: float, headers: list
         "startup_s": startup, "slices": len(headers), "dropped": dropped,
         "failed_scans": sum(e["event"] == "scan_failed" for e in events),
         "ms_per_slice": stages, "prepare_geometry": not args.no_prepare,
+        "sinogram_dtype": args.sinogram_dtype,
         "slices_per_s": len(headers) / span if span > 0 else None,
         "end_to_end_ms": {k: 1e3 * v for k, v in _percentiles(end_to_end).items()},
         "scan_tail_s": {"median": float(np.median(tails)) if tails else None,
@@ -167,7 +171,9 @@ def _command(args: argparse.Namespace) -> str:
              "--photons", f"{args.photons:g}", "--device", args.device, "--seed", str(args.seed)]
     for flag, value in (("--angles", args.angles), ("--rate", args.rate),
                         ("--model", args.model), ("--precision", args.precision),
-                        ("--threads", args.threads)):
+                        ("--threads", args.threads),
+                        ("--sinogram-dtype", None if args.sinogram_dtype == "float32"
+                         else args.sinogram_dtype)):
         if value is not None:
             words += [flag, str(value)]
     flags = [flag for flag, on in (("--no-denoise", args.no_denoise),
@@ -192,6 +198,7 @@ def _table(report: dict[str, Any]) -> str:
              f"({report['dropped']}, {report['failed_scans']}) |",
              f"| ms/slice by stage | {stages} |",
              f"| FBP geometry built at scan_start | {report['prepare_geometry']} |",
+             f"| sinogram storage | {report['sinogram_dtype']} |",
              f"| slices/s | {rate:.1f} |" if rate else "| slices/s | - |"]
     if latency:
         lines.append(f"| end-to-end latency p50 / p95 / p99 | {latency['p50']:.0f} / "

@@ -22,7 +22,7 @@ from service.errors import ProtocolError
 from service.metrics import Metrics
 from service.protocol import FrameChunk, ScanStart, decode
 from service.publish import PublishChannel, Publisher
-from service.scan import CompletedScan, ScanAssembler
+from service.scan import STORAGE_DTYPES, CompletedScan, ScanAssembler
 from service.security import ServerKeys
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ class Ingest:
             on_event=self._event, on_clipped=self.metrics.clipped_pixels.inc,
             max_live_bytes=self.settings.max_live_bytes, on_start=self.on_scan_start,
             on_failed=self.on_scan_failed,
+            storage=STORAGE_DTYPES[self.settings.sinogram_dtype],
         )
         try:
             while not self._stop.is_set():

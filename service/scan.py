@@ -10,6 +10,7 @@ angles present (the `scan_completed` event says how many were missing), unless f
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,24 @@ from workers.preprocess import normalize
 log = logging.getLogger(__name__)
 
 MIN_ANGLES = 2  # fewer projections than this cannot make a slice worth publishing
+FP16_MAX = 65504.0
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def storage_for(start: ScanStart, storage: torch.dtype) -> tuple[torch.dtype, float]:
+    """The sinogram dtype of scan `start` under the setting `storage`, and the power-of-two
+    factor its raw counts are stored with (they wait in the sinogram until the darks and flats
+    are complete). float16 holds line integrals, and raw integer counts scaled below its 65,504
+    maximum (exactly: a power of two; flat-field correction is a ratio, so the factor cancels).
+    Raw float32 counts have no known range: such a scan keeps float32."""
+    if storage != torch.float16:
+        return torch.float32, 1.0
+    if start.normalized:
+        return torch.float16, 1.0
+    if start.dtype == "float32":
+        return torch.float32, 1.0
+    largest = float(np.iinfo(np.dtype(start.dtype)).max)
+    return torch.float16, 2.0 ** -max(0, math.ceil(math.log2(largest / FP16_MAX)))
 
 
 @dataclass
@@ -32,7 +51,8 @@ class CompletedScan:
     """A scan ready for reconstruction. The sinogram lives on the worker's device."""
 
     start: ScanStart
-    sinogram: torch.Tensor  # (rows, angles_received, cols) float32 line integrals
+    # (rows, angles_received, cols) line integrals, float32 or float16 (ingest.sinogram_dtype)
+    sinogram: torch.Tensor
     theta: np.ndarray  # (angles_received,) radians
     center: float
     missing: int  # projections declared but never received
@@ -77,7 +97,8 @@ class _References:
 class _Scan:
     """State of one scan being assembled."""
 
-    def __init__(self, start: ScanStart, device: torch.device) -> None:
+    def __init__(self, start: ScanStart, device: torch.device,
+                 storage: torch.dtype = torch.float32) -> None:
         self.start = start
         self.device = device
         self.theta = start.theta_array()
@@ -86,8 +107,9 @@ class _Scan:
         self.dark: torch.Tensor | None = None
         self.flat: torch.Tensor | None = None
         # Limits were checked in protocol.decode before this allocation.
+        dtype, self.raw_scale = storage_for(start, storage)
         self.sinogram = torch.empty(
-            (start.rows, start.n_angles, start.cols), dtype=torch.float32, device=device
+            (start.rows, start.n_angles, start.cols), dtype=dtype, device=device
         )
         self.received = np.zeros(start.n_angles, dtype=bool)
         # Projections that arrived before the darks/flats wait in the sinogram as raw counts;
@@ -118,9 +140,13 @@ class _Scan:
         if self.start.normalized or self.dark is None:
             values = tensor.to(torch.float32)
             self.raw[index:index + count] = not self.start.normalized
+            if not self.start.normalized and self.raw_scale != 1.0:
+                values.mul_(self.raw_scale)
         else:
             assert self.flat is not None
             values, clipped = normalize(tensor, self.dark, self.flat)
+        if self.sinogram.dtype == torch.float16:
+            values.clamp_(-FP16_MAX, FP16_MAX)  # a wild line integral stays finite, not inf
         self.sinogram[:, index:index + count, :] = values.transpose(0, 1)
         self.received[index:index + count] = True
         self.clipped += clipped
@@ -139,6 +165,8 @@ class _Scan:
             first, stop = int(raw[i]), int(raw[j]) + 1
             i = j + 1
             counts = self.sinogram[:, first:stop, :].transpose(0, 1)
+            if self.raw_scale != 1.0:
+                counts = counts.to(torch.float32).div_(self.raw_scale)  # exact: a power of 2
             values, clipped = normalize(counts, self.dark, self.flat)
             self.sinogram[:, first:stop, :] = values.transpose(0, 1)
             self.raw[first:stop] = False
@@ -171,8 +199,10 @@ class ScanAssembler:
         max_live_bytes: int = 8 << 30,
         on_start: Callable[[ScanStart], None] = lambda start: None,
         on_failed: Callable[[ScanStart], None] = lambda start: None,
+        storage: torch.dtype = torch.float32,
     ) -> None:
         self.device = device
+        self.storage = storage
         self.max_live_scans = max_live_scans
         self.max_live_bytes = max_live_bytes
         self.on_complete = on_complete
@@ -248,14 +278,15 @@ class ScanAssembler:
             raise ProtocolError("too_many_scans", f"{len(self.scans)} scans are live "
                                 f"(ingest.max_live_scans={self.max_live_scans})",
                                 start.scan_id, start.seq)
-        need = start.rows * start.n_angles * start.cols * 4
+        itemsize = storage_for(start, self.storage)[0].itemsize
+        need = start.rows * start.n_angles * start.cols * itemsize
         held = sum(s.nbytes for s in self.scans.values())
         if held + need > self.max_live_bytes:
             raise ProtocolError("too_many_scans", f"this scan needs {need} bytes and live scans "
                                 f"hold {held}: over ingest.max_live_bytes={self.max_live_bytes}",
                                 start.scan_id, start.seq)
         try:
-            scan = _Scan(start, self.device)
+            scan = _Scan(start, self.device, self.storage)
         except torch.cuda.OutOfMemoryError:
             raise ProtocolError("too_large", f"the device has no room for {need} bytes of "
                                 "sinogram", start.scan_id, start.seq) from None

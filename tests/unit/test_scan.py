@@ -147,3 +147,72 @@ def test_references_for_a_normalized_scan_are_a_bad_value() -> None:
     assembler.handle(ScanStart("s", 0, ROWS, COLS, ANGLES, "float32", normalized=True))
     darks = np.zeros((1, ROWS, COLS), np.float32)
     assert reason(assembler, frames("dark", 1, 0, darks)) == "bad_value"
+
+
+# ---- float16 storage (ingest.sinogram_dtype) ------------------------------------------------
+
+def _assemble(storage: torch.dtype, start: ScanStart, messages: list[Any]) -> CompletedScan:
+    rec = Recorder()
+    assembler = ScanAssembler(torch.device("cpu"), 2, rec.completed.append, rec.events.append,
+                              storage=storage)
+    assembler.handle(start)
+    for message in messages:
+        assembler.handle(message)
+    (scan,) = rec.completed
+    return scan
+
+
+def test_float16_storage_holds_raw_counts_up_to_uint16_max(data: dict[str, np.ndarray]) -> None:
+    # Projections before the flats wait as raw counts: 65,535 is past float16's 65,504, so they
+    # are stored halved (exactly) and the flat-field ratio comes out as in float32.
+    projections = data["projections"].copy()
+    projections[0, 0, :] = 65535
+    flats = np.full((3, ROWS, COLS), 65000, np.uint16)
+    start = ScanStart("s", 0, ROWS, COLS, ANGLES, "uint16", n_dark=2, n_flat=3)
+    messages = [frames("projections", 1, 0, projections), frames("dark", 2, 0, data["darks"]),
+                frames("flat", 3, 0, flats), ScanEnd("s", 4, ANGLES)]
+    single, double = (_assemble(dtype, start, messages) for dtype in (torch.float16,
+                                                                       torch.float32))
+    assert single.sinogram.dtype == torch.float16 and double.sinogram.dtype == torch.float32
+    assert single.clipped == double.clipped
+    got = single.sinogram.float().numpy()
+    assert np.isfinite(got).all()
+    # float16 keeps 11 significant bits: 2^-11 relative, plus the rounding of the counts
+    np.testing.assert_allclose(got, double.sinogram.numpy(), rtol=2**-10, atol=2e-3)
+
+
+def test_float16_storage_of_line_integrals_and_its_memory() -> None:
+    rng = np.random.default_rng(3)
+    integrals = rng.uniform(0, 6, (ANGLES, ROWS, COLS)).astype(np.float32)
+    integrals[0, 0, 0] = 1e9  # nonsense from the DAQ stays finite
+    start = ScanStart("s", 0, ROWS, COLS, ANGLES, "float32", normalized=True)
+    messages = [frames("projections", 1, 0, integrals), ScanEnd("s", 2, ANGLES)]
+    single = _assemble(torch.float16, start, messages)
+    assert single.sinogram.dtype == torch.float16
+    assert bool(torch.isfinite(single.sinogram).all())
+    np.testing.assert_allclose(single.sinogram.float().numpy()[:, 1:],
+                               integrals.transpose(1, 0, 2)[:, 1:], rtol=2**-11)
+
+
+def test_float16_budget_holds_twice_the_scans() -> None:
+    one_fp32 = ROWS * ANGLES * COLS * 4
+    for storage, live in ((torch.float32, 1), (torch.float16, 2)):
+        assembler = ScanAssembler(torch.device("cpu"), 4, lambda scan: None, lambda event: None,
+                                  max_live_bytes=one_fp32, storage=storage)
+        starts = [ScanStart(f"s{i}", 0, ROWS, COLS, ANGLES, "uint16", n_flat=1)
+                  for i in range(3)]
+        for start in starts[:live]:
+            assembler.handle(start)
+        assert reason(assembler, starts[live]) == "too_many_scans"
+        assert assembler.live_scans == live
+
+
+def test_raw_float32_scans_keep_float32_storage() -> None:
+    # Raw float32 counts have no known range to scale below float16's maximum.
+    start = ScanStart("s", 0, ROWS, COLS, ANGLES, "float32", n_flat=1)
+    counts = np.full((ANGLES, ROWS, COLS), 1e6, np.float32)
+    scan = _assemble(torch.float16, start, [frames("projections", 1, 0, counts),
+                                            frames("flat", 2, 0, counts[:1] * 2),
+                                            ScanEnd("s", 3, ANGLES)])
+    assert scan.sinogram.dtype == torch.float32
+    np.testing.assert_allclose(scan.sinogram.numpy(), np.log(2), rtol=1e-6)
