@@ -8,7 +8,10 @@ Precision: the weights are always stored in fp32, traced on the CPU. `precision`
 denoise engine runs on a CUDA device ("fp16": the loaded module is converted with `.half()` on
 that device; the traced graph is dtype-generic). One file thus serves the CPU (always fp32: most
 fp16 kernels are slow or missing there) and the GPU, and converting fp32 -> fp16 at load loses
-nothing that tracing in fp16 would have kept.
+nothing that tracing in fp16 would have kept. A trace also freezes cuDNN's flags into each
+convolution, so `torch.backends.cudnn.benchmark` at run time does not reach a `.pt` file: it is
+traced with benchmark on (a CUDA run autotunes) and TF32 allowed (a CUDA "fp32" run computes
+convolutions in TF32). `.pt2` programs follow the run-time flags.
 
 Normalisation lives in the metadata, not in the graph: the network sees
 (x - input_offset) / input_scale and its output is mapped back with * input_scale + input_offset,
@@ -173,7 +176,11 @@ def save_artifact(
         # right only for the example input. Refuse it rather than ship it.
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", category=torch.jit.TracerWarning)
-            traced = torch.jit.trace(eager, example)
+            # A trace bakes cuDNN's flags into every convolution: these make a CUDA run
+            # autotune its algorithms (benchmark) and take TF32 where it computes in fp32.
+            with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False,
+                                            allow_tf32=True):
+                traced = torch.jit.trace(eager, example)
         for warning in caught:
             if issubclass(warning.category, torch.jit.TracerWarning):
                 raise ModelError(f"{what} froze a Python value into the graph: {warning.message}")

@@ -2,7 +2,9 @@
 
 Rows are reconstructed in batches of `batch_rows`. The denoiser needs `depth` adjacent slices per
 output slice, so a row is denoised as soon as the rows `depth // 2` beyond it are reconstructed;
-slices are published batch by batch, long before the whole scan is done.
+slices are published batch by batch, long before the whole scan is done. Only the reconstructed
+rows a denoise batch still needs stay on the device: a window of `batch_rows + depth - 1`
+slices (`RowWindow`), not the scan's whole (rows, cols, cols) volume (34 GB at 2048 x 2048).
 
 On CUDA the batches move as a conveyor (`workers.transfer`): FBP and denoise of batch k+1 are
 queued on a compute stream while batch k is copied to pinned host memory on a copy stream and
@@ -41,11 +43,65 @@ def theta_tensor(theta: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(theta, dtype=torch.float32, device="cpu")
 
 
+class RowWindow:
+    """The reconstructed rows [`first`, `stop`) of a scan, in a (capacity, H, W) buffer on the
+    device: each batch is written after the rows still needed, and rows no denoise batch needs
+    any more are dropped from the front by sliding the kept ones down.
+
+    Threading and ownership: the worker thread's; on CUDA only its compute stream touches the
+    buffer (allocation included), so reuse needs no events. Views of it change when the next
+    batch is written: hand `clone`s, never views, to anything that reads them later (the
+    transfer's copy stream, the publisher's zero-copy sends, the archive's queue).
+    """
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+        self.first = 0
+        self.stop = 0
+
+    def begin(self, capacity: int, height: int, width: int, device: torch.device) -> None:
+        """Empty, at row 0 of a scan; the buffer is kept from the last scan when it fits."""
+        shape = (capacity, height, width)
+        if (self._buffer is None or tuple(self._buffer.shape) != shape
+                or self._buffer.device != device):
+            self._buffer = None  # the old one goes back to the allocator first
+            self._buffer = torch.empty(shape, dtype=torch.float32, device=device)
+        self.first = self.stop = 0
+
+    def drop_before(self, row: int) -> None:
+        """Rows before `row` are no longer needed."""
+        assert self._buffer is not None
+        row = min(max(row, self.first), self.stop)
+        kept = self.stop - row
+        if row > self.first and kept:
+            # source and destination may overlap: copy through a temporary (a few rows)
+            self._buffer[:kept] = self._buffer[row - self.first:self.stop - self.first].clone()
+        self.first = row
+
+    def append(self, rows: torch.Tensor) -> torch.Tensor:
+        """Write `rows` (n, H, W) after the last row held; returns the window's view of them."""
+        assert self._buffer is not None
+        start, count = self.stop - self.first, rows.shape[0]
+        if start + count > self._buffer.shape[0]:
+            raise ValueError(f"{start} rows held + {count} new exceed the window's "
+                             f"{self._buffer.shape[0]}: drop rows first")
+        view = self._buffer[start:start + count]
+        view.copy_(rows)
+        self.stop += count
+        return view
+
+    def held(self) -> torch.Tensor:
+        """The rows [`first`, `stop`) held, as one (stop - first, H, W) view."""
+        assert self._buffer is not None
+        return self._buffer[:self.stop - self.first]
+
+
 class Worker:
     """Consumes `scans` on its own thread until it takes `None` from the queue.
 
-    Owns the reconstructor and denoiser (and whatever device buffers they keep), and the
-    host transfer with its streams and pinned buffers (created on the worker's thread). The
+    Owns the reconstructor and denoiser (and whatever device buffers they keep), the host
+    transfer with its streams and pinned buffers (created on the worker's thread), and the
+    `RowWindow` of reconstructed rows (kept from scan to scan of the same shape). The
     reconstructor is shared with one other thread only through its thread-safe `prepare`
     (`service.prepare`), which fills its geometry cache ahead of the scans; after each scan,
     completed or failed, the worker `release`s the scan's geometry: the cache may evict it.
@@ -65,6 +121,7 @@ class Worker:
         self.archive = archive
         self.model_name = denoiser.name if denoiser is not None else "none"
         self._transfer: HostTransfer | None = None  # made on the worker thread, per device
+        self._window = RowWindow()  # the reconstructed rows denoising still needs
         self._release = (reconstructor.release if isinstance(reconstructor,
                                                              PreparableReconstructor)
                          else lambda: None)
@@ -125,25 +182,36 @@ class Worker:
         denoised_to = 0
         fbp_batches: list[tuple[Mark, Mark, int]] = []
         times: dict[str, list[float]] = {"fbp": [], "denoise": []}
-        with transfer.compute():
+        window = self._window
+        with transfer.compute():  # on CUDA the window is allocated and used on this stream only
             theta = theta_tensor(scan.theta)
-            volume = torch.empty((rows, cols, cols), dtype=torch.float32, device=device)
+            # a denoise batch [d0, d1) reads rows d0 - halo .. d1 - 1 + halo, and every batch is
+            # denoised up to `halo` rows short of the last reconstructed: `batch` new rows plus
+            # at most 2 * halo kept ones
+            window.begin(batch + 2 * halo, cols, cols, device)
             for r0 in range(0, rows, batch):
                 r1 = min(rows, r0 + batch)
+                window.drop_before(r0 if self.denoiser is None else denoised_to - halo)
                 fbp_start = transfer.mark()
-                volume[r0:r1] = self.reconstructor.reconstruct(scan.sinogram[r0:r1], theta,
-                                                               scan.center)
+                reconstructed = window.append(self.reconstructor.reconstruct(
+                    scan.sinogram[r0:r1], theta, scan.center))
                 fbp = (fbp_start, transfer.mark(), r1 - r0)
                 fbp_batches.append(fbp)
                 if self.publish_recon or self.denoiser is None:
-                    transfer.submit(volume[r0:r1], ("recon" if self.denoiser else "slice", r0,
-                                                    fbp, None))
+                    # a copy: the window's rows are overwritten before the copy to the host
+                    # has run (CUDA) or the slices have been sent (CPU: zero-copy)
+                    transfer.submit(reconstructed.clone(), ("recon" if self.denoiser else "slice",
+                                                            r0, fbp, None))
                 ready = rows if r1 == rows else r1 - halo
                 while denoised_to < ready and self.denoiser is not None:
                     d0, d1 = denoised_to, min(ready, denoised_to + batch)
                     start = transfer.mark()
-                    denoised = self.denoiser.denoise(adjacent_stack(volume, d0, d1,
-                                                                    self.denoiser.depth))
+                    # rows past the window's ends are past the volume's (edge replication is
+                    # right) or not needed: window.first <= d0 - halo unless it is row 0, and
+                    # d1 - 1 + halo < r1 unless r1 == rows
+                    denoised = self.denoiser.denoise(adjacent_stack(
+                        window.held(), d0 - window.first, d1 - window.first,
+                        self.denoiser.depth))
                     transfer.submit(denoised, ("slice", d0, fbp,
                                                (start, transfer.mark(), d1 - d0)))
                     denoised_to = d1

@@ -1,11 +1,14 @@
-"""Helpers shared by test modules: polling with a deadline, a function on a thread, and the real
-gridding FBP with its geometry builds held at a gate."""
+"""Helpers shared by test modules: polling with a deadline, a function on a thread, the real
+gridding FBP with its geometry builds held at a gate, and the cuDNN flags baked into a trace."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
+import warnings
 from collections.abc import Callable, Container
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,3 +56,18 @@ class GatedGridding(GriddingFBP):
         if self.held is None or center in self.held:
             assert self.gate.wait(60)
         return super()._build(theta64, center, cols)
+
+
+def cudnn_flags(path: Path) -> set[tuple[str, ...]]:
+    """The (benchmark, deterministic, cudnn_enabled, allow_tf32) constants a trace baked into
+    each convolution of the TorchScript file at `path`."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        graph = str(torch.jit.load(str(path)).inlined_graph)
+    constants = dict(re.findall(r"%([\w.]+) : bool = prim::Constant\[value=(\d)\]", graph))
+    found = set()
+    for line in graph.splitlines():
+        if "aten::_convolution(" in line:
+            names = re.findall(r"%([\w.]+)", line.split("aten::_convolution(")[1])
+            found.add(tuple(constants.get(name, "?") for name in names[-4:]))
+    return found

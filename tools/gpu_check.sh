@@ -55,7 +55,8 @@ if [[ ${QUICK:-0} == 1 ]]; then
 fi
 
 # Correctness first: every test marked gpu (fp16 TorchScript vs fp32, CUDA FBP vs CPU, graphs,
-# tiling, the conveyor, mixed-precision training steps).
+# tiling, the conveyor and the worker's row window, mixed-precision training steps with both
+# adversarial losses).
 step pytest-gpu "$python" -m pytest -m gpu -q -p no:cacheprovider tests
 
 # Reconstruction (issue: >= 300 slices/s at 2048 x 1500 on an H100). Peers stay on the CPU.

@@ -152,9 +152,12 @@ class DenoiseEngine:
                      else f"a {field_width}-px field of view")
         self._path = Path(path)
         self._precision = resolve_precision(precision, self._device, metadata)
-        # Measured on the fp32 network before any conversion: fp16 would round far effects away.
-        self._halo = (receptive_radius(module, metadata.depth, SIZE_MULTIPLE)
-                      if memory_limit_bytes is not None else 0)
+        # Measured on the fp32 network on the CPU: fp16 would round far effects away, and on CUDA
+        # TF32 or FFT convolutions could add rounding noise far from the probe's point.
+        self._halo = 0
+        if memory_limit_bytes is not None:
+            probe = module if self._device.type == "cpu" else load_artifact(path, "cpu")[0]
+            self._halo = receptive_radius(probe, metadata.depth, SIZE_MULTIPLE)
         if self._precision == "int8":
             module = self._quantized(module, asked=precision)  # may fall back to fp32
         if self._precision != "int8":
@@ -165,6 +168,7 @@ class DenoiseEngine:
         self._input_dtype = _FLOAT_DTYPES.get(self._precision, torch.float32)
         self._graphs: GraphCache | None = None
         self._bytes_per_pixel = BYTES_PER_PIXEL[self._precision]
+        self._measured_pixels = 0  # the largest warm-up measured on this device so far
         self._memory_limit = memory_limit_bytes
         if self._device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -219,6 +223,11 @@ class DenoiseEngine:
         return torch.qint8 if self._precision == "int8" else self._input_dtype
 
     @property
+    def graph_cache(self) -> GraphCache | None:
+        """The CUDA graphs the engine replays (None off CUDA or with cuda_graphs=False)."""
+        return self._graphs
+
+    @property
     def halo(self) -> int:
         """Pixels of context each tile carries (0 when no memory limit is set)."""
         return self._halo
@@ -231,7 +240,9 @@ class DenoiseEngine:
         self.denoise(stack)
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
-            if self._memory_limit is not None:
+            # A larger warm-up measures better: fixed costs (cuDNN workspaces) weigh less.
+            if (self._memory_limit is not None
+                    and batch * height * width > self._measured_pixels):
                 self._measure_memory(stack)
 
     def denoise(self, stack: torch.Tensor) -> torch.Tensor:
@@ -292,6 +303,7 @@ class DenoiseEngine:
         peak = torch.cuda.max_memory_allocated(self._device) - before
         pixels = stack.shape[0] * stack.shape[-2] * stack.shape[-1]
         self._bytes_per_pixel = max(1, int(1.25 * peak / pixels))
+        self._measured_pixels = pixels
 
 
 def load_denoiser(path: str | Path | None, device: torch.device | str = "cpu",

@@ -25,6 +25,34 @@ from workers.geometry_cache import GeometryCache
 
 # Geometries (theta, center, cols) an FBP instance remembers; a service sees one or two at once.
 _GEOMETRY_CACHE_SIZE = 8
+# Work budget per chunk of slices (see `default_work_bytes`): on a CPU, and the least on CUDA.
+CPU_WORK_BYTES = 256 << 20
+# On CUDA: this fraction of the device's memory, at most CUDA_MAX_WORK_BYTES.
+CUDA_WORK_FRACTION = 8
+CUDA_MAX_WORK_BYTES = 8 << 30
+
+
+def default_work_bytes(device_type: str, total_memory: int = 0) -> int:
+    """The default `max_work_bytes` of both FBP methods on a device of `device_type` ("cpu",
+    "cuda", ...) with `total_memory` bytes.
+
+    256 MiB on a CPU, where bigger chunks only fall out of the cache. On CUDA 1/8 of the
+    device's memory, at least 256 MiB and at most 8 GiB (8 GiB on an 80 GB H100, about 2 GB on
+    a 16 GB card): 256 MiB there cuts a batch of 2048^2 slices into chunks of 2-3 slices, each a
+    string of kernel launches too small to fill the device. The budget bounds a chunk's
+    largest temporaries, not all of a call's memory (the filtered sinograms and the output
+    come on top: up to about three times the budget for big batches of wide slices), and the
+    cap keeps one back-projection gather's index count (budget / 12) well below 2^31."""
+    if device_type != "cuda":
+        return CPU_WORK_BYTES
+    return min(CUDA_MAX_WORK_BYTES, max(CPU_WORK_BYTES, total_memory // CUDA_WORK_FRACTION))
+
+
+def work_bytes_for(device: torch.device) -> int:
+    """`default_work_bytes` for `device`; on CUDA asks the device for its memory."""
+    if device.type != "cuda":
+        return default_work_bytes(device.type)
+    return default_work_bytes("cuda", torch.cuda.get_device_properties(device).total_memory)
 
 
 def check_inputs(sinograms: torch.Tensor, theta: torch.Tensor, center: float) -> None:
@@ -63,22 +91,31 @@ class FBP:
     geometry recomputes none of it; the owner calls `release` when a scan ends. Uses torch's
     intra-op threads (all cores by default, `torch.set_num_threads` to change).
     `max_work_bytes` bounds the temporaries of one back-projection chunk (index and weight per
-    pixel x angle), not the inputs and outputs.
+    pixel x angle), not the inputs and outputs; None takes `default_work_bytes` for the
+    device: 256 MiB on a CPU, 1/8 of the device's memory up to 8 GiB on CUDA.
     """
 
     def __init__(self, device: str | torch.device = "cpu", filter_name: str = "ramp",
-                 circle_mask: bool = False, max_work_bytes: int = 256 << 20) -> None:
+                 circle_mask: bool = False, max_work_bytes: int | None = None) -> None:
         self._device = torch.device(device)
         self.filter_name = canonical_filter_name(filter_name)
         self.circle_mask = circle_mask
-        if max_work_bytes < 1 << 16:
+        if max_work_bytes is not None and max_work_bytes < 1 << 16:
             raise ValueError(f"max_work_bytes={max_work_bytes} is below 64 KiB: raise it")
-        self.max_work_bytes = max_work_bytes
+        self._max_work_bytes = max_work_bytes
         self.geometries: GeometryCache[_FBPGeometry] = GeometryCache(_GEOMETRY_CACHE_SIZE)
 
     @property
     def device(self) -> torch.device:
         return self._device
+
+    @property
+    def max_work_bytes(self) -> int:
+        """The work budget: as given, or the device's default, asked of the device on first use
+        (so constructing one, e.g. to ask `AutoFBP.method_for`, touches no device)."""
+        if self._max_work_bytes is None:
+            self._max_work_bytes = work_bytes_for(self._device)
+        return self._max_work_bytes
 
     def _build(self, theta64: torch.Tensor, center: float, cols: int) -> _FBPGeometry:
         theta = theta64.numpy()

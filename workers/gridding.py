@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.fbp import check_inputs, circle_mask
+from workers.fbp import check_inputs, circle_mask, work_bytes_for
 from workers.filters import angle_weights, canonical_filter_name, filter_response
 from workers.geometry_cache import GeometryCache
 from workers.spreading import SpreadingMatrix, kaiser_bessel_transform, kernel_beta
@@ -97,12 +97,14 @@ class GriddingFBP:
     prepared before then evicts it, and that first batch builds it again). Uses torch's
     intra-op threads. `width` (grid cells) and `oversampling` trade speed for accuracy: within
     1e-3 of the slice's peak of the exact sum by default, 5e-5 at 6 and 2.0
-    (tests/unit/test_gridding.py). `max_work_bytes` bounds the grids of one chunk of slices.
+    (tests/unit/test_gridding.py). `max_work_bytes` bounds the grids of one chunk of slices;
+    None takes `workers.fbp.default_work_bytes` for the device: 256 MiB on a CPU (two slices a
+    chunk at 2048 columns), 1/8 of the device's memory up to 8 GiB on CUDA.
     """
 
     def __init__(self, device: str | torch.device = "cpu", filter_name: str = "ramp",
                  circle_mask: bool = False, width: int = 5, oversampling: float = 1.5,
-                 max_work_bytes: int = 256 << 20) -> None:
+                 max_work_bytes: int | None = None) -> None:
         self._device = torch.device(device)
         self.filter_name = canonical_filter_name(filter_name)
         self.circle_mask = circle_mask
@@ -111,7 +113,7 @@ class GriddingFBP:
         if not 1.2 <= oversampling <= 4:
             raise ValueError(f"oversampling={oversampling}: choose 1.2 to 4")
         self.width, self.oversampling = width, oversampling
-        self.max_work_bytes = max_work_bytes
+        self._max_work_bytes = max_work_bytes
         self.geometries: GeometryCache[_GriddingGeometry] = GeometryCache(
             _GEOMETRY_CACHE_SIZE)
         self._buffers: dict[str, tuple[object, torch.Tensor]] = {}
@@ -119,6 +121,14 @@ class GriddingFBP:
     @property
     def device(self) -> torch.device:
         return self._device
+
+    @property
+    def max_work_bytes(self) -> int:
+        """The work budget: as given, or the device's default, asked of the device on first use
+        (so constructing one, e.g. to ask `AutoFBP.method_for`, touches no device)."""
+        if self._max_work_bytes is None:
+            self._max_work_bytes = work_bytes_for(self._device)
+        return self._max_work_bytes
 
     def grid_size(self, cols: int) -> int:
         """Side of the oversampled grid: even, FFT-friendly, and room for the slice."""
@@ -175,13 +185,23 @@ class GriddingFBP:
                 cols: int = 0) -> torch.Tensor:
         """A work buffer kept across calls, one per name: fresh multi-MB tensors are fresh pages
         from the OS each time. Padded ones are born zero and only their first `cols` are ever
-        written, which keeps their tails zero: `cols` is part of what they are."""
+        written, which keeps their tails zero: `cols` is part of what they are.
+
+        On CUDA a buffer belongs to the pool of the stream that made it (the service's warm-up
+        runs on the main thread's default stream, the worker on its compute stream), so each
+        hand-out records the caller's current stream on it: when a buffer is replaced and
+        freed, the allocator then waits for every stream that used it before reusing its
+        memory. Recording costs no synchronisation."""
         tag = (shape, dtype, cols)
         kept = self._buffers.get(name)
         if kept is None or kept[0] != tag:
             kept = self._buffers[name] = (tag, torch.zeros(shape, dtype=dtype,
                                                            device=self._device))
-        return kept[1]
+        buffer = kept[1]
+        if buffer.is_cuda:
+            with torch.inference_mode():  # record_stream counts as in-place on inference tensors
+                buffer.record_stream(torch.cuda.current_stream(self._device))
+        return buffer
 
     def _table(self, sinograms: torch.Tensor, geometry: _GriddingGeometry) -> torch.Tensor:
         """(B, A, C) line integrals, B even -> (A * (2J + 1), B) float32 rows: each polar

@@ -119,7 +119,11 @@ def _fx_stack_traces_off() -> Iterator[None]:
     # the load here. Read once, when prepare_fx builds its tracer.
     import torch.fx.config
 
-    previous = torch.fx.config.do_not_emit_stack_traces
+    # Newer than some PyTorch releases tomocast runs on: without it, traces are simply kept.
+    previous = getattr(torch.fx.config, "do_not_emit_stack_traces", None)
+    if previous is None:
+        yield
+        return
     torch.fx.config.do_not_emit_stack_traces = True
     try:
         yield

@@ -96,6 +96,40 @@ def test_mixed_precision_step_on_cpu(tiny: Path) -> None:
     assert all(np.isfinite(list(losses.values())))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("adv", ["wgan-gp", "bce"])
+def test_mixed_precision_steps_on_cuda(tiny: Path, adv: str) -> None:
+    """fp16 autocast with a GradScaler per network; under WGAN-GP the critic's gradient penalty
+    is a double backward through fp16 activations. The penalty is taken of scaled gradients:
+    while the scale is too high for fp16 it is inf, the scaler skips that critic step and
+    halves the scale (PyTorch's AMP recipe), so only the last step's must be finite."""
+    steps = 8
+    trainer = Trainer(TrainConfig(steps=steps, precision="mixed", lambda_adv=1.0,
+                                  lambda_mse=1.0, adv=adv, d_steps=1, **TINY),
+                      load_one_file(tiny), "cuda")
+    assert trainer.autocast_dtype == torch.float16
+    assert trainer.g_scaler.is_enabled() and trainer.d_scaler.is_enabled()
+    assert trainer.discriminator is not None
+    networks = {"generator": trainer.generator, "discriminator": trainer.discriminator}
+    before = {(net, name): value.detach().clone() for net, module in networks.items()
+              for name, value in module.state_dict().items()}
+    losses = [trainer.step() for _ in range(steps)]
+    for step in losses:
+        assert {"d", "gp", "loss", "mse", "adv"} <= set(step)
+        assert all(np.isfinite(value) for name, value in step.items() if name != "gp"), step
+    assert all(np.isfinite(list(losses[-1].values()))), losses[-1]
+    assert losses[-1]["gp"] > 0 if adv == "wgan-gp" else losses[-1]["gp"] == 0
+    for scaler in (trainer.g_scaler, trainer.d_scaler):
+        assert np.isfinite(scaler.get_scale()) and scaler.get_scale() > 0
+    for net, module in networks.items():
+        state = module.state_dict()
+        changed = [name for name, value in state.items()
+                   if value.is_floating_point() and not torch.equal(value, before[net, name])]
+        assert changed, f"no {net} weight changed in {steps} steps"
+        assert all(bool(torch.isfinite(value).all())
+                   for value in state.values() if value.is_floating_point())
+
+
 def test_resume_refuses_other_data(checkpoint: Path, tmp_path: Path) -> None:
     other = synthesize(tmp_path / "other.h5", conditions(sparse=[2]), phantoms=1,
                        test_phantoms=1, rows=2, size=16, angles=16, progress=False)

@@ -22,6 +22,7 @@ from models.placeholder import (
 )
 from models.tomogan import TomoGANGenerator
 from service.errors import ModelError
+from tests.helpers import cudnn_flags
 
 
 class CentreSlice(nn.Module):
@@ -123,6 +124,16 @@ def test_refuses_torchscript_without_metadata(tmp_path: Path) -> None:
     path = _write_raw(tmp_path / "bare.pt", CentreSlice(3), 3, {})
     with pytest.raises(ModelError, match=r"bare\.pt has no tomocast\.json metadata"):
         load_artifact(path, "cpu")
+
+
+def test_trace_autotunes_on_cuda(tmp_path: Path) -> None:
+    # A trace freezes cuDNN's flags into each convolution; run-time cudnn.benchmark cannot
+    # reach them, so the artifact is traced with benchmark (and TF32) on.
+    before = torch.backends.cudnn.benchmark
+    path = save_artifact(TomoGANGenerator(depth=3), _metadata(arch="tomogan", trained=False),
+                         tmp_path / "t.pt")
+    assert cudnn_flags(path) == {("1", "0", "1", "1")}
+    assert torch.backends.cudnn.benchmark == before  # the global flag is left as it was
 
 
 def test_refuses_metadata_that_is_not_json(tmp_path: Path) -> None:

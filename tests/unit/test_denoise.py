@@ -323,11 +323,15 @@ def test_memory_limit_gives_the_whole_batch_result(precision: str, limit_pixels:
 def test_cuda_graphs_give_the_eager_result() -> None:
     graphs = load_denoiser(None, "cuda", warmup_shape=(2, 64, 64))
     eager = DenoiseEngine(default_artifact_path("cuda"), "cuda", (2, 64, 64), cuda_graphs=False)
-    stack = (torch.rand(2, 3, 64, 64) * eager.metadata.normalisation(64)[1]).cuda()
+    scale = eager.metadata.normalisation(64)[1]
+    stack = (torch.rand(2, 3, 64, 64) * scale).cuda()
     first = graphs.denoise(stack)
     second = graphs.denoise(stack * 0.5)  # a replay must not overwrite the first result
-    torch.testing.assert_close(first, eager.denoise(stack), rtol=0, atol=0)
-    torch.testing.assert_close(second, eager.denoise(stack * 0.5), rtol=0, atol=0)
+    assert graphs.graph_cache is not None and not graphs.graph_cache.disabled
+    assert graphs.graph_cache.shapes >= 1  # replayed, not fallen back to eager
+    # Two engines may autotune to different cuDNN algorithms: fp16 rounding apart, no more.
+    torch.testing.assert_close(first, eager.denoise(stack), rtol=0, atol=5e-3 * scale)
+    torch.testing.assert_close(second, eager.denoise(stack * 0.5), rtol=0, atol=5e-3 * scale)
 
 
 @pytest.mark.gpu
@@ -336,5 +340,7 @@ def test_cuda_memory_limit_tiles_give_the_whole_slice() -> None:
     tiled = load_denoiser(None, "cuda", warmup_shape=(1, 256, 256), memory_limit_bytes=1 << 24)
     scale = whole.metadata.normalisation(1024)[1]
     stack = (torch.rand(1, 3, 1024, 1024) * scale).cuda()
-    np.testing.assert_allclose(tiled.denoise(stack).cpu().numpy() / scale,
-                               whole.denoise(stack).cpu().numpy() / scale, rtol=0, atol=2e-3)
+    assert tiled.halo > 0
+    difference = (tiled.denoise(stack) - whole.denoise(stack)).abs().cpu().numpy() / scale
+    # fp16, with other kernels per tile shape: rounding apart (a seam would be ~0.1 or more)
+    assert float(difference.max()) <= 1e-2 and float(difference.mean()) <= 1e-3

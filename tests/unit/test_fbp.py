@@ -18,8 +18,9 @@ from skimage.data import shepp_logan_phantom
 from skimage.transform import iradon, radon, resize
 
 from workers.backproject import BackProjectionGeometry, backproject_geometry
-from workers.fbp import FBP
+from workers.fbp import FBP, default_work_bytes
 from workers.filters import FILTER_NAMES, angle_weights, fourier_filter
+from workers.gridding import GriddingFBP
 from workers.protocols import Reconstructor
 from workers.recon import default_device, recon
 
@@ -239,6 +240,22 @@ def test_reconstructor_contract_batch_chunking_and_cache() -> None:
     assert fbp._geometry(theta, 31.0, n) is not first
     with pytest.raises(ValueError, match="angles"):
         fbp.reconstruct(sinograms, theta[:-1], 31.7)
+
+
+def test_work_budget_defaults_by_device() -> None:
+    # the CPU's is what it always was, whatever memory the machine has
+    assert default_work_bytes("cpu") == default_work_bytes("cpu", 1 << 40) == 256 << 20
+    assert FBP("cpu").max_work_bytes == GriddingFBP("cpu").max_work_bytes == 256 << 20
+    # CUDA: 1/8 of the device, never below the CPU's, capped at 8 GiB
+    assert default_work_bytes("cuda", 16 << 30) == 2 << 30
+    assert default_work_bytes("cuda", 80 * 10**9) == 8 << 30  # an H100: capped
+    assert default_work_bytes("cuda", 141 * 10**9) == 8 << 30
+    assert default_work_bytes("cuda", 1 << 30) == 256 << 20
+    # a given budget wins, and constructing one asks nothing of the device
+    assert FBP("cuda", max_work_bytes=1 << 20).max_work_bytes == 1 << 20
+    assert GriddingFBP("cuda", max_work_bytes=1 << 20).max_work_bytes == 1 << 20
+    with pytest.raises(ValueError, match="64 KiB"):
+        FBP(max_work_bytes=1 << 10)
 
 
 def test_recon_api_matches_the_reconstructor() -> None:

@@ -12,6 +12,7 @@ import torch
 from models.metrics import psnr, ssim
 from models.placeholder import shipped_weights_dir
 from models.synthesize import EVALUATION_SEED, Condition, render
+from tests.helpers import cudnn_flags
 from workers.denoise import DenoiseEngine, adjacent_stack
 
 TRAINED = "tomogan-foam-d3"
@@ -35,6 +36,12 @@ def test_metadata_says_what_it_is(engines: dict[str, DenoiseEngine]) -> None:
         assert metadata.input_scale == pytest.approx(1 / (0.42 * 256), rel=0.02)
         assert metadata.reference_width == 256  # and scaled as 256 / width at other widths
         assert "tomocast train" in metadata.training.command
+
+
+def test_convolutions_autotune_on_cuda(engines: dict[str, DenoiseEngine]) -> None:
+    # cudnn.benchmark at run time cannot reach a trace: it must be baked in on.
+    for engine in engines.values():
+        assert cudnn_flags(engine.path) == {("1", "0", "1", "1")}
 
 
 def test_fp16_file_is_the_same_network(engines: dict[str, DenoiseEngine]) -> None:
