@@ -30,6 +30,9 @@ PER_SLICE_STAGES = ("fbp", "denoise", "publish")
 QUEUES = ("scans", "publish")
 ERROR_STAGES = ("ingest", "prepare", "worker", "publish", "archive")
 SCAN_OUTCOMES = ("completed", "failed")
+# What became of each scan's geometry prepare (service.prepare): built now, found cached, dropped
+# (its queue was full), cancelled (the scan failed first), failed (also an error, stage prepare).
+PREPARE_OUTCOMES = ("built", "cached", "dropped", "cancelled", "failed")
 
 
 class Metrics:
@@ -80,6 +83,9 @@ class Metrics:
             "tomocast_gpu_memory_reserved_bytes", "GPU memory held by PyTorch's caching "
             "allocator: what the card really has taken (0 on the CPU)", registry=r)
         self.model = Info("tomocast_model", "The denoiser artifact in use", registry=r)
+        self.geometry_prepares = Counter(
+            "tomocast_geometry_prepares_total", "FBP geometries asked for at scan start, by "
+            "outcome", ["outcome"], registry=r)
         for stage in STAGES:
             self.stage_seconds.labels(stage)
         for kind in MESSAGE_TYPES:
@@ -94,6 +100,8 @@ class Metrics:
             self.errors.labels(stage)
         for name in QUEUES:
             self.queue_depth.labels(name)
+        for outcome in PREPARE_OUTCOMES:
+            self.geometry_prepares.labels(outcome)
 
     def watch_queue(self, name: str, depth: Callable[[], float]) -> None:
         """Report `depth()` (e.g. a `queue.Queue`'s `qsize`) as the queue's depth at each scrape.

@@ -80,6 +80,7 @@ class GeometryPreparer:
                 log.info("scan_id=%s seq=%d geometry not prepared: %d scans' geometries "
                          "pending; its first batch builds it", start.scan_id, start.seq,
                          self._starts.maxsize)
+                self.metrics.geometry_prepares.labels("dropped").inc()
                 return
             self._wanted[id(start)] = start
 
@@ -95,6 +96,7 @@ class GeometryPreparer:
             if not wanted:
                 log.info("scan_id=%s seq=%d geometry not prepared: the scan failed first",
                          start.scan_id, start.seq)
+                self.metrics.geometry_prepares.labels("cancelled").inc()
                 continue
             try:
                 self._prepare(start)
@@ -102,11 +104,13 @@ class GeometryPreparer:
                 log.exception("scan_id=%s seq=%d preparing the geometry failed; the worker "
                               "builds it", start.scan_id, start.seq)
                 self.metrics.errors.labels("prepare").inc()
+                self.metrics.geometry_prepares.labels("failed").inc()
 
     def _prepare(self, start: ScanStart) -> None:
         t0 = time.perf_counter()
         theta = theta_tensor(start.theta_array())  # on the CPU: no copy from the device
         built = self.reconstructor.prepare(theta, start.rotation_center(), start.cols)
+        self.metrics.geometry_prepares.labels("built" if built else "cached").inc()
         if built:
             log.info("scan_id=%s seq=%d geometry prepared: %d angles x %d cols in %.2f s",
                      start.scan_id, start.seq, start.n_angles, start.cols,

@@ -81,6 +81,7 @@ def test_the_geometry_is_built_before_the_data_arrive_and_not_again(
     assert slices(messages) == list(range(ROWS))
     assert reconstructor.geometries.builds == builds + 1  # the worker found it, built nothing
     assert metric(service, "tomocast_errors_total", {"stage": "prepare"}) == 0
+    assert metric(service, "tomocast_geometry_prepares_total", {"outcome": "built"}) == 1
 
 
 class FailsToPrepare(GriddingFBP):
@@ -105,6 +106,7 @@ def test_a_failed_prepare_is_counted_and_the_worker_builds_as_before(start_servi
     assert slices(messages) == list(range(ROWS))
     assert reconstructor.geometries.builds == builds + 1  # built by the worker instead
     assert metric(service, "tomocast_errors_total", {"stage": "worker"}) == 0
+    assert metric(service, "tomocast_geometry_prepares_total", {"outcome": "failed"}) == 1
 
 
 def test_prepare_can_be_turned_off(start_service: Any, caplog: pytest.LogCaptureFixture) -> None:
@@ -185,3 +187,5 @@ def test_a_scan_that_fails_before_its_turn_is_not_prepared(start_service: Any) -
         wait_for("the next scan's geometry", lambda: key(start) in reconstructor.geometries)
     assert reconstructor.built[built:] == [busy, after]
     assert metric(service, "tomocast_errors_total", {"stage": "prepare"}) == 0
+    assert {outcome: metric(service, "tomocast_geometry_prepares_total", {"outcome": outcome})
+            for outcome in ("built", "cancelled")} == {"built": 2, "cancelled": 1}

@@ -23,7 +23,8 @@ def test_a_start_finding_the_queue_full_is_dropped_and_submit_never_blocks(
     caplog.set_level(logging.INFO, logger="service.prepare")
     reconstructor = GatedGridding()
     reconstructor.gate.clear()  # every build waits for the test
-    preparer = GeometryPreparer(reconstructor, Metrics(), pending=1)
+    metrics = Metrics()
+    preparer = GeometryPreparer(reconstructor, metrics, pending=1)
     preparer.start()
     building, queued, dropped = (scan_start(f"scan-{i}", COLS / 2 + i) for i in range(3))
     try:
@@ -35,6 +36,8 @@ def test_a_start_finding_the_queue_full_is_dropped_and_submit_never_blocks(
         assert not submitter.is_alive() and result == [None], "submit waited for the thread"
         assert "scan_id=scan-2 seq=0 geometry not prepared: 1 scans' geometries pending" \
             in caplog.text
+        assert metrics.registry.get_sample_value("tomocast_geometry_prepares_total",
+                                                 {"outcome": "dropped"}) == 1
         reconstructor.gate.set()
         wait_for("the queued scan's geometry", lambda: reconstructor.geometries.builds == 2)
     finally:
