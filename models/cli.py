@@ -79,12 +79,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from models.dataset import load_training_data
     from models.train import TrainConfig, Trainer, resume, run
+    from service.errors import DataError
 
     _setup(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _device(args.device)
     precision = args.precision or ("mixed" if device.startswith("cuda") else "fp32")
+    if args.resume is not None and args.init is not None:
+        raise DataError("give --init (start a new run from trained weights) or --resume "
+                        "(continue a run), not both")
     data = load_training_data(args.data, args.low_dose, args.normal_dose)
     if args.resume is not None:
         trainer = resume(args.resume, data, device, command=_command_line(), steps=args.steps,
@@ -97,7 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             lambda_perc=args.lambda_perc, adv=args.adv, d_steps=args.d_steps,
             vgg_weights=None if args.vgg_weights is None else str(args.vgg_weights),
             precision=precision, seed=args.seed, val_every=args.val_every,
-            val_slices=args.val_slices, checkpoint_every=args.checkpoint_every)
+            val_slices=args.val_slices, checkpoint_every=args.checkpoint_every,
+            init=None if args.init is None else str(args.init))
         trainer = Trainer(config, data, device, command=_command_line())
     config = trainer.config
     if trainer.vgg is None and config.lambda_perc > 0:
@@ -225,6 +230,9 @@ def add_commands(command: Command) -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/train"), help="checkpoint folder")
+    p.add_argument("--init", type=Path, default=None, metavar="MODEL",
+                   help="start from these generator weights: a model artifact (e.g. the shipped "
+                   "models/weights/tomogan-foam-d3.pt) or a training checkpoint (fine-tuning)")
     p.add_argument("--resume", type=Path, default=None, metavar="CHECKPOINT",
                    help="continue this checkpoint (its settings win; --steps may grow)")
     p.add_argument("--val-every", type=int, default=100, help="validate every N steps")

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import platform
 import time
 from dataclasses import asdict, dataclass, replace
@@ -88,6 +89,7 @@ class TrainConfig:
     val_every: int = 100
     val_slices: int = 8
     checkpoint_every: int = 500
+    init: str | None = None  # generator weights to start from (models.warm_start)
 
     def __post_init__(self) -> None:
         if self.depth < 1 or self.depth % 2 == 0:
@@ -124,13 +126,20 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, data: TrainingData, device: torch.device | str,
-                 command: str = "") -> None:
+                 command: str = "", initialise: bool = True) -> None:
+        """`initialise`: load `config.init`'s weights (False when a checkpoint's follow)."""
         self.config, self.data, self.command = config, data, command
         self.device = torch.device(device)
         torch.manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
         self.mix_rng = torch.Generator().manual_seed(config.seed + 1)
-        self.generator = build_generator(config.arch, config.depth).to(self.device)
+        self.generator = build_generator(config.arch, config.depth)
+        if config.init is not None and initialise:
+            from models.warm_start import generator_weights
+
+            self.generator.load_state_dict(generator_weights(config.init, config.arch,
+                                                             config.depth))
+        self.generator = self.generator.to(self.device)
         self.g_opt = torch.optim.Adam(self.generator.parameters(), lr=config.lr)
         self.discriminator: nn.Module | None = None
         self.d_opt: torch.optim.Optimizer | None = None
@@ -314,7 +323,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ModelError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, ValueError) as exc:
+    except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         raise ModelError(f"{path} is not a tomocast training checkpoint ({exc})") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{path} is not a tomocast training checkpoint (format "
@@ -335,7 +344,7 @@ def resume(path: str | Path, data: TrainingData, device: torch.device | str, com
         raise ValueError(f"a resumed run can only change {', '.join(sorted(allowed))}")
     config = replace(TrainConfig(**state["config"]), **changes)
     recorded = " && ".join(part for part in (state["command"], command) if part)
-    trainer = Trainer(config, data, device, command=recorded)
+    trainer = Trainer(config, data, device, command=recorded, initialise=False)
     trainer.restore(state)
     return trainer
 

@@ -224,6 +224,32 @@ def test_infer_field_width_sets_the_input_scale(tiny: Path, checkpoint: Path,
                                        atol=1e-6 * data.input_scale)
 
 
+def test_init_starts_from_trained_weights(tiny: Path, checkpoint: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    trained = torch.load(checkpoint, weights_only=True)["generator"]
+    (artifact,) = export_checkpoint(checkpoint, tmp_path, name="tiny", formats=["fp32"])
+    data = load_one_file(tiny)
+    for source in (checkpoint, artifact):  # a training checkpoint or a shipped-style artifact
+        trainer = Trainer(TrainConfig(steps=1, lambda_adv=0.0, init=str(source), **TINY),
+                          data, "cpu")
+        for name, value in trainer.generator.state_dict().items():
+            torch.testing.assert_close(value, trained[name], rtol=0, atol=0)
+        assert trainer.step_count == 0  # a new run: its own steps, optimiser and scale
+    fresh = Trainer(TrainConfig(steps=1, lambda_adv=0.0, **TINY), data, "cpu")
+    assert not torch.equal(fresh.generator.state_dict()["stem.0.weight"],
+                           trained["stem.0.weight"])
+    with pytest.raises(ModelError, match="holds tomogan with depth 3; this run trains tomogan "
+                                         "with depth 5"):
+        Trainer(TrainConfig(depth=5, init=str(artifact), **TINY), data, "cpu")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(ModelError, match="neither a model artifact"):
+        Trainer(TrainConfig(init=str(junk), **TINY), data, "cpu")
+    assert main(["train", "--data", str(tiny), "--init", str(artifact), "--resume",
+                 str(checkpoint), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "--init" in capsys.readouterr().err
+
+
 def test_infer_names_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "odd.h5"
     with h5py.File(path, "w") as file:
