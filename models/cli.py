@@ -110,7 +110,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                     "downloaded); training on %s", "MSE + adversarial" if config.lambda_adv > 0
                     else "MSE only")
     if trainer.discriminator is None:
-        log.warning("adversarial loss OFF: --lambda-adv is 0, no discriminator is trained")
+        log.info("adversarial loss off (--lambda-adv 0, the default): no discriminator is "
+                 "trained")
     if data.reference_width is None:
         log.info("input normalisation: absolute (the noisy slices do not declare units "
                  "'attenuation per pixel'); tomocast export --reference-width PIXELS changes it")
@@ -212,9 +213,10 @@ def add_commands(command: Command) -> None:
                    "when resuming)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (G and D)")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
-    p.add_argument("--lambda-adv", type=float, default=20.0, help="adversarial weight (0: no "
-                   "discriminator)")
-    p.add_argument("--lambda-mse", type=float, default=0.5, help="pixel MSE weight")
+    p.add_argument("--lambda-adv", type=float, default=0.0, help="adversarial weight (0: no "
+                   "discriminator; 1e-3 adds TomoGAN's term stably, 20 as in TomoGAN's public "
+                   "code swamps the MSE: docs/model-card.md)")
+    p.add_argument("--lambda-mse", type=float, default=1.0, help="pixel MSE weight")
     p.add_argument("--lambda-perc", type=float, default=2.0, help="VGG19 perceptual weight "
                    "(used only with --vgg-weights)")
     p.add_argument("--adv", choices=["wgan-gp", "bce"], default="wgan-gp",
