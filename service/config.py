@@ -60,7 +60,8 @@ class IngestSettings(_Section):
     sinogram_dtype: Literal["float32", "float16"] = Field(
         "float32", description="storage of scans being assembled: float16 halves it (twice the "
         "scans in max_live_bytes) at ~5e-4 relative rounding; FBP computes in float32 either "
-        "way. Raw float32 scans keep float32 (docs/benchmarks.md)"
+        "way. Raw float32 scans keep float32. max_scan_bytes still counts 4 bytes a value "
+        "(docs/benchmarks.md)"
     )
     scan_timeout_s: float = Field(
         600.0, gt=0, description="a scan with no message for this long is ended and released"

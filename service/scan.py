@@ -34,7 +34,7 @@ def storage_for(start: ScanStart, storage: torch.dtype) -> tuple[torch.dtype, fl
     """The sinogram dtype of scan `start` under the setting `storage`, and the power-of-two
     factor its raw counts are stored with (they wait in the sinogram until the darks and flats
     are complete). float16 holds line integrals, and raw integer counts scaled below its 65,504
-    maximum (exactly: a power of two; flat-field correction is a ratio, so the factor cancels).
+    maximum by a power of two (exact both ways: `normalise_raw` divides it out).
     Raw float32 counts have no known range: such a scan keeps float32."""
     if storage != torch.float16:
         return torch.float32, 1.0
@@ -145,8 +145,10 @@ class _Scan:
         else:
             assert self.flat is not None
             values, clipped = normalize(tensor, self.dark, self.flat)
-        if self.sinogram.dtype == torch.float16:
-            values.clamp_(-FP16_MAX, FP16_MAX)  # a wild line integral stays finite, not inf
+        if self.sinogram.dtype == torch.float16 and self.start.normalized:
+            # a wild line integral from the DAQ stays finite, not inf (flat-field corrected
+            # values are within +-14 by the transmission clip)
+            values.clamp_(-FP16_MAX, FP16_MAX)
         self.sinogram[:, index:index + count, :] = values.transpose(0, 1)
         self.received[index:index + count] = True
         self.clipped += clipped

@@ -90,6 +90,11 @@ class RowWindow:
         self.stop += count
         return view
 
+    @property
+    def capacity(self) -> int:
+        """Rows the buffer holds (0 before the first scan)."""
+        return 0 if self._buffer is None else int(self._buffer.shape[0])
+
     def held(self) -> torch.Tensor:
         """The rows [`first`, `stop`) held, as one (stop - first, H, W) view."""
         assert self._buffer is not None
@@ -130,6 +135,12 @@ class Worker:
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def window_rows(self) -> int:
+        """Reconstructed rows the worker keeps on its device (batch_rows + 2 x the denoiser's
+        halo), whatever the scan's rows: its device memory is this x cols^2 x 4 bytes."""
+        return self._window.capacity
 
     @property
     def alive(self) -> bool:
@@ -193,8 +204,10 @@ class Worker:
                 r1 = min(rows, r0 + batch)
                 window.drop_before(r0 if self.denoiser is None else denoised_to - halo)
                 fbp_start = transfer.mark()
+                # float32 as the Reconstructor contract says (a no-op unless the scan is stored
+                # in float16, ingest.sinogram_dtype)
                 reconstructed = window.append(self.reconstructor.reconstruct(
-                    scan.sinogram[r0:r1], theta, scan.center))
+                    scan.sinogram[r0:r1].float(), theta, scan.center))
                 fbp = (fbp_start, transfer.mark(), r1 - r0)
                 fbp_batches.append(fbp)
                 if self.publish_recon or self.denoiser is None:

@@ -7,7 +7,7 @@
 # Run it from the repository root with tomocast importable (installed, or PYTHONPATH=.) and a
 # CUDA build of torch. Every step has its own time limit and the script goes on after a failed
 # step, so one hang or crash costs that step only; `summary.txt` lists each step's exit status
-# and wall time. Environment: PYTHON (default python3), DEVICE (default cuda), QUICK=1 (tiny
+# and wall time, and the script exits 1 when any step failed. Environment: PYTHON (default python3), DEVICE (default cuda), QUICK=1 (tiny
 # sizes: checks the script itself, e.g. with DEVICE=cpu on a laptop), STEP_TIMEOUT (seconds per
 # step, default 540).
 set -uo pipefail
@@ -18,6 +18,7 @@ device=${DEVICE:-cuda}
 limit=${STEP_TIMEOUT:-540}
 mkdir -p "$out"
 : >"$out/summary.txt"
+failed=0
 
 # One step: NAME, then the command. stdout and stderr go to OUTDIR/NAME.log (and .json when the
 # command writes JSON to stdout, see `bench`).
@@ -27,6 +28,7 @@ step() {
     local start=$SECONDS
     timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
     local status=$?
+    ((status == 0)) || failed=1
     printf '%-22s exit %3d  %4d s\n' "$name" "$status" $((SECONDS - start)) | tee -a "$out/summary.txt"
 }
 
@@ -39,6 +41,7 @@ bench() {
     timeout --kill-after=10 "$limit" "$python" -m service.cli bench "$@" --device "$device" \
         --json >"$out/$name.json" 2>"$out/$name.log"
     local status=$?
+    ((status == 0)) || failed=1
     printf '%-22s exit %3d  %4d s\n' "$name" "$status" $((SECONDS - start)) | tee -a "$out/summary.txt"
 }
 
@@ -51,7 +54,7 @@ if [[ ${QUICK:-0} == 1 ]]; then
     bench recon recon --sizes 64 --batch 2 --repeat 2 --peer-budget 1
     bench denoise denoise --sizes 64 --batches 1 2 --repeat 2 --variants eager,engine-fp32
     bench pipeline pipeline --rows 8 --cols 64 --scans 1 --batch 4
-    exit 0
+    exit "$failed"
 fi
 
 # Correctness first: every test marked gpu (fp16 TorchScript vs fp32, CUDA FBP vs CPU, graphs,
@@ -71,6 +74,9 @@ bench denoise denoise --sizes 512 1024 2048 --batches 1 4 8 16 --repeat 10 \
 # tail of a 2048-row scan, extrapolated from the per-slice cost at 128 rows).
 bench pipeline pipeline --rows 128 --cols 1024 --angles 1536 --scans 3 --batch 16
 bench pipeline-2048 pipeline --rows 64 --cols 2048 --angles 1500 --scans 2 --batch 16 --chunk 16
+# float16 sinogram storage (ingest.sinogram_dtype): the default stays float32 until this says
+bench pipeline-fp16 pipeline --rows 128 --cols 1024 --angles 1536 --scans 3 --batch 16 \
+    --sinogram-dtype float16
 
 # Mixed-precision training against fp32 (Li & Hu: 32% memory, 42% time saved on a GPU); needs a
 # training file, made small here.
@@ -82,3 +88,4 @@ step train-precision "$python" -m models.bench_train --data "$out/train-small.h5
 rm -f "$out/train-small.h5"
 
 cat "$out/summary.txt"
+exit "$failed"

@@ -36,8 +36,9 @@ class GraphCache:
     after another on one stream and each keeps its own input and output alive, so their
     activations may share memory (a pool per graph would keep every graph's peak activations:
     ~30 GB for one fp16 TomoGAN graph of 16 x 2048^2). A failed capture turns graphs off for
-    good (logged as an error; the caller's stream is restored) and the network runs eagerly;
-    running out of memory during a capture is raised, as it would be eagerly.
+    good (logged as an error; the caller's stream is restored, the partial graph's memory freed)
+    and the call runs eagerly, which raises if it really does not fit. Running out of memory
+    during a capture counts as a failed capture: TorchScript reports it as a plain RuntimeError.
     """
 
     def __init__(self, network: Callable[[torch.Tensor], torch.Tensor],
@@ -94,11 +95,10 @@ class GraphCache:
             # thread_local: the ingest thread keeps normalising on the GPU during the capture.
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 static_out = self._network(static_in)
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as exc:  # an op that cannot be captured, or no memory: no graphs
             torch.cuda.set_stream(caller)
-            raise
-        except RuntimeError as exc:  # an op that cannot be captured: no graphs from now on
-            torch.cuda.set_stream(caller)
+            del graph
+            torch.cuda.empty_cache()
             log.error("CUDA graph capture failed for input %s; the network runs eagerly from "
                       "now on: %s", tuple(x.shape), str(exc).splitlines()[0])
             return None

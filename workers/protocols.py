@@ -80,5 +80,6 @@ class Denoiser(Protocol):
 
     def denoise(self, stack: torch.Tensor) -> torch.Tensor:
         """(batch, depth, H, W) float32 slices on `device` -> (batch, H, W) float32 on `device`,
-        in the same physical units as the input."""
+        in the same physical units as the input. The result is a fresh tensor the caller owns
+        (the worker hands it to zero-copy sends and to the copy stream): never a reused buffer."""
         ...

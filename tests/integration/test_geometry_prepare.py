@@ -77,10 +77,17 @@ def test_the_geometry_is_built_before_the_data_arrive_and_not_again(
         assert "scan_id=early seq=0 geometry prepared: 96 angles x 64 cols" in caplog.text
         send_data(detector, "early")
         messages = until_ended(viewer)
-    assert messages[-1].header["event"] == "scan_completed"
-    assert slices(messages) == list(range(ROWS))
+        # the next scan of the same geometry: found cached, nothing built at all
+        detector.start_scan("again", ROWS, COLS, ANGLES, "uint16", center=COLS / 2 + 0.5,
+                            n_flat=1)
+        send_data(detector, "again")
+        again = until_ended(viewer)
+    assert messages[-1].header["event"] == again[-1].header["event"] == "scan_completed"
+    assert slices(messages) == slices(again) == list(range(ROWS))
     assert reconstructor.geometries.builds == builds + 1  # the worker found it, built nothing
     assert metric(service, "tomocast_errors_total", {"stage": "prepare"}) == 0
+    wait_for("the second prepare to be counted", lambda: metric(
+        service, "tomocast_geometry_prepares_total", {"outcome": "cached"}) == 1)
     assert metric(service, "tomocast_geometry_prepares_total", {"outcome": "built"}) == 1
 
 

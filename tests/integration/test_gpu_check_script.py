@@ -22,6 +22,10 @@ def test_quick_run_on_the_cpu(tmp_path: Path) -> None:
     assert [line.split()[0] for line in summary] == ["environment", "recon", "denoise",
                                                      "pipeline"]
     assert all(line.split()[2] == "0" for line in summary), summary
+    broken = {**env, "PYTHON": str(tmp_path / "no-python")}
+    failing = subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), str(tmp_path / "b")],
+                             cwd=REPO, env=broken, capture_output=True, text=True, timeout=600)
+    assert failing.returncode == 1  # a failed step fails the script, after running the rest
     for what in ("recon", "denoise", "pipeline"):
         document = json.loads((tmp_path / f"{what}.json").read_text())
         assert document["command"].startswith(f"tomocast bench {what} ")

@@ -181,6 +181,22 @@ def test_float16_storage_holds_raw_counts_up_to_uint16_max(data: dict[str, np.nd
     np.testing.assert_allclose(got, double.sinogram.numpy(), rtol=2**-10, atol=2e-3)
 
 
+def test_float16_storage_scales_uint32_counts_exactly() -> None:
+    # Counts far beyond float16's range wait scaled by 2^-17 until the flats come: the ratio
+    # after flat-field correction must be float32's, not clamped at 65,504.
+    counts = np.array([1e6, 3e9, 4e8, 2e9, 1e5, 3.9e9], dtype=np.uint32)
+    projections = np.broadcast_to(counts[:, None, None], (ANGLES, ROWS, COLS)).copy()
+    flats = np.full((1, ROWS, COLS), 4_000_000_000, np.uint32)
+    start = ScanStart("s", 0, ROWS, COLS, ANGLES, "uint32", n_flat=1)
+    messages = [frames("projections", 1, 0, projections), frames("flat", 2, 0, flats),
+                ScanEnd("s", 3, ANGLES)]
+    single = _assemble(torch.float16, start, messages)
+    assert single.sinogram.dtype == torch.float16 and single.clipped == 0
+    expected = -np.log(counts.astype(np.float64) / 4e9)
+    np.testing.assert_allclose(single.sinogram.float().numpy()[0, :, 0], expected, rtol=2**-10,
+                               atol=2**-11)
+
+
 def test_float16_storage_of_line_integrals_and_its_memory() -> None:
     rng = np.random.default_rng(3)
     integrals = rng.uniform(0, 6, (ANGLES, ROWS, COLS)).astype(np.float32)
