@@ -199,20 +199,24 @@ class Worker:
             # a denoise batch [d0, d1) reads rows d0 - halo .. d1 - 1 + halo, and every batch is
             # denoised up to `halo` rows short of the last reconstructed: `batch` new rows plus
             # at most 2 * halo kept ones
-            window.begin(batch + 2 * halo, cols, cols, device)
+            if self.denoiser is not None:  # without one, nothing reads reconstructed rows again
+                window.begin(batch + 2 * halo, cols, cols, device)
             for r0 in range(0, rows, batch):
                 r1 = min(rows, r0 + batch)
-                window.drop_before(r0 if self.denoiser is None else denoised_to - halo)
                 fbp_start = transfer.mark()
                 # float32 as the Reconstructor contract says (a no-op unless the scan is stored
                 # in float16, ingest.sinogram_dtype)
-                reconstructed = window.append(self.reconstructor.reconstruct(
-                    scan.sinogram[r0:r1].float(), theta, scan.center))
+                reconstructed = self.reconstructor.reconstruct(scan.sinogram[r0:r1].float(),
+                                                               theta, scan.center)
+                if self.denoiser is not None:
+                    window.drop_before(denoised_to - halo)
+                    reconstructed = window.append(reconstructed)
                 fbp = (fbp_start, transfer.mark(), r1 - r0)
                 fbp_batches.append(fbp)
                 if self.publish_recon or self.denoiser is None:
-                    # a copy: the window's rows are overwritten before the copy to the host
-                    # has run (CUDA) or the slices have been sent (CPU: zero-copy)
+                    # a copy: the window's rows (or the reconstructor's reusable buffer) are
+                    # overwritten before the copy to the host has run (CUDA) or the slices have
+                    # been sent (CPU: zero-copy)
                     transfer.submit(reconstructed.clone(), ("recon" if self.denoiser else "slice",
                                                             r0, fbp, None))
                 ready = rows if r1 == rows else r1 - halo

@@ -71,3 +71,13 @@ def cudnn_flags(path: Path) -> set[tuple[str, ...]]:
             names = re.findall(r"%([\w.]+)", line.split("aten::_convolution(")[1])
             found.add(tuple(constants.get(name, "?") for name in names[-4:]))
     return found
+
+
+def tally(message: Any, slices: set[tuple[str, int]], events: dict[str, dict[str, Any]]) -> None:
+    """File a published message (`service.client.Published`): a slice's (scan_id, index) into
+    `slices`, a scan's ending event into `events` by scan_id (`scan_started` is skipped)."""
+    assert message is not None, "the service went quiet before finishing"
+    if message.topic == "slice":
+        slices.add((message.header["scan_id"], message.header["index"]))
+    elif message.header["event"] != "scan_started":
+        events[message.header["scan_id"]] = message.header

@@ -35,9 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.fbp import check_inputs, circle_mask, work_bytes_for
-from workers.filters import angle_weights, canonical_filter_name, filter_response
-from workers.geometry_cache import GeometryCache
+from workers.fbp_base import CachedGeometryFBP, circle_mask
+from workers.filters import angle_weights, filter_response
 from workers.spreading import SpreadingMatrix, kaiser_bessel_transform, kernel_beta
 
 # Geometries one instance remembers: see GriddingFBP.matrix_bytes for what each one holds.
@@ -80,7 +79,7 @@ class _GriddingGeometry:
     crop: int  # first grid row and column of the slice
 
 
-class GriddingFBP:
+class GriddingFBP(CachedGeometryFBP[_GriddingGeometry]):
     """Filtered back-projection by gridding, satisfying
     `workers.protocols.PreparableReconstructor`.
 
@@ -105,30 +104,13 @@ class GriddingFBP:
     def __init__(self, device: str | torch.device = "cpu", filter_name: str = "ramp",
                  circle_mask: bool = False, width: int = 5, oversampling: float = 1.5,
                  max_work_bytes: int | None = None) -> None:
-        self._device = torch.device(device)
-        self.filter_name = canonical_filter_name(filter_name)
-        self.circle_mask = circle_mask
+        super().__init__(device, filter_name, circle_mask, max_work_bytes, _GEOMETRY_CACHE_SIZE)
         if not 2 <= width <= 12:
             raise ValueError(f"width={width}: choose a kernel width of 2 to 12 grid cells")
         if not 1.2 <= oversampling <= 4:
             raise ValueError(f"oversampling={oversampling}: choose 1.2 to 4")
         self.width, self.oversampling = width, oversampling
-        self._max_work_bytes = max_work_bytes
-        self.geometries: GeometryCache[_GriddingGeometry] = GeometryCache(
-            _GEOMETRY_CACHE_SIZE)
         self._buffers: dict[str, tuple[object, torch.Tensor]] = {}
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def max_work_bytes(self) -> int:
-        """The work budget: as given, or the device's default, asked of the device on first use
-        (so constructing one, e.g. to ask `AutoFBP.method_for`, touches no device)."""
-        if self._max_work_bytes is None:
-            self._max_work_bytes = work_bytes_for(self._device)
-        return self._max_work_bytes
 
     def grid_size(self, cols: int) -> int:
         """Side of the oversampled grid: even, FFT-friendly, and room for the slice."""
@@ -165,21 +147,6 @@ class GriddingFBP:
         size, response = filter_response(self.filter_name, cols, device)
         return _GriddingGeometry(spreading, response, factor[..., None].to(torch.complex64),
                                  deapodize.float(), size, period, grid // 2 - half)
-
-    def _geometry(self, theta: torch.Tensor, center: float, cols: int) -> _GriddingGeometry:
-        """The geometry `reconstruct` uses: from the cache, built here if nobody has."""
-        return self.geometries.for_reconstruct(theta, center, cols, self._build, self._device)
-
-    @torch.inference_mode()
-    def prepare(self, theta: torch.Tensor, center: float, cols: int) -> bool:
-        """Build the spreading matrix and the rest of the geometry `reconstruct` will need for
-        (angles, cols) sinograms at `theta` and `center`, from any thread; True if this call
-        built it (False: it was cached, or another thread built it while this one waited)."""
-        return self.geometries.prepare(theta, center, cols, self._build, self._device)
-
-    def release(self) -> None:
-        """The owning thread's scan ended: its geometry may be evicted like any other."""
-        self.geometries.release()
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
                 cols: int = 0) -> torch.Tensor:
@@ -246,16 +213,9 @@ class GriddingFBP:
         image = torch.view_as_real(transformed[crop, crop]).permute(2, 3, 0, 1)
         torch.mul(image, geometry.deapodize, out=out.view(batch // 2, 2, cols, cols))
 
-    @torch.inference_mode()
-    def reconstruct(self, sinograms: torch.Tensor, theta: torch.Tensor,
-                    center: float) -> torch.Tensor:
-        """(B, A, C) float32 line integrals -> (B, C, C) float32 attenuation per pixel."""
-        check_inputs(sinograms, theta, center)
+    def _reconstruct(self, sinograms: torch.Tensor,
+                     geometry: _GriddingGeometry) -> torch.Tensor:
         batch, angles, cols = sinograms.shape
-        sinograms = sinograms.to(self._device, torch.float32)
-        if batch == 0 or angles == 0:
-            return torch.zeros((batch, cols, cols), dtype=torch.float32, device=self._device)
-        geometry = self._geometry(theta, center, cols)
         # a pair's grid is 8 bytes a cell, and its transform as much again
         step = 2 * max(1, self.max_work_bytes // (16 * geometry.spreading.grid**2))
         slices = torch.empty((batch + batch % 2, cols, cols), dtype=torch.float32,

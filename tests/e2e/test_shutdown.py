@@ -11,6 +11,7 @@ import numpy as np
 
 from service.client import Detector, Subscriber
 from tests.e2e.test_cli import Process
+from tests.helpers import tally
 
 ROWS, COLS, ANGLES = 8, 64, 60
 rng = np.random.default_rng(5)
@@ -36,11 +37,7 @@ def test_sigterm_mid_scan_keeps_every_promise(tmp_path: Path) -> None:
 
             def take() -> dict:
                 message = viewer.recv(timeout=60.0)
-                assert message is not None, "the service went quiet before finishing"
-                if message.topic == "slice":
-                    slices.add((message.header["scan_id"], message.header["index"]))
-                elif message.header["event"] != "scan_started":
-                    events[message.header["scan_id"]] = message.header
+                tally(message, slices, events)
                 return message.header
 
             # Messages are read in order: once 'partial' has started, 'whole' was fully read

@@ -13,7 +13,7 @@ import torch
 from service.client import Detector, Subscriber
 from service.config import load_settings
 from service.pipeline import Service
-from tests.helpers import GatedGridding, wait_for
+from tests.helpers import GatedGridding, tally, wait_for
 from workers.gridding import GriddingFBP
 
 ROWS, COLS, ANGLES = 4, 64, 96
@@ -46,12 +46,7 @@ def test_stop_leaves_behind_a_geometry_build_for_a_scan_that_fails(start_service
             stopped_in = time.monotonic() - t0
             assert service.preparer is not None and not service.preparer.join(0)  # left behind
             while len(events) < 2:  # what stop published is in the viewer's buffers
-                message = viewer.recv(timeout=60.0)
-                assert message is not None, "the service went quiet before finishing"
-                if message.topic == "slice":
-                    slices.add((message.header["scan_id"], message.header["index"]))
-                elif message.header["event"] != "scan_started":
-                    events[message.header["scan_id"]] = message.header
+                tally(viewer.recv(timeout=60.0), slices, events)
     finally:
         reconstructor.gate.set()
     assert drained and stopped_in < DRAIN_TIMEOUT_S / 4, stopped_in
