@@ -27,8 +27,9 @@ TorchScript is deprecated from PyTorch 2.13 on (`torch.jit.*` emit DeprecationWa
 keeps it until its `torch.export` migration and silences exactly those warnings here.
 
 The migration target loads already: a `.pt2` file is a `torch.export` ExportedProgram (written by
-`models.export.save_exported`, same `tomocast.json` member, weights fp32, batch and H, W dynamic)
-and `load_artifact` returns its module the same way; everything else is read as TorchScript.
+`models.training.export.save_exported`, same `tomocast.json` member, weights fp32, batch and H, W
+dynamic) and `load_artifact` returns its module the same way; everything else is read as
+TorchScript.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ class ResAttUnet(nn.Module):
     """(batch, depth, H, W) -> (batch, 1, H, W); len(filters) levels, len(filters) - 1 pools.
 
     Parameters at depth d with the default filters: 8,024,741 + 288*d
-    (`tests/unit/test_models_resattunet.py` pins the count per part).
+    (`tests/unit/models/test_models_resattunet.py` pins the count per part).
 
     Threading: a plain `nn.Module`, used by one thread at a time (training or export).
     """

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # Channel widths of the published network; changing them changes the parameter count that
-# tests/unit/test_tomogan.py pins (694,897 at depth 1).
+# tests/unit/models/test_tomogan.py pins (694,897 at depth 1).
 STEM_CHANNELS = 8
 ENCODER_CHANNELS = (32, 64, 128)
 DECODER_CHANNELS = (64, 32, 32)

@@ -62,7 +62,7 @@ class UNet(nn.Module):
     """Plain U-Net: len(filters) levels, len(filters) - 1 pools.
 
     Parameters at depth d with the default filters: 7,762,177 + 288*d (the first conv has
-    32*9*d weights and no bias). `tests/unit/test_models_unet.py` pins the count per part.
+    32*9*d weights and no bias). `tests/unit/models/test_models_unet.py` pins the count per part.
 
     Threading: a plain `nn.Module`, used by one thread at a time (training or export).
     """

@@ -23,7 +23,7 @@ log = logging.getLogger("tomocast")
 # Modules that add their own sub-commands: each has `add_commands(command)`, where
 # `command(name, func, help)` returns the sub-parser to fill. Their imports stay light: heavy
 # imports belong inside the command functions.
-COMMAND_MODULES: tuple[str, ...] = ("models.cli", "service.security", "service.bench")
+COMMAND_MODULES: tuple[str, ...] = ("models.training.cli", "service.security", "service.bench")
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -32,8 +32,8 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from service.app import Service
     from service.config import load_settings, overrides_from_args
-    from service.pipeline import Service
 
     settings = load_settings(args.config, overrides_from_args(args))
     setup_logging(settings.log_level)
@@ -51,30 +51,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from service.simulate_cli import run_simulate
+    from service.sim.cli import run_simulate
 
-    setup_logging(args.log_level)
     return run_simulate(args)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from service.simulate_cli import run_replay
+    from service.sim.cli import run_replay
 
-    setup_logging(args.log_level)
     return run_replay(args)
 
 
 def cmd_view(args: argparse.Namespace) -> int:
-    from service.view import run_view
+    from service.clients.view import run_view
 
-    setup_logging(args.log_level)
     return run_view(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from service.demo import run_demo
+    from service.sim.demo import run_demo
 
-    setup_logging(args.log_level)
     return run_demo(args)
 
 
@@ -193,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "serve":  # serve's level is a setting, set once they are loaded
+        setup_logging(args.log_level)
     try:
         return int(args.func(args))
     except TomocastError as exc:

@@ -3,7 +3,7 @@
 Each `Metrics` owns its own registry (no process-global state), so tests and several services in
 one process never collide. Label sets are created up front, so dashboards show zeros before the
 first scan. deploy/grafana and deploy/prometheus/alerts.yml query these names; the unit test
-tests/unit/test_deploy_files.py fails when one of them is renamed here and not there.
+tests/unit/service/test_deploy_files.py fails when one of them is renamed here and not there.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import time
 
 from service.metrics import Metrics
 from service.protocol import ScanStart
-from service.worker import theta_tensor
+from service.reconstruct import theta_tensor
 from workers.protocols import PreparableReconstructor
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 if TYPE_CHECKING:
-    from service.pipeline import Endpoints, Service
+    from service.app import Endpoints, Service
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -31,8 +31,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture
 def start_service() -> Iterator[Callable[..., tuple[Service, Endpoints]]]:
     """Start an in-process service on free loopback ports; stopped at the end of the test."""
+    from service.app import Service
     from service.config import load_settings
-    from service.pipeline import Service
 
     started: list[Service] = []
 

@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from service.simulate import simulate_scan
-from service.sinks import robust_window, to_uint8
-from service.web.frames import encode_frame, frame_header
-from service.web.headless import find_chromium, launch
-from service.web.server import WebSettings, WebViewer
+from service.clients.sinks import robust_window, to_uint8
+from service.clients.web.frames import encode_frame, frame_header
+from service.clients.web.server import WebSettings, WebViewer
+from service.sim.simulate import simulate_scan
+from tests.support.headless import find_chromium, launch
 from workers.recon import recon
 
 LINKS = {"1 Gb/s": 1e9, "100 Mb/s": 1e8}

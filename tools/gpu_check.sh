@@ -83,7 +83,7 @@ bench pipeline-fp16 pipeline --rows 128 --cols 1024 --angles 1536 --scans 3 --ba
 step dataset "$python" -m service.cli dataset -o "$out/train-small.h5" --phantoms 2 \
     --test-phantoms 1 --rows 8 --size 256 --angles 360 --sparse 8,16 --photons 1000 --seed 0 \
     --no-progress
-step train-precision "$python" -m models.bench_train --data "$out/train-small.h5" \
+step train-precision "$python" -m models.training.bench_train --data "$out/train-small.h5" \
     --arch resattunet --steps 20 --patch 128 --batch 16 --device "$device"
 rm -f "$out/train-small.h5"
 

@@ -1,4 +1,4 @@
-"""Write service/web/static/colormaps.js: 256-entry colour maps for the web viewer.
+"""Write service/clients/web/static/colormaps.js: 256-entry colour maps for the web viewer.
 
     python -m venv /tmp/cmaps && /tmp/cmaps/bin/pip install matplotlib
     /tmp/cmaps/bin/python tools/make_colormaps.py
@@ -15,7 +15,8 @@ import numpy as np
 from matplotlib import colormaps
 
 NAMES = ("viridis", "magma", "inferno", "cividis")
-TARGET = Path(__file__).resolve().parents[1] / "service" / "web" / "static" / "colormaps.js"
+TARGET = (Path(__file__).resolve().parents[1] / "service" / "clients" / "web" / "static"
+          / "colormaps.js")
 
 
 def main() -> None:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
+from service.app import Service
 from service.client import Detector
 from service.config import load_settings
-from service.pipeline import Service
-from service.simulate import SimulatedScan, simulate_scan
-from service.web.headless import DEBIAN_PACKAGES, find_chromium, launch
+from service.sim.simulate import SimulatedScan, simulate_scan
+from tests.support.headless import DEBIAN_PACKAGES, find_chromium, launch
 
 WAIT_MS = 300_000
 

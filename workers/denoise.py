@@ -63,8 +63,8 @@ def cpu_has_bf16() -> bool:
 def resolve_precision(requested: str, device: torch.device, metadata: ModelMetadata) -> str:
     """`artifact` (the reference, and the engine's default): the artifact's precision on CUDA
     (fp16 for the shipped ones), fp32 on the CPU. `auto` (the fastest within the tolerances that
-    tests/unit/test_denoise.py asserts, what the service should run): the same on CUDA; on the
-    CPU int8 where the architecture can be quantized, else bf16 where the CPU has it, else
+    tests/unit/workers/test_denoise.py asserts, what the service should run): the same on CUDA; on
+    the CPU int8 where the architecture can be quantized, else bf16 where the CPU has it, else
     fp32. Anything else is taken as asked."""
     if requested not in PRECISIONS:
         raise ModelError(f"precision={requested!r}: choose one of {', '.join(PRECISIONS)}")

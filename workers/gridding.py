@@ -96,7 +96,7 @@ class GriddingFBP(CachedGeometryFBP[_GriddingGeometry]):
     prepared before then evicts it, and that first batch builds it again). Uses torch's
     intra-op threads. `width` (grid cells) and `oversampling` trade speed for accuracy: within
     1e-3 of the slice's peak of the exact sum by default, 5e-5 at 6 and 2.0
-    (tests/unit/test_gridding.py). `max_work_bytes` bounds the grids of one chunk of slices;
+    (tests/unit/workers/test_gridding.py). `max_work_bytes` bounds the grids of one chunk of slices;
     None takes `workers.fbp.default_work_bytes` for the device: 256 MiB on a CPU (two slices a
     chunk at 2048 columns), 1/8 of the device's memory up to 8 GiB on CUDA.
     """

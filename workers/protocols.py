@@ -1,9 +1,9 @@
 """The typed boundaries between the service and its compute workers.
 
-A CPU and a CUDA implementation satisfy the same protocol, so `service.pipeline` never branches on
-the device. Conformance is asserted where each implementation is tested: tests/unit/test_fbp.py,
-test_gridding.py, test_geometry_cache.py (Reconstructor, PreparableReconstructor) and
-test_denoise.py (Denoiser).
+A CPU and a CUDA implementation satisfy the same protocol, so `service.app` never branches on
+the device. Conformance is asserted where each implementation is tested:
+tests/unit/workers/test_fbp.py, test_gridding.py, test_geometry_cache.py (Reconstructor,
+PreparableReconstructor) and test_denoise.py (Denoiser).
 """
 
 from __future__ import annotations

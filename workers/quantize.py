@@ -7,15 +7,17 @@ than fbgemm (PyTorch's "x86" default): faster and closer to fp32 on the same cal
 
 Calibration: activation ranges (min/max; the histogram observer was no more accurate here and
 3x slower to calibrate) are observed on foam FBP slices synthesised at load with a fixed seed
-(`models.synthesize.render`) under low-dose `CONDITIONS`, mapped into the network's units the way
-tomocast's training maps its targets (robust range -> [0, 1], `models.dataset.normalisation`).
-Weights are per-channel symmetric int8. The decoder's joins are requantized (`_join`).
+(`workers.lowdose.render`) under low-dose `CONDITIONS`, mapped into the network's units the way
+tomocast's training maps its targets (robust range -> [0, 1],
+`models.training.dataset.normalisation`). Weights are per-channel symmetric int8. The decoder's
+joins are requantized (`_join`).
 
 The quantized network is then compared with the fp32 one on a held-out phantom:
 `QuantizationCheck.rms` must stay within `INT8_RMS_TOLERANCE` of the data range, or the caller
 gets `QuantizationError` and runs fp32 instead. The FX graph needs a Python network, so only
 architectures listed in `_NETWORKS` are quantized; TorchScript's state dict supplies the weights.
-What int8 costs in accuracy, measured: tests/unit/test_denoise.py (the tolerances it asserts).
+What int8 costs in accuracy, measured: tests/unit/workers/test_denoise.py (the tolerances it
+asserts).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ class QuantizationError(ModelError):
 
 class _TraceableTomoGAN(TomoGANGenerator):
     """TomoGANGenerator's forward without its eager-only size check, which FX cannot trace
-    (it branches on a shape). tests/unit/test_quantize.py pins it to the original, exactly."""
+    (it branches on a shape). tests/unit/workers/test_quantize.py pins it to the original,
+    exactly."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips: list[torch.Tensor] = []
@@ -149,8 +152,8 @@ def foam_stacks(depth: int, seed: int, rows: int = CALIBRATION_ROWS,
     """(stacks, targets): (n, depth, size, size) low-dose FBP stacks and the (n, size, size)
     phantom slices, both scaled so that the phantom spans [0, 1] (the network's units); one
     stack per row and condition, or with `centre_only` one per condition."""
-    from models.synthesize import Condition, render
     from workers.denoise import adjacent_stack
+    from workers.lowdose import Condition, render
 
     conditions = [Condition(sparse, photons) for sparse, photons in CONDITIONS]
     volumes = render(seed, rows, size, CALIBRATION_ANGLES, conditions)

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from service.simulate import simulate_scan, write_dxchange
+from service.sim.simulate import simulate_scan, write_dxchange
 
 TOMOCAST = [sys.executable, "-m", "service.cli"]
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from service.client import Detector, Subscriber
 from tests.e2e.test_cli import Process
-from tests.helpers import tally
+from tests.support.helpers import tally
 
 ROWS, COLS, ANGLES = 8, 64, 60
 rng = np.random.default_rng(5)

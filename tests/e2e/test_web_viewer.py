@@ -24,17 +24,17 @@ import zmq
 from websockets.sync.client import ClientConnection, connect
 
 from service.client import Detector, Subscriber
+from service.clients.sinks import robust_window, to_uint8
+from service.clients.web.frames import decode_frame
+from service.clients.web.server import WebSettings, WebViewer
 from service.config import load_settings
 from service.metrics import Metrics
 from service.publish import Publisher
-from service.simulate import simulate_scan
-from service.sinks import robust_window, to_uint8
-from service.web.frames import decode_frame
-from service.web.headless import DEBIAN_PACKAGES, find_chromium, launch
-from service.web.server import WebSettings, WebViewer
+from service.sim.simulate import simulate_scan
+from tests.support.headless import DEBIAN_PACKAGES, find_chromium, launch
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-STATIC = Path(__file__).resolve().parents[2] / "service" / "web" / "static"
+STATIC = Path(__file__).resolve().parents[2] / "service" / "clients" / "web" / "static"
 ROWS, COLS, ANGLES = 8, 64, 90
 WAIT_MS = 60_000
 

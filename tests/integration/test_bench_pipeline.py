@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service import bench_pipeline
+from service.bench import pipeline as bench_pipeline
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -58,7 +58,7 @@ def test_cuda_conveyor_publishes_what_the_cpu_computes(start_service: Any) -> No
     """Streams, pinned slots and non-blocking copies must change nothing but the timing: every
     slice once, FBP as the CPU's, denoised as the CPU's fp32 engine within fp16's tolerance."""
     from service.client import Detector, Subscriber
-    from service.simulate import simulate_scan
+    from service.sim.simulate import simulate_scan
     from workers.denoise import adjacent_stack, load_denoiser
     from workers.recon import recon
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from service.app import Service
 from service.client import Detector, Published, Subscriber
-from service.pipeline import Service
 from service.protocol import ScanStart
-from service.worker import theta_tensor
-from tests.helpers import GatedGridding, wait_for
+from service.reconstruct import theta_tensor
+from tests.support.helpers import GatedGridding, wait_for
 from workers.geometry_cache import geometry_key
 from workers.gridding import GriddingFBP
 

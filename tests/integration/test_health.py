@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from service import pipeline
+from service import app
 from service.config import load_settings
 from service.errors import ConfigError
 from service.health import HealthServer
@@ -109,7 +109,7 @@ def test_service_is_ready_only_after_the_model_is_loaded(monkeypatch: pytest.Mon
     """The real Service with the real model; only the moment the model load returns is held
     back, so the not-ready state can be observed without racing the start-up."""
     loading, release = threading.Event(), threading.Event()
-    real_load = pipeline.load_denoiser
+    real_load = app.load_denoiser
 
     def held_load(path: Path | None, device: Any, **options: Any) -> Any:
         loading.set()
@@ -117,13 +117,13 @@ def test_service_is_ready_only_after_the_model_is_loaded(monkeypatch: pytest.Mon
             raise TimeoutError("the test never released the model load")
         return real_load(path, device, **options)
 
-    monkeypatch.setattr(pipeline, "load_denoiser", held_load)
+    monkeypatch.setattr(app, "load_denoiser", held_load)
     settings = load_settings(None, {"ingest": {"endpoint": "tcp://127.0.0.1:*"},
                                     "publish": {"endpoint": "tcp://127.0.0.1:*"},
                                     "metrics": {"port": 0}, "worker": {"device": "cpu"}})
-    service = pipeline.Service(settings)
+    service = app.Service(settings)
     port = service.health.port
-    started: list[pipeline.Endpoints] = []
+    started: list[app.Endpoints] = []
     failed: list[BaseException] = []
 
     def start() -> None:

@@ -11,9 +11,9 @@ import msgpack
 import numpy as np
 import pytest
 
+from service.app import Service
 from service.client import Detector, Published, Subscriber
-from service.pipeline import Service
-from service.simulate import SimulatedScan, simulate_scan
+from service.sim.simulate import SimulatedScan, simulate_scan
 from workers.recon import recon
 
 ROWS, COLS, ANGLES = 10, 64, 90

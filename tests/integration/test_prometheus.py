@@ -36,7 +36,7 @@ import pytest
 import yaml
 
 from service.client import Detector, Subscriber
-from service.simulate import simulate_scan
+from service.sim.simulate import simulate_scan
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from service.app import Service
 from service.client import Detector, Subscriber
 from service.config import load_settings
-from service.pipeline import Service
-from tests.helpers import GatedGridding, tally, wait_for
+from tests.support.helpers import GatedGridding, tally, wait_for
 from workers.gridding import GriddingFBP
 
 ROWS, COLS, ANGLES = 4, 64, 96

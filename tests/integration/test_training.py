@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.dataset import PatchSampler, load_one_file
-from models.evaluate import evaluate, format_table
-from models.export import export_checkpoint
-from models.synthesize import EVALUATION_SEED, conditions, synthesize
-from models.train import TrainConfig, Trainer, resume
+from models.training.dataset import PatchSampler, load_one_file
+from models.training.evaluate import evaluate, format_table
+from models.training.export import export_checkpoint
+from models.training.synthesize import EVALUATION_SEED, conditions, synthesize
+from models.training.train import TrainConfig, Trainer, resume
 from service.cli import main
 from service.errors import DataError, ModelError
 from workers.denoise import adjacent_stack, load_denoiser
@@ -207,7 +207,7 @@ def test_infer_field_width_sets_the_input_scale(tiny: Path, checkpoint: Path,
                                                 tmp_path: Path) -> None:
     # Slices cropped from a field of view twice as wide: scaled as 64-px slices, not 32.
     (artifact,) = export_checkpoint(checkpoint, tmp_path, name="tiny", formats=["fp32"])
-    from models.infer import denoise_volumes
+    from models.training.infer import denoise_volumes
 
     data = load_one_file(tiny)
     expected = {width: denoise_volumes(load_denoiser(artifact, field_width=width),
@@ -258,7 +258,7 @@ def test_infer_names_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["infer", "-ld", str(path), "-o", str(tmp_path / "o.h5"), "--no-progress"]) == 2
     assert "no data set test_ns or images" in capsys.readouterr().err
     with pytest.raises(DataError, match="no data set 'c'"):
-        from models.infer import read_noisy
+        from models.training.infer import read_noisy
 
         read_noisy(path, "c")
 

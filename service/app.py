@@ -1,0 +1,227 @@
+"""The whole service in one process: ingest -> worker -> publisher, plus the health endpoint.
+
+    DAQ --PUSH--> [ingest thread] --bounded queue (block)--> [worker thread] --inproc-->
+        [publisher thread] --XPUB--> viewers
+    [ingest thread] --scan_start (drop)--> [prepare thread]: the scan's FBP geometry, built
+        while its projections arrive (`service.prepare`)
+
+`Service.start()` loads the model, warms the device, binds the sockets, then reports ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+from service import __version__
+from service.archive import Archive
+from service.config import Settings
+from service.health import HealthServer
+from service.ingest import Ingest
+from service.metrics import Metrics
+from service.prepare import GeometryPreparer
+from service.publish import Publisher
+from service.reconstruct import Worker
+from service.scan import CompletedScan
+from service.security import ServerKeys, start_authenticator
+from workers.denoise import DenoiseEngine, load_denoiser
+from workers.protocols import PreparableReconstructor, Reconstructor
+from workers.recon import make_reconstructor
+
+log = logging.getLogger(__name__)
+
+# At stop, how long the prepare thread's build under way may take before it is left behind (a
+# build takes seconds, and is most likely for the scan being received, which fails at stop)
+PREPARE_JOIN_S = 1.0
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from service.errors import ConfigError
+
+        raise ConfigError(f"worker.device={name} but this machine has no CUDA device: "
+                          "use --device cpu or auto")
+    return device
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    ingest: str
+    publish: str
+    metrics_port: int
+
+
+class Service:
+    """Owns every thread and socket of one tomocast instance. Start and stop from one thread."""
+
+    def __init__(self, settings: Settings, reconstructor: Reconstructor | None = None) -> None:
+        """`reconstructor` replaces the configured FBP (any `Reconstructor` on this device)."""
+        self.settings = settings
+        self._reconstructor = reconstructor
+        self._stopped: bool | None = None  # set once stop() has run: its result
+        self.metrics = Metrics()
+        self.device = resolve_device(settings.worker.device)
+        self.context = zmq.Context()
+        self._ready = threading.Event()
+        self._why_not_ready = "starting"
+        self.denoiser: DenoiseEngine | None = None
+        self.scans: queue.Queue[CompletedScan | None] = queue.Queue(settings.worker.queue_scans)
+        self.metrics.watch_queue("scans", self.scans.qsize)
+        self.metrics.batch_size.set(settings.worker.batch_rows)
+        if self.device.type == "cuda":
+            device = self.device
+            self.metrics.watch_gpu_memory(lambda: torch.cuda.memory_allocated(device),
+                                          lambda: torch.cuda.memory_reserved(device))
+        self.health = HealthServer(settings.metrics.host, settings.metrics.port,
+                                   self.metrics.registry, self._readiness, self._liveness)
+        self.publisher: Publisher | None = None
+        self.ingest: Ingest | None = None
+        self.worker: Worker | None = None
+        self.preparer: GeometryPreparer | None = None
+        self.archive: Archive | None = None
+        self.authenticator: ThreadAuthenticator | None = None
+
+    def start(self) -> Endpoints:
+        self.health.start()
+        self._why_not_ready = "loading the model"
+        if self.settings.model.enabled:
+            self.denoiser = load_denoiser(
+                self.settings.model.path, self.device,
+                precision=self.settings.worker.denoise_precision,
+                memory_limit_bytes=self.settings.worker.denoise_memory_bytes,
+                field_width=self.settings.model.field_width)
+            meta = self.denoiser.metadata
+            self.metrics.model.info({"name": meta.name, "arch": meta.arch, "depth": str(meta.depth),
+                                     "precision": self.denoiser.precision,
+                                     "trained": str(meta.trained).lower(),
+                                     "version": meta.tomocast_version,
+                                     "device": str(self.device)})
+        reconstructor = self._reconstructor or make_reconstructor(
+            self.settings.worker.fbp_method, self.device,
+            filter_name=self.settings.worker.filter_name,
+            circle_mask=self.settings.worker.circle_mask)
+        self._why_not_ready = "binding sockets"
+        security = self.settings.security
+        curve = None
+        if security.server_secret_key is not None and security.allowed_clients is not None:
+            curve = ServerKeys.from_file(security.server_secret_key)
+            self.authenticator = start_authenticator(self.context, security.allowed_clients)
+        info: dict[str, Any] = {"service": "tomocast", "version": __version__,
+                                "model": self.denoiser.name if self.denoiser else "none",
+                                "trained": bool(self.denoiser and self.denoiser.metadata.trained),
+                                "device": str(self.device)}
+        self.publisher = Publisher(self.settings.publish, self.context, self.metrics, info, curve)
+        self.publisher.start()
+        if self.settings.worker.prepare_geometry and isinstance(reconstructor,
+                                                                 PreparableReconstructor):
+            # one per scan that can be assembling at once. The reconstructor's cache may hold
+            # fewer (gridding: the scan in progress and one more): with more scans started
+            # than that, the earliest prepared are evicted again before their turn
+            self.preparer = GeometryPreparer(reconstructor, self.metrics,
+                                             self.settings.ingest.max_live_scans)
+        self.ingest = Ingest(self.settings.ingest, self.context, self.device, self.scans,
+                             self.publisher, self.metrics, curve,
+                             self.preparer.submit if self.preparer else lambda start: None,
+                             self.preparer.cancel if self.preparer else lambda start: None)
+        self.ingest.bind()
+        if self.settings.archive.directory is not None:
+            model = self.denoiser.metadata.model_dump() if self.denoiser else {"name": "none"}
+            self.archive = Archive(self.settings.archive.directory, self.settings.archive.recon,
+                                   self.settings.archive.queue_items, self.metrics, model)
+            self.archive.start()
+        self.worker = Worker(self.settings.worker, self.settings.publish, self.scans,
+                             reconstructor, self.denoiser, self.publisher, self.metrics,
+                             self.archive)
+        ingest, worker = self.ingest, self.worker
+        self.metrics.scans_in_flight.set_function(
+            lambda: ingest.live_scans + self.scans.qsize() + int(worker.busy))
+        self._why_not_ready = "warming up the device"
+        self._warm_up(reconstructor)
+        self.worker.start()
+        if self.preparer is not None:
+            self.preparer.start()
+        self.ingest.start()
+        self._ready.set()
+        self._why_not_ready = "ready"
+        endpoints = Endpoints(self.ingest.endpoint, self.publisher.endpoint, self.health.port)
+        log.info("ready: ingest %s, publish %s, metrics http://%s:%d/metrics on %s",
+                 endpoints.ingest, endpoints.publish, self.settings.metrics.host,
+                 endpoints.metrics_port, self.device)
+        return endpoints
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop reading; scans still being received fail (`scan_failed` event); complete scans
+        are reconstructed, published and archived within `timeout` (default
+        `worker.drain_timeout_s`). Returns whether everything was drained in time. A geometry
+        build under way on the prepare thread is waited for `PREPARE_JOIN_S` at most. Also
+        stops a service whose `start` failed part-way."""
+        if self._stopped is not None:
+            return self._stopped
+        timeout = self.settings.worker.drain_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        self._ready.clear()
+        self._why_not_ready = "stopping"
+        drained = True
+        if self.preparer is not None:
+            # Scans starting from now fail: nothing more to prepare. A build under way cannot
+            # be interrupted; a complete scan that needs it waits for it in the worker, within
+            # the deadline, and nothing else does. The thread is a daemon with no sockets.
+            self.preparer.stop()
+            if not self.preparer.join(min(PREPARE_JOIN_S, timeout)):
+                log.warning("stopping with a geometry build still running on the prepare "
+                            "thread; it ends with the process")
+        if self.ingest is not None:
+            self.ingest.stop(max(0.0, deadline - time.monotonic()))
+        if self.worker is not None and not self.worker.join(max(0.0, deadline - time.monotonic())):
+            log.error("scans still being reconstructed after the %.0f s drain timeout are lost",
+                      timeout)
+            drained = False
+        if self.archive is not None and drained:
+            self.archive.stop()
+        if self.publisher is not None:
+            self.publisher.stop()
+        self.health.stop()
+        if self.authenticator is not None:
+            self.authenticator.stop()
+        if drained:
+            self.context.term()
+        # else: the worker still uses its sockets; closing them from here is not thread-safe
+        # and term() would wait for it forever. Its daemon thread ends with the process.
+        self._stopped = drained
+        return drained
+
+    def _readiness(self) -> tuple[bool, str]:
+        return self._ready.is_set(), self._why_not_ready
+
+    def _liveness(self) -> tuple[bool, str]:
+        """Broken once ready when a thread the service cannot work without has died."""
+        if self._ready.is_set():
+            for name, part in (("ingest", self.ingest), ("worker", self.worker),
+                               ("publisher", self.publisher), ("archive", self.archive)):
+                if part is not None and not part.alive:
+                    return False, f"the {name} thread has stopped (see the log)"
+        return True, "ok"
+
+    def _warm_up(self, reconstructor: Reconstructor) -> None:
+        """One small reconstruct + denoise so the first scan pays no start-up cost."""
+        cols, angles = 64, 32
+        sinogram = torch.zeros((1, angles, cols), device=self.device)
+        theta = torch.linspace(0, torch.pi, angles)  # on the CPU, as the worker's
+        volume = reconstructor.reconstruct(sinogram, theta, cols / 2)
+        if isinstance(reconstructor, PreparableReconstructor):
+            reconstructor.release()  # no scan uses the warm-up's geometry: unpin it
+        if self.denoiser is not None:
+            self.denoiser.warmup((1, cols, cols))
+            self.denoiser.denoise(volume.expand(self.denoiser.depth, -1, -1)[None])

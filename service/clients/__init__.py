@@ -1,0 +1,1 @@
+"""Viewer-side programs: `tomocast view` (files, PNG) and the web viewer."""

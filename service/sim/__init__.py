@@ -1,0 +1,1 @@
+"""Simulated detectors and scan sources: phantom scans, file replay, the demo."""

@@ -1,0 +1,86 @@
+"""Low-dose acquisitions of analytic phantoms: the (noisy FBP, truth) volumes that training,
+evaluation and int8 calibration share.
+
+A phantom (`workers.phantom`) is projected exactly at `angles` views over [0, pi); each
+`Condition` keeps every k-th view and/or draws Poisson counts at `photons` per detector pixel
+(back to line integrals by -log(max(counts, 1) / photons)), and is reconstructed with
+`workers.recon.recon`. Seeds from `EVALUATION_SEED` on are kept for evaluation: no default
+training data set reaches them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from workers.phantom import FoamPhantom
+
+EVALUATION_SEED = 1_000_000
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One low-dose acquisition: keep every `sparse`-th view, and count `photons` per pixel
+    (None: noise-free)."""
+
+    sparse: int = 1
+    photons: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.sparse < 1:
+            raise ValueError(f"sparse={self.sparse} must be >= 1 (1 keeps every view)")
+        if self.photons is not None and self.photons <= 0:
+            raise ValueError(f"photons={self.photons} must be > 0")
+
+    @property
+    def label(self) -> str:
+        parts = [f"1/{self.sparse} views"] if self.sparse > 1 else []
+        if self.photons is not None:
+            parts.append(f"{self.photons:,.0f} photons")
+        return ", ".join(parts) or "full dose"
+
+
+def low_dose_reconstruction(line_integrals: np.ndarray, theta: np.ndarray, condition: Condition,
+                            rng: np.random.Generator, device: str | None = "cpu") -> np.ndarray:
+    """(rows, N, N) FBP of (angles, rows, cols) noise-free line integrals under `condition`."""
+    from workers.recon import recon
+
+    views = line_integrals[:: condition.sparse]
+    angles = theta[:: condition.sparse]
+    if condition.photons is not None:
+        counts = rng.poisson(condition.photons * np.exp(-views.astype(np.float64)))
+        views = -np.log(np.maximum(counts, 1) / condition.photons)
+    return recon(views.astype(np.float32), angles, device=device)
+
+
+@dataclass(frozen=True)
+class Volume:
+    """One phantom under one condition: (rows, N, N) noisy and target slices."""
+
+    noisy: np.ndarray
+    target: np.ndarray
+    seed: int
+    condition: Condition
+
+
+def render(seed: int, rows: int, size: int, angles: int, chosen: Sequence[Condition],
+           target: str = "phantom", device: str | None = "cpu") -> list[Volume]:
+    """The volumes of one phantom (seed `seed`) under each of `chosen`."""
+    from workers.recon import recon
+
+    phantom = FoamPhantom.random(rows, size, seed=seed)
+    theta = np.linspace(0.0, np.pi, angles, endpoint=False)
+    line_integrals = phantom.project(theta)
+    if target == "phantom":
+        truth = phantom.voxelize()
+    elif target == "fbp":
+        truth = recon(line_integrals, theta, device=device)
+    else:
+        raise ValueError(f"target={target!r}: choose phantom or fbp")
+    # A noise stream per (phantom, condition), so adding a condition changes no other volume.
+    return [Volume(low_dose_reconstruction(line_integrals, theta, condition,
+                                           np.random.default_rng((seed, index)), device),
+                   truth, seed, condition)
+            for index, condition in enumerate(chosen)]
