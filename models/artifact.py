@@ -179,8 +179,9 @@ def save_artifact(
             warnings.simplefilter("always", category=torch.jit.TracerWarning)
             # A trace bakes cuDNN's flags into every convolution: these make a CUDA run
             # autotune its algorithms (benchmark) and take TF32 where it computes in fp32.
-            with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False,
-                                            allow_tf32=True):
+            with torch.backends.cudnn.flags(
+                enabled=True, benchmark=True, deterministic=False, allow_tf32=True
+            ):
                 traced = torch.jit.trace(eager, example)
         for warning in caught:
             if issubclass(warning.category, torch.jit.TracerWarning):
@@ -257,8 +258,10 @@ def _probe(path: Path, module: torch.nn.Module, depth: int, device: torch.device
     expected = (1, 1, PROBE_SIZE, PROBE_SIZE)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelError(f"{path}: the network returns {got} for a {tuple(probe.shape)} input, "
-                         f"expected {expected}")
+        raise ModelError(
+            f"{path}: the network returns {got} for a {tuple(probe.shape)} input, "
+            f"expected {expected}"
+        )
     if out.dtype != torch.float32:
         raise ModelError(f"{path}: the network returns {out.dtype} for float32 input")
 
@@ -273,8 +276,10 @@ def _load_exported(path: Path, device: torch.device) -> tuple[torch.nn.Module, M
         raise ModelError(f"{path} is not a torch.export program ({exc})") from exc
     # Checked first because torch.export.load logs a long traceback before it raises.
     if not any(name.rsplit("/", 1)[-1] == _EXPORTED_MARKER for name in members):
-        raise ModelError(f"{path} is not a torch.export program (no {_EXPORTED_MARKER} member); "
-                         "a TorchScript artifact must be named *.pt")
+        raise ModelError(
+            f"{path} is not a torch.export program (no {_EXPORTED_MARKER} member); "
+            "a TorchScript artifact must be named *.pt"
+        )
     extra: dict[str, str] = {METADATA_FILE: ""}
     try:
         program = torch.export.load(str(path), extra_files=extra)

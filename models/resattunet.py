@@ -90,8 +90,8 @@ class ResAttUnet(nn.Module):
         below = tuple(reversed(filters[1:]))
         skips = tuple(reversed(filters[:-1]))
         self.upsample = nn.ModuleList(
-            nn.ConvTranspose2d(cin, cout, 2, stride=2) for cin, cout in zip(below, skips,
-                                                                             strict=True)
+            nn.ConvTranspose2d(cin, cout, 2, stride=2)
+            for cin, cout in zip(below, skips, strict=True)
         )
         self.gates = nn.ModuleList(
             AttentionGate(skip, gate, skip) for skip, gate in zip(skips, below, strict=True)
@@ -107,8 +107,9 @@ class ResAttUnet(nn.Module):
             skips.append(h)
             h = down(h)
         h = self.bottleneck(h)
-        for up, gate, box, skip in zip(self.upsample, self.gates, self.decoder, reversed(skips),
-                                       strict=True):
+        for up, gate, box, skip in zip(
+            self.upsample, self.gates, self.decoder, reversed(skips), strict=True
+        ):
             gated = gate(skip, h)
             h = box(torch.cat([gated, fit_to(up(h), skip)], dim=1))
         return self.head(h)

@@ -32,8 +32,9 @@ def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
 
 def double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
     """The U-Net box: two conv_bn_relu."""
-    return nn.Sequential(conv_bn_relu(in_channels, out_channels),
-                         conv_bn_relu(out_channels, out_channels))
+    return nn.Sequential(
+        conv_bn_relu(in_channels, out_channels), conv_bn_relu(out_channels, out_channels)
+    )
 
 
 def down(image: torch.Tensor) -> torch.Tensor:
@@ -81,8 +82,8 @@ class UNet(nn.Module):
         below = tuple(reversed(filters[1:]))
         skips = tuple(reversed(filters[:-1]))
         self.upsample = nn.ModuleList(
-            nn.ConvTranspose2d(cin, cout, 2, stride=2) for cin, cout in zip(below, skips,
-                                                                             strict=True)
+            nn.ConvTranspose2d(cin, cout, 2, stride=2)
+            for cin, cout in zip(below, skips, strict=True)
         )
         self.decoder = nn.ModuleList(double_conv(2 * skip, skip) for skip in skips)
         self.head = nn.Conv2d(filters[0], 1, 1)

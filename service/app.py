@@ -51,8 +51,9 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         from service.errors import ConfigError
 
-        raise ConfigError(f"worker.device={name} but this machine has no CUDA device: "
-                          "use --device cpu or auto")
+        raise ConfigError(
+            f"worker.device={name} but this machine has no CUDA device: use --device cpu or auto"
+        )
     return device
 
 
@@ -82,10 +83,17 @@ class Service:
         self.metrics.batch_size.set(settings.worker.batch_rows)
         if self.device.type == "cuda":
             device = self.device
-            self.metrics.watch_gpu_memory(lambda: torch.cuda.memory_allocated(device),
-                                          lambda: torch.cuda.memory_reserved(device))
-        self.health = HealthServer(settings.metrics.host, settings.metrics.port,
-                                   self.metrics.registry, self._readiness, self._liveness)
+            self.metrics.watch_gpu_memory(
+                lambda: torch.cuda.memory_allocated(device),
+                lambda: torch.cuda.memory_reserved(device),
+            )
+        self.health = HealthServer(
+            settings.metrics.host,
+            settings.metrics.port,
+            self.metrics.registry,
+            self._readiness,
+            self._liveness,
+        )
         self.publisher: Publisher | None = None
         self.ingest: Ingest | None = None
         self.worker: Worker | None = None
@@ -98,55 +106,90 @@ class Service:
         self._why_not_ready = "loading the model"
         if self.settings.model.enabled:
             self.denoiser = load_denoiser(
-                self.settings.model.path, self.device,
+                self.settings.model.path,
+                self.device,
                 precision=self.settings.worker.denoise_precision,
                 memory_limit_bytes=self.settings.worker.denoise_memory_bytes,
-                field_width=self.settings.model.field_width)
+                field_width=self.settings.model.field_width,
+            )
             meta = self.denoiser.metadata
-            self.metrics.model.info({"name": meta.name, "arch": meta.arch, "depth": str(meta.depth),
-                                     "precision": self.denoiser.precision,
-                                     "trained": str(meta.trained).lower(),
-                                     "version": meta.tomocast_version,
-                                     "device": str(self.device)})
+            self.metrics.model.info(
+                {
+                    "name": meta.name,
+                    "arch": meta.arch,
+                    "depth": str(meta.depth),
+                    "precision": self.denoiser.precision,
+                    "trained": str(meta.trained).lower(),
+                    "version": meta.tomocast_version,
+                    "device": str(self.device),
+                }
+            )
         reconstructor = self._reconstructor or make_reconstructor(
-            self.settings.worker.fbp_method, self.device,
+            self.settings.worker.fbp_method,
+            self.device,
             filter_name=self.settings.worker.filter_name,
-            circle_mask=self.settings.worker.circle_mask)
+            circle_mask=self.settings.worker.circle_mask,
+        )
         self._why_not_ready = "binding sockets"
         security = self.settings.security
         curve = None
         if security.server_secret_key is not None and security.allowed_clients is not None:
             curve = ServerKeys.from_file(security.server_secret_key)
             self.authenticator = start_authenticator(self.context, security.allowed_clients)
-        info: dict[str, Any] = {"service": "tomocast", "version": __version__,
-                                "model": self.denoiser.name if self.denoiser else "none",
-                                "trained": bool(self.denoiser and self.denoiser.metadata.trained),
-                                "device": str(self.device)}
+        info: dict[str, Any] = {
+            "service": "tomocast",
+            "version": __version__,
+            "model": self.denoiser.name if self.denoiser else "none",
+            "trained": bool(self.denoiser and self.denoiser.metadata.trained),
+            "device": str(self.device),
+        }
         self.publisher = Publisher(self.settings.publish, self.context, self.metrics, info, curve)
         self.publisher.start()
-        if self.settings.worker.prepare_geometry and isinstance(reconstructor,
-                                                                 PreparableReconstructor):
+        if self.settings.worker.prepare_geometry and isinstance(
+            reconstructor, PreparableReconstructor
+        ):
             # one per scan that can be assembling at once. The reconstructor's cache may hold
             # fewer (gridding: the scan in progress and one more): with more scans started
             # than that, the earliest prepared are evicted again before their turn
-            self.preparer = GeometryPreparer(reconstructor, self.metrics,
-                                             self.settings.ingest.max_live_scans)
-        self.ingest = Ingest(self.settings.ingest, self.context, self.device, self.scans,
-                             self.publisher, self.metrics, curve,
-                             self.preparer.submit if self.preparer else lambda start: None,
-                             self.preparer.cancel if self.preparer else lambda start: None)
+            self.preparer = GeometryPreparer(
+                reconstructor, self.metrics, self.settings.ingest.max_live_scans
+            )
+        self.ingest = Ingest(
+            self.settings.ingest,
+            self.context,
+            self.device,
+            self.scans,
+            self.publisher,
+            self.metrics,
+            curve,
+            self.preparer.submit if self.preparer else lambda start: None,
+            self.preparer.cancel if self.preparer else lambda start: None,
+        )
         self.ingest.bind()
         if self.settings.archive.directory is not None:
             model = self.denoiser.metadata.model_dump() if self.denoiser else {"name": "none"}
-            self.archive = Archive(self.settings.archive.directory, self.settings.archive.recon,
-                                   self.settings.archive.queue_items, self.metrics, model)
+            self.archive = Archive(
+                self.settings.archive.directory,
+                self.settings.archive.recon,
+                self.settings.archive.queue_items,
+                self.metrics,
+                model,
+            )
             self.archive.start()
-        self.worker = Worker(self.settings.worker, self.settings.publish, self.scans,
-                             reconstructor, self.denoiser, self.publisher, self.metrics,
-                             self.archive)
+        self.worker = Worker(
+            self.settings.worker,
+            self.settings.publish,
+            self.scans,
+            reconstructor,
+            self.denoiser,
+            self.publisher,
+            self.metrics,
+            self.archive,
+        )
         ingest, worker = self.ingest, self.worker
         self.metrics.scans_in_flight.set_function(
-            lambda: ingest.live_scans + self.scans.qsize() + int(worker.busy))
+            lambda: ingest.live_scans + self.scans.qsize() + int(worker.busy)
+        )
         self._why_not_ready = "warming up the device"
         self._warm_up(reconstructor)
         self.worker.start()
@@ -156,9 +199,14 @@ class Service:
         self._ready.set()
         self._why_not_ready = "ready"
         endpoints = Endpoints(self.ingest.endpoint, self.publisher.endpoint, self.health.port)
-        log.info("ready: ingest %s, publish %s, metrics http://%s:%d/metrics on %s",
-                 endpoints.ingest, endpoints.publish, self.settings.metrics.host,
-                 endpoints.metrics_port, self.device)
+        log.info(
+            "ready: ingest %s, publish %s, metrics http://%s:%d/metrics on %s",
+            endpoints.ingest,
+            endpoints.publish,
+            self.settings.metrics.host,
+            endpoints.metrics_port,
+            self.device,
+        )
         return endpoints
 
     def stop(self, timeout: float | None = None) -> bool:
@@ -180,13 +228,16 @@ class Service:
             # the deadline, and nothing else does. The thread is a daemon with no sockets.
             self.preparer.stop()
             if not self.preparer.join(min(PREPARE_JOIN_S, timeout)):
-                log.warning("stopping with a geometry build still running on the prepare "
-                            "thread; it ends with the process")
+                log.warning(
+                    "stopping with a geometry build still running on the prepare "
+                    "thread; it ends with the process"
+                )
         if self.ingest is not None:
             self.ingest.stop(max(0.0, deadline - time.monotonic()))
         if self.worker is not None and not self.worker.join(max(0.0, deadline - time.monotonic())):
-            log.error("scans still being reconstructed after the %.0f s drain timeout are lost",
-                      timeout)
+            log.error(
+                "scans still being reconstructed after the %.0f s drain timeout are lost", timeout
+            )
             drained = False
         if self.archive is not None and drained:
             self.archive.stop()
@@ -208,8 +259,12 @@ class Service:
     def _liveness(self) -> tuple[bool, str]:
         """Broken once ready when a thread the service cannot work without has died."""
         if self._ready.is_set():
-            for name, part in (("ingest", self.ingest), ("worker", self.worker),
-                               ("publisher", self.publisher), ("archive", self.archive)):
+            for name, part in (
+                ("ingest", self.ingest),
+                ("worker", self.worker),
+                ("publisher", self.publisher),
+                ("archive", self.archive),
+            ):
                 if part is not None and not part.alive:
                     return False, f"the {name} thread has stopped (see the log)"
         return True, "ok"

@@ -66,14 +66,19 @@ class Archive:
     """Owns the archive thread and its open files. `begin`/`write`/`end` are called from the
     worker thread (they block when `queue_items` are waiting); `start`/`stop` from the owner."""
 
-    def __init__(self, directory: Path, keep_recon: bool, queue_items: int, metrics: Metrics,
-                 model: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        keep_recon: bool,
+        queue_items: int,
+        metrics: Metrics,
+        model: dict[str, Any],
+    ) -> None:
         self.directory = directory
         self.keep_recon = keep_recon
         self.metrics = metrics
         self.model_json = json.dumps(model, default=str)
-        self._queue: queue.Queue[_Begin | _Write | _End | _Abort | None] = queue.Queue(
-            queue_items)
+        self._queue: queue.Queue[_Begin | _Write | _End | _Abort | None] = queue.Queue(queue_items)
         self._files: dict[str, h5py.File] = {}
         self._thread = threading.Thread(target=self._run, name="archive", daemon=True)
 
@@ -92,8 +97,15 @@ class Archive:
             self._queue.put(None)
             self._thread.join()
 
-    def begin(self, scan_id: str, rows: int, size: int, theta: np.ndarray, center: float,
-              meta: dict[str, Any]) -> None:
+    def begin(
+        self,
+        scan_id: str,
+        rows: int,
+        size: int,
+        theta: np.ndarray,
+        center: float,
+        meta: dict[str, Any],
+    ) -> None:
         self._queue.put(_Begin(scan_id, rows, size, theta, center, meta))
 
     def write(self, scan_id: str, topic: str, first_index: int, slices: np.ndarray) -> None:
@@ -122,12 +134,14 @@ class Archive:
                     elif isinstance(item, _End):
                         self._end(item)
                     else:
-                        log.warning("scan_id=%s failed: its partial archive is removed",
-                                    item.scan_id)
+                        log.warning(
+                            "scan_id=%s failed: its partial archive is removed", item.scan_id
+                        )
                         self._abandon(item.scan_id)
             except Exception as exc:  # the one place: disk full, unwritable, bad metadata...
-                log.error("scan_id=%s archive abandoned: %s: %s", item.scan_id,
-                          type(exc).__name__, exc)
+                log.error(
+                    "scan_id=%s archive abandoned: %s: %s", item.scan_id, type(exc).__name__, exc
+                )
                 self.metrics.errors.labels("archive").inc()
                 self._abandon(item.scan_id)
         for scan_id in list(self._files):
@@ -142,23 +156,26 @@ class Archive:
         chunks = (1, item.size, item.size)
         f.create_dataset("exchange/data", shape, np.float32, chunks=chunks, fillvalue=np.nan)
         if self.keep_recon:
-            f.create_dataset("exchange/recon", shape, np.float32, chunks=chunks,
-                             fillvalue=np.nan)
+            f.create_dataset("exchange/recon", shape, np.float32, chunks=chunks, fillvalue=np.nan)
         f["exchange/theta"] = np.degrees(item.theta)
         f["exchange/theta"].attrs["units"] = "degrees"
         f.create_dataset("exchange/received", (item.rows,), bool, fillvalue=False)
         process = f.require_group("process/tomocast")
-        process.attrs.update(version=__version__, model=self.model_json, center=item.center,
-                             meta=json.dumps(item.meta, default=str))
+        process.attrs.update(
+            version=__version__,
+            model=self.model_json,
+            center=item.center,
+            meta=json.dumps(item.meta, default=str),
+        )
 
     def _write(self, item: _Write) -> None:
         f = self._files[item.scan_id]
         stop = item.first_index + len(item.slices)
         if item.topic == "recon":
-            f["exchange/recon"][item.first_index:stop] = item.slices
+            f["exchange/recon"][item.first_index : stop] = item.slices
             return
-        f["exchange/data"][item.first_index:stop] = item.slices
-        f["exchange/received"][item.first_index:stop] = True
+        f["exchange/data"][item.first_index : stop] = item.slices
+        f["exchange/received"][item.first_index : stop] = True
 
     def _end(self, item: _End) -> None:
         f = self._files.pop(item.scan_id)

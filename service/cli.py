@@ -27,8 +27,9 @@ COMMAND_MODULES: tuple[str, ...] = ("models.training.cli", "service.security", "
 
 
 def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -43,8 +44,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
     service.start()
     stop.wait()
-    log.info("stopping: finishing complete scans (drain timeout %.0f s)",
-             settings.worker.drain_timeout_s)
+    log.info(
+        "stopping: finishing complete scans (drain timeout %.0f s)", settings.worker.drain_timeout_s
+    )
     drained = service.stop()
     log.info("stopped%s", "" if drained else " before every complete scan was finished")
     return 0 if drained else 1
@@ -77,48 +79,75 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from service.config import add_settings_flags
 
-    parser = argparse.ArgumentParser(prog="tomocast", description="Streaming tomography: "
-                                     "projections in, denoised slices out.")
+    parser = argparse.ArgumentParser(
+        prog="tomocast", description="Streaming tomography: projections in, denoised slices out."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, func: Callable[[argparse.Namespace], int],
-                help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    def command(
+        name: str, func: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
         p.set_defaults(func=func)
         if name != "serve":
-            p.add_argument("--log-level", default="WARNING",
-                           choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+            p.add_argument(
+                "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+            )
         return p
 
-    serve = sub.add_parser("serve", help="run the service (ingest, worker, publisher, metrics)",
-                           description="Run the service. Settings come from --config (TOML), "
-                           "then TOMOCAST_* environment variables (TOMOCAST_INGEST__ENDPOINT=...), "
-                           "then these flags.")
+    serve = sub.add_parser(
+        "serve",
+        help="run the service (ingest, worker, publisher, metrics)",
+        description="Run the service. Settings come from --config (TOML), "
+        "then TOMOCAST_* environment variables (TOMOCAST_INGEST__ENDPOINT=...), "
+        "then these flags.",
+    )
     serve.set_defaults(func=cmd_serve)
     add_settings_flags(serve)
 
-    sim = command("simulate", cmd_simulate, "a simulated detector: foam phantom scans pushed to "
-                  "the service")
+    sim = command(
+        "simulate", cmd_simulate, "a simulated detector: foam phantom scans pushed to the service"
+    )
     sim.add_argument("--connect", default="tcp://127.0.0.1:5555", help="ingest endpoint")
     sim.add_argument("--rows", type=int, default=64, help="detector rows (slices)")
     sim.add_argument("--cols", type=int, default=256, help="detector columns")
     sim.add_argument("--angles", type=int, default=360, help="projections over [0, pi)")
-    sim.add_argument("--photons", type=float, default=1000.0, help="photons per pixel in the "
-                     "flat field (lower = noisier)")
-    sim.add_argument("--rate", type=float, default=None, help="projections per second "
-                     "(default: as fast as the service takes them)")
+    sim.add_argument(
+        "--photons",
+        type=float,
+        default=1000.0,
+        help="photons per pixel in the flat field (lower = noisier)",
+    )
+    sim.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="projections per second (default: as fast as the service takes them)",
+    )
     sim.add_argument("--chunk", type=int, default=8, help="projections per message")
     sim.add_argument("--scans", type=int, default=1, help="scans to send")
     sim.add_argument("--scan-id", default="sim", help="scan id (numbered when --scans > 1)")
     sim.add_argument("--seed", type=int, default=0, help="phantom and noise seed")
     sim.add_argument("--center", type=float, default=None, help="rotation axis (cols/2)")
-    sim.add_argument("--save-truth", type=Path, default=None, metavar="FILE.h5",
-                     help="keep the phantom volume in this HDF5 file")
+    sim.add_argument(
+        "--save-truth",
+        type=Path,
+        default=None,
+        metavar="FILE.h5",
+        help="keep the phantom volume in this HDF5 file",
+    )
 
     add_curve_flags(sim)
-    rep = command("replay", cmd_replay, "push a DXchange HDF5 file (/exchange/data, data_dark, "
-                  "data_white, theta) to the service")
+    rep = command(
+        "replay",
+        cmd_replay,
+        "push a DXchange HDF5 file (/exchange/data, data_dark, data_white, theta) to the service",
+    )
     rep.add_argument("file", type=Path)
     rep.add_argument("--connect", default="tcp://127.0.0.1:5555", help="ingest endpoint")
     rep.add_argument("--scan-id", default=None, help="scan id (default: the file's stem)")
@@ -129,26 +158,56 @@ def build_parser() -> argparse.ArgumentParser:
     add_curve_flags(rep)
     view = command("view", cmd_view, "subscribe to the service and save what it publishes")
     view.add_argument("--connect", default="tcp://127.0.0.1:5556", help="publisher endpoint")
-    view.add_argument("--out", type=Path, default=None, metavar="PATH.h5",
-                      help="write slices to this HDF5 file (one group per scan)")
-    view.add_argument("--png", type=Path, default=None, metavar="DIR",
-                      help="write each slice as an 8-bit PNG under DIR/<scan_id>/")
+    view.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="PATH.h5",
+        help="write slices to this HDF5 file (one group per scan)",
+    )
+    view.add_argument(
+        "--png",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write each slice as an 8-bit PNG under DIR/<scan_id>/",
+    )
     view.add_argument("--recon", action="store_true", help="also take plain FBP slices")
-    view.add_argument("--scans", type=int, default=None,
-                      help="exit after this many scans have completed (default: run until ^C)")
-    view.add_argument("--timeout", type=float, default=None,
-                      help="exit if nothing arrives for this many seconds")
-    view.add_argument("--web", action="store_true", help="serve a live web viewer (raw and "
-                      "denoised slices side by side) instead of writing files")
+    view.add_argument(
+        "--scans",
+        type=int,
+        default=None,
+        help="exit after this many scans have completed (default: run until ^C)",
+    )
+    view.add_argument(
+        "--timeout", type=float, default=None, help="exit if nothing arrives for this many seconds"
+    )
+    view.add_argument(
+        "--web",
+        action="store_true",
+        help="serve a live web viewer (raw and "
+        "denoised slices side by side) instead of writing files",
+    )
     view.add_argument("--port", type=int, default=8080, help="--web: HTTP port (0: any free)")
-    view.add_argument("--host", default="127.0.0.1", help="--web: address to listen on "
-                      "(0.0.0.0 for other machines)")
-    view.add_argument("--max-size", type=int, default=1024, metavar="PX", help="--web: slices "
-                      "are averaged down to at most PX pixels a side (lower it on slow links)")
+    view.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="--web: address to listen on (0.0.0.0 for other machines)",
+    )
+    view.add_argument(
+        "--max-size",
+        type=int,
+        default=1024,
+        metavar="PX",
+        help="--web: slices are averaged down to at most PX pixels a side (lower it on slow links)",
+    )
 
     add_curve_flags(view)
-    demo = command("demo", cmd_demo, "service + simulated detector + viewer on this machine, "
-                   "with a quality and latency summary")
+    demo = command(
+        "demo",
+        cmd_demo,
+        "service + simulated detector + viewer on this machine, with a quality and latency summary",
+    )
     demo.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder")
     demo.add_argument("--rows", type=int, default=64)
     demo.add_argument("--cols", type=int, default=256)
@@ -164,10 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_curve_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("CURVE (when the service has security.server_secret_key)")
-    group.add_argument("--client-key", type=Path, default=None, metavar="NAME.key_secret",
-                       help="this client's secret key file (tomocast keys generate)")
-    group.add_argument("--server-key", type=Path, default=None, metavar="server.key",
-                       help="the service's public key file")
+    group.add_argument(
+        "--client-key",
+        type=Path,
+        default=None,
+        metavar="NAME.key_secret",
+        help="this client's secret key file (tomocast keys generate)",
+    )
+    group.add_argument(
+        "--server-key",
+        type=Path,
+        default=None,
+        metavar="server.key",
+        help="the service's public key file",
+    )
 
 
 def client_keys(args: argparse.Namespace) -> ClientKeys | None:

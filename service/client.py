@@ -27,9 +27,16 @@ class Detector:
     queued messages to leave, so a DAQ that exits right after its last send loses nothing.
     """
 
-    def __init__(self, endpoint: str, *, context: zmq.Context | None = None, sndhwm: int = 64,
-                 send_timeout_s: float | None = None, linger_s: float = 60.0,
-                 curve: ClientKeys | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        context: zmq.Context | None = None,
+        sndhwm: int = 64,
+        send_timeout_s: float | None = None,
+        linger_s: float = 60.0,
+        curve: ClientKeys | None = None,
+    ) -> None:
         self._own_context = context is None
         self.context = context or zmq.Context()
         self.socket = self.context.socket(zmq.PUSH)
@@ -51,15 +58,18 @@ class Detector:
         try:
             self.socket.send_multipart(encode(message), copy=False)
         except zmq.Again:
-            raise TimeoutError("the service did not accept the message in time "
-                               "(backpressure or no service listening)") from None
+            raise TimeoutError(
+                "the service did not accept the message in time "
+                "(backpressure or no service listening)"
+            ) from None
 
     def send_raw(self, frames: list[bytes]) -> None:
         """Send arbitrary frames (for testing how the service treats bad input)."""
         self.socket.send_multipart(frames)
 
-    def start_scan(self, scan_id: str, rows: int, cols: int, n_angles: int, dtype: str,
-                   **options: Any) -> ScanStart:
+    def start_scan(
+        self, scan_id: str, rows: int, cols: int, n_angles: int, dtype: str, **options: Any
+    ) -> ScanStart:
         """Send `scan_start`; `options` are the optional header keys (theta, center, n_dark,
         n_flat, normalized, meta)."""
         if "theta" in options and options["theta"] is not None:
@@ -68,18 +78,31 @@ class Detector:
         self.send(start)
         return start
 
-    def send_frames(self, kind: Literal["dark", "flat", "projections"], scan_id: str,
-                    index: int, data: np.ndarray) -> None:
+    def send_frames(
+        self,
+        kind: Literal["dark", "flat", "projections"],
+        scan_id: str,
+        index: int,
+        data: np.ndarray,
+    ) -> None:
         self.send(FrameChunk.from_array(kind, scan_id, self.next_seq(scan_id), index, data))
 
     def end_scan(self, scan_id: str, count: int) -> None:
         self.send(ScanEnd(scan_id, self.next_seq(scan_id), count))
         self._seq.pop(scan_id, None)
 
-    def send_scan(self, scan_id: str, projections: np.ndarray, *, darks: np.ndarray | None = None,
-                  flats: np.ndarray | None = None, chunk: int = 8,
-                  pace: Callable[[int], object] | None = None,
-                  progress: Callable[[int], None] | None = None, **options: Any) -> ScanStart:
+    def send_scan(
+        self,
+        scan_id: str,
+        projections: np.ndarray,
+        *,
+        darks: np.ndarray | None = None,
+        flats: np.ndarray | None = None,
+        chunk: int = 8,
+        pace: Callable[[int], object] | None = None,
+        progress: Callable[[int], None] | None = None,
+        **options: Any,
+    ) -> ScanStart:
         """Send a whole scan: start, darks, flats, projections in chunks of `chunk`, end.
 
         `pace(n)` is called before each chunk of n projections (e.g. to hold a frame rate);
@@ -88,14 +111,21 @@ class Detector:
         n_angles, rows, cols = projections.shape
         if projections.dtype.name not in DTYPES:
             raise ValueError(f"projections dtype {projections.dtype} is not one of {list(DTYPES)}")
-        start = self.start_scan(scan_id, rows, cols, n_angles, projections.dtype.name,
-                                n_dark=0 if darks is None else len(darks),
-                                n_flat=0 if flats is None else len(flats), **options)
+        start = self.start_scan(
+            scan_id,
+            rows,
+            cols,
+            n_angles,
+            projections.dtype.name,
+            n_dark=0 if darks is None else len(darks),
+            n_flat=0 if flats is None else len(flats),
+            **options,
+        )
         for kind, frames in (("dark", darks), ("flat", flats)):
             if frames is not None and len(frames):
                 self.send_frames(kind, scan_id, 0, frames)  # type: ignore[arg-type]
         for index in range(0, n_angles, chunk):
-            block = projections[index:index + chunk]
+            block = projections[index : index + chunk]
             if pace is not None:
                 pace(len(block))
             self.send_frames("projections", scan_id, index, block)
@@ -132,9 +162,15 @@ class Subscriber:
     service publishes is missed (short of this viewer falling behind by the high-water mark).
     """
 
-    def __init__(self, endpoint: str, topics: tuple[str, ...] = ("slice", "event"), *,
-                 context: zmq.Context | None = None, rcvhwm: int = 100_000,
-                 curve: ClientKeys | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        topics: tuple[str, ...] = ("slice", "event"),
+        *,
+        context: zmq.Context | None = None,
+        rcvhwm: int = 100_000,
+        curve: ClientKeys | None = None,
+    ) -> None:
         self._own_context = context is None
         self.context = context or zmq.Context()
         self.socket = self.context.socket(zmq.SUB)

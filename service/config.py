@@ -43,7 +43,8 @@ class IngestSettings(_Section):
     endpoint: str = Field("tcp://127.0.0.1:5555", description="PULL socket the DAQ connects to")
     rcvhwm: int = Field(64, ge=1, description="messages ZeroMQ buffers before the DAQ blocks")
     max_message_bytes: int = Field(
-        1 << 30, ge=1024,
+        1 << 30,
+        ge=1024,
         description="hard cap per message; a peer sending more is disconnected by ZeroMQ",
     )
     max_rows: int = Field(4096, ge=1, description="largest detector height accepted")
@@ -58,10 +59,11 @@ class IngestSettings(_Section):
         8 << 30, ge=1, description="sinogram memory of all scans being assembled, together"
     )
     sinogram_dtype: Literal["float32", "float16"] = Field(
-        "float32", description="storage of scans being assembled: float16 halves it (twice the "
+        "float32",
+        description="storage of scans being assembled: float16 halves it (twice the "
         "scans in max_live_bytes) at ~5e-4 relative rounding; FBP computes in float32 either "
         "way. Raw float32 scans keep float32. max_scan_bytes still counts 4 bytes a value "
-        "(docs/benchmarks.md)"
+        "(docs/benchmarks.md)",
     )
     scan_timeout_s: float = Field(
         600.0, gt=0, description="a scan with no message for this long is ended and released"
@@ -70,17 +72,22 @@ class IngestSettings(_Section):
     _endpoint = field_validator("endpoint")(_check_endpoint)
 
     def limits(self) -> Limits:
-        return Limits(max_rows=self.max_rows, max_cols=self.max_cols,
-                      max_angles=self.max_angles,
-                      max_reference_frames=self.max_reference_frames,
-                      max_scan_bytes=self.max_scan_bytes)
+        return Limits(
+            max_rows=self.max_rows,
+            max_cols=self.max_cols,
+            max_angles=self.max_angles,
+            max_reference_frames=self.max_reference_frames,
+            max_scan_bytes=self.max_scan_bytes,
+        )
 
 
 class PublishSettings(_Section):
     endpoint: str = Field("tcp://127.0.0.1:5556", description="PUB socket viewers connect to")
     sndhwm: int = Field(
-        256, ge=16, description="messages queued per viewer before its slices are dropped "
-        "(memory per stalled viewer: about sndhwm x slice bytes)"
+        256,
+        ge=16,
+        description="messages queued per viewer before its slices are dropped "
+        "(memory per stalled viewer: about sndhwm x slice bytes)",
     )
     recon: bool = Field(False, description="also publish the plain FBP slice (topic 'recon')")
 
@@ -94,21 +101,26 @@ class WorkerSettings(_Section):
         "ramp", description="FBP filter"
     )
     fbp_method: Literal["auto", "direct", "gridding"] = Field(
-        "auto", description="FBP algorithm: gridding (NUFFT) or direct back-projection; auto "
-        "picks the faster for the device (docs/benchmarks.md)"
+        "auto",
+        description="FBP algorithm: gridding (NUFFT) or direct back-projection; auto "
+        "picks the faster for the device (docs/benchmarks.md)",
     )
     circle_mask: bool = Field(False, description="zero pixels outside the reconstruction circle")
     prepare_geometry: bool = Field(
-        True, description="build each scan's FBP geometry when the scan starts, while its "
-        "projections arrive, not in its first batch (docs/benchmarks.md)"
+        True,
+        description="build each scan's FBP geometry when the scan starts, while its "
+        "projections arrive, not in its first batch (docs/benchmarks.md)",
     )
     denoise_precision: Literal["artifact", "auto", "fp32", "fp16", "bf16", "int8"] = Field(
-        "auto", description="denoiser arithmetic: auto = fp16 on CUDA, bf16 on CPUs with "
-        "native bf16, else int8 if it matches fp32 at load (docs/benchmarks.md), else fp32"
+        "auto",
+        description="denoiser arithmetic: auto = fp16 on CUDA, bf16 on CPUs with "
+        "native bf16, else int8 if it matches fp32 at load (docs/benchmarks.md), else fp32",
     )
     denoise_memory_bytes: int | None = Field(
-        None, ge=1 << 20, description="activation memory per denoiser call; larger slices "
-        "are denoised in overlapping tiles (default: no limit)"
+        None,
+        ge=1 << 20,
+        description="activation memory per denoiser call; larger slices "
+        "are denoised in overlapping tiles (default: no limit)",
     )
     queue_scans: int = Field(2, ge=1, description="complete scans waiting for the worker")
     drain_timeout_s: float = Field(
@@ -129,9 +141,11 @@ class ModelSettings(_Section):
     path: Path | None = Field(None, description="denoiser artifact; default: the shipped model")
     enabled: bool = Field(True, description="denoise slices (off: topic 'slice' carries FBP)")
     field_width: int | None = Field(
-        None, ge=1, description="detector pixels across the full field of view, when scans "
+        None,
+        ge=1,
+        description="detector pixels across the full field of view, when scans "
         "read out a region of interest: the model's input scale follows it instead of each "
-        "slice's width (docs/model-card.md)"
+        "slice's width (docs/model-card.md)",
     )
 
 
@@ -147,8 +161,9 @@ class ArchiveSettings(_Section):
 
 class SecuritySettings(_Section):
     server_secret_key: Path | None = Field(
-        None, description="CURVE: the service's NAME.key_secret file; set = encrypted and "
-        "authenticated ingest and publisher (tomocast keys generate)"
+        None,
+        description="CURVE: the service's NAME.key_secret file; set = encrypted and "
+        "authenticated ingest and publisher (tomocast keys generate)",
     )
     allowed_clients: Path | None = Field(
         None, description="CURVE: directory of the public *.key files of allowed clients"
@@ -157,8 +172,9 @@ class SecuritySettings(_Section):
     @model_validator(mode="after")
     def _both_or_neither(self) -> SecuritySettings:
         if (self.server_secret_key is None) != (self.allowed_clients is None):
-            raise ValueError("set both server_secret_key and allowed_clients (CURVE on) or "
-                             "neither (CURVE off)")
+            raise ValueError(
+                "set both server_secret_key and allowed_clients (CURVE on) or neither (CURVE off)"
+            )
         return self
 
 
@@ -231,19 +247,32 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None, help="TOML settings file")
     for flag, (section, name) in FIXED_FLAGS.items():
         field = Settings.model_fields[section].annotation.model_fields[name]  # type: ignore[union-attr]
-        parser.add_argument(flag, dest=f"{section}.{name}", default=None, metavar=name.upper(),
-                            help=f"{field.description} (default: {field.default})")
+        parser.add_argument(
+            flag,
+            dest=f"{section}.{name}",
+            default=None,
+            metavar=name.upper(),
+            help=f"{field.description} (default: {field.default})",
+        )
     for section, section_field in Settings.model_fields.items():
         model = section_field.annotation
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            parser.add_argument(f"--{section.replace('_', '-')}", dest=section, default=None,
-                                help=f"(default: {section_field.default})")
+            parser.add_argument(
+                f"--{section.replace('_', '-')}",
+                dest=section,
+                default=None,
+                help=f"(default: {section_field.default})",
+            )
             continue
         group = parser.add_argument_group(f"[{section}] settings")
         for name, field in model.model_fields.items():
-            group.add_argument(f"--{section}.{name}", dest=f"{section}.{name}", default=None,
-                               metavar="VALUE",
-                               help=f"{field.description} (default: {field.default})")
+            group.add_argument(
+                f"--{section}.{name}",
+                dest=f"{section}.{name}",
+                default=None,
+                metavar="VALUE",
+                help=f"{field.description} (default: {field.default})",
+            )
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

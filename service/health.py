@@ -45,20 +45,30 @@ class HealthServer:
     `start`/`stop` are called from the owner's thread.
     """
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, ready: Check,
-                 alive: Check = _always_alive) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        ready: Check,
+        alive: Check = _always_alive,
+    ) -> None:
         self._metrics_app = make_wsgi_app(registry)
         self._ready = ready
         self._alive = alive
         try:
-            self._server = make_server(host, port, self._app, server_class=_ThreadingServer,
-                                       handler_class=_QuietHandler)
+            self._server = make_server(
+                host, port, self._app, server_class=_ThreadingServer, handler_class=_QuietHandler
+            )
         except OSError as exc:
-            raise ConfigError(f"metrics.host={host} metrics.port={port}: cannot listen "
-                              f"({exc.strerror or exc}); choose another --metrics-port "
-                              "(0 picks a free one)") from None
-        self._thread = threading.Thread(target=self._server.serve_forever, name="health",
-                                        daemon=True)
+            raise ConfigError(
+                f"metrics.host={host} metrics.port={port}: cannot listen "
+                f"({exc.strerror or exc}); choose another --metrics-port "
+                "(0 picks a free one)"
+            ) from None
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="health", daemon=True
+        )
 
     @property
     def port(self) -> int:
@@ -86,7 +96,12 @@ class HealthServer:
 
 def _text(start_response: Callable[..., Any], status: str, body: str) -> list[bytes]:
     data = body.encode()
-    start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
-                            ("Content-Length", str(len(data))),
-                            ("Cache-Control", "no-store")])
+    start_response(
+        status,
+        [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(data))),
+            ("Cache-Control", "no-store"),
+        ],
+    )
     return [data]

@@ -39,11 +39,18 @@ class Ingest:
     assembled to `on_scan_failed`, on this thread (they must not block).
     """
 
-    def __init__(self, settings: IngestSettings, context: zmq.Context, device: torch.device,
-                 scans: queue.Queue[CompletedScan | None], publisher: Publisher,
-                 metrics: Metrics, curve: ServerKeys | None = None,
-                 on_scan_start: Callable[[ScanStart], None] = lambda start: None,
-                 on_scan_failed: Callable[[ScanStart], None] = lambda start: None) -> None:
+    def __init__(
+        self,
+        settings: IngestSettings,
+        context: zmq.Context,
+        device: torch.device,
+        scans: queue.Queue[CompletedScan | None],
+        publisher: Publisher,
+        metrics: Metrics,
+        curve: ServerKeys | None = None,
+        on_scan_start: Callable[[ScanStart], None] = lambda start: None,
+        on_scan_failed: Callable[[ScanStart], None] = lambda start: None,
+    ) -> None:
         self.settings = settings
         self.context = context
         self.device = device
@@ -102,9 +109,13 @@ class Ingest:
         assert self._socket is not None
         self._channel = channel = self.publisher.channel()
         self.assembler = assembler = ScanAssembler(
-            self.device, self.settings.max_live_scans, on_complete=self._hand_over,
-            on_event=self._event, on_clipped=self.metrics.clipped_pixels.inc,
-            max_live_bytes=self.settings.max_live_bytes, on_start=self.on_scan_start,
+            self.device,
+            self.settings.max_live_scans,
+            on_complete=self._hand_over,
+            on_event=self._event,
+            on_clipped=self.metrics.clipped_pixels.inc,
+            max_live_bytes=self.settings.max_live_bytes,
+            on_start=self.on_scan_start,
             on_failed=self.on_scan_failed,
             storage=STORAGE_DTYPES[self.settings.sinogram_dtype],
         )
@@ -157,11 +168,18 @@ class Ingest:
             # Time spent blocked on our own backpressure is not the DAQ's silence.
             self.assembler.extend_deadlines(time.monotonic() - t0)
         if not delivered:
-            log.error("scan_id=%s failed: the service stopped before the worker could take it",
-                      scan.start.scan_id)
-            self._event({"event": "scan_failed", "scan_id": scan.start.scan_id,
-                         "reason": "the service is stopping; the drain timeout ran out before "
-                         "the worker could take this scan"})
+            log.error(
+                "scan_id=%s failed: the service stopped before the worker could take it",
+                scan.start.scan_id,
+            )
+            self._event(
+                {
+                    "event": "scan_failed",
+                    "scan_id": scan.start.scan_id,
+                    "reason": "the service is stopping; the drain timeout ran out before "
+                    "the worker could take this scan",
+                }
+            )
 
     def _put(self, item: CompletedScan | None, force: bool) -> bool:
         """Block while the worker is busy (backpressure). After stop, a scan waits until the

@@ -19,8 +19,24 @@ from service.protocol import MESSAGE_TYPES, REJECT_REASONS
 SLICE_BUDGET_SECONDS = 0.07
 # Per-stage latency, resolving 1 ms .. 10 s, with a bucket edge exactly on the 70 ms budget so
 # "share of slices over budget" is one bucket ratio, not an interpolation.
-STAGE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, SLICE_BUDGET_SECONDS, 0.1, 0.15,
-                 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STAGE_BUCKETS = (
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.035,
+    0.05,
+    SLICE_BUDGET_SECONDS,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 # Last projection of a scan -> its last slice published: seconds to minutes for big scans.
 TAIL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0)
 # receive, normalize: per ingest message; wait: per scan (queued before the worker took it);
@@ -47,45 +63,73 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.stage_seconds = Histogram(
-            "tomocast_stage_seconds", "Time spent per stage; per slice for fbp, denoise, publish "
+            "tomocast_stage_seconds",
+            "Time spent per stage; per slice for fbp, denoise, publish "
             "and end_to_end, per message for receive and normalize, per scan for wait",
-            ["stage"], buckets=STAGE_BUCKETS, registry=r)
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
         self.scan_tail_seconds = Histogram(
-            "tomocast_scan_tail_seconds", "Last projection of a scan received -> its last slice "
-            "published", buckets=TAIL_BUCKETS, registry=r)
-        self.messages = Counter("tomocast_messages_total", "Ingest messages accepted, by type",
-                                ["type"], registry=r)
-        self.projections = Counter("tomocast_projections_total", "Projections accepted",
-                                   registry=r)
-        self.ingest_bytes = Counter("tomocast_ingest_bytes_total", "Payload bytes accepted",
-                                    registry=r)
-        self.rejected = Counter("tomocast_rejected_messages_total",
-                                "Ingest messages rejected, by reason", ["reason"], registry=r)
+            "tomocast_scan_tail_seconds",
+            "Last projection of a scan received -> its last slice published",
+            buckets=TAIL_BUCKETS,
+            registry=r,
+        )
+        self.messages = Counter(
+            "tomocast_messages_total", "Ingest messages accepted, by type", ["type"], registry=r
+        )
+        self.projections = Counter("tomocast_projections_total", "Projections accepted", registry=r)
+        self.ingest_bytes = Counter(
+            "tomocast_ingest_bytes_total", "Payload bytes accepted", registry=r
+        )
+        self.rejected = Counter(
+            "tomocast_rejected_messages_total",
+            "Ingest messages rejected, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.clipped_pixels = Counter(
-            "tomocast_clipped_pixels_total", "Pixels whose flat-field ratio was not positive and "
-            "were clipped before -log", registry=r)
-        self.slices = Counter("tomocast_slices_published_total", "Slices published, by topic",
-                              ["topic"], registry=r)
+            "tomocast_clipped_pixels_total",
+            "Pixels whose flat-field ratio was not positive and were clipped before -log",
+            registry=r,
+        )
+        self.slices = Counter(
+            "tomocast_slices_published_total", "Slices published, by topic", ["topic"], registry=r
+        )
         # No "dropped for slow viewers" counter: ZeroMQ's PUB drops for a slow subscriber without
         # telling the sender. Each viewer counts its own losses from gaps in `pub_seq`.
-        self.scans = Counter("tomocast_scans_total", "Scans finished, by outcome", ["outcome"],
-                             registry=r)
-        self.errors = Counter("tomocast_errors_total", "Unexpected errors, by stage", ["stage"],
-                              registry=r)
-        self.scans_in_flight = Gauge("tomocast_scans_in_flight", "Scans being assembled or "
-                                     "reconstructed", registry=r)
-        self.queue_depth = Gauge("tomocast_queue_depth", "Items waiting in a queue", ["queue"],
-                                 registry=r)
+        self.scans = Counter(
+            "tomocast_scans_total", "Scans finished, by outcome", ["outcome"], registry=r
+        )
+        self.errors = Counter(
+            "tomocast_errors_total", "Unexpected errors, by stage", ["stage"], registry=r
+        )
+        self.scans_in_flight = Gauge(
+            "tomocast_scans_in_flight", "Scans being assembled or reconstructed", registry=r
+        )
+        self.queue_depth = Gauge(
+            "tomocast_queue_depth", "Items waiting in a queue", ["queue"], registry=r
+        )
         self.batch_size = Gauge("tomocast_batch_size", "Slices per worker batch", registry=r)
-        self.gpu_memory = Gauge("tomocast_gpu_memory_bytes", "GPU memory allocated by the "
-                                "service's tensors (0 on the CPU)", registry=r)
+        self.gpu_memory = Gauge(
+            "tomocast_gpu_memory_bytes",
+            "GPU memory allocated by the service's tensors (0 on the CPU)",
+            registry=r,
+        )
         self.gpu_memory_reserved = Gauge(
-            "tomocast_gpu_memory_reserved_bytes", "GPU memory held by PyTorch's caching "
-            "allocator: what the card really has taken (0 on the CPU)", registry=r)
+            "tomocast_gpu_memory_reserved_bytes",
+            "GPU memory held by PyTorch's caching "
+            "allocator: what the card really has taken (0 on the CPU)",
+            registry=r,
+        )
         self.model = Info("tomocast_model", "The denoiser artifact in use", registry=r)
         self.geometry_prepares = Counter(
-            "tomocast_geometry_prepares_total", "FBP geometries asked for at scan start, by "
-            "outcome", ["outcome"], registry=r)
+            "tomocast_geometry_prepares_total",
+            "FBP geometries asked for at scan start, by outcome",
+            ["outcome"],
+            registry=r,
+        )
         for stage in STAGES:
             self.stage_seconds.labels(stage)
         for kind in MESSAGE_TYPES:
@@ -112,8 +156,9 @@ class Metrics:
             raise ValueError(f"queue {name!r} is not one of {', '.join(QUEUES)}")
         self.queue_depth.labels(name).set_function(depth)
 
-    def watch_gpu_memory(self, allocated: Callable[[], float],
-                         reserved: Callable[[], float]) -> None:
+    def watch_gpu_memory(
+        self, allocated: Callable[[], float], reserved: Callable[[], float]
+    ) -> None:
         """Read GPU memory at each scrape, e.g. `lambda: torch.cuda.memory_allocated(device)`
         and `torch.cuda.memory_reserved`; both run on the HTTP thread."""
         self.gpu_memory.set_function(allocated)

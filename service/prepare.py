@@ -39,8 +39,9 @@ class GeometryPreparer:
     thread through its thread-safe `prepare` (`workers.protocols.PreparableReconstructor`).
     """
 
-    def __init__(self, reconstructor: PreparableReconstructor, metrics: Metrics,
-                 pending: int) -> None:
+    def __init__(
+        self, reconstructor: PreparableReconstructor, metrics: Metrics, pending: int
+    ) -> None:
         self.reconstructor = reconstructor
         self.metrics = metrics
         self._starts: queue.Queue[ScanStart | None] = queue.Queue(pending)
@@ -77,9 +78,13 @@ class GeometryPreparer:
             try:
                 self._starts.put_nowait(start)
             except queue.Full:
-                log.info("scan_id=%s seq=%d geometry not prepared: %d scans' geometries "
-                         "pending; its first batch builds it", start.scan_id, start.seq,
-                         self._starts.maxsize)
+                log.info(
+                    "scan_id=%s seq=%d geometry not prepared: %d scans' geometries "
+                    "pending; its first batch builds it",
+                    start.scan_id,
+                    start.seq,
+                    self._starts.maxsize,
+                )
                 self.metrics.geometry_prepares.labels("dropped").inc()
                 return
             self._wanted[id(start)] = start
@@ -94,15 +99,21 @@ class GeometryPreparer:
             with self._lock:
                 wanted = self._wanted.pop(id(start), None) is start
             if not wanted:
-                log.info("scan_id=%s seq=%d geometry not prepared: the scan failed first",
-                         start.scan_id, start.seq)
+                log.info(
+                    "scan_id=%s seq=%d geometry not prepared: the scan failed first",
+                    start.scan_id,
+                    start.seq,
+                )
                 self.metrics.geometry_prepares.labels("cancelled").inc()
                 continue
             try:
                 self._prepare(start)
             except Exception:  # the one place a failed prepare becomes a log line + counter
-                log.exception("scan_id=%s seq=%d preparing the geometry failed; the worker "
-                              "builds it", start.scan_id, start.seq)
+                log.exception(
+                    "scan_id=%s seq=%d preparing the geometry failed; the worker builds it",
+                    start.scan_id,
+                    start.seq,
+                )
                 self.metrics.errors.labels("prepare").inc()
                 self.metrics.geometry_prepares.labels("failed").inc()
 
@@ -112,6 +123,11 @@ class GeometryPreparer:
         built = self.reconstructor.prepare(theta, start.rotation_center(), start.cols)
         self.metrics.geometry_prepares.labels("built" if built else "cached").inc()
         if built:
-            log.info("scan_id=%s seq=%d geometry prepared: %d angles x %d cols in %.2f s",
-                     start.scan_id, start.seq, start.n_angles, start.cols,
-                     time.perf_counter() - t0)
+            log.info(
+                "scan_id=%s seq=%d geometry prepared: %d angles x %d cols in %.2f s",
+                start.scan_id,
+                start.seq,
+                start.n_angles,
+                start.cols,
+                time.perf_counter() - t0,
+            )

@@ -144,7 +144,11 @@ class FrameChunk:
 
     @classmethod
     def from_array(
-        cls, kind: Literal["dark", "flat", "projections"], scan_id: str, seq: int, index: int,
+        cls,
+        kind: Literal["dark", "flat", "projections"],
+        scan_id: str,
+        seq: int,
+        index: int,
         data: np.ndarray,
     ) -> FrameChunk:
         """Wrap a (count, rows, cols) or (rows, cols) array for sending."""
@@ -178,12 +182,21 @@ Message = ScanStart | FrameChunk | ScanEnd
 def encode(message: Message) -> list[bytes | memoryview]:
     """The multipart frames of `message`, ready for `socket.send_multipart`."""
     header: dict[str, Any] = {
-        "v": PROTOCOL_VERSION, "type": message.type, "scan_id": message.scan_id, "seq": message.seq
+        "v": PROTOCOL_VERSION,
+        "type": message.type,
+        "scan_id": message.scan_id,
+        "seq": message.seq,
     }
     if isinstance(message, ScanStart):
-        header.update(rows=message.rows, cols=message.cols, n_angles=message.n_angles,
-                      dtype=message.dtype, n_dark=message.n_dark, n_flat=message.n_flat,
-                      normalized=message.normalized)
+        header.update(
+            rows=message.rows,
+            cols=message.cols,
+            n_angles=message.n_angles,
+            dtype=message.dtype,
+            n_dark=message.n_dark,
+            n_flat=message.n_flat,
+            normalized=message.normalized,
+        )
         if message.theta is not None:
             header["theta"] = [float(t) for t in message.theta]
         if message.center is not None:
@@ -231,13 +244,15 @@ def decode(frames: Sequence[Any], limits: Limits) -> Message:
     get = _Getter(header, fail)
     scan_id = get.str_("scan_id")
     if not SCAN_ID.match(scan_id):
-        raise fail("bad_value", f"scan_id={scan_id!r} must be 1-128 of [A-Za-z0-9._-], not only "
-                   "dots")
+        raise fail(
+            "bad_value", f"scan_id={scan_id!r} must be 1-128 of [A-Za-z0-9._-], not only dots"
+        )
     seq = get.int_("seq", minimum=0)
     expected_frames = 2 if kind in FRAME_KINDS else 1
     if len(frames) != expected_frames:
-        raise fail("bad_framing", f"a {kind} message has {expected_frames} frame(s), got "
-                   f"{len(frames)}")
+        raise fail(
+            "bad_framing", f"a {kind} message has {expected_frames} frame(s), got {len(frames)}"
+        )
 
     if kind == "scan_start":
         return _scan_start(get, scan_id, seq, limits, fail)
@@ -258,14 +273,20 @@ def _scan_start(get: _Getter, scan_id: str, seq: int, limits: Limits, fail: Any)
     dtype = get.str_("dtype")
     if dtype not in DTYPES:
         raise fail("bad_value", f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
-    for name, value, bound in (("rows", rows, limits.max_rows), ("cols", cols, limits.max_cols),
-                               ("n_angles", n_angles, limits.max_angles)):
+    for name, value, bound in (
+        ("rows", rows, limits.max_rows),
+        ("cols", cols, limits.max_cols),
+        ("n_angles", n_angles, limits.max_angles),
+    ):
         if value > bound:
             raise fail("too_large", f"{name}={value} exceeds the configured limit {bound}")
     scan_bytes = rows * cols * n_angles * 4
     if scan_bytes > limits.max_scan_bytes:
-        raise fail("too_large", f"rows*n_angles*cols*4 = {scan_bytes} bytes exceeds "
-                   f"max_scan_bytes={limits.max_scan_bytes}")
+        raise fail(
+            "too_large",
+            f"rows*n_angles*cols*4 = {scan_bytes} bytes exceeds "
+            f"max_scan_bytes={limits.max_scan_bytes}",
+        )
     theta = get.optional("theta", list)
     if theta is not None:
         if len(theta) != n_angles:
@@ -280,17 +301,30 @@ def _scan_start(get: _Getter, scan_id: str, seq: int, limits: Limits, fail: Any)
     n_flat = get.int_("n_flat", minimum=0, default=0)
     for name, value in (("n_dark", n_dark), ("n_flat", n_flat)):
         if value > limits.max_reference_frames:
-            raise fail("too_large", f"{name}={value} exceeds the configured limit "
-                       f"{limits.max_reference_frames}")
+            raise fail(
+                "too_large",
+                f"{name}={value} exceeds the configured limit {limits.max_reference_frames}",
+            )
     normalized = get.optional("normalized", bool)
     meta = get.optional("meta", dict) or {}
     if not _plain_keys(meta):
         raise fail("bad_value", "meta maps must have string keys")
     if len(msgpack.packb(meta)) > limits.max_meta_bytes:
         raise fail("too_large", f"meta exceeds max_meta_bytes={limits.max_meta_bytes}")
-    return ScanStart(scan_id, seq, rows, cols, n_angles, dtype, theta,
-                     None if center is None else float(center), n_dark, n_flat,
-                     bool(normalized), meta)
+    return ScanStart(
+        scan_id,
+        seq,
+        rows,
+        cols,
+        n_angles,
+        dtype,
+        theta,
+        None if center is None else float(center),
+        n_dark,
+        n_flat,
+        bool(normalized),
+        meta,
+    )
 
 
 def _plain_keys(value: Any, depth: int = 0) -> bool:
@@ -308,19 +342,28 @@ def _unpack_header(raw: bytes | memoryview, limits: Limits) -> dict[str, Any]:
     size = len(raw) if isinstance(raw, bytes) else raw.nbytes
     if size > limits.max_header_bytes:
         # Checked before unpacking: msgpack objects can expand ~70x into Python objects.
-        raise ProtocolError("too_large", f"header frame is {size} bytes, above "
-                            f"{limits.max_header_bytes} (max_meta_bytes + theta)")
+        raise ProtocolError(
+            "too_large",
+            f"header frame is {size} bytes, above "
+            f"{limits.max_header_bytes} (max_meta_bytes + theta)",
+        )
     try:
         header = msgpack.unpackb(
-            raw, raw=False, strict_map_key=True, max_str_len=limits.max_meta_bytes,
-            max_bin_len=limits.max_meta_bytes, max_array_len=limits.max_angles,
-            max_map_len=4096, max_ext_len=0,
+            raw,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=limits.max_meta_bytes,
+            max_bin_len=limits.max_meta_bytes,
+            max_array_len=limits.max_angles,
+            max_map_len=4096,
+            max_ext_len=0,
         )
     except (msgpack.UnpackException, ValueError, TypeError) as exc:
         raise ProtocolError("not_msgpack", f"frame 0 is not a msgpack header: {exc}") from None
     if not isinstance(header, dict):
-        raise ProtocolError("not_msgpack", f"frame 0 is a msgpack {type(header).__name__}, "
-                            "not a map")
+        raise ProtocolError(
+            "not_msgpack", f"frame 0 is a msgpack {type(header).__name__}, not a map"
+        )
     return header
 
 

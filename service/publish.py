@@ -37,8 +37,14 @@ class Publisher:
     """Owns the XPUB socket and its forwarding thread. `start`/`stop` from the owner's thread;
     `channel()` from each producer thread (one channel per thread)."""
 
-    def __init__(self, settings: PublishSettings, context: zmq.Context, metrics: Metrics,
-                 service_info: dict[str, Any], curve: ServerKeys | None = None) -> None:
+    def __init__(
+        self,
+        settings: PublishSettings,
+        context: zmq.Context,
+        metrics: Metrics,
+        service_info: dict[str, Any],
+        curve: ServerKeys | None = None,
+    ) -> None:
         self.settings = settings
         self.context = context
         self.metrics = metrics
@@ -138,8 +144,13 @@ class PublishChannel:
         """Publish one slice; stamps `t_published` and the `end_to_end` timing."""
         data = np.ascontiguousarray(data, dtype=np.float32)
         now = time.time()
-        header = {**header, "v": 1, "shape": list(data.shape), "dtype": "float32",
-                  "t_published": now}
+        header = {
+            **header,
+            "v": 1,
+            "shape": list(data.shape),
+            "dtype": "float32",
+            "t_published": now,
+        }
         timing = dict(header.get("timing", {}))
         if "t_last_projection" in header:
             timing["end_to_end"] = now - header["t_last_projection"]

@@ -62,8 +62,11 @@ class RowWindow:
     def begin(self, capacity: int, height: int, width: int, device: torch.device) -> None:
         """Empty, at row 0 of a scan; the buffer is kept from the last scan when it fits."""
         shape = (capacity, height, width)
-        if (self._buffer is None or tuple(self._buffer.shape) != shape
-                or self._buffer.device != device):
+        if (
+            self._buffer is None
+            or tuple(self._buffer.shape) != shape
+            or self._buffer.device != device
+        ):
             self._buffer = None  # the old one goes back to the allocator first
             self._buffer = torch.empty(shape, dtype=torch.float32, device=device)
         self.first = self.stop = 0
@@ -75,7 +78,7 @@ class RowWindow:
         kept = self.stop - row
         if row > self.first and kept:
             # source and destination may overlap: copy through a temporary (a few rows)
-            self._buffer[:kept] = self._buffer[row - self.first:self.stop - self.first].clone()
+            self._buffer[:kept] = self._buffer[row - self.first : self.stop - self.first].clone()
         self.first = row
 
     def append(self, rows: torch.Tensor) -> torch.Tensor:
@@ -83,9 +86,11 @@ class RowWindow:
         assert self._buffer is not None
         start, count = self.stop - self.first, rows.shape[0]
         if start + count > self._buffer.shape[0]:
-            raise ValueError(f"{start} rows held + {count} new exceed the window's "
-                             f"{self._buffer.shape[0]}: drop rows first")
-        view = self._buffer[start:start + count]
+            raise ValueError(
+                f"{start} rows held + {count} new exceed the window's "
+                f"{self._buffer.shape[0]}: drop rows first"
+            )
+        view = self._buffer[start : start + count]
         view.copy_(rows)
         self.stop += count
         return view
@@ -98,7 +103,7 @@ class RowWindow:
     def held(self) -> torch.Tensor:
         """The rows [`first`, `stop`) held, as one (stop - first, H, W) view."""
         assert self._buffer is not None
-        return self._buffer[:self.stop - self.first]
+        return self._buffer[: self.stop - self.first]
 
 
 class Worker:
@@ -112,10 +117,17 @@ class Worker:
     completed or failed, the worker `release`s the scan's geometry: the cache may evict it.
     """
 
-    def __init__(self, settings: WorkerSettings, publish: PublishSettings,
-                 scans: queue.Queue[CompletedScan | None], reconstructor: Reconstructor,
-                 denoiser: Denoiser | None, publisher: Publisher, metrics: Metrics,
-                 archive: Archive | None = None) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        publish: PublishSettings,
+        scans: queue.Queue[CompletedScan | None],
+        reconstructor: Reconstructor,
+        denoiser: Denoiser | None,
+        publisher: Publisher,
+        metrics: Metrics,
+        archive: Archive | None = None,
+    ) -> None:
         self.settings = settings
         self.publish_recon = publish.recon
         self.scans = scans
@@ -127,9 +139,11 @@ class Worker:
         self.model_name = denoiser.name if denoiser is not None else "none"
         self._transfer: HostTransfer | None = None  # made on the worker thread, per device
         self._window = RowWindow()  # the reconstructed rows denoising still needs
-        self._release = (reconstructor.release if isinstance(reconstructor,
-                                                             PreparableReconstructor)
-                         else lambda: None)
+        self._release = (
+            reconstructor.release
+            if isinstance(reconstructor, PreparableReconstructor)
+            else lambda: None
+        )
         self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
         self.busy = False  # processing a scan; read from other threads for metrics
 
@@ -166,8 +180,13 @@ class Worker:
                     self.metrics.scans.labels("failed").inc()
                     if self.archive is not None:
                         self.archive.abort(scan.start.scan_id)
-                    channel.send_event({"event": "scan_failed", "scan_id": scan.start.scan_id,
-                                        "reason": "internal error in the worker (see the log)"})
+                    channel.send_event(
+                        {
+                            "event": "scan_failed",
+                            "scan_id": scan.start.scan_id,
+                            "reason": "internal error in the worker (see the log)",
+                        }
+                    )
                 finally:
                     self._release()
                     self.busy = False
@@ -180,11 +199,16 @@ class Worker:
         batch = self.settings.batch_rows
         wait = time.time() - scan.t_last_projection
         self.metrics.stage_seconds.labels("wait").observe(wait)
-        header = {"scan_id": scan.start.scan_id, "rows": rows, "model": self.model_name,
-                  "t_last_projection": scan.t_last_projection}
+        header = {
+            "scan_id": scan.start.scan_id,
+            "rows": rows,
+            "model": self.model_name,
+            "t_last_projection": scan.t_last_projection,
+        }
         if self.archive is not None:
-            self.archive.begin(scan.start.scan_id, rows, cols, scan.theta, scan.center,
-                               scan.start.meta)
+            self.archive.begin(
+                scan.start.scan_id, rows, cols, scan.theta, scan.center, scan.start.meta
+            )
         if self._transfer is None or self._transfer.device != device:
             self._transfer = host_transfer(device)
         transfer = self._transfer
@@ -206,8 +230,9 @@ class Worker:
                 fbp_start = transfer.mark()
                 # float32 as the Reconstructor contract says (a no-op unless the scan is stored
                 # in float16, ingest.sinogram_dtype)
-                reconstructed = self.reconstructor.reconstruct(scan.sinogram[r0:r1].float(),
-                                                               theta, scan.center)
+                reconstructed = self.reconstructor.reconstruct(
+                    scan.sinogram[r0:r1].float(), theta, scan.center
+                )
                 if self.denoiser is not None:
                     window.drop_before(denoised_to - halo)
                     reconstructed = window.append(reconstructed)
@@ -217,8 +242,10 @@ class Worker:
                     # a copy: the window's rows (or the reconstructor's reusable buffer) are
                     # overwritten before the copy to the host has run (CUDA) or the slices have
                     # been sent (CPU: zero-copy)
-                    transfer.submit(reconstructed.clone(), ("recon" if self.denoiser else "slice",
-                                                            r0, fbp, None))
+                    transfer.submit(
+                        reconstructed.clone(),
+                        ("recon" if self.denoiser else "slice", r0, fbp, None),
+                    )
                 ready = rows if r1 == rows else r1 - halo
                 while denoised_to < ready and self.denoiser is not None:
                     d0, d1 = denoised_to, min(ready, denoised_to + batch)
@@ -226,11 +253,12 @@ class Worker:
                     # rows past the window's ends are past the volume's (edge replication is
                     # right) or not needed: window.first <= d0 - halo unless it is row 0, and
                     # d1 - 1 + halo < r1 unless r1 == rows
-                    denoised = self.denoiser.denoise(adjacent_stack(
-                        window.held(), d0 - window.first, d1 - window.first,
-                        self.denoiser.depth))
-                    transfer.submit(denoised, ("slice", d0, fbp,
-                                               (start, transfer.mark(), d1 - d0)))
+                    denoised = self.denoiser.denoise(
+                        adjacent_stack(
+                            window.held(), d0 - window.first, d1 - window.first, self.denoiser.depth
+                        )
+                    )
+                    transfer.submit(denoised, ("slice", d0, fbp, (start, transfer.mark(), d1 - d0)))
                     denoised_to = d1
                 for delivery in transfer.ready():
                     self._deliver(channel, header, delivery, wait, times)
@@ -243,22 +271,40 @@ class Worker:
         tail = time.time() - scan.t_last_projection
         self.metrics.scan_tail_seconds.observe(tail)
         self.metrics.scans.labels("completed").inc()
-        log.info("scan_id=%s completed: %d slices, last projection -> last slice %.3f s",
-                 scan.start.scan_id, rows, tail)
+        log.info(
+            "scan_id=%s completed: %d slices, last projection -> last slice %.3f s",
+            scan.start.scan_id,
+            rows,
+            tail,
+        )
         completed = {
-            "event": "scan_completed", "scan_id": scan.start.scan_id, "slices": rows,
-            "missing_projections": scan.missing, "rejected_messages": scan.rejected,
-            "clipped_pixels": scan.clipped, "model": self.model_name,
-            "latency": {"tail_s": tail, "fbp_ms_per_slice": 1e3 * float(np.mean(times["fbp"])),
-                        "denoise_ms_per_slice": 1e3 * float(np.mean(times["denoise"]))
-                        if times["denoise"] else None},
+            "event": "scan_completed",
+            "scan_id": scan.start.scan_id,
+            "slices": rows,
+            "missing_projections": scan.missing,
+            "rejected_messages": scan.rejected,
+            "clipped_pixels": scan.clipped,
+            "model": self.model_name,
+            "latency": {
+                "tail_s": tail,
+                "fbp_ms_per_slice": 1e3 * float(np.mean(times["fbp"])),
+                "denoise_ms_per_slice": 1e3 * float(np.mean(times["denoise"]))
+                if times["denoise"]
+                else None,
+            },
         }
         if self.archive is not None:
             self.archive.end(scan.start.scan_id, completed)
         channel.send_event(completed)
 
-    def _deliver(self, channel: PublishChannel, header: dict[str, Any], delivery: Delivery,
-                 wait: float, times: dict[str, list[float]]) -> None:
+    def _deliver(
+        self,
+        channel: PublishChannel,
+        header: dict[str, Any],
+        delivery: Delivery,
+        wait: float,
+        times: dict[str, list[float]],
+    ) -> None:
         """Publish (and archive) a batch that reached the host; its stage times are read now,
         when its device work is known to be done."""
         topic, first_index, (fbp_start, fbp_done, fbp_rows), denoise = delivery.tag
@@ -269,12 +315,18 @@ class Worker:
             times["denoise"].append(timing["denoise"])
         self._send(channel, topic, header, delivery.slices, first_index, timing)
 
-    def _send(self, channel: PublishChannel, topic: str, header: dict[str, Any],
-              host: np.ndarray, first_index: int, timing: dict[str, float]) -> None:
+    def _send(
+        self,
+        channel: PublishChannel,
+        topic: str,
+        header: dict[str, Any],
+        host: np.ndarray,
+        first_index: int,
+        timing: dict[str, float],
+    ) -> None:
         t0 = time.perf_counter()
         for i, data in enumerate(host):
-            channel.send_slice(topic, {**header, "index": first_index + i, "timing": timing},
-                               data)
+            channel.send_slice(topic, {**header, "index": first_index + i, "timing": timing}, data)
         if self.archive is not None:
             self.archive.write(header["scan_id"], topic, first_index, host)
         per_slice = (time.perf_counter() - t0) / len(host)

@@ -81,7 +81,7 @@ class _References:
         if self.total is None:
             self.total = torch.zeros(frames.shape[1:], dtype=torch.float64, device=frames.device)
         for first in range(0, frames.shape[0], 8):
-            self.total += frames[first:first + 8].to(torch.float64).sum(dim=0)
+            self.total += frames[first : first + 8].to(torch.float64).sum(dim=0)
         self.seen.update(range(index, index + frames.shape[0]))
 
     @property
@@ -97,8 +97,9 @@ class _References:
 class _Scan:
     """State of one scan being assembled."""
 
-    def __init__(self, start: ScanStart, device: torch.device,
-                 storage: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, start: ScanStart, device: torch.device, storage: torch.dtype = torch.float32
+    ) -> None:
         self.start = start
         self.device = device
         self.theta = start.theta_array()
@@ -139,7 +140,7 @@ class _Scan:
         clipped = 0
         if self.start.normalized or self.dark is None:
             values = tensor.to(torch.float32)
-            self.raw[index:index + count] = not self.start.normalized
+            self.raw[index : index + count] = not self.start.normalized
             if not self.start.normalized and self.raw_scale != 1.0:
                 values.mul_(self.raw_scale)
         else:
@@ -149,8 +150,8 @@ class _Scan:
             # a wild line integral from the DAQ stays finite, not inf (flat-field corrected
             # values are within +-14 by the transmission clip)
             values.clamp_(-FP16_MAX, FP16_MAX)
-        self.sinogram[:, index:index + count, :] = values.transpose(0, 1)
-        self.received[index:index + count] = True
+        self.sinogram[:, index : index + count, :] = values.transpose(0, 1)
+        self.received[index : index + count] = True
         self.clipped += clipped
         return clipped
 
@@ -226,9 +227,13 @@ class ScanAssembler:
             return
         scan = self.scans.get(message.scan_id)
         if scan is None:
-            raise ProtocolError("unknown_scan", f"no live scan {message.scan_id!r} (send "
-                                "scan_start first, or the scan already ended)",
-                                message.scan_id, message.seq)
+            raise ProtocolError(
+                "unknown_scan",
+                f"no live scan {message.scan_id!r} (send "
+                "scan_start first, or the scan already ended)",
+                message.scan_id,
+                message.seq,
+            )
         try:
             self._check_seq(scan, message)
             if isinstance(message, ScanEnd):
@@ -251,11 +256,18 @@ class ScanAssembler:
         stale = [sid for sid, s in self.scans.items() if now - s.t_last_message > timeout_s]
         for scan_id in stale:
             scan = self.scans[scan_id]
-            log.warning("scan_id=%s seq=%d timed out after %.1f s without a message",
-                        scan_id, scan.max_seq, timeout_s)
-            self._fail(scan, f"no message for {timeout_s:g} s (ingest.scan_timeout_s); "
-                       f"{int(scan.received.sum())} of {scan.start.n_angles} projections had "
-                       "arrived")
+            log.warning(
+                "scan_id=%s seq=%d timed out after %.1f s without a message",
+                scan_id,
+                scan.max_seq,
+                timeout_s,
+            )
+            self._fail(
+                scan,
+                f"no message for {timeout_s:g} s (ingest.scan_timeout_s); "
+                f"{int(scan.received.sum())} of {scan.start.n_angles} projections had "
+                "arrived",
+            )
         return stale
 
     def extend_deadlines(self, seconds: float) -> None:
@@ -271,71 +283,133 @@ class ScanAssembler:
 
     def _start(self, start: ScanStart) -> None:
         if start.scan_id in self.scans:
-            raise ProtocolError("scan_exists", f"scan {start.scan_id!r} is already live; end it "
-                                "or use a new scan_id", start.scan_id, start.seq)
+            raise ProtocolError(
+                "scan_exists",
+                f"scan {start.scan_id!r} is already live; end it or use a new scan_id",
+                start.scan_id,
+                start.seq,
+            )
         if not start.normalized and start.n_flat == 0:
-            raise ProtocolError("no_flats", "a raw scan needs flat fields (n_flat >= 1), or send "
-                                "line integrals with normalized=true", start.scan_id, start.seq)
+            raise ProtocolError(
+                "no_flats",
+                "a raw scan needs flat fields (n_flat >= 1), or send "
+                "line integrals with normalized=true",
+                start.scan_id,
+                start.seq,
+            )
         if len(self.scans) >= self.max_live_scans:
-            raise ProtocolError("too_many_scans", f"{len(self.scans)} scans are live "
-                                f"(ingest.max_live_scans={self.max_live_scans})",
-                                start.scan_id, start.seq)
+            raise ProtocolError(
+                "too_many_scans",
+                f"{len(self.scans)} scans are live (ingest.max_live_scans={self.max_live_scans})",
+                start.scan_id,
+                start.seq,
+            )
         itemsize = storage_for(start, self.storage)[0].itemsize
         need = start.rows * start.n_angles * start.cols * itemsize
         held = sum(s.nbytes for s in self.scans.values())
         if held + need > self.max_live_bytes:
-            raise ProtocolError("too_many_scans", f"this scan needs {need} bytes and live scans "
-                                f"hold {held}: over ingest.max_live_bytes={self.max_live_bytes}",
-                                start.scan_id, start.seq)
+            raise ProtocolError(
+                "too_many_scans",
+                f"this scan needs {need} bytes and live scans "
+                f"hold {held}: over ingest.max_live_bytes={self.max_live_bytes}",
+                start.scan_id,
+                start.seq,
+            )
         try:
             scan = _Scan(start, self.device, self.storage)
         except torch.cuda.OutOfMemoryError:
-            raise ProtocolError("too_large", f"the device has no room for {need} bytes of "
-                                "sinogram", start.scan_id, start.seq) from None
+            raise ProtocolError(
+                "too_large",
+                f"the device has no room for {need} bytes of sinogram",
+                start.scan_id,
+                start.seq,
+            ) from None
         if scan.references_ready:
             scan.finalise_references()
         self.scans[start.scan_id] = scan
-        log.info("scan_id=%s seq=%d started: %d rows x %d cols x %d angles %s", start.scan_id,
-                 start.seq, start.rows, start.cols, start.n_angles, start.dtype)
-        self.on_event({"event": "scan_started", "scan_id": start.scan_id, "rows": start.rows,
-                       "cols": start.cols, "n_angles": start.n_angles, "meta": start.meta})
+        log.info(
+            "scan_id=%s seq=%d started: %d rows x %d cols x %d angles %s",
+            start.scan_id,
+            start.seq,
+            start.rows,
+            start.cols,
+            start.n_angles,
+            start.dtype,
+        )
+        self.on_event(
+            {
+                "event": "scan_started",
+                "scan_id": start.scan_id,
+                "rows": start.rows,
+                "cols": start.cols,
+                "n_angles": start.n_angles,
+                "meta": start.meta,
+            }
+        )
         self.on_start(start)
 
     def _check_seq(self, scan: _Scan, message: FrameChunk | ScanEnd) -> None:
         if message.seq in scan.seqs:
-            raise ProtocolError("duplicate", f"seq {message.seq} was already received",
-                                message.scan_id, message.seq)
+            raise ProtocolError(
+                "duplicate", f"seq {message.seq} was already received", message.scan_id, message.seq
+            )
         if message.seq > scan.max_seq + 1:
-            log.warning("scan_id=%s seq=%d gap: messages %d..%d not (yet) received",
-                        message.scan_id, message.seq, scan.max_seq + 1, message.seq - 1)
+            log.warning(
+                "scan_id=%s seq=%d gap: messages %d..%d not (yet) received",
+                message.scan_id,
+                message.seq,
+                scan.max_seq + 1,
+                message.seq - 1,
+            )
 
     def _frames(self, scan: _Scan, chunk: FrameChunk) -> None:
         start = scan.start
         if start.normalized and chunk.kind != "projections":
-            raise ProtocolError("bad_value", f"{chunk.kind} frames sent for a normalized scan",
-                                chunk.scan_id, chunk.seq)
-        declared = {"dark": start.n_dark, "flat": start.n_flat,
-                    "projections": start.n_angles}[chunk.kind]
+            raise ProtocolError(
+                "bad_value",
+                f"{chunk.kind} frames sent for a normalized scan",
+                chunk.scan_id,
+                chunk.seq,
+            )
+        declared = {"dark": start.n_dark, "flat": start.n_flat, "projections": start.n_angles}[
+            chunk.kind
+        ]
         if chunk.index + chunk.count > declared:
-            raise ProtocolError("index_out_of_range", f"{chunk.kind} index {chunk.index}+count "
-                                f"{chunk.count} exceeds the {declared} declared at scan_start",
-                                chunk.scan_id, chunk.seq)
+            raise ProtocolError(
+                "index_out_of_range",
+                f"{chunk.kind} index {chunk.index}+count "
+                f"{chunk.count} exceeds the {declared} declared at scan_start",
+                chunk.scan_id,
+                chunk.seq,
+            )
         data = chunk.to_array(start)
         span = range(chunk.index, chunk.index + chunk.count)
         if chunk.kind == "projections":
-            if scan.received[chunk.index:chunk.index + chunk.count].any():
-                raise ProtocolError("duplicate", f"projections {span.start}..{span.stop - 1} "
-                                    "overlap ones already received", chunk.scan_id, chunk.seq)
+            if scan.received[chunk.index : chunk.index + chunk.count].any():
+                raise ProtocolError(
+                    "duplicate",
+                    f"projections {span.start}..{span.stop - 1} overlap ones already received",
+                    chunk.scan_id,
+                    chunk.seq,
+                )
             self.on_clipped(scan.store(chunk.index, data))
             scan.t_last_projection = time.time()
             return
         refs = scan.darks if chunk.kind == "dark" else scan.flats
         if refs.seen.intersection(span):
-            raise ProtocolError("duplicate", f"{chunk.kind} frames {span.start}..{span.stop - 1}"
-                                " overlap ones already received", chunk.scan_id, chunk.seq)
+            raise ProtocolError(
+                "duplicate",
+                f"{chunk.kind} frames {span.start}..{span.stop - 1} overlap ones already received",
+                chunk.scan_id,
+                chunk.seq,
+            )
         if scan.dark is not None:
-            raise ProtocolError("bad_value", f"{chunk.kind} frames after the references were "
-                                "complete", chunk.scan_id, chunk.seq)
+            raise ProtocolError(
+                "bad_value",
+                f"{chunk.kind} frames after the references were complete",
+                chunk.scan_id,
+                chunk.seq,
+            )
         refs.add(chunk.index, torch.from_numpy(np.array(data, copy=True)).to(scan.device))
         if scan.references_ready:
             self._apply_references(scan)
@@ -347,18 +421,28 @@ class ScanAssembler:
     def _end(self, scan: _Scan, end: ScanEnd) -> None:
         received = int(scan.received.sum())
         if end.count != received:
-            log.warning("scan_id=%s seq=%d scan_end says %d projections were sent, %d arrived",
-                        end.scan_id, end.seq, end.count, received)
+            log.warning(
+                "scan_id=%s seq=%d scan_end says %d projections were sent, %d arrived",
+                end.scan_id,
+                end.seq,
+                end.count,
+                received,
+            )
         self._finish(scan)
 
     def _finish(self, scan: _Scan) -> None:
         received = int(scan.received.sum())
         if scan.dark is None:
             if scan.flats.seen:
-                log.warning("scan_id=%s references incomplete (%d/%d darks, %d/%d flats): "
-                            "averaging those received", scan.start.scan_id,
-                            len(scan.darks.seen), scan.darks.declared, len(scan.flats.seen),
-                            scan.flats.declared)
+                log.warning(
+                    "scan_id=%s references incomplete (%d/%d darks, %d/%d flats): "
+                    "averaging those received",
+                    scan.start.scan_id,
+                    len(scan.darks.seen),
+                    scan.darks.declared,
+                    len(scan.flats.seen),
+                    scan.flats.declared,
+                )
                 self._apply_references(scan)
             else:
                 self._fail(scan, "no flat field frames arrived")
@@ -370,15 +454,26 @@ class ScanAssembler:
         keep = np.flatnonzero(scan.received)
         sinogram = scan.sinogram
         if len(keep) < scan.start.n_angles:
-            log.warning("scan_id=%s reconstructing with %d of %d projections", scan.start.scan_id,
-                        len(keep), scan.start.n_angles)
+            log.warning(
+                "scan_id=%s reconstructing with %d of %d projections",
+                scan.start.scan_id,
+                len(keep),
+                scan.start.n_angles,
+            )
             sinogram = sinogram[:, torch.as_tensor(keep, device=sinogram.device), :].contiguous()
-        self.on_complete(CompletedScan(
-            start=scan.start, sinogram=sinogram, theta=scan.theta[keep],
-            center=scan.start.rotation_center(), missing=scan.start.n_angles - len(keep),
-            clipped=scan.clipped, rejected=scan.rejected,
-            t_first_message=scan.t_first_message, t_last_projection=scan.t_last_projection,
-        ))
+        self.on_complete(
+            CompletedScan(
+                start=scan.start,
+                sinogram=sinogram,
+                theta=scan.theta[keep],
+                center=scan.start.rotation_center(),
+                missing=scan.start.n_angles - len(keep),
+                clipped=scan.clipped,
+                rejected=scan.rejected,
+                t_first_message=scan.t_first_message,
+                t_last_projection=scan.t_last_projection,
+            )
+        )
 
     def _fail(self, scan: _Scan, reason: str) -> None:
         self.scans.pop(scan.start.scan_id, None)

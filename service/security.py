@@ -63,12 +63,16 @@ class ServerKeys:
 def start_authenticator(context: zmq.Context, allowed_clients: Path) -> ThreadAuthenticator:
     """Accept CURVE clients whose public key file is in `allowed_clients`, nobody else."""
     if not allowed_clients.is_dir():
-        raise ConfigError(f"security.allowed_clients={allowed_clients} is not a directory of "
-                          "client public key files")
+        raise ConfigError(
+            f"security.allowed_clients={allowed_clients} is not a directory of "
+            "client public key files"
+        )
     keys = sorted(allowed_clients.glob("*.key"))
     if not keys:
-        log.warning("security.allowed_clients=%s holds no *.key file: no client can connect",
-                    allowed_clients)
+        log.warning(
+            "security.allowed_clients=%s holds no *.key file: no client can connect",
+            allowed_clients,
+        )
     authenticator = ThreadAuthenticator(context, log=logging.getLogger("service.security.zap"))
     authenticator.start()
     authenticator.configure_curve(domain="*", location=str(allowed_clients))
@@ -104,8 +108,9 @@ def add_commands(
     keys = command("keys", cmd_keys, "CURVE key pairs for the ingest and publisher sockets")
     keys.add_argument("action", choices=["generate"])
     keys.add_argument("directory", type=Path)
-    keys.add_argument("--name", default="server",
-                      help="key name: 'server' for the service, any name per client")
+    keys.add_argument(
+        "--name", default="server", help="key name: 'server' for the service, any name per client"
+    )
 
 
 def cmd_keys(args: argparse.Namespace) -> int:

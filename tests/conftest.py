@@ -37,9 +37,12 @@ def start_service() -> Iterator[Callable[..., tuple[Service, Endpoints]]]:
     started: list[Service] = []
 
     def start(reconstructor: Any = None, **overrides: Any) -> tuple[Service, Endpoints]:
-        base = {"ingest": {"endpoint": "tcp://127.0.0.1:*"},
-                "publish": {"endpoint": "tcp://127.0.0.1:*"},
-                "metrics": {"port": 0}, "worker": {"device": "cpu"}}
+        base = {
+            "ingest": {"endpoint": "tcp://127.0.0.1:*"},
+            "publish": {"endpoint": "tcp://127.0.0.1:*"},
+            "metrics": {"port": 0},
+            "worker": {"device": "cpu"},
+        }
         service = Service(load_settings(None, _merge(base, overrides)), reconstructor)
         started.append(service)
         return service, service.start()

@@ -36,13 +36,21 @@ from tests.support.headless import find_chromium, launch
 from workers.recon import recon
 
 LINKS = {"1 Gb/s": 1e9, "100 Mb/s": 1e8}
-HEADER = {"scan_id": "bench", "index": 0, "rows": 1, "model": "bench", "t_published": 0.0,
-          "t_last_projection": 0.0, "timing": {"end_to_end": 0.0}}
+HEADER = {
+    "scan_id": "bench",
+    "index": 0,
+    "rows": 1,
+    "model": "bench",
+    "t_published": 0.0,
+    "t_last_projection": 0.0,
+    "timing": {"end_to_end": 0.0},
+}
 
 
 def fbp_slice(n: int) -> np.ndarray:
-    scan = simulate_scan("bench", rows=1, cols=n, n_angles=n, photons=1000, n_dark=4,
-                         n_flat=4, seed=n)
+    scan = simulate_scan(
+        "bench", rows=1, cols=n, n_angles=n, photons=1000, n_dark=4, n_flat=4, seed=n
+    )
     dark, flat = scan.darks.mean(0), scan.flats.mean(0)
     ratio = np.clip((scan.projections - dark) / (flat - dark), 1e-6, None)
     return recon((-np.log(ratio)).astype(np.float32), scan.theta)[0]
@@ -125,17 +133,25 @@ def browser_side(data: dict[int, np.ndarray], repeat: int) -> dict[int, dict[str
         sys.exit("no chromium: apt-get install chromium chromium-driver")
     results = {}
     # No service is needed: the page only lends its functions.
-    with WebViewer(WebSettings(connect="tcp://127.0.0.1:9", port=0)) as viewer, \
-            tempfile.TemporaryDirectory() as profile, sync_playwright() as playwright:
+    with (
+        WebViewer(WebSettings(connect="tcp://127.0.0.1:9", port=0)) as viewer,
+        tempfile.TemporaryDirectory() as profile,
+        sync_playwright() as playwright,
+    ):
         context = launch(playwright, executable, Path(profile))
         page = context.new_page()
         page.goto(viewer.url)
         page.wait_for_function("globalThis.tomocastViewer !== undefined")
         for n, image in data.items():
             frame = encode_frame(frame_header("slice", HEADER, image.shape, 1), image)
-            results[n] = page.evaluate(BROWSER_BENCH, [base64.b64encode(frame).decode(),
-                                                       base64.b64encode(png(image, 6)).decode(),
-                                                       repeat])
+            results[n] = page.evaluate(
+                BROWSER_BENCH,
+                [
+                    base64.b64encode(frame).decode(),
+                    base64.b64encode(png(image, 6)).decode(),
+                    repeat,
+                ],
+            )
         context.close()
     return results
 
@@ -147,19 +163,26 @@ def main() -> None:
     args = parser.parse_args()
     data = slices(args.sizes)
     browser = browser_side(data, args.repeat)
-    print(f"{'size':>6} {'format':<18} {'bytes':>10} {'encode ms':>10} {'browser ms':>11} "
-          + " ".join(f"{'@' + link:>12}" for link in LINKS) + "   (total ms at each link)")
+    print(
+        f"{'size':>6} {'format':<18} {'bytes':>10} {'encode ms':>10} {'browser ms':>11} "
+        + " ".join(f"{'@' + link:>12}" for link in LINKS)
+        + "   (total ms at each link)"
+    )
     for n, image in data.items():
         for name, (encode, payload) in server_side(image, args.repeat).items():
-            decode = {"float32": browser[n]["float32"],
-                      "png8 level 6": browser[n]["png"]}.get(name)
+            decode = {"float32": browser[n]["float32"], "png8 level 6": browser[n]["png"]}.get(name)
             totals = []
             for rate in LINKS.values():
                 wire = len(payload) * 8 / rate * 1e3
-                totals.append(f"{encode + wire + (decode or 0):>12.1f}" if decode is not None
-                              else f"{'wire ' + format(wire, '.1f'):>12}")
-            print(f"{n:>6} {name:<18} {len(payload):>10} {encode:>10.2f} "
-                  f"{decode if decode is not None else float('nan'):>11.2f} " + " ".join(totals))
+                totals.append(
+                    f"{encode + wire + (decode or 0):>12.1f}"
+                    if decode is not None
+                    else f"{'wire ' + format(wire, '.1f'):>12}"
+                )
+            print(
+                f"{n:>6} {name:<18} {len(payload):>10} {encode:>10.2f} "
+                f"{decode if decode is not None else float('nan'):>11.2f} " + " ".join(totals)
+            )
 
 
 if __name__ == "__main__":

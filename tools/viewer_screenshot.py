@@ -40,18 +40,43 @@ def main() -> None:
     executable = find_chromium()
     if executable is None:
         sys.exit(f"no chromium: apt-get install {DEBIAN_PACKAGES}")
-    scan = simulate_scan("foam-demo", rows=args.rows, cols=args.cols, n_angles=args.angles,
-                         photons=args.photons, seed=1)
-    service = Service(load_settings(None, {
-        "ingest": {"endpoint": "tcp://127.0.0.1:*"},
-        "publish": {"endpoint": "tcp://127.0.0.1:*", "recon": True},
-        "metrics": {"port": 0}, "worker": {"device": "cpu"}}))
+    scan = simulate_scan(
+        "foam-demo",
+        rows=args.rows,
+        cols=args.cols,
+        n_angles=args.angles,
+        photons=args.photons,
+        seed=1,
+    )
+    service = Service(
+        load_settings(
+            None,
+            {
+                "ingest": {"endpoint": "tcp://127.0.0.1:*"},
+                "publish": {"endpoint": "tcp://127.0.0.1:*", "recon": True},
+                "metrics": {"port": 0},
+                "worker": {"device": "cpu"},
+            },
+        )
+    )
     endpoints = service.start()
     try:
-        viewer = subprocess.Popen([sys.executable, "-m", "service.cli", "view", "--connect",
-                                   endpoints.publish, "--web", "--port", "0"],
-                                  stderr=subprocess.PIPE, text=True,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        viewer = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "view",
+                "--connect",
+                endpoints.publish,
+                "--web",
+                "--port",
+                "0",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         try:
             url = _viewer_url(viewer)
             _capture(executable, url, scan, endpoints.ingest, args)
@@ -71,24 +96,26 @@ def _viewer_url(viewer: subprocess.Popen[str]) -> str:
     sys.exit(f"tomocast view --web ended with {viewer.wait()}")
 
 
-def _capture(executable: str, url: str, scan: SimulatedScan, ingest: str,
-             args: argparse.Namespace) -> None:
+def _capture(
+    executable: str, url: str, scan: SimulatedScan, ingest: str, args: argparse.Namespace
+) -> None:
     with tempfile.TemporaryDirectory() as profile, sync_playwright() as playwright:
         context = launch(playwright, executable, Path(profile), viewport=(1280, 900))
         page = context.new_page()
         page.goto(url)
-        page.wait_for_function("document.body.dataset.publisher === 'connected'",
-                               timeout=WAIT_MS)
+        page.wait_for_function("document.body.dataset.publisher === 'connected'", timeout=WAIT_MS)
         with Detector(ingest) as detector:
-            detector.send_scan(scan.start.scan_id, scan.projections, darks=scan.darks,
-                               flats=scan.flats, chunk=4)
-        page.wait_for_function("document.body.dataset.status === 'completed'",
-                               timeout=WAIT_MS)
+            detector.send_scan(
+                scan.start.scan_id, scan.projections, darks=scan.darks, flats=scan.flats, chunk=4
+            )
+        page.wait_for_function("document.body.dataset.status === 'completed'", timeout=WAIT_MS)
         middle = args.rows // 2
         page.locator("#slider").fill(str(middle))
-        page.wait_for_function(f"""["recon", "slice"].every((topic) =>
+        page.wait_for_function(
+            f"""["recon", "slice"].every((topic) =>
             document.getElementById("canvas-" + topic).dataset.index === "{middle}")""",
-                               timeout=WAIT_MS)
+            timeout=WAIT_MS,
+        )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(args.out), full_page=True)
         context.close()

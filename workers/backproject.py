@@ -48,8 +48,9 @@ _UNDO = (
 )
 
 
-def _symmetry_plan(theta: np.ndarray, cols: int
-                   ) -> tuple[np.ndarray, tuple[int, ...], np.ndarray] | None:
+def _symmetry_plan(
+    theta: np.ndarray, cols: int
+) -> tuple[np.ndarray, tuple[int, ...], np.ndarray] | None:
     """Fold angles onto [0, pi/4] by the grid's symmetries: (fundamental angles (F,), classes
     present, slot (A,) = fundamental * len(classes) + class position), or None when folding saves
     too little (irregular angles), so one index computation serves up to 8 angles and the
@@ -94,8 +95,9 @@ class BackProjectionGeometry:
         return self.cols + 3
 
     @classmethod
-    def build(cls, theta: np.ndarray, center: float, cols: int, device: torch.device,
-              fold: bool = True) -> BackProjectionGeometry:
+    def build(
+        cls, theta: np.ndarray, center: float, cols: int, device: torch.device, fold: bool = True
+    ) -> BackProjectionGeometry:
         theta = np.asarray(theta, dtype=np.float64).reshape(-1)
         plan = _symmetry_plan(theta, cols) if fold else None
         table_angles = theta if plan is None else plan[0]
@@ -105,12 +107,15 @@ class BackProjectionGeometry:
         offset = np.arange(len(table_angles), dtype=np.int64) * (cols + 3)
         if len(offset) and offset[-1] + cols + 3 > np.iinfo(np.int32).max:
             raise ValueError(f"{len(theta)} angles x {cols} columns overflow int32 table indices")
-        return cls(cols, len(table_angles),
-                   torch.as_tensor(col_term, dtype=torch.float32, device=device),
-                   torch.as_tensor(row_term, dtype=torch.float32, device=device),
-                   torch.as_tensor(offset, dtype=torch.int32, device=device),
-                   (0,) if plan is None else plan[1],
-                   None if plan is None else torch.as_tensor(plan[2], device=device))
+        return cls(
+            cols,
+            len(table_angles),
+            torch.as_tensor(col_term, dtype=torch.float32, device=device),
+            torch.as_tensor(row_term, dtype=torch.float32, device=device),
+            torch.as_tensor(offset, dtype=torch.int32, device=device),
+            (0,) if plan is None else plan[1],
+            None if plan is None else torch.as_tensor(plan[2], device=device),
+        )
 
 
 def _chunk_pairs(device: torch.device, max_work_bytes: int) -> int:
@@ -126,15 +131,17 @@ def _table(sinograms: torch.Tensor, geometry: BackProjectionGeometry) -> torch.T
     if geometry.slot is None:
         return padded.reshape(-1, batch).contiguous()
     classes = len(geometry.classes)
-    slotted = torch.zeros((geometry.angles * classes, *padded.shape[1:]), dtype=padded.dtype,
-                          device=padded.device)
+    slotted = torch.zeros(
+        (geometry.angles * classes, *padded.shape[1:]), dtype=padded.dtype, device=padded.device
+    )
     slotted.index_add_(0, geometry.slot, padded)  # angles equal to 1e-4 px share a slot: sum
     slotted = slotted.view(geometry.angles, classes, geometry.padded_cols, batch)
     return slotted.permute(0, 2, 1, 3).reshape(-1, classes * batch).contiguous()
 
 
-def backproject_geometry(sinograms: torch.Tensor, geometry: BackProjectionGeometry,
-                         max_work_bytes: int = 256 << 20) -> torch.Tensor:
+def backproject_geometry(
+    sinograms: torch.Tensor, geometry: BackProjectionGeometry, max_work_bytes: int = 256 << 20
+) -> torch.Tensor:
     """Sum over angles of each sinogram linearly interpolated at every pixel's u.
 
     (B, A, C) float32 -> (B, C, C) float32 on the same device; no filter, no angle weights: this
@@ -160,13 +167,14 @@ def backproject_geometry(sinograms: torch.Tensor, geometry: BackProjectionGeomet
     out = torch.empty((n * n, table.shape[1]), dtype=torch.float32, device=sinograms.device)
     for r0 in range(0, n, row_step):
         r1 = min(n, r0 + row_step)
-        acc = out[r0 * n:r1 * n]
+        acc = out[r0 * n : r1 * n]
         for a0 in range(0, angles, angle_step):
             a1 = min(angles, a0 + angle_step)
             size = (r1 - r0) * n * (a1 - a0)
             u = u_space[:size].view(r1 - r0, n, a1 - a0)
-            torch.add(geometry.row_term[r0:r1, None, a0:a1], geometry.col_term[None, :, a0:a1],
-                      out=u)
+            torch.add(
+                geometry.row_term[r0:r1, None, a0:a1], geometry.col_term[None, :, a0:a1], out=u
+            )
             u.clamp_(0.0, cols + 1.0)
             index = index_space[:size].view(r1 - r0, n, a1 - a0)
             index.copy_(u)  # u >= 0, so truncation is floor
@@ -186,8 +194,9 @@ def backproject_geometry(sinograms: torch.Tensor, geometry: BackProjectionGeomet
     return result
 
 
-def backproject_tensor(sinograms: torch.Tensor, theta: torch.Tensor, center: float,
-                       max_work_bytes: int = 256 << 20) -> torch.Tensor:
+def backproject_tensor(
+    sinograms: torch.Tensor, theta: torch.Tensor, center: float, max_work_bytes: int = 256 << 20
+) -> torch.Tensor:
     """Unfiltered, unweighted back-projection (B, A, C) -> (B, C, C): the sum over angles of the
     sinogram at each pixel's u. The operator `workers.project.project_tensor` approximates the
     adjoint of (to discretisation error)."""

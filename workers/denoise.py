@@ -89,8 +89,9 @@ def adjacent_stack(volume: torch.Tensor, start: int, stop: int, depth: int) -> t
     if depth < 1 or depth % 2 == 0:
         raise ValueError(f"depth={depth} must be odd and >= 1")
     if not 0 <= start <= stop <= rows:
-        raise ValueError(f"need 0 <= start <= stop <= rows, got start={start} stop={stop} "
-                         f"rows={rows}")
+        raise ValueError(
+            f"need 0 <= start <= stop <= rows, got start={start} stop={stop} rows={rows}"
+        )
     half = depth // 2
     centres = torch.arange(start, stop, device=volume.device)
     offsets = torch.arange(-half, half + 1, device=volume.device)
@@ -127,10 +128,16 @@ class DenoiseEngine:
     its intermediates and outputs.
     """
 
-    def __init__(self, path: str | Path, device: torch.device | str = "cpu",
-                 warmup_shape: tuple[int, int, int] | None = None, precision: str = "artifact",
-                 memory_limit_bytes: int | None = None, cuda_graphs: bool = True,
-                 field_width: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        warmup_shape: tuple[int, int, int] | None = None,
+        precision: str = "artifact",
+        memory_limit_bytes: int | None = None,
+        cuda_graphs: bool = True,
+        field_width: int | None = None,
+    ) -> None:
         """Load `path` onto `device`; on CUDA warm up at `warmup_shape` = (batch, H, W)
         (default (1, 256, 256)). `memory_limit_bytes` bounds the activations of one network
         call (None: whole batches whatever their size). `field_width`: the detector pixels
@@ -147,9 +154,14 @@ class DenoiseEngine:
         self._metadata: ModelMetadata = metadata
         self._field_width = field_width
         if metadata.reference_width is not None:
-            log.info("%s: input scale fitted at %d px, follows %s", metadata.name,
-                     metadata.reference_width, "each slice's width" if field_width is None
-                     else f"a {field_width}-px field of view")
+            log.info(
+                "%s: input scale fitted at %d px, follows %s",
+                metadata.name,
+                metadata.reference_width,
+                "each slice's width"
+                if field_width is None
+                else f"a {field_width}-px field of view",
+            )
         self._path = Path(path)
         self._precision = resolve_precision(precision, self._device, metadata)
         # Measured on the fp32 network on the CPU: fp16 would round far effects away, and on CUDA
@@ -162,8 +174,10 @@ class DenoiseEngine:
             module = self._quantized(module, asked=precision)  # may fall back to fp32
         if self._precision != "int8":
             # nn.Module.to takes memory_format at run time; torch's stubs do not declare it.
-            module = module.to(dtype=_FLOAT_DTYPES[self._precision],  # type: ignore[call-overload]
-                               memory_format=torch.channels_last)
+            module = module.to(
+                dtype=_FLOAT_DTYPES[self._precision],  # type: ignore[call-overload]
+                memory_format=torch.channels_last,
+            )
         self._module = module
         self._input_dtype = _FLOAT_DTYPES.get(self._precision, torch.float32)
         self._graphs: GraphCache | None = None
@@ -188,8 +202,12 @@ class DenoiseEngine:
             self._precision = "fp32"
             log.warning("%s: int8 refused, running fp32: %s", self._path.name, exc)
             return module
-        log.info("%s: int8 on the CPU, rms %.4f / max %.4f of the data range from fp32",
-                 self._path.name, check.rms, check.max_abs)
+        log.info(
+            "%s: int8 on the CPU, rms %.4f / max %.4f of the data range from fp32",
+            self._path.name,
+            check.rms,
+            check.max_abs,
+        )
         return quantized
 
     @property
@@ -241,19 +259,22 @@ class DenoiseEngine:
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
             # A larger warm-up measures better: fixed costs (cuDNN workspaces) weigh less.
-            if (self._memory_limit is not None
-                    and batch * height * width > self._measured_pixels):
+            if self._memory_limit is not None and batch * height * width > self._measured_pixels:
                 self._measure_memory(stack)
 
     def denoise(self, stack: torch.Tensor) -> torch.Tensor:
         """(batch, depth, H, W) float32 on `device` -> (batch, H, W) float32 on `device`, in the
         input's physical units. Any H, W: padded (reflect) to multiples of 8 and cropped back."""
         if stack.ndim != 4 or stack.shape[1] != self.depth:
-            raise ValueError(f"{self.name} expects (batch, depth={self.depth}, H, W) stacks, "
-                             f"got {tuple(stack.shape)}")
+            raise ValueError(
+                f"{self.name} expects (batch, depth={self.depth}, H, W) stacks, "
+                f"got {tuple(stack.shape)}"
+            )
         if stack.dtype != torch.float32 or stack.device != self._device:
-            raise ValueError(f"{self.name} expects float32 on {self._device}, got {stack.dtype} "
-                             f"on {stack.device}")
+            raise ValueError(
+                f"{self.name} expects float32 on {self._device}, got {stack.dtype} "
+                f"on {stack.device}"
+            )
         height, width = stack.shape[-2:]
         offset, scale = self._metadata.normalisation(self._field_width or width)
         with torch.inference_mode():
@@ -277,8 +298,12 @@ class DenoiseEngine:
             return torch.cat([self._run(part) for part in padded.split(per_call)])
         core = core_for_budget(max_pixels, self._halo, SIZE_MULTIPLE)
         # Eager: edge tiles come in several shapes, each would cost a graph capture.
-        return torch.cat([run_tiled(self._run_eager, image, core, self._halo, SIZE_MULTIPLE)
-                          for image in padded.split(1)])
+        return torch.cat(
+            [
+                run_tiled(self._run_eager, image, core, self._halo, SIZE_MULTIPLE)
+                for image in padded.split(1)
+            ]
+        )
 
     def _run(self, padded: torch.Tensor) -> torch.Tensor:
         if self._graphs is not None:
@@ -306,10 +331,14 @@ class DenoiseEngine:
         self._measured_pixels = pixels
 
 
-def load_denoiser(path: str | Path | None, device: torch.device | str = "cpu",
-                  warmup_shape: tuple[int, int, int] | None = None, precision: str = "artifact",
-                  memory_limit_bytes: int | None = None,
-                  field_width: int | None = None) -> DenoiseEngine:
+def load_denoiser(
+    path: str | Path | None,
+    device: torch.device | str = "cpu",
+    warmup_shape: tuple[int, int, int] | None = None,
+    precision: str = "artifact",
+    memory_limit_bytes: int | None = None,
+    field_width: int | None = None,
+) -> DenoiseEngine:
     """A `DenoiseEngine` for the artifact at `path` (`.pt` TorchScript or `.pt2` exported
     program), or for the shipped default when None.
 
@@ -321,5 +350,6 @@ def load_denoiser(path: str | Path | None, device: torch.device | str = "cpu",
             f"the shipped default model {artifact} is missing: reinstall tomocast or pass a "
             "model path (serve --model PATH)"
         )
-    return DenoiseEngine(artifact, device, warmup_shape, precision, memory_limit_bytes,
-                         field_width=field_width)
+    return DenoiseEngine(
+        artifact, device, warmup_shape, precision, memory_limit_bytes, field_width=field_width
+    )

@@ -55,8 +55,13 @@ class FBP(CachedGeometryFBP[_FBPGeometry]):
     device: 256 MiB on a CPU, 1/8 of the device's memory up to 8 GiB on CUDA.
     """
 
-    def __init__(self, device: str | torch.device = "cpu", filter_name: str = "ramp",
-                 circle_mask: bool = False, max_work_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        filter_name: str = "ramp",
+        circle_mask: bool = False,
+        max_work_bytes: int | None = None,
+    ) -> None:
         super().__init__(device, filter_name, circle_mask, max_work_bytes, _GEOMETRY_CACHE_SIZE)
 
     def _build(self, theta64: torch.Tensor, center: float, cols: int) -> _FBPGeometry:
@@ -86,9 +91,10 @@ class FBP(CachedGeometryFBP[_FBPGeometry]):
         step = max(1, self.max_work_bytes // per_slice)
         slices = torch.empty((batch, cols, cols), dtype=torch.float32, device=self._device)
         for b0 in range(0, batch, step):
-            filtered = self.filter_sinograms(sinograms[b0:b0 + step], geometry)
-            slices[b0:b0 + step] = backproject_geometry(filtered, geometry.backprojection,
-                                                        self.max_work_bytes)
+            filtered = self.filter_sinograms(sinograms[b0 : b0 + step], geometry)
+            slices[b0 : b0 + step] = backproject_geometry(
+                filtered, geometry.backprojection, self.max_work_bytes
+            )
         if geometry.mask is not None:
             slices *= geometry.mask
         return slices

@@ -76,8 +76,14 @@ class CachedGeometryFBP(ABC, Generic[G]):
     method's temporaries per chunk of slices; None takes `default_work_bytes` for the device.
     """
 
-    def __init__(self, device: str | torch.device, filter_name: str, circle_mask: bool,
-                 max_work_bytes: int | None, cache_size: int) -> None:
+    def __init__(
+        self,
+        device: str | torch.device,
+        filter_name: str,
+        circle_mask: bool,
+        max_work_bytes: int | None,
+        cache_size: int,
+    ) -> None:
         self._device = torch.device(device)
         self.filter_name = canonical_filter_name(filter_name)
         self.circle_mask = circle_mask
@@ -122,8 +128,9 @@ class CachedGeometryFBP(ABC, Generic[G]):
         self.geometries.release()
 
     @torch.inference_mode()
-    def reconstruct(self, sinograms: torch.Tensor, theta: torch.Tensor,
-                    center: float) -> torch.Tensor:
+    def reconstruct(
+        self, sinograms: torch.Tensor, theta: torch.Tensor, center: float
+    ) -> torch.Tensor:
         """(B, A, C) float32 line integrals -> (B, C, C) float32 attenuation per pixel."""
         check_inputs(sinograms, theta, center)
         batch, angles, cols = sinograms.shape

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 FILTER_NAMES = ("ramp", "shepp-logan", "cosine", "hamming", "hann", "parzen")
-_FILTER_ALIASES = MappingProxyType({"ramlak": "ramp", "ram-lak": "ramp", "shepp": "shepp-logan",
-                                    "hanning": "hann"})
+_FILTER_ALIASES = MappingProxyType(
+    {"ramlak": "ramp", "ram-lak": "ramp", "shepp": "shepp-logan", "hanning": "hann"}
+)
 # Angles closer than this (radians, modulo pi) are the same view; float32 pi is 8.7e-8 off.
 _SAME_ANGLE = 1e-6
 # A gap between projection angles wider than this many median gaps is a missing wedge.
@@ -28,8 +29,10 @@ def canonical_filter_name(name: str) -> str:
     key = name.lower()
     key = _FILTER_ALIASES.get(key, key)
     if key not in FILTER_NAMES:
-        raise ValueError(f"filter_name={name!r}: choose one of {', '.join(FILTER_NAMES)} "
-                         f"(aliases: {', '.join(_FILTER_ALIASES)})")
+        raise ValueError(
+            f"filter_name={name!r}: choose one of {', '.join(FILTER_NAMES)} "
+            f"(aliases: {', '.join(_FILTER_ALIASES)})"
+        )
     return key
 
 
@@ -71,13 +74,13 @@ def fourier_filter(filter_name: str, size: int) -> np.ndarray:
     return response
 
 
-def filter_response(filter_name: str, cols: int, device: torch.device
-                    ) -> tuple[int, torch.Tensor]:
+def filter_response(filter_name: str, cols: int, device: torch.device) -> tuple[int, torch.Tensor]:
     """The FFT length for filtering `cols` samples (`padded_size`) and the filter's float32
     response at its rfft frequencies, on `device`: what both FBP methods multiply by."""
     size = padded_size(cols)
-    response = torch.as_tensor(fourier_filter(filter_name, size), dtype=torch.float32,
-                               device=device)
+    response = torch.as_tensor(
+        fourier_filter(filter_name, size), dtype=torch.float32, device=device
+    )
     return size, response
 
 

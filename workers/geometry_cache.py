@@ -62,8 +62,10 @@ class GeometryCache(Generic[V]):
 
     def __init__(self, capacity: int) -> None:
         if capacity < 2:
-            raise ValueError(f"capacity={capacity}: a geometry cache needs at least 2 entries "
-                             "(the one in use and one prepared)")
+            raise ValueError(
+                f"capacity={capacity}: a geometry cache needs at least 2 entries "
+                "(the one in use and one prepared)"
+            )
         self.capacity = capacity
         self._lock = threading.Lock()
         self._entries: OrderedDict[Hashable, V] = OrderedDict()
@@ -83,19 +85,24 @@ class GeometryCache(Generic[V]):
     def __contains__(self, key: Hashable) -> bool:
         return key in self._entries
 
-    def for_reconstruct(self, theta: torch.Tensor, center: float, cols: int, build: Build[V],
-                        device: torch.device) -> V:
+    def for_reconstruct(
+        self, theta: torch.Tensor, center: float, cols: int, build: Build[V], device: torch.device
+    ) -> V:
         """The geometry for the owning thread's `reconstruct`: cached, being built by another
         thread (waited for), or built now; pinned until `release`. `theta` on the CPU costs
         no device synchronisation: the key is computed on the host."""
         theta64 = _host_angles(theta)
-        value, _ = self.get(geometry_key(theta64.numpy(), center, cols),
-                            lambda: build(theta64, center, cols), use=True)
+        value, _ = self.get(
+            geometry_key(theta64.numpy(), center, cols),
+            lambda: build(theta64, center, cols),
+            use=True,
+        )
         used_on_current_stream(value, device)
         return value
 
-    def prepare(self, theta: torch.Tensor, center: float, cols: int, build: Build[V],
-                device: torch.device) -> bool:
+    def prepare(
+        self, theta: torch.Tensor, center: float, cols: int, build: Build[V], device: torch.device
+    ) -> bool:
         """Build the geometry `for_reconstruct` will want, from any thread; True if this call
         built it. Its device work is finished before other threads can see it."""
         check_geometry(theta, center, cols)

@@ -41,13 +41,14 @@ class GraphCache:
     during a capture counts as a failed capture: TorchScript reports it as a plain RuntimeError.
     """
 
-    def __init__(self, network: Callable[[torch.Tensor], torch.Tensor],
-                 max_graphs: int = MAX_GRAPHS) -> None:
+    def __init__(
+        self, network: Callable[[torch.Tensor], torch.Tensor], max_graphs: int = MAX_GRAPHS
+    ) -> None:
         self._network = network
         self._max_graphs = max_graphs
-        self._graphs: OrderedDict[tuple[int, ...],
-                                  tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = \
-            OrderedDict()
+        self._graphs: OrderedDict[
+            tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]
+        ] = OrderedDict()
         self._pool: _POOL_HANDLE | None = None
         self.disabled = False
 
@@ -76,8 +77,9 @@ class GraphCache:
         graph.replay()
         return static_out
 
-    def _capture(self, x: torch.Tensor
-                 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor] | None:
+    def _capture(
+        self, x: torch.Tensor
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor] | None:
         static_in = torch.empty_like(x)
         static_in.copy_(x)
         side = torch.cuda.Stream(device=x.device)
@@ -99,7 +101,10 @@ class GraphCache:
             torch.cuda.set_stream(caller)
             del graph
             torch.cuda.empty_cache()
-            log.error("CUDA graph capture failed for input %s; the network runs eagerly from "
-                      "now on: %s", tuple(x.shape), str(exc).splitlines()[0])
+            log.error(
+                "CUDA graph capture failed for input %s; the network runs eagerly from now on: %s",
+                tuple(x.shape),
+                str(exc).splitlines()[0],
+            )
             return None
         return graph, static_in, static_out

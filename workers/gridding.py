@@ -101,9 +101,15 @@ class GriddingFBP(CachedGeometryFBP[_GriddingGeometry]):
     chunk at 2048 columns), 1/8 of the device's memory up to 8 GiB on CUDA.
     """
 
-    def __init__(self, device: str | torch.device = "cpu", filter_name: str = "ramp",
-                 circle_mask: bool = False, width: int = 5, oversampling: float = 1.5,
-                 max_work_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        filter_name: str = "ramp",
+        circle_mask: bool = False,
+        width: int = 5,
+        oversampling: float = 1.5,
+        max_work_bytes: int | None = None,
+    ) -> None:
         super().__init__(device, filter_name, circle_mask, max_work_bytes, _GEOMETRY_CACHE_SIZE)
         if not 2 <= width <= 12:
             raise ValueError(f"width={width}: choose a kernel width of 2 to 12 grid cells")
@@ -137,19 +143,28 @@ class GriddingFBP(CachedGeometryFBP[_GriddingGeometry]):
         factor = weights * torch.sinc(freq / period) ** 2 / period * phase
         radius = freq * grid / period
         beta = kernel_beta(self.width, self.oversampling)
-        spreading = SpreadingMatrix.build((-radius * sin).flatten(), (radius * cos).flatten(),
-                                          grid, self.width, beta)
+        spreading = SpreadingMatrix.build(
+            (-radius * sin).flatten(), (radius * cos).flatten(), grid, self.width, beta
+        )
         pixel = torch.arange(cols, dtype=torch.float64, device=device) - half
         transform = kaiser_bessel_transform(pixel / grid, self.width, beta)
         deapodize = 1 / (transform[:, None] * transform[None, :])
         if self.circle_mask:
             deapodize = deapodize * circle_mask(cols, device)
         size, response = filter_response(self.filter_name, cols, device)
-        return _GriddingGeometry(spreading, response, factor[..., None].to(torch.complex64),
-                                 deapodize.float(), size, period, grid // 2 - half)
+        return _GriddingGeometry(
+            spreading,
+            response,
+            factor[..., None].to(torch.complex64),
+            deapodize.float(),
+            size,
+            period,
+            grid // 2 - half,
+        )
 
-    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
-                cols: int = 0) -> torch.Tensor:
+    def _buffer(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, cols: int = 0
+    ) -> torch.Tensor:
         """A work buffer kept across calls, one per name: fresh multi-MB tensors are fresh pages
         from the OS each time. Padded ones are born zero and only their first `cols` are ever
         written, which keeps their tails zero: `cols` is part of what they are.
@@ -162,8 +177,7 @@ class GriddingFBP(CachedGeometryFBP[_GriddingGeometry]):
         tag = (shape, dtype, cols)
         kept = self._buffers.get(name)
         if kept is None or kept[0] != tag:
-            kept = self._buffers[name] = (tag, torch.zeros(shape, dtype=dtype,
-                                                           device=self._device))
+            kept = self._buffers[name] = (tag, torch.zeros(shape, dtype=dtype, device=self._device))
         buffer = kept[1]
         if buffer.is_cuda:
             with torch.inference_mode():  # record_stream counts as in-place on inference tensors
@@ -178,28 +192,34 @@ class GriddingFBP(CachedGeometryFBP[_GriddingGeometry]):
         most = (geometry.factor.shape[1] - 1) // 2  # the table's frequencies: -most .. most
         table = self._buffer("table", (angles, 2 * most + 1, pairs), torch.complex64)
         # on a CPU, a few MB of angles at a time: the FFTs' temporaries then stay in cache
-        step = angles if self._device.type != "cpu" else min(angles, max(
-            1, _CPU_STAGE_BYTES // (12 * batch * size)))
+        step = (
+            angles
+            if self._device.type != "cpu"
+            else min(angles, max(1, _CPU_STAGE_BYTES // (12 * batch * size)))
+        )
         for a0 in range(0, angles, step):
             a1 = min(angles, a0 + step)
-            padded = self._buffer("padded", (batch, step, size), torch.float32, cols)[:, :a1 - a0]
+            padded = self._buffer("padded", (batch, step, size), torch.float32, cols)[:, : a1 - a0]
             padded[..., :cols] = sinograms[:, a0:a1]
             spectrum = torch.fft.rfft(padded, dim=-1)
             spectrum *= geometry.response
             filtered = torch.fft.irfft(spectrum, n=size, dim=-1)
             # cut to the detector (a ray off it adds nothing), two slices to a complex sinogram
             packed = self._buffer("packed", (pairs, step, period), torch.complex64, cols)[
-                :, :a1 - a0]
-            torch.complex(filtered[0::2, :, :cols], filtered[1::2, :, :cols],
-                          out=packed[..., :cols])
+                :, : a1 - a0
+            ]
+            torch.complex(
+                filtered[0::2, :, :cols], filtered[1::2, :, :cols], out=packed[..., :cols]
+            )
             spectrum = torch.fft.fft(packed, dim=-1).permute(1, 2, 0)  # (angles, period, pairs)
             factor, part = geometry.factor[a0:a1], table[a0:a1]
-            torch.mul(spectrum[:, period - most:], factor[:, :most], out=part[:, :most])
-            torch.mul(spectrum[:, :most + 1], factor[:, most:], out=part[:, most:])
+            torch.mul(spectrum[:, period - most :], factor[:, :most], out=part[:, :most])
+            torch.mul(spectrum[:, : most + 1], factor[:, most:], out=part[:, most:])
         return torch.view_as_real(table).view(-1, 2 * pairs)
 
-    def _pairs(self, sinograms: torch.Tensor, geometry: _GriddingGeometry,
-               out: torch.Tensor) -> None:
+    def _pairs(
+        self, sinograms: torch.Tensor, geometry: _GriddingGeometry, out: torch.Tensor
+    ) -> None:
         """(B, A, C) line integrals, B even -> `out` (B, C, C): slices 2k and 2k + 1 are the
         real and imaginary parts of one complex back-projection."""
         batch, cols, grid = sinograms.shape[0], sinograms.shape[2], geometry.spreading.grid
@@ -213,16 +233,16 @@ class GriddingFBP(CachedGeometryFBP[_GriddingGeometry]):
         image = torch.view_as_real(transformed[crop, crop]).permute(2, 3, 0, 1)
         torch.mul(image, geometry.deapodize, out=out.view(batch // 2, 2, cols, cols))
 
-    def _reconstruct(self, sinograms: torch.Tensor,
-                     geometry: _GriddingGeometry) -> torch.Tensor:
+    def _reconstruct(self, sinograms: torch.Tensor, geometry: _GriddingGeometry) -> torch.Tensor:
         batch, angles, cols = sinograms.shape
         # a pair's grid is 8 bytes a cell, and its transform as much again
         step = 2 * max(1, self.max_work_bytes // (16 * geometry.spreading.grid**2))
-        slices = torch.empty((batch + batch % 2, cols, cols), dtype=torch.float32,
-                             device=self._device)
+        slices = torch.empty(
+            (batch + batch % 2, cols, cols), dtype=torch.float32, device=self._device
+        )
         for b0 in range(0, batch, step):
-            chunk = sinograms[b0:b0 + step]
+            chunk = sinograms[b0 : b0 + step]
             if len(chunk) % 2:  # the odd slice out pairs with zeros
                 chunk = torch.cat((chunk, chunk.new_zeros((1, angles, cols))))
-            self._pairs(chunk, geometry, slices[b0:b0 + len(chunk)])
+            self._pairs(chunk, geometry, slices[b0 : b0 + len(chunk)])
         return slices[:batch]

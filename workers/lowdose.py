@@ -42,8 +42,13 @@ class Condition:
         return ", ".join(parts) or "full dose"
 
 
-def low_dose_reconstruction(line_integrals: np.ndarray, theta: np.ndarray, condition: Condition,
-                            rng: np.random.Generator, device: str | None = "cpu") -> np.ndarray:
+def low_dose_reconstruction(
+    line_integrals: np.ndarray,
+    theta: np.ndarray,
+    condition: Condition,
+    rng: np.random.Generator,
+    device: str | None = "cpu",
+) -> np.ndarray:
     """(rows, N, N) FBP of (angles, rows, cols) noise-free line integrals under `condition`."""
     from workers.recon import recon
 
@@ -65,8 +70,15 @@ class Volume:
     condition: Condition
 
 
-def render(seed: int, rows: int, size: int, angles: int, chosen: Sequence[Condition],
-           target: str = "phantom", device: str | None = "cpu") -> list[Volume]:
+def render(
+    seed: int,
+    rows: int,
+    size: int,
+    angles: int,
+    chosen: Sequence[Condition],
+    target: str = "phantom",
+    device: str | None = "cpu",
+) -> list[Volume]:
     """The volumes of one phantom (seed `seed`) under each of `chosen`."""
     from workers.recon import recon
 
@@ -80,7 +92,14 @@ def render(seed: int, rows: int, size: int, angles: int, chosen: Sequence[Condit
     else:
         raise ValueError(f"target={target!r}: choose phantom or fbp")
     # A noise stream per (phantom, condition), so adding a condition changes no other volume.
-    return [Volume(low_dose_reconstruction(line_integrals, theta, condition,
-                                           np.random.default_rng((seed, index)), device),
-                   truth, seed, condition)
-            for index, condition in enumerate(chosen)]
+    return [
+        Volume(
+            low_dose_reconstruction(
+                line_integrals, theta, condition, np.random.default_rng((seed, index)), device
+            ),
+            truth,
+            seed,
+            condition,
+        )
+        for index, condition in enumerate(chosen)
+    ]

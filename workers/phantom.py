@@ -83,23 +83,29 @@ class FoamPhantom:
         rng = np.random.default_rng(seed)
         exact = n_spheres is not None
         if n_spheres is None:
-            mean_volume = math.pi * (r_max**4 - r_min**4) / (3 * (r_max - r_min)) if (
-                r_max > r_min) else 4 / 3 * math.pi * r_min**3
+            mean_volume = (
+                math.pi * (r_max**4 - r_min**4) / (3 * (r_max - r_min))
+                if (r_max > r_min)
+                else 4 / 3 * math.pi * r_min**3
+            )
             n_spheres = int(POROSITY * math.pi * radius**2 * rows / mean_volume)
         radii = np.sort(rng.uniform(r_min, r_max, n_spheres))[::-1]  # big first packs better
         placed = _place(radii, radius, rows, rng, give_up_early=exact)
         if len(placed) < n_spheres:
             if exact:
-                raise ValueError(f"could place only {len(placed)} of n_spheres={n_spheres} pores "
-                                 f"with radii {radius_range}: ask for fewer or smaller ones")
+                raise ValueError(
+                    f"could place only {len(placed)} of n_spheres={n_spheres} pores "
+                    f"with radii {radius_range}: ask for fewer or smaller ones"
+                )
             log.debug("foam: placed %d of %d pores", len(placed), n_spheres)
         spheres = tuple(Sphere(*(float(v) for v in row)) for row in placed)
         return cls(rows, size, radius, mu, spheres)
 
     def sphere_table(self) -> np.ndarray:
         """(n_spheres, 4) float64 columns x, y, z, radius."""
-        return np.array([[s.x, s.y, s.z, s.radius] for s in self.spheres],
-                        dtype=np.float64).reshape(-1, 4)
+        return np.array(
+            [[s.x, s.y, s.z, s.radius] for s in self.spheres], dtype=np.float64
+        ).reshape(-1, 4)
 
     def voxelize(self, supersample: int = 3) -> np.ndarray:
         """(rows, size, size) float32 attenuation per pixel; each voxel averages
@@ -120,8 +126,10 @@ class FoamPhantom:
             dz = (np.arange(z0, z1)[:, None] + sub).ravel() - sphere.z
             dy = half - (np.arange(r0, r1)[:, None] + sub).ravel() - sphere.y
             dx = (np.arange(c0, c1)[:, None] + sub).ravel() - half - sphere.x
-            pore = (dz[:, None, None] ** 2 + dy[None, :, None] ** 2 + dx[None, None, :] ** 2
-                    < sphere.radius**2)
+            pore = (
+                dz[:, None, None] ** 2 + dy[None, :, None] ** 2 + dx[None, None, :] ** 2
+                < sphere.radius**2
+            )
             fraction = pore.reshape(z1 - z0, k, r1 - r0, k, c1 - c0, k).mean(axis=(1, 3, 5))
             volume[z0:z1, r0:r1, c0:c1] -= self.mu * fraction
         return volume.astype(np.float32)
@@ -192,8 +200,13 @@ def _span(centre: float, radius: float, n: int) -> tuple[int, int]:
     return start, stop
 
 
-def _place(radii: np.ndarray, cylinder_radius: float, rows: int, rng: np.random.Generator,
-           give_up_early: bool) -> np.ndarray:
+def _place(
+    radii: np.ndarray,
+    cylinder_radius: float,
+    rows: int,
+    rng: np.random.Generator,
+    give_up_early: bool,
+) -> np.ndarray:
     """Random sequential placement: (n_placed, 4) x, y, z, radius of non-overlapping pores.
     A pore that finds no room is skipped, or ends the placement when `give_up_early`."""
     placed = np.empty((0, 4))

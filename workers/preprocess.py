@@ -18,8 +18,9 @@ TRANSMISSION_FLOOR = 1e-6
 _AVERAGE_CHUNK = 16
 
 
-def normalize(frames: torch.Tensor, dark: torch.Tensor, flat: torch.Tensor,
-              out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+def normalize(
+    frames: torch.Tensor, dark: torch.Tensor, flat: torch.Tensor, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
     """(count, rows, cols) raw frames of any numeric dtype -> float32 line integrals, clipped count.
 
     `dark` and `flat` are (rows, cols) float32 on the frames' device. `out`, when given, is a
@@ -28,13 +29,16 @@ def normalize(frames: torch.Tensor, dark: torch.Tensor, flat: torch.Tensor,
     transmission was replaced by the clip (see the module docstring); counting syncs the device.
     """
     if frames.ndim != 3 or frames.shape[1:] != dark.shape or dark.shape != flat.shape:
-        raise ValueError(f"frames {tuple(frames.shape)} must be (count, rows, cols) with dark "
-                         f"{tuple(dark.shape)} and flat {tuple(flat.shape)} of shape (rows, cols)")
+        raise ValueError(
+            f"frames {tuple(frames.shape)} must be (count, rows, cols) with dark "
+            f"{tuple(dark.shape)} and flat {tuple(flat.shape)} of shape (rows, cols)"
+        )
     if out is None:
         out = torch.empty(frames.shape, dtype=torch.float32, device=frames.device)
     elif out.shape != frames.shape or out.dtype != torch.float32:
-        raise ValueError(f"out must be float32 {tuple(frames.shape)}, got {out.dtype} "
-                         f"{tuple(out.shape)}")
+        raise ValueError(
+            f"out must be float32 {tuple(frames.shape)}, got {out.dtype} {tuple(out.shape)}"
+        )
     dark = dark.to(out.device, torch.float32)
     inverse_range = torch.reciprocal(flat.to(out.device, torch.float32) - dark)
     out.copy_(frames)  # copy_ converts any integer dtype, unlike arithmetic on uint16/uint32
@@ -60,12 +64,13 @@ def average_frames(frames: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"frames must be (count >= 1, rows, cols), got {tuple(frames.shape)}")
     total = torch.zeros(frames.shape[1:], dtype=torch.float64, device=frames.device)
     for start in range(0, frames.shape[0], _AVERAGE_CHUNK):
-        total += frames[start:start + _AVERAGE_CHUNK].to(torch.float64).sum(dim=0)
+        total += frames[start : start + _AVERAGE_CHUNK].to(torch.float64).sum(dim=0)
     return (total / frames.shape[0]).to(torch.float32)
 
 
-def remove_zingers(line_integrals: torch.Tensor, threshold: float = 0.5,
-                   size: int = 3) -> tuple[torch.Tensor, int]:
+def remove_zingers(
+    line_integrals: torch.Tensor, threshold: float = 0.5, size: int = 3
+) -> tuple[torch.Tensor, int]:
     """Replace zingers (isolated bright spots from stray X-rays hitting the detector) by the local
     median: (count, rows, cols) float32 line integrals -> cleaned copy, replaced pixel count.
 
@@ -78,8 +83,9 @@ def remove_zingers(line_integrals: torch.Tensor, threshold: float = 0.5,
     if line_integrals.ndim != 3:
         raise ValueError(f"expected (count, rows, cols), got {tuple(line_integrals.shape)}")
     half = size // 2
-    padded = torch.nn.functional.pad(line_integrals[:, None], (half, half, half, half),
-                                     mode="replicate")[:, 0]
+    padded = torch.nn.functional.pad(
+        line_integrals[:, None], (half, half, half, half), mode="replicate"
+    )[:, 0]
     windows = padded.unfold(1, size, 1).unfold(2, size, 1)
     median = windows.reshape(*line_integrals.shape, size * size).median(dim=-1).values
     zinger = (line_integrals - median).abs() > threshold

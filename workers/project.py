@@ -23,8 +23,9 @@ import torch.nn.functional as F
 _CPU_CHUNK_PAIRS = 1 << 21
 
 
-def _ray_terms(theta: np.ndarray, center: float, cols: int, n: int, steep: bool
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _ray_terms(
+    theta: np.ndarray, center: float, cols: int, n: int, steep: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Where each ray crosses each pixel row (steep: |cos| >= |sin|) or column, split as
     ray_term (A, cols) + walk_term (A, N), in pixel units from the slice's first row/column;
     and the path length per step (A,)."""
@@ -38,8 +39,13 @@ def _ray_terms(theta: np.ndarray, center: float, cols: int, n: int, steep: bool
     return (n - 1) / 2 - s / sin, coords * (cos / sin), 1.0 / np.abs(sin[:, 0])
 
 
-def project_tensor(volume: torch.Tensor, theta: torch.Tensor, center: float, cols: int,
-                   max_work_bytes: int = 256 << 20) -> torch.Tensor:
+def project_tensor(
+    volume: torch.Tensor,
+    theta: torch.Tensor,
+    center: float,
+    cols: int,
+    max_work_bytes: int = 256 << 20,
+) -> torch.Tensor:
     """Line integrals of each (B, N, N) slice: -> (B, A, cols) float32 on the volume's device.
 
     `theta` is (A,) radians, `center` TomoPy's rotation axis (cols/2 = the detector's middle).
@@ -72,21 +78,30 @@ def project_tensor(volume: torch.Tensor, theta: torch.Tensor, center: float, col
             chosen = np.flatnonzero(steep == kind)
             slope = slope_along_row if kind else slope_along_col
             for a0 in range(0, len(chosen), step_angles):
-                picked = chosen[a0:a0 + step_angles]
-                sums = _project_chunk(table, slope, theta64[picked], center, cols, n, kind,
-                                      budget)
+                picked = chosen[a0 : a0 + step_angles]
+                sums = _project_chunk(table, slope, theta64[picked], center, cols, n, kind, budget)
                 out[:, torch.as_tensor(picked, device=device)] = sums
     return out
 
 
-def _project_chunk(table: torch.Tensor, slope: torch.Tensor, theta: np.ndarray, center: float,
-                   cols: int, n: int, steep: bool, budget: int) -> torch.Tensor:
+def _project_chunk(
+    table: torch.Tensor,
+    slope: torch.Tensor,
+    theta: np.ndarray,
+    center: float,
+    cols: int,
+    n: int,
+    steep: bool,
+    budget: int,
+) -> torch.Tensor:
     """Rays of angles `theta` (all steep or all shallow): -> (B, len(theta), cols)."""
     device = table.device
     padded = n + 3
     ray_term, walk_term, step = _ray_terms(theta, center, cols, n, steep)
-    position = (torch.as_tensor(ray_term, dtype=torch.float32, device=device)[:, :, None]
-                + torch.as_tensor(walk_term, dtype=torch.float32, device=device)[:, None, :])
+    position = (
+        torch.as_tensor(ray_term, dtype=torch.float32, device=device)[:, :, None]
+        + torch.as_tensor(walk_term, dtype=torch.float32, device=device)[:, None, :]
+    )
     position.clamp_(-1.0, float(n)).add_(1.0)  # padded coordinate in [0, n + 1]
     index = position.to(torch.int32)  # position >= 0, so truncation is floor
     frac = position.sub_(index)

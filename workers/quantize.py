@@ -48,7 +48,13 @@ CALIBRATION_ROWS = 3
 # ones, so that a noisier scan than the model was trained on is not clipped (with only the first
 # four, int8 strayed by rms 0.025 on 1/4 views at 200 photons at 256 px; with all, 0.005).
 CONDITIONS: tuple[tuple[int, float | None], ...] = (
-    (8, None), (1, 1000.0), (1, 200.0), (4, 200.0), (1, 50.0), (4, 50.0))
+    (8, None),
+    (1, 1000.0),
+    (1, 200.0),
+    (4, 200.0),
+    (1, 50.0),
+    (4, 50.0),
+)
 
 
 class QuantizationError(ModelError):
@@ -95,8 +101,7 @@ def _deprecations_silenced() -> Iterator[None]:
     # flow (not a tomocast dependency); until that migration, silence exactly those. The tensor
     # one is a warn-once from C++, so meeting it here (convert) keeps it out of `denoise`.
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated",
-                                DeprecationWarning)
+        warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao\.")
         yield
 
@@ -146,9 +151,13 @@ def _quantized_engine(name: str) -> Iterator[None]:
         torch.backends.quantized.engine = previous
 
 
-def foam_stacks(depth: int, seed: int, rows: int = CALIBRATION_ROWS,
-                size: int = CALIBRATION_SIZE, centre_only: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def foam_stacks(
+    depth: int,
+    seed: int,
+    rows: int = CALIBRATION_ROWS,
+    size: int = CALIBRATION_SIZE,
+    centre_only: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(stacks, targets): (n, depth, size, size) low-dose FBP stacks and the (n, size, size)
     phantom slices, both scaled so that the phantom spans [0, 1] (the network's units); one
     stack per row and condition, or with `centre_only` one per condition."""
@@ -160,14 +169,17 @@ def foam_stacks(depth: int, seed: int, rows: int = CALIBRATION_ROWS,
     target = volumes[0].target
     low, span = float(target.min()), float(np.ptp(target)) or 1.0
     first, last = (rows // 2, rows // 2 + 1) if centre_only else (0, rows)
-    stacks = [adjacent_stack(torch.from_numpy((v.noisy - low) / span), first, last, depth)
-              for v in volumes]
+    stacks = [
+        adjacent_stack(torch.from_numpy((v.noisy - low) / span), first, last, depth)
+        for v in volumes
+    ]
     targets = torch.from_numpy((target[first:last] - low) / span).repeat(len(volumes), 1, 1)
     return torch.cat(stacks), targets
 
 
-def quantize_int8(scripted: nn.Module, arch: str,
-                  depth: int) -> tuple[nn.Module, QuantizationCheck]:
+def quantize_int8(
+    scripted: nn.Module, arch: str, depth: int
+) -> tuple[nn.Module, QuantizationCheck]:
     """An int8 copy of the fp32 `scripted` network (its weights, `arch`'s graph), calibrated and
     checked as the module docstring says. Raises QuantizationError when it cannot be.
     Costs about 2-4 s on two CPU cores (FBP of the calibration phantoms, one calibration pass)."""
@@ -177,8 +189,9 @@ def quantize_int8(scripted: nn.Module, arch: str,
     try:
         network.load_state_dict(scripted.state_dict())
     except RuntimeError as exc:
-        raise QuantizationError(f"the artifact's weights do not fit arch={arch!r}: "
-                                f"{str(exc).splitlines()[0]}") from exc
+        raise QuantizationError(
+            f"the artifact's weights do not fit arch={arch!r}: {str(exc).splitlines()[0]}"
+        ) from exc
     try:
         from torch.ao.quantization import QConfig, QConfigMapping
         from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
@@ -186,14 +199,18 @@ def quantize_int8(scripted: nn.Module, arch: str,
     except ImportError as exc:  # removed from a future PyTorch: run fp32 (or migrate to torchao)
         raise QuantizationError(f"this PyTorch has no FX quantization: {exc}") from exc
     engine = "onednn" if "onednn" in torch.backends.quantized.supported_engines else "x86"
-    qconfig = QConfig(activation=MinMaxObserver.with_args(dtype=torch.quint8),
-                      weight=PerChannelMinMaxObserver.with_args(
-                          dtype=torch.qint8, qscheme=torch.per_channel_symmetric))
+    qconfig = QConfig(
+        activation=MinMaxObserver.with_args(dtype=torch.quint8),
+        weight=PerChannelMinMaxObserver.with_args(
+            dtype=torch.qint8, qscheme=torch.per_channel_symmetric
+        ),
+    )
     calibration, _ = foam_stacks(depth, CALIBRATION_SEED)
     held_out, _ = foam_stacks(depth, CHECK_SEED, rows=depth, centre_only=True)
     with _quantized_engine(engine), _deprecations_silenced(), _fx_stack_traces_off():
-        prepared = prepare_fx(copy.deepcopy(network), QConfigMapping().set_global(qconfig),
-                              (calibration[:1],))
+        prepared = prepare_fx(
+            copy.deepcopy(network), QConfigMapping().set_global(qconfig), (calibration[:1],)
+        )
         with torch.inference_mode():
             prepared(calibration)
         quantized = convert_fx(prepared)
@@ -205,9 +222,12 @@ def quantize_int8(scripted: nn.Module, arch: str,
             reference = network(held_out)  # the artifact's weights; no TorchScript warm-up
             output = quantized(held_out.contiguous(memory_format=torch.channels_last))
     difference = output - reference
-    check = QuantizationCheck(rms=float(difference.pow(2).mean().sqrt()),
-                              max_abs=float(difference.abs().max()))
+    check = QuantizationCheck(
+        rms=float(difference.pow(2).mean().sqrt()), max_abs=float(difference.abs().max())
+    )
     if not check.rms <= INT8_RMS_TOLERANCE:
-        raise QuantizationError(f"int8 strays from fp32 by rms {check.rms:.4f} of the data range "
-                                f"on a held-out phantom (tolerance {INT8_RMS_TOLERANCE})")
+        raise QuantizationError(
+            f"int8 strays from fp32 by rms {check.rms:.4f} of the data range "
+            f"on a held-out phantom (tolerance {INT8_RMS_TOLERANCE})"
+        )
     return quantized, check

@@ -25,8 +25,16 @@ from workers.protocols import PreparableReconstructor
 ALGORITHMS = ("fbp", "gridrec")
 METHODS = ("auto", "direct", "gridding")
 # TomoPy's names for our filters (its gridrec only knows these spellings).
-_TOMOPY_FILTERS = MappingProxyType({"ramp": "ramlak", "shepp-logan": "shepp", "cosine": "cosine",
-                                    "hamming": "hamming", "hann": "hann", "parzen": "parzen"})
+_TOMOPY_FILTERS = MappingProxyType(
+    {
+        "ramp": "ramlak",
+        "shepp-logan": "shepp",
+        "cosine": "cosine",
+        "hamming": "hamming",
+        "hann": "hann",
+        "parzen": "parzen",
+    }
+)
 # Rows per FBP/projector call: enough to amortise the per-call index work, and at most about
 # this many bytes of (rows, cols, cols) float32 output per call.
 _ROWS_PER_BATCH = 16
@@ -62,8 +70,13 @@ class AutoFBP:
     use for that geometry.
     """
 
-    def __init__(self, device: str | torch.device = "cpu", filter_name: str = "ramp",
-                 circle_mask: bool = False, max_matrix_bytes: int = 4 << 30) -> None:
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        filter_name: str = "ramp",
+        circle_mask: bool = False,
+        max_matrix_bytes: int = 4 << 30,
+    ) -> None:
         self.direct = FBP(device, filter_name=filter_name, circle_mask=circle_mask)
         self.gridding = GriddingFBP(device, filter_name=filter_name, circle_mask=circle_mask)
         self.max_matrix_bytes = max_matrix_bytes
@@ -73,7 +86,7 @@ class AutoFBP:
         return self.direct.device
 
     def method_for(self, angles: int, cols: int) -> str:
-        """"direct" or "gridding": what `reconstruct` uses for (angles, cols) sinograms."""
+        """ "direct" or "gridding": what `reconstruct` uses for (angles, cols) sinograms."""
         if self.device.type != "cpu":
             return "direct"
         if self.gridding.matrix_bytes(angles, cols) > self.max_matrix_bytes:
@@ -93,17 +106,21 @@ class AutoFBP:
         self.direct.release()
         self.gridding.release()
 
-    def reconstruct(self, sinograms: torch.Tensor, theta: torch.Tensor,
-                    center: float) -> torch.Tensor:
+    def reconstruct(
+        self, sinograms: torch.Tensor, theta: torch.Tensor, center: float
+    ) -> torch.Tensor:
         """(B, A, C) float32 line integrals -> (B, C, C) float32 attenuation per pixel."""
         if sinograms.ndim != 3:  # the method's own check names the problem
             return self.direct.reconstruct(sinograms, theta, center)
         return self._method(*sinograms.shape[1:]).reconstruct(sinograms, theta, center)
 
 
-def make_reconstructor(method: str = "auto", device: str | torch.device = "cpu",
-                       filter_name: str = "ramp", circle_mask: bool = False
-                       ) -> PreparableReconstructor:
+def make_reconstructor(
+    method: str = "auto",
+    device: str | torch.device = "cpu",
+    filter_name: str = "ramp",
+    circle_mask: bool = False,
+) -> PreparableReconstructor:
     """The FBP `Reconstructor` for `method`: "direct" (pixel-driven, `workers.fbp.FBP`),
     "gridding" (non-uniform FFT, `workers.gridding.GriddingFBP`) or "auto" (`AutoFBP`)."""
     if method == "direct":
@@ -124,9 +141,16 @@ def _theta(theta: np.ndarray, angles: int) -> torch.Tensor:
     return torch.from_numpy(theta)
 
 
-def recon(tomo: np.ndarray, theta: np.ndarray, center: float | None = None,
-          algorithm: str = "fbp", filter_name: str = "ramp", device: str | None = None,
-          circle_mask: bool = False, method: str = "auto") -> np.ndarray:
+def recon(
+    tomo: np.ndarray,
+    theta: np.ndarray,
+    center: float | None = None,
+    algorithm: str = "fbp",
+    filter_name: str = "ramp",
+    device: str | None = None,
+    circle_mask: bool = False,
+    method: str = "auto",
+) -> np.ndarray:
     """Reconstruct every detector row of `tomo` (angles, rows, cols) line integrals.
 
     Returns (rows, cols, cols) float32. `theta` is in radians, `center` the rotation axis in
@@ -160,22 +184,35 @@ def recon(tomo: np.ndarray, theta: np.ndarray, center: float | None = None,
     return out
 
 
-def _tomopy_gridrec(tomo: np.ndarray, theta: np.ndarray, center: float, filter_name: str,
-                    circle_mask: bool) -> np.ndarray:
+def _tomopy_gridrec(
+    tomo: np.ndarray, theta: np.ndarray, center: float, filter_name: str, circle_mask: bool
+) -> np.ndarray:
     if importlib.util.find_spec("tomopy") is None:
-        raise RuntimeError("algorithm='gridrec' needs TomoPy (conda install -c conda-forge "
-                           "tomopy); algorithm='fbp' needs nothing extra")
+        raise RuntimeError(
+            "algorithm='gridrec' needs TomoPy (conda install -c conda-forge "
+            "tomopy); algorithm='fbp' needs nothing extra"
+        )
     import tomopy  # imported here: optional, heavy, and it starts thread pools on import
 
-    slices = tomopy.recon(np.asarray(tomo, dtype=np.float32), np.asarray(theta), center=center,
-                          algorithm="gridrec", filter_name=_TOMOPY_FILTERS[filter_name])
+    slices = tomopy.recon(
+        np.asarray(tomo, dtype=np.float32),
+        np.asarray(theta),
+        center=center,
+        algorithm="gridrec",
+        filter_name=_TOMOPY_FILTERS[filter_name],
+    )
     if circle_mask:
         slices = tomopy.circ_mask(slices, axis=0, ratio=1.0)
     return np.asarray(slices, dtype=np.float32)
 
 
-def project(volume: np.ndarray, theta: np.ndarray, center: float | None = None,
-            cols: int | None = None, device: str | None = None) -> np.ndarray:
+def project(
+    volume: np.ndarray,
+    theta: np.ndarray,
+    center: float | None = None,
+    cols: int | None = None,
+    device: str | None = None,
+) -> np.ndarray:
     """Forward-project (rows, N, N) slices in attenuation per pixel -> (angles, rows, cols)
     float32 line integrals; `cols` defaults to N, `center` to cols / 2 (TomoPy's convention)."""
     volume = np.asarray(volume)

@@ -70,8 +70,9 @@ class SpreadingMatrix:
         return sum(t.numel() * t.element_size() for t in (self.indices, self.weights, self.offsets))
 
     @classmethod
-    def build(cls, g_row: torch.Tensor, g_col: torch.Tensor, grid: int, width: int,
-              beta: float) -> SpreadingMatrix:
+    def build(
+        cls, g_row: torch.Tensor, g_col: torch.Tensor, grid: int, width: int, beta: float
+    ) -> SpreadingMatrix:
         """`g_row`, `g_col`: (samples,) float64 positions in cells of the periodic grid.
 
         A sample's taps are the `width` grid lines from ceil(g - width / 2) on, each way, and its
@@ -123,5 +124,6 @@ class SpreadingMatrix:
 
     def spread(self, table: torch.Tensor) -> torch.Tensor:
         """(samples, channels) float32 rows -> (grid * grid, channels) float32 grid."""
-        return F.embedding_bag(self.indices, table, self.offsets, mode="sum",
-                               per_sample_weights=self.weights)
+        return F.embedding_bag(
+            self.indices, table, self.offsets, mode="sum", per_sample_weights=self.weights
+        )

@@ -56,24 +56,32 @@ def plan_tiles(height: int, width: int, core: int, halo: int, multiple: int = 1)
     pooling grid; the cores partition the image exactly once.
     """
     if core < 1 or halo < 0 or multiple < 1:
-        raise ValueError(f"need core >= 1, halo >= 0, multiple >= 1; got core={core} "
-                         f"halo={halo} multiple={multiple}")
+        raise ValueError(
+            f"need core >= 1, halo >= 0, multiple >= 1; got core={core} "
+            f"halo={halo} multiple={multiple}"
+        )
     if core % multiple or halo % multiple:
-        raise ValueError(f"core={core} and halo={halo} must be multiples of {multiple} (the "
-                         "network's pooling grid), or tiles would not match the whole slice")
-    return [Tile((rows[0], cols[0]), (rows[1], cols[1]), (rows[2], cols[2]))
-            for rows in _spans(height, core, halo) for cols in _spans(width, core, halo)]
+        raise ValueError(
+            f"core={core} and halo={halo} must be multiples of {multiple} (the "
+            "network's pooling grid), or tiles would not match the whole slice"
+        )
+    return [
+        Tile((rows[0], cols[0]), (rows[1], cols[1]), (rows[2], cols[2]))
+        for rows in _spans(height, core, halo)
+        for cols in _spans(width, core, halo)
+    ]
 
 
 def core_for_budget(max_pixels: int, halo: int, multiple: int) -> int:
     """The largest tile core (a multiple of `multiple`) whose window, halo on both sides, holds
     at most `max_pixels`; at least `multiple` whatever the budget (a tile must make progress)."""
-    side = int(max_pixels ** 0.5) - 2 * halo
+    side = int(max_pixels**0.5) - 2 * halo
     return max(multiple, side // multiple * multiple)
 
 
-def run_tiled(network: TileFunction, image: torch.Tensor, core: int, halo: int,
-              multiple: int = 1) -> torch.Tensor:
+def run_tiled(
+    network: TileFunction, image: torch.Tensor, core: int, halo: int, multiple: int = 1
+) -> torch.Tensor:
     """`network` applied to (batch, channels, H, W) `image` tile by tile; returns what
     `network(image)` would, allocating one output and one window at a time.
 
@@ -85,8 +93,11 @@ def run_tiled(network: TileFunction, image: torch.Tensor, core: int, halo: int,
         raise ValueError(f"image {height} x {width} must be padded to multiples of {multiple}")
     out: torch.Tensor | None = None
     for tile in plan_tiles(height, width, core, halo, multiple):
-        (window_rows, window_cols), (rows, cols), (inner_rows, inner_cols) = \
-            tile.window, tile.core, tile.inner
+        (window_rows, window_cols), (rows, cols), (inner_rows, inner_cols) = (
+            tile.window,
+            tile.core,
+            tile.inner,
+        )
         result = network(image[..., window_rows, window_cols])
         if out is None:
             out = result.new_empty((*result.shape[:-2], height, width))
@@ -95,8 +106,9 @@ def run_tiled(network: TileFunction, image: torch.Tensor, core: int, halo: int,
     return out
 
 
-def receptive_radius(network: TileFunction, channels: int, multiple: int = 1,
-                     size: int = 160, seed: int = 0) -> int:
+def receptive_radius(
+    network: TileFunction, channels: int, multiple: int = 1, size: int = 160, seed: int = 0
+) -> int:
     """How far (in pixels) a change of one input pixel reaches in the output, measured.
 
     Perturbs one pixel near the centre of a random image, at each of the `multiple` phases of the

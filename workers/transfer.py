@@ -123,8 +123,9 @@ class CudaTransfer(HostTransfer):
         shape = (batch, height, width)
         if self._staging and tuple(self._staging[0].shape) == shape:
             return
-        self._staging = [torch.empty(shape, dtype=torch.float32, pin_memory=True)
-                         for _ in range(self._slots)]
+        self._staging = [
+            torch.empty(shape, dtype=torch.float32, pin_memory=True) for _ in range(self._slots)
+        ]
         self._free = deque(range(self._slots))
 
     def submit(self, slices: torch.Tensor, tag: Any) -> None:

@@ -48,8 +48,9 @@ class SlicePairs:
 
     def __post_init__(self) -> None:
         if sum(self.volume_rows) != len(self.noisy) or min(self.volume_rows, default=1) < 1:
-            raise DataError(f"volume_rows={self.volume_rows} does not add up to the "
-                            f"{len(self.noisy)} slices")
+            raise DataError(
+                f"volume_rows={self.volume_rows} does not add up to the {len(self.noisy)} slices"
+            )
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -99,8 +100,9 @@ def _open(path: Path) -> h5py.File:
 def _read(file: h5py.File, path: Path, name: str, form: str) -> tuple[np.ndarray, tuple[int, ...]]:
     if name not in file:
         present = ", ".join(sorted(file.keys())) or "nothing"
-        raise DataError(f"{path} has no data set '{name}' ({form} needs it; the file holds "
-                        f"{present})")
+        raise DataError(
+            f"{path} has no data set '{name}' ({form} needs it; the file holds {present})"
+        )
     dataset = file[name]
     if not isinstance(dataset, h5py.Dataset) or dataset.ndim != 3:
         shape = getattr(dataset, "shape", "a group")
@@ -108,8 +110,9 @@ def _read(file: h5py.File, path: Path, name: str, form: str) -> tuple[np.ndarray
     images = dataset[()].astype(np.float32, copy=False)
     rows = tuple(int(r) for r in np.atleast_1d(dataset.attrs.get("volume_rows", len(images))))
     if sum(rows) != len(images) or min(rows) < 1:
-        raise DataError(f"{path}:{name}: volume_rows={rows} does not add up to its "
-                        f"{len(images)} slices")
+        raise DataError(
+            f"{path}:{name}: volume_rows={rows} does not add up to its {len(images)} slices"
+        )
     return images, rows
 
 
@@ -121,8 +124,9 @@ def _per_pixel(file: h5py.File, name: str) -> bool:
 
 def _pairs(noisy: np.ndarray, target: np.ndarray, rows: tuple[int, ...], what: str) -> SlicePairs:
     if noisy.shape != target.shape:
-        raise DataError(f"{what}: noisy slices {noisy.shape} and targets {target.shape} differ "
-                        "in shape")
+        raise DataError(
+            f"{what}: noisy slices {noisy.shape} and targets {target.shape} differ in shape"
+        )
     if len(noisy) == 0:
         raise DataError(f"{what}: no slices")
     return SlicePairs(noisy, target, rows)
@@ -148,16 +152,18 @@ def load_one_file(path: str | Path) -> TrainingData:
     train = _pairs(train_ns, train_gt, rows, f"{path} train_ns/train_gt")
     test = _pairs(test_ns, test_gt, test_rows, f"{path} test_ns/test_gt")
     if train.shape[1:] != test.shape[1:]:
-        raise DataError(f"{path}: train slices are {train.shape[1:]}, test slices "
-                        f"{test.shape[1:]}")
+        raise DataError(f"{path}: train slices are {train.shape[1:]}, test slices {test.shape[1:]}")
     offset, scale = normalisation(train.target)
-    source = f"{path.name}: {train.shape[0]} train / {test.shape[0]} test slices of " \
-             f"{train.shape[1]}x{train.shape[2]}" + (f" ({described})" if described else "")
+    source = (
+        f"{path.name}: {train.shape[0]} train / {test.shape[0]} test slices of "
+        f"{train.shape[1]}x{train.shape[2]}" + (f" ({described})" if described else "")
+    )
     return TrainingData(train, test, source, offset, scale, per_pixel)
 
 
-def load_two_files(low_dose: str | Path, normal_dose: str | Path,
-                   test_fraction: float = 0.1) -> TrainingData:
+def load_two_files(
+    low_dose: str | Path, normal_dose: str | Path, test_fraction: float = 0.1
+) -> TrainingData:
     """The two-file form: `images` in each; the last `test_fraction` of slices is the test set."""
     low_dose, normal_dose = Path(low_dose), Path(normal_dose)
     if not 0 < test_fraction < 1:
@@ -181,8 +187,10 @@ def load_two_files(low_dose: str | Path, normal_dose: str | Path,
     train = SlicePairs(noisy[: n - n_test], target[: n - n_test], train_rows)
     test = SlicePairs(noisy[n - n_test :], target[n - n_test :], test_rows)
     offset, scale = normalisation(train.target)
-    source = (f"{low_dose.name} / {normal_dose.name}: {n - n_test} train / {n_test} test slices "
-              f"of {noisy.shape[1]}x{noisy.shape[2]}")
+    source = (
+        f"{low_dose.name} / {normal_dose.name}: {n - n_test} train / {n_test} test slices "
+        f"of {noisy.shape[1]}x{noisy.shape[2]}"
+    )
     return TrainingData(train, test, source, offset, scale, per_pixel)
 
 
@@ -200,16 +208,21 @@ def _split_rows(rows: tuple[int, ...], at: int) -> tuple[tuple[int, ...], tuple[
     return tuple(before), tuple(after)
 
 
-def load_training_data(data: str | Path | None = None, low_dose: str | Path | None = None,
-                       normal_dose: str | Path | None = None) -> TrainingData:
+def load_training_data(
+    data: str | Path | None = None,
+    low_dose: str | Path | None = None,
+    normal_dose: str | Path | None = None,
+) -> TrainingData:
     """Either form, as the command line names it; DataError when the choice is unclear."""
     if data is not None and (low_dose is not None or normal_dose is not None):
         raise DataError("give either --data FILE or -ld/-nd FILES, not both")
     if data is not None:
         return load_one_file(data)
     if low_dose is None or normal_dose is None:
-        raise DataError("training data: give --data FILE (train_ns/train_gt/test_ns/test_gt) "
-                        "or both -ld LOW_DOSE.h5 and -nd NORMAL_DOSE.h5 (data set 'images')")
+        raise DataError(
+            "training data: give --data FILE (train_ns/train_gt/test_ns/test_gt) "
+            "or both -ld LOW_DOSE.h5 and -nd NORMAL_DOSE.h5 (data set 'images')"
+        )
     return load_two_files(low_dose, normal_dose)
 
 
@@ -220,14 +233,26 @@ class PatchSampler:
     Threading: owns its random generator; use from one thread.
     """
 
-    def __init__(self, pairs: SlicePairs, depth: int, patch: int,
-                 rng: np.random.Generator, augment: bool = True) -> None:
+    def __init__(
+        self,
+        pairs: SlicePairs,
+        depth: int,
+        patch: int,
+        rng: np.random.Generator,
+        augment: bool = True,
+    ) -> None:
         _, height, width = pairs.shape
         if patch > min(height, width):
-            raise DataError(f"patch={patch} is larger than the {height}x{width} slices: "
-                            "lower --patch")
-        self.pairs, self.depth, self.patch, self.rng, self.augment = (pairs, depth, patch, rng,
-                                                                      augment)
+            raise DataError(
+                f"patch={patch} is larger than the {height}x{width} slices: lower --patch"
+            )
+        self.pairs, self.depth, self.patch, self.rng, self.augment = (
+            pairs,
+            depth,
+            patch,
+            rng,
+            augment,
+        )
 
     def batch(self, size: int) -> tuple[np.ndarray, np.ndarray]:
         """(size, depth, patch, patch) inputs and (size, 1, patch, patch) targets, float32."""
@@ -240,20 +265,27 @@ class PatchSampler:
         rows = top[:, None] + np.arange(p)
         cols = left[:, None] + np.arange(p)
         sample = np.arange(size)[:, None, None, None]
-        inputs = stacks[sample, np.arange(self.depth)[None, :, None, None],
-                        rows[:, None, :, None], cols[:, None, None, :]]
+        inputs = stacks[
+            sample,
+            np.arange(self.depth)[None, :, None, None],
+            rows[:, None, :, None],
+            cols[:, None, None, :],
+        ]
         targets = self.pairs.target[centres[:, None, None], rows[:, :, None], cols[:, None, :]]
         targets = targets[:, None]
         if self.augment:
             flips = self.rng.integers(0, 2, (size, 3)).astype(bool)
             for i in range(size):
                 inputs[i], targets[i] = _augment(inputs[i], targets[i], flips[i])
-        return (np.ascontiguousarray(inputs, dtype=np.float32),
-                np.ascontiguousarray(targets, dtype=np.float32))
+        return (
+            np.ascontiguousarray(inputs, dtype=np.float32),
+            np.ascontiguousarray(targets, dtype=np.float32),
+        )
 
 
-def _augment(inputs: np.ndarray, target: np.ndarray,
-             flips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _augment(
+    inputs: np.ndarray, target: np.ndarray, flips: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     if flips[0]:
         inputs, target = inputs[:, ::-1], target[:, ::-1]
     if flips[1]:

@@ -43,10 +43,17 @@ def _scores(images: np.ndarray, truth: np.ndarray) -> tuple[list[float], list[fl
     return psnr(a, b, data_range).tolist(), ssim(a, b, data_range).tolist()
 
 
-def evaluate(models: Sequence[str | Path] | None = None, seeds: Sequence[int] | None = None,
-             rows: int = 8, size: int = 256, angles: int = 360,
-             sparse: Sequence[int] = (8, 16), photons: Sequence[float] = (1000.0, 200.0),
-             device: str = "cpu", progress: bool = True) -> list[Row]:
+def evaluate(
+    models: Sequence[str | Path] | None = None,
+    seeds: Sequence[int] | None = None,
+    rows: int = 8,
+    size: int = 256,
+    angles: int = 360,
+    sparse: Sequence[int] = (8, 16),
+    photons: Sequence[float] = (1000.0, 200.0),
+    device: str = "cpu",
+    progress: bool = True,
+) -> list[Row]:
     """One Row per (condition, model); `models` None scores the service's default artifact."""
     from tqdm import tqdm
 
@@ -54,13 +61,13 @@ def evaluate(models: Sequence[str | Path] | None = None, seeds: Sequence[int] | 
     from workers.denoise import load_denoiser
 
     seeds = list(DEFAULT_SEEDS if seeds is None else seeds)
-    chosen = [Condition(sparse=k) for k in sparse] + [Condition(photons=float(p))
-                                                      for p in photons]
+    chosen = [Condition(sparse=k) for k in sparse] + [Condition(photons=float(p)) for p in photons]
     paths: list[Path | None] = [Path(model) for model in models] if models else [None]
     engines = [load_denoiser(path, device) for path in paths]
     fbp: dict[str, tuple[list[float], list[float]]] = {c.label: ([], []) for c in chosen}
     denoised: dict[tuple[str, str], tuple[list[float], list[float]]] = {
-        (c.label, e.name): ([], []) for c in chosen for e in engines}
+        (c.label, e.name): ([], []) for c in chosen for e in engines
+    }
     for seed in tqdm(seeds, desc="evaluate", unit="phantom", disable=not progress):
         for volume in render(seed, rows, size, angles, chosen, device=device):
             label = volume.condition.label
@@ -72,16 +79,30 @@ def evaluate(models: Sequence[str | Path] | None = None, seeds: Sequence[int] | 
                 p, s = _scores(output, volume.target)
                 denoised[label, engine.name][0].extend(p)
                 denoised[label, engine.name][1].extend(s)
-    return [Row(c.label, e.name, float(np.mean(fbp[c.label][0])), float(np.mean(fbp[c.label][1])),
-                float(np.mean(denoised[c.label, e.name][0])),
-                float(np.mean(denoised[c.label, e.name][1])))
-            for c in chosen for e in engines]
+    return [
+        Row(
+            c.label,
+            e.name,
+            float(np.mean(fbp[c.label][0])),
+            float(np.mean(fbp[c.label][1])),
+            float(np.mean(denoised[c.label, e.name][0])),
+            float(np.mean(denoised[c.label, e.name][1])),
+        )
+        for c in chosen
+        for e in engines
+    ]
 
 
 def format_table(rows: Sequence[Row]) -> str:
     """A Markdown table of the rows."""
-    lines = ["| condition | denoiser | PSNR FBP (dB) | PSNR denoised (dB) | gain (dB) | SSIM FBP |"
-             " SSIM denoised |", "|---|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r.condition} | {r.model} | {r.fbp_psnr:.2f} | {r.psnr:.2f} | "
-              f"{r.gain_db:+.2f} | {r.fbp_ssim:.3f} | {r.ssim:.3f} |" for r in rows]
+    lines = [
+        "| condition | denoiser | PSNR FBP (dB) | PSNR denoised (dB) | gain (dB) | SSIM FBP |"
+        " SSIM denoised |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r.condition} | {r.model} | {r.fbp_psnr:.2f} | {r.psnr:.2f} | "
+        f"{r.gain_db:+.2f} | {r.fbp_ssim:.3f} | {r.ssim:.3f} |"
+        for r in rows
+    ]
     return "\n".join(lines) + "\n"

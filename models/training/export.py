@@ -62,16 +62,21 @@ def checkpoint_metadata(state: dict[str, Any], name: str, precision: str) -> Mod
         metrics.update(val_input_psnr_db=baseline["psnr"], val_input_ssim=baseline["ssim"])
     minutes = state["elapsed_s"] / 60
     return ModelMetadata(
-        name=name, arch=config.arch, depth=config.depth,  # type: ignore[arg-type]
+        name=name,
+        arch=config.arch,  # type: ignore[arg-type]
+        depth=config.depth,
         precision=precision,  # type: ignore[arg-type]
-        input_offset=float(state["input_offset"]), input_scale=float(state["input_scale"]),
+        input_offset=float(state["input_offset"]),
+        input_scale=float(state["input_scale"]),
         reference_width=state.get("reference_width"),
         trained=True,
         training=TrainingRecord(
-            data=state["data"], command=state["command"] or "unknown",
+            data=state["data"],
+            command=state["command"] or "unknown",
             hardware=state["hardware"],
             time=f"{minutes:.1f} min of training steps ({state['step']} steps, batch "
-                 f"{config.batch} x {config.patch}x{config.patch} px)"),
+            f"{config.batch} x {config.patch}x{config.patch} px)",
+        ),
         metrics=metrics,
     )
 
@@ -91,29 +96,41 @@ def save_exported(module: nn.Module, metadata: ModelMetadata, path: str | Path) 
     example = torch.randn((2, depth, 64, 64), generator=seeded)
     other = torch.randn((1, depth, 24, 40), generator=seeded)
     side = {"min": MIN_SIDE // SIZE_MULTIPLE, "max": MAX_SIDE // SIZE_MULTIPLE}
-    shapes = ({0: Dim("batch", min=1, max=4096), 2: SIZE_MULTIPLE * Dim("rows8", **side),
-               3: SIZE_MULTIPLE * Dim("cols8", **side)},)
+    shapes = (
+        {
+            0: Dim("batch", min=1, max=4096),
+            2: SIZE_MULTIPLE * Dim("rows8", **side),
+            3: SIZE_MULTIPLE * Dim("cols8", **side),
+        },
+    )
     with torch.no_grad():
         program = torch.export.export(eager, (example,), dynamic_shapes=shapes)
         expected, got = eager(other), program.module()(other)
     if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
-        raise ModelError(f"exporting {type(module).__name__} to {path}: the program disagrees "
-                         f"with the module on a {tuple(other.shape)} input")
+        raise ModelError(
+            f"exporting {type(module).__name__} to {path}: the program disagrees "
+            f"with the module on a {tuple(other.shape)} input"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     # torch.export.save warns about names not ending in .pt2.
     partial = path.with_name(f"{path.stem}.partial{path.suffix}")
     try:
-        torch.export.save(program, str(partial),
-                          extra_files={METADATA_FILE: metadata.model_dump_json(indent=2)})
+        torch.export.save(
+            program, str(partial), extra_files={METADATA_FILE: metadata.model_dump_json(indent=2)}
+        )
         partial.replace(path)
     finally:
         partial.unlink(missing_ok=True)
     return path
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, name: str | None = None,
-                      formats: Sequence[str] = FORMATS,
-                      reference_width: int | None = None) -> list[Path]:
+def export_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    name: str | None = None,
+    formats: Sequence[str] = FORMATS,
+    reference_width: int | None = None,
+) -> list[Path]:
     """Write the requested artifacts of `checkpoint` into `out_dir`; returns their paths.
 
     `reference_width` overrides the slice width the normalisation was fitted at, which
@@ -132,16 +149,27 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, name: str | N
         raise ValueError(f"formats {sorted(unknown)}: choose from {', '.join(FORMATS)}")
     written = []
     if "fp32" in formats:
-        written.append(save_artifact(generator, checkpoint_metadata(state, name, "fp32"),
-                                     out_dir / f"{name}.pt"))
+        written.append(
+            save_artifact(
+                generator, checkpoint_metadata(state, name, "fp32"), out_dir / f"{name}.pt"
+            )
+        )
     if "fp16" in formats:
         stem = f"{name}-fp16"
-        written.append(save_artifact(generator, checkpoint_metadata(state, stem, "fp16"),
-                                     out_dir / f"{stem}.pt"))
+        written.append(
+            save_artifact(
+                generator, checkpoint_metadata(state, stem, "fp16"), out_dir / f"{stem}.pt"
+            )
+        )
     if "pt2" in formats:
         stem = f"{name}-fp16"
-        written.append(save_exported(generator, checkpoint_metadata(state, stem, "fp16"),
-                                     out_dir / f"{stem}{EXPORTED_SUFFIX}"))
+        written.append(
+            save_exported(
+                generator,
+                checkpoint_metadata(state, stem, "fp16"),
+                out_dir / f"{stem}{EXPORTED_SUFFIX}",
+            )
+        )
     for path in written:
         log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return written

@@ -47,22 +47,28 @@ def _volumes(file: h5py.File, path: Path, name: str) -> tuple[np.ndarray, tuple[
     return images, tuple(int(r) for r in dataset.attrs.get("volume_rows", (len(images),)))
 
 
-def read_noisy(path: Path, dataset: str | None = None
-               ) -> tuple[np.ndarray, tuple[int, ...], np.ndarray | None, str]:
+def read_noisy(
+    path: Path, dataset: str | None = None
+) -> tuple[np.ndarray, tuple[int, ...], np.ndarray | None, str]:
     """(slices, volume_rows, targets or None, data set name) from `path`."""
     with _open(path) as file:
         if dataset is None:
             found = [name for name in PREFERRED if name in file]
-            cubes = [name for name, item in file.items()
-                     if isinstance(item, h5py.Dataset) and item.ndim == 3]
+            cubes = [
+                name
+                for name, item in file.items()
+                if isinstance(item, h5py.Dataset) and item.ndim == 3
+            ]
             if found:
                 dataset = found[0]
             elif len(cubes) == 1:
                 dataset = cubes[0]
             else:
-                raise DataError(f"{path}: no data set {' or '.join(PREFERRED)} and "
-                                f"{len(cubes)} 3-D data sets ({', '.join(cubes)}): name one "
-                                "with --dataset")
+                raise DataError(
+                    f"{path}: no data set {' or '.join(PREFERRED)} and "
+                    f"{len(cubes)} 3-D data sets ({', '.join(cubes)}): name one "
+                    "with --dataset"
+                )
         noisy, rows = _volumes(file, path, dataset)
         target_name = TARGET_FOR.get(dataset)
         target = None
@@ -71,16 +77,22 @@ def read_noisy(path: Path, dataset: str | None = None
     return noisy, rows, target, dataset
 
 
-def denoise_volumes(engine: DenoiseEngine, noisy: np.ndarray, volume_rows: tuple[int, ...],
-                    batch: int = 8, progress: bool = True) -> np.ndarray:
+def denoise_volumes(
+    engine: DenoiseEngine,
+    noisy: np.ndarray,
+    volume_rows: tuple[int, ...],
+    batch: int = 8,
+    progress: bool = True,
+) -> np.ndarray:
     """Denoise every slice of `noisy`, each stacked volume on its own."""
     from tqdm import tqdm
 
     from workers.denoise import adjacent_stack
 
     out = np.empty_like(noisy)
-    with tqdm(total=len(noisy), desc=f"denoise {engine.name}", unit="slice",
-              disable=not progress) as bar:
+    with tqdm(
+        total=len(noisy), desc=f"denoise {engine.name}", unit="slice", disable=not progress
+    ) as bar:
         first = 0
         for rows in volume_rows:
             volume = torch.from_numpy(noisy[first : first + rows]).to(engine.device)
@@ -93,10 +105,17 @@ def denoise_volumes(engine: DenoiseEngine, noisy: np.ndarray, volume_rows: tuple
     return out
 
 
-def infer_file(low_dose: str | Path, out: str | Path, model: str | Path | None = None,
-               normal_dose: str | Path | None = None, dataset: str | None = None,
-               device: str = "cpu", batch: int = 8, progress: bool = True,
-               field_width: int | None = None) -> str:
+def infer_file(
+    low_dose: str | Path,
+    out: str | Path,
+    model: str | Path | None = None,
+    normal_dose: str | Path | None = None,
+    dataset: str | None = None,
+    device: str = "cpu",
+    batch: int = 8,
+    progress: bool = True,
+    field_width: int | None = None,
+) -> str:
     """Denoise `low_dose` into `out`; returns a one-line report (with PSNR/SSIM when targets
     are known). `field_width`: see `workers.denoise.DenoiseEngine`."""
     from models.training.metrics import psnr, ssim
@@ -107,8 +126,7 @@ def infer_file(low_dose: str | Path, out: str | Path, model: str | Path | None =
     if normal_dose is not None:
         target, _, _, _ = read_noisy(Path(normal_dose), dataset or "images")
         if target.shape != noisy.shape:
-            raise DataError(f"{normal_dose} holds {target.shape} slices, {low_dose} "
-                            f"{noisy.shape}")
+            raise DataError(f"{normal_dose} holds {target.shape} slices, {low_dose} {noisy.shape}")
     engine = load_denoiser(model, device, field_width=field_width)
     started = time.perf_counter()
     denoised = denoise_volumes(engine, noisy, rows, batch, progress)
@@ -120,15 +138,21 @@ def infer_file(low_dose: str | Path, out: str | Path, model: str | Path | None =
                 file.create_dataset(key, data=value, dtype=np.float32).attrs["volume_rows"] = rows
         file.attrs["model"] = engine.name
         file.attrs["source"] = f"{low_dose}:{name}"
-    report = (f"denoised {len(noisy)} slices of {low_dose}:{name} with {engine.name} in "
-              f"{seconds:.1f} s -> {out}")
+    report = (
+        f"denoised {len(noisy)} slices of {low_dose}:{name} with {engine.name} in "
+        f"{seconds:.1f} s -> {out}"
+    )
     if target is not None:
         data_range = float(target.max() - target.min()) or 1.0
         scores = {}
         for label, images in (("ns", noisy), ("dn", denoised)):
             a, b = torch.from_numpy(images), torch.from_numpy(target)
-            scores[label] = (float(psnr(a, b, data_range).mean()),
-                             float(ssim(a, b, data_range).mean()))
-        report += (f"; PSNR {scores['ns'][0]:.2f} -> {scores['dn'][0]:.2f} dB, SSIM "
-                   f"{scores['ns'][1]:.4f} -> {scores['dn'][1]:.4f}")
+            scores[label] = (
+                float(psnr(a, b, data_range).mean()),
+                float(ssim(a, b, data_range).mean()),
+            )
+        report += (
+            f"; PSNR {scores['ns'][0]:.2f} -> {scores['dn'][0]:.2f} dB, SSIM "
+            f"{scores['ns'][1]:.4f} -> {scores['dn'][1]:.4f}"
+        )
     return report

@@ -25,8 +25,29 @@ from service.errors import ModelError
 AdversarialKind = Literal["wgan-gp", "bce"]
 GRADIENT_PENALTY_WEIGHT = 10.0
 # VGG19 configuration "E": channels per conv, "M" a 2x2 max-pool.
-VGG19_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
-                512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
+VGG19_LAYERS = (
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    512,
+    "M",
+)
 # ImageNet statistics the VGG weights were trained with (RGB).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -72,32 +93,38 @@ class VGG19Features(nn.Module):
         classifier keys are ignored) or one saved from this class."""
         path = Path(path)
         if not path.is_file():
-            raise ModelError(f"--vgg-weights {path} does not exist (weights are never "
-                             "downloaded: give a local torchvision vgg19 state dict)")
+            raise ModelError(
+                f"--vgg-weights {path} does not exist (weights are never "
+                "downloaded: give a local torchvision vgg19 state dict)"
+            )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except (RuntimeError, OSError, ValueError) as exc:
             raise ModelError(f"--vgg-weights {path} is not a torch state dict ({exc})") from exc
         if not isinstance(state, dict):
-            raise ModelError(f"--vgg-weights {path} holds a {type(state).__name__}, not a "
-                             "state dict")
+            raise ModelError(
+                f"--vgg-weights {path} holds a {type(state).__name__}, not a state dict"
+            )
         model = cls()
         wanted = {key for key in model.state_dict() if key.startswith("features.")}
         features = {key: value for key, value in state.items() if key in wanted}
         missing = sorted(wanted - set(features))
         if missing:
-            raise ModelError(f"--vgg-weights {path} is not a VGG19 state dict: it lacks "
-                             f"{len(missing)} feature tensor(s), e.g. {missing[0]}")
+            raise ModelError(
+                f"--vgg-weights {path} is not a VGG19 state dict: it lacks "
+                f"{len(missing)} feature tensor(s), e.g. {missing[0]}"
+            )
         try:
             model.load_state_dict(features, strict=False)
         except RuntimeError as exc:
-            raise ModelError(f"--vgg-weights {path}: tensor shapes do not fit VGG19 "
-                             f"({str(exc).splitlines()[-1].strip()})") from exc
+            raise ModelError(
+                f"--vgg-weights {path}: tensor shapes do not fit VGG19 "
+                f"({str(exc).splitlines()[-1].strip()})"
+            ) from exc
         return model
 
 
-def perceptual_loss(vgg: VGG19Features, output: torch.Tensor,
-                    target: torch.Tensor) -> torch.Tensor:
+def perceptual_loss(vgg: VGG19Features, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared difference of VGG19 features of output and target."""
     with torch.no_grad():
         wanted = vgg(target)
@@ -108,22 +135,30 @@ def generator_adversarial_loss(kind: AdversarialKind, fake_logits: torch.Tensor)
     """What the generator minimises: -D(G(x)) (WGAN) or BCE against 'real' (BCE)."""
     if kind == "wgan-gp":
         return -fake_logits.float().mean()
-    return F.binary_cross_entropy_with_logits(fake_logits.float(), torch.ones_like(
-        fake_logits, dtype=torch.float32))
+    return F.binary_cross_entropy_with_logits(
+        fake_logits.float(), torch.ones_like(fake_logits, dtype=torch.float32)
+    )
 
 
-def discriminator_loss(kind: AdversarialKind, real_logits: torch.Tensor,
-                       fake_logits: torch.Tensor) -> torch.Tensor:
+def discriminator_loss(
+    kind: AdversarialKind, real_logits: torch.Tensor, fake_logits: torch.Tensor
+) -> torch.Tensor:
     """The critic's loss without the gradient penalty (added by `gradient_penalty`)."""
     real, fake = real_logits.float(), fake_logits.float()
     if kind == "wgan-gp":
         return fake.mean() - real.mean()
-    return (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
-            + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+    return F.binary_cross_entropy_with_logits(
+        real, torch.ones_like(real)
+    ) + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
 
 
-def gradient_penalty(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor,
-                     generator: torch.Generator | None, scale: float = 1.0) -> torch.Tensor:
+def gradient_penalty(
+    discriminator: nn.Module,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    generator: torch.Generator | None,
+    scale: float = 1.0,
+) -> torch.Tensor:
     """lambda_D * mean((||grad D(mix)||_2 - 1)^2) on random mixes of real and fake images.
 
     `scale` is the GradScaler's current scale (1 without one): the critic's output is scaled

@@ -54,8 +54,12 @@ class PeakMemory:
         while not self._stop.wait(SAMPLE_SECONDS):
             self.peak_bytes = max(self.peak_bytes, resident_bytes() - self._start)
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start

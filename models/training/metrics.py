@@ -38,8 +38,9 @@ def ssim(image: torch.Tensor, reference: torch.Tensor, data_range: float) -> tor
     """(B,) mean structural similarity per image (scikit-image's defaults)."""
     x, y = _as_batch(image), _as_batch(reference)
     if min(x.shape[-2:]) < SSIM_WINDOW:
-        raise ValueError(f"images of {tuple(x.shape[-2:])} are smaller than the {SSIM_WINDOW}-px "
-                         "SSIM window")
+        raise ValueError(
+            f"images of {tuple(x.shape[-2:])} are smaller than the {SSIM_WINDOW}-px SSIM window"
+        )
     n = SSIM_WINDOW**2
     covariance = n / (n - 1)
 

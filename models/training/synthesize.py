@@ -31,8 +31,9 @@ from workers.lowdose import EVALUATION_SEED, Condition, Volume, render
 log = logging.getLogger(__name__)
 
 
-def conditions(sparse: Iterable[int] = (), photons: Iterable[float] = (),
-               combined: bool = False) -> list[Condition]:
+def conditions(
+    sparse: Iterable[int] = (), photons: Iterable[float] = (), combined: bool = False
+) -> list[Condition]:
     """Sparse-view conditions, then photon-limited ones (all views); with `combined` also
     every sparse x photons pair."""
     sparse, photons = list(sparse), [float(p) for p in photons]
@@ -55,10 +56,19 @@ def _write_split(file: h5py.File, split: str, volumes: list[Volume]) -> None:
         dataset.attrs["units"] = PER_PIXEL_UNITS
 
 
-def synthesize(out: str | Path, chosen: Sequence[Condition], phantoms: int = 16,
-               test_phantoms: int = 2, rows: int = 16, size: int = 256, angles: int = 360,
-               target: str = "phantom", seed: int = 0, progress: bool = True,
-               command: str = "") -> Path:
+def synthesize(
+    out: str | Path,
+    chosen: Sequence[Condition],
+    phantoms: int = 16,
+    test_phantoms: int = 2,
+    rows: int = 16,
+    size: int = 256,
+    angles: int = 360,
+    target: str = "phantom",
+    seed: int = 0,
+    progress: bool = True,
+    command: str = "",
+) -> Path:
     """Write the one-file data set to `out`: phantoms seed .. seed+phantoms-1 for training,
     the next `test_phantoms` seeds for testing, each under every condition."""
     from tqdm import tqdm
@@ -66,8 +76,10 @@ def synthesize(out: str | Path, chosen: Sequence[Condition], phantoms: int = 16,
     if phantoms < 1 or test_phantoms < 1:
         raise DataError(f"phantoms={phantoms}, test_phantoms={test_phantoms}: need >= 1 each")
     if seed + phantoms + test_phantoms > EVALUATION_SEED:
-        raise DataError(f"seeds {seed}..{seed + phantoms + test_phantoms - 1} reach the "
-                        f"evaluation seeds ({EVALUATION_SEED} on): pick a lower --seed")
+        raise DataError(
+            f"seeds {seed}..{seed + phantoms + test_phantoms - 1} reach the "
+            f"evaluation seeds ({EVALUATION_SEED} on): pick a lower --seed"
+        )
     out = Path(out)
     splits: dict[str, list[Volume]] = {"train": [], "test": []}
     seeds = [("train", seed + i) for i in range(phantoms)]
@@ -83,9 +95,14 @@ def synthesize(out: str | Path, chosen: Sequence[Condition], phantoms: int = 16,
             f"foam phantoms {size}x{size}x{rows}, {angles} views; low dose: "
             f"{'; '.join(c.label for c in chosen)}; target: {target}; train seeds "
             f"{seed}-{seed + phantoms - 1}, test seeds {seed + phantoms}-"
-            f"{seed + phantoms + test_phantoms - 1}")
+            f"{seed + phantoms + test_phantoms - 1}"
+        )
         file.attrs["command"] = command
     partial.replace(out)
-    log.info("wrote %s: %d train and %d test slices", out,
-             sum(len(v.noisy) for v in splits["train"]), sum(len(v.noisy) for v in splits["test"]))
+    log.info(
+        "wrote %s: %d train and %d test slices",
+        out,
+        sum(len(v.noisy) for v in splits["train"]),
+        sum(len(v.noisy) for v in splits["test"]),
+    )
     return out

@@ -116,8 +116,11 @@ def describe_hardware(device: torch.device) -> str:
     name = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                  if line.startswith("model name")]
+        models = [
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("model name")
+        ]
         name = models[0] if models else name
     return f"CPU {name} ({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s)"
 
@@ -128,8 +131,14 @@ class Trainer:
     Threading: owned by the thread that calls `step`/`run`; not shareable.
     """
 
-    def __init__(self, config: TrainConfig, data: TrainingData, device: torch.device | str,
-                 command: str = "", initialise: bool = True) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        data: TrainingData,
+        device: torch.device | str,
+        command: str = "",
+        initialise: bool = True,
+    ) -> None:
         """`initialise`: load `config.init`'s weights (False when a checkpoint's follow)."""
         self.config, self.data, self.command = config, data, command
         self.device = torch.device(device)
@@ -140,8 +149,9 @@ class Trainer:
         if config.init is not None and initialise:
             from models.training.warm_start import generator_weights
 
-            self.generator.load_state_dict(generator_weights(config.init, config.arch,
-                                                             config.depth))
+            self.generator.load_state_dict(
+                generator_weights(config.init, config.arch, config.depth)
+            )
         self.generator = self.generator.to(self.device)
         self.g_opt = torch.optim.Adam(self.generator.parameters(), lr=config.lr)
         self.discriminator: nn.Module | None = None
@@ -173,8 +183,9 @@ class Trainer:
     # -- one step ---------------------------------------------------------------------------
 
     def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                              enabled=self.autocast_enabled)
+        return torch.autocast(
+            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_enabled
+        )
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = self.sampler.batch(self.config.batch)
@@ -194,12 +205,14 @@ class Trainer:
         with torch.no_grad(), self._autocast():
             fake = self.generator(x).float()
         with self._autocast():
-            loss = discriminator_loss(self.config.adv, self.discriminator(y),
-                                      self.discriminator(fake))
+            loss = discriminator_loss(
+                self.config.adv, self.discriminator(y), self.discriminator(fake)
+            )
             penalty = torch.zeros((), device=self.device)
             if self.config.adv == "wgan-gp":
-                penalty = gradient_penalty(self.discriminator, y, fake, self.mix_rng,
-                                           self.d_scaler.get_scale())
+                penalty = gradient_penalty(
+                    self.discriminator, y, fake, self.mix_rng, self.d_scaler.get_scale()
+                )
         self.d_opt.zero_grad(set_to_none=True)
         self.d_scaler.scale(loss + penalty).backward()
         self.d_scaler.step(self.d_opt)
@@ -220,8 +233,10 @@ class Trainer:
             if self.vgg is not None:
                 terms["perc"] = perceptual_loss(self.vgg, out, y).float()
         weights = {"mse": config.lambda_mse, "adv": config.lambda_adv, "perc": config.lambda_perc}
-        loss = sum((weights[name] * value for name, value in terms.items()),
-                   torch.zeros((), device=self.device))
+        loss = sum(
+            (weights[name] * value for name, value in terms.items()),
+            torch.zeros((), device=self.device),
+        )
         self.g_opt.zero_grad(set_to_none=True)
         self.g_scaler.scale(loss).backward()
         self.g_scaler.step(self.g_opt)
@@ -248,8 +263,10 @@ class Trainer:
 
     def _score(self, slices: torch.Tensor) -> dict[str, float]:
         targets = self.val_targets
-        return {"psnr": float(psnr(slices, targets, self.scale).mean()),
-                "ssim": float(ssim(slices, targets, self.scale).mean())}
+        return {
+            "psnr": float(psnr(slices, targets, self.scale).mean()),
+            "ssim": float(ssim(slices, targets, self.scale).mean()),
+        }
 
     def predict(self, inputs: torch.Tensor) -> torch.Tensor:
         """Eager fp32 prediction in physical units, (n, depth, H, W) -> (n, 1, H, W) on CPU."""
@@ -280,8 +297,9 @@ class Trainer:
             "generator": self.generator.state_dict(),
             "g_opt": self.g_opt.state_dict(),
             "g_scaler": self.g_scaler.state_dict(),
-            "discriminator": None if self.discriminator is None else
-            self.discriminator.state_dict(),
+            "discriminator": None
+            if self.discriminator is None
+            else self.discriminator.state_dict(),
             "d_opt": None if self.d_opt is None else self.d_opt.state_dict(),
             "d_scaler": self.d_scaler.state_dict(),
             "numpy_rng": self.rng.bit_generator.state,
@@ -329,13 +347,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         raise ModelError(f"{path} is not a tomocast training checkpoint ({exc})") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ModelError(f"{path} is not a tomocast training checkpoint (format "
-                         f"{CHECKPOINT_FORMAT} expected)")
+        raise ModelError(
+            f"{path} is not a tomocast training checkpoint (format {CHECKPOINT_FORMAT} expected)"
+        )
     return state
 
 
-def resume(path: str | Path, data: TrainingData, device: torch.device | str, command: str = "",
-           **changes: Any) -> Trainer:
+def resume(
+    path: str | Path,
+    data: TrainingData,
+    device: torch.device | str,
+    command: str = "",
+    **changes: Any,
+) -> Trainer:
     """The Trainer saved at `path`, continued on `data` (which must be the same data set).
     `changes` may raise `steps` or change `val_every` / `checkpoint_every`; `command` (the
     resuming command line) is appended to the recorded one, so the record stays repeatable."""
@@ -363,17 +387,29 @@ def run(trainer: Trainer, out_dir: str | Path, progress: bool = True) -> dict[st
     last: dict[str, float] = trainer.history[-1] if trainer.history else {}
     first_step = trainer.step_count
     elapsed_before = trainer.elapsed
-    with PeakMemory(trainer.device) as memory, tqdm(
-        total=config.steps, initial=trainer.step_count, disable=not progress,
-        desc=f"train {config.arch}", unit="step", dynamic_ncols=True,
-    ) as bar:
+    with (
+        PeakMemory(trainer.device) as memory,
+        tqdm(
+            total=config.steps,
+            initial=trainer.step_count,
+            disable=not progress,
+            desc=f"train {config.arch}",
+            unit="step",
+            dynamic_ncols=True,
+        ) as bar,
+    ):
         while trainer.step_count < config.steps:
             losses = trainer.step()
             shown = {key: f"{value:.4g}" for key, value in losses.items()}
             if trainer.step_count % config.val_every == 0 or trainer.step_count == config.steps:
                 last = trainer.validate()
-                log.info("step %d: %s; validation PSNR %.2f dB SSIM %.4f", trainer.step_count,
-                         shown, last["psnr"], last["ssim"])
+                log.info(
+                    "step %d: %s; validation PSNR %.2f dB SSIM %.4f",
+                    trainer.step_count,
+                    shown,
+                    last["psnr"],
+                    last["ssim"],
+                )
             if last:
                 shown.update(psnr=f"{last['psnr']:.2f}", ssim=f"{last['ssim']:.3f}")
             bar.set_postfix(shown, refresh=False)
@@ -384,12 +420,20 @@ def run(trainer: Trainer, out_dir: str | Path, progress: bool = True) -> dict[st
     steps_run = trainer.step_count - first_step
     seconds = trainer.elapsed - elapsed_before
     summary = {
-        "arch": config.arch, "precision": config.precision, "device": str(trainer.device),
-        "hardware": describe_hardware(trainer.device), "steps": steps_run,
-        "batch": config.batch, "patch": config.patch, "train_seconds": round(seconds, 3),
+        "arch": config.arch,
+        "precision": config.precision,
+        "device": str(trainer.device),
+        "hardware": describe_hardware(trainer.device),
+        "steps": steps_run,
+        "batch": config.batch,
+        "patch": config.patch,
+        "train_seconds": round(seconds, 3),
         "seconds_per_step": round(seconds / max(steps_run, 1), 4),
-        "peak_memory_bytes": memory.peak_bytes, "peak_memory_what": memory.what,
-        "validation": last, "baseline": trainer.baseline, "checkpoint": str(checkpoint),
+        "peak_memory_bytes": memory.peak_bytes,
+        "peak_memory_what": memory.what,
+        "validation": last,
+        "baseline": trainer.baseline,
+        "checkpoint": str(checkpoint),
     }
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary

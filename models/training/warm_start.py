@@ -35,11 +35,15 @@ def generator_weights(path: str | Path, arch: str, depth: int) -> dict[str, torc
         try:
             state = load_checkpoint(path)
         except ModelError:
-            raise ModelError(f"--init {path} is neither a model artifact ({artifact_error}) nor a "
-                             "training checkpoint") from None
+            raise ModelError(
+                f"--init {path} is neither a model artifact ({artifact_error}) nor a "
+                "training checkpoint"
+            ) from None
         config = TrainConfig(**state["config"])
         found_arch, found_depth, weights = config.arch, config.depth, state["generator"]
     if (found_arch, found_depth) != (arch, depth):
-        raise ModelError(f"--init {path} holds {found_arch} with depth {found_depth}; this run "
-                         f"trains {arch} with depth {depth} (set --arch/--depth to match)")
+        raise ModelError(
+            f"--init {path} holds {found_arch} with depth {found_depth}; this run "
+            f"trains {arch} with depth {depth} (set --arch/--depth to match)"
+        )
     return weights

@@ -35,8 +35,17 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-VARIANTS = ("eager", "script", "frozen", "compile", "engine-fp32", "engine-fp16", "engine-bf16",
-            "engine-int8", "engine")
+VARIANTS = (
+    "eager",
+    "script",
+    "frozen",
+    "compile",
+    "engine-fp32",
+    "engine-fp16",
+    "engine-bf16",
+    "engine-int8",
+    "engine",
+)
 OUT_OF_MEMORY = "out of memory"
 DEFAULT_VARIANTS = ("eager", "script", "frozen", "engine-fp32", "engine-int8")
 
@@ -48,17 +57,41 @@ def _add(parser: argparse.ArgumentParser, *flags: str, **options: Any) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _add(parser, "--sizes", type=int, nargs="+", default=[512], metavar="PX",
-         help="slice sizes (PX x PX)")
-    _add(parser, "--batches", type=int, nargs="+", default=[1, 4], metavar="N",
-         help="slices per network call")
+    _add(
+        parser,
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[512],
+        metavar="PX",
+        help="slice sizes (PX x PX)",
+    )
+    _add(
+        parser,
+        "--batches",
+        type=int,
+        nargs="+",
+        default=[1, 4],
+        metavar="N",
+        help="slices per network call",
+    )
     _add(parser, "--repeat", type=int, default=5, help="timed rounds (min and median reported)")
-    _add(parser, "--variants", default=",".join(DEFAULT_VARIANTS),
-         help=f"comma-separated, first is the baseline; of: {', '.join(VARIANTS)}")
+    _add(
+        parser,
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma-separated, first is the baseline; of: {', '.join(VARIANTS)}",
+    )
     _add(parser, "--model", default=None, help="artifact (default: the shipped model)")
     _add(parser, "--threads", type=int, default=None, help="torch threads (default: torch's)")
-    _add(parser, "--memory-limit", type=int, default=None, metavar="BYTES",
-         help="engine variants: activation memory per network call (tiles beyond it)")
+    _add(
+        parser,
+        "--memory-limit",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="engine variants: activation memory per network call (tiles beyond it)",
+    )
     _add(parser, "--device", default="cpu", help="cpu, cuda or cuda:N")
     _add(parser, "--seed", type=int, default=0, help="phantom seed and round order")
     _add(parser, "--json", action="store_true", help="one JSON document instead of a table")
@@ -74,8 +107,10 @@ def run(args: argparse.Namespace) -> int:
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown or not names:
-        raise SystemExit(f"bench denoise: unknown variant(s) {', '.join(unknown)}; "
-                         f"choose from {', '.join(VARIANTS)}")
+        raise SystemExit(
+            f"bench denoise: unknown variant(s) {', '.join(unknown)}; "
+            f"choose from {', '.join(VARIANTS)}"
+        )
     from workers.quantize import foam_stacks
 
     device = torch.device(args.device)
@@ -88,19 +123,26 @@ def run(args: argparse.Namespace) -> int:
         variants[name] = _build(name, path, device, args.memory_limit)
         setup[name] = time.perf_counter() - started
     cases = len(args.sizes) * len(args.batches)
-    compiling, note = _recompile_limit(cases) if "compile" in variants else (
-        contextlib.nullcontext(), None)
+    compiling, note = (
+        _recompile_limit(cases) if "compile" in variants else (contextlib.nullcontext(), None)
+    )
     rows = []
     with compiling:
         for size in args.sizes:
             # one render per size (CPU FBP of the phantoms: seconds at 2048 px), enough stacks
             # for the largest batch
-            stacks, _ = foam_stacks(depth, seed=args.seed,
-                                    rows=max(depth, (max(args.batches) + 3) // 4), size=size)
+            stacks, _ = foam_stacks(
+                depth, seed=args.seed, rows=max(depth, (max(args.batches) + 3) // 4), size=size
+            )
             for batch in args.batches:
                 rows += _time_case(variants, setup, stacks[:batch], device, args)
-    report = {"bench": "denoise", "model": str(path), "machine": _machine(device, load_before),
-              "command": _command(args), "results": rows}
+    report = {
+        "bench": "denoise",
+        "model": str(path),
+        "machine": _machine(device, load_before),
+        "command": _command(args),
+        "results": rows,
+    }
     if note is not None:
         report["compile"] = note
     _emit(args, report, _table(report))
@@ -118,13 +160,14 @@ def _recompile_limit(cases: int) -> tuple[contextlib.AbstractContextManager[Any]
     name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
     before = int(getattr(dynamo, name))
     limit = max(before, cases)  # the shipped networks compile to one graph, no breaks
-    return (dynamo.patch({name: limit}),
-            f"compiled once per (size, batch) case, dynamic=False: {cases} cases, "
-            f"torch._dynamo.config.{name} {before} -> {limit} for this run")
+    return (
+        dynamo.patch({name: limit}),
+        f"compiled once per (size, batch) case, dynamic=False: {cases} cases, "
+        f"torch._dynamo.config.{name} {before} -> {limit} for this run",
+    )
 
 
-def _build(name: str, path: Any, device: Any, memory_limit: int | None
-           ) -> Callable[[Any], Any]:
+def _build(name: str, path: Any, device: Any, memory_limit: int | None) -> Callable[[Any], Any]:
     """`name`'s network: (batch, depth, H, W) stacks in the network's units -> (batch, H, W)."""
     import torch
 
@@ -134,8 +177,8 @@ def _build(name: str, path: Any, device: Any, memory_limit: int | None
 
     if name.startswith("engine"):
         precision = name.partition("-")[2] or "auto"
-        engine = DenoiseEngine(path, device, precision=precision,
-                               memory_limit_bytes=memory_limit)
+        engine = DenoiseEngine(path, device, precision=precision, memory_limit_bytes=memory_limit)
+
         def run(x: torch.Tensor) -> torch.Tensor:
             # Network units in and out, as the other variants: map through this width's scale.
             offset, scale = engine.metadata.normalisation(x.shape[-1])
@@ -163,8 +206,13 @@ def _build(name: str, path: Any, device: Any, memory_limit: int | None
     return lambda x: compiled(x.contiguous(memory_format=channels_last))[:, 0]
 
 
-def _time_case(variants: dict[str, Callable[[Any], Any]], setup: dict[str, float],
-               stacks: Any, device: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+def _time_case(
+    variants: dict[str, Callable[[Any], Any]],
+    setup: dict[str, float],
+    stacks: Any,
+    device: Any,
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
     """Time every variant on `stacks` (batch, depth, size, size): a row per variant. One that
     runs out of device memory gets a row saying so, and the others are timed without it."""
     import torch
@@ -205,18 +253,28 @@ def _time_case(variants: dict[str, Callable[[Any], Any]], setup: dict[str, float
         if name in failed:
             rows.append({**row, "error": OUT_OF_MEMORY})
             continue
-        row.update({"ms_per_slice_min": 1e3 * min(values),
-                    "ms_per_slice_median": 1e3 * statistics.median(values),
-                    "setup_s": setup[name] + first_call[name],
-                    "speedup_min": None, "speedup_median": None,
-                    "rms_vs_baseline": None, "max_vs_baseline": None})
+        row.update(
+            {
+                "ms_per_slice_min": 1e3 * min(values),
+                "ms_per_slice_median": 1e3 * statistics.median(values),
+                "setup_s": setup[name] + first_call[name],
+                "speedup_min": None,
+                "speedup_median": None,
+                "rms_vs_baseline": None,
+                "max_vs_baseline": None,
+            }
+        )
         if baseline not in failed:
             base = times[baseline]
             difference = outputs[name] - outputs[baseline]
-            row.update({"speedup_min": min(base) / min(values),
-                        "speedup_median": statistics.median(base) / statistics.median(values),
-                        "rms_vs_baseline": float(difference.pow(2).mean().sqrt()),
-                        "max_vs_baseline": float(difference.abs().max())})
+            row.update(
+                {
+                    "speedup_min": min(base) / min(values),
+                    "speedup_median": statistics.median(base) / statistics.median(values),
+                    "rms_vs_baseline": float(difference.pow(2).mean().sqrt()),
+                    "max_vs_baseline": float(difference.abs().max()),
+                }
+            )
         rows.append(row)
     return rows
 
@@ -254,21 +312,43 @@ def _command(args: argparse.Namespace) -> str:
     extra = [] if args.threads is None else ["--threads", str(args.threads)]
     extra += [] if args.memory_limit is None else ["--memory-limit", str(args.memory_limit)]
     extra += [] if args.model is None else ["--model", str(args.model)]
-    return shlex.join(["tomocast", "bench", "denoise", "--sizes", *map(str, args.sizes),
-                       "--batches", *map(str, args.batches), "--repeat", str(args.repeat),
-                       "--variants", args.variants, "--device", args.device,
-                       "--seed", str(args.seed), *extra])
+    return shlex.join(
+        [
+            "tomocast",
+            "bench",
+            "denoise",
+            "--sizes",
+            *map(str, args.sizes),
+            "--batches",
+            *map(str, args.batches),
+            "--repeat",
+            str(args.repeat),
+            "--variants",
+            args.variants,
+            "--device",
+            args.device,
+            "--seed",
+            str(args.seed),
+            *extra,
+        ]
+    )
 
 
 def _table(report: dict[str, Any]) -> str:
     from service.bench import describe
 
-    lines = [f"{report['command']}", f"{describe(report['machine'])}", "",
-             "| size | batch | variant | ms/slice min | ms/slice median | speed-up (median) | "
-             "speed-up (min) | set-up s | rms vs base | max vs base |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['size']} | {r['batch']} | {r['variant']} | " + " | ".join(_cells(r)) + " |"
-              for r in report["results"]]
+    lines = [
+        f"{report['command']}",
+        f"{describe(report['machine'])}",
+        "",
+        "| size | batch | variant | ms/slice min | ms/slice median | speed-up (median) | "
+        "speed-up (min) | set-up s | rms vs base | max vs base |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['size']} | {r['batch']} | {r['variant']} | " + " | ".join(_cells(r)) + " |"
+        for r in report["results"]
+    ]
     if "compile" in report:
         lines += ["", f"compile: {report['compile']}"]
     return "\n".join(lines) + "\n"
@@ -283,10 +363,15 @@ def _cells(row: dict[str, Any]) -> list[str]:
     def cell(key: str, form: str, unit: str = "") -> str:
         return "-" if row[key] is None else format(row[key], form) + unit
 
-    return [cell("ms_per_slice_min", ".1f"), cell("ms_per_slice_median", ".1f"),
-            cell("speedup_median", ".2f", "x"), cell("speedup_min", ".2f", "x"),
-            cell("setup_s", ".1f"), cell("rms_vs_baseline", ".4f"),
-            cell("max_vs_baseline", ".4f")]
+    return [
+        cell("ms_per_slice_min", ".1f"),
+        cell("ms_per_slice_median", ".1f"),
+        cell("speedup_median", ".2f", "x"),
+        cell("speedup_min", ".2f", "x"),
+        cell("setup_s", ".1f"),
+        cell("rms_vs_baseline", ".4f"),
+        cell("max_vs_baseline", ".4f"),
+    ]
 
 
 def _emit(args: argparse.Namespace, report: dict[str, Any], table: str) -> None:

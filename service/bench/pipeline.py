@@ -37,19 +37,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--cols", type=int, default=256, help="detector columns (slices are COLS^2)")
     _add(parser, "--angles", type=int, default=None, help="projections per scan (1.5 x COLS)")
     _add(parser, "--scans", type=int, default=3, help="scans sent one after the other")
-    _add(parser, "--rate", type=float, default=None,
-         help="projections per second the DAQ sends (default: as fast as taken)")
+    _add(
+        parser,
+        "--rate",
+        type=float,
+        default=None,
+        help="projections per second the DAQ sends (default: as fast as taken)",
+    )
     _add(parser, "--chunk", type=int, default=8, help="projections per message")
     _add(parser, "--batch", type=int, default=8, help="worker.batch_rows")
     _add(parser, "--photons", type=float, default=1000.0, help="flat-field photons per pixel")
     _add(parser, "--model", default=None, help="denoiser artifact (default: the shipped one)")
     _add(parser, "--no-denoise", action="store_true", help="model.enabled = false")
-    _add(parser, "--no-prepare", action="store_true", help="worker.prepare_geometry = false: "
-         "each scan's FBP geometry is built by its first batch, not at scan_start")
-    _add(parser, "--sinogram-dtype", choices=["float32", "float16"], default="float32",
-         help="ingest.sinogram_dtype: storage of the scans being assembled")
-    _add(parser, "--precision", default=None, help="worker.denoise_precision (auto, artifact, "
-         "fp32, int8, ...; default: the service's setting)")
+    _add(
+        parser,
+        "--no-prepare",
+        action="store_true",
+        help="worker.prepare_geometry = false: "
+        "each scan's FBP geometry is built by its first batch, not at scan_start",
+    )
+    _add(
+        parser,
+        "--sinogram-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="ingest.sinogram_dtype: storage of the scans being assembled",
+    )
+    _add(
+        parser,
+        "--precision",
+        default=None,
+        help="worker.denoise_precision (auto, artifact, "
+        "fp32, int8, ...; default: the service's setting)",
+    )
     _add(parser, "--threads", type=int, default=None, help="torch threads (default: torch's)")
     _add(parser, "--timeout", type=float, default=600.0, help="give up after this many seconds")
     _add(parser, "--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -68,14 +88,28 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     angles = args.angles or round(1.5 * args.cols)
-    scans = [simulate_scan(f"bench-{i}", rows=args.rows, cols=args.cols, n_angles=angles,
-                           photons=args.photons, seed=args.seed + i) for i in range(args.scans)]
+    scans = [
+        simulate_scan(
+            f"bench-{i}",
+            rows=args.rows,
+            cols=args.cols,
+            n_angles=angles,
+            photons=args.photons,
+            seed=args.seed + i,
+        )
+        for i in range(args.scans)
+    ]
     overrides: dict[str, Any] = {
         "ingest": {"endpoint": "tcp://127.0.0.1:*", "sinogram_dtype": args.sinogram_dtype},
         "publish": {"endpoint": "tcp://127.0.0.1:*"},
-        "metrics": {"port": 0}, "worker": {"device": args.device, "batch_rows": args.batch,
-                                           "prepare_geometry": not args.no_prepare},
-        "model": {"enabled": not args.no_denoise, "path": args.model}}
+        "metrics": {"port": 0},
+        "worker": {
+            "device": args.device,
+            "batch_rows": args.batch,
+            "prepare_geometry": not args.no_prepare,
+        },
+        "model": {"enabled": not args.no_denoise, "path": args.model},
+    }
     if args.precision is not None:
         overrides["worker"]["denoise_precision"] = args.precision
     load_before = os.getloadavg()[0]
@@ -95,9 +129,14 @@ def run(args: argparse.Namespace) -> int:
                 with Detector(endpoints.ingest) as detector:
                     for scan in scans:
                         sent.append(time.time())
-                        detector.send_scan(scan.start.scan_id, scan.projections,
-                                           darks=scan.darks, flats=scan.flats, chunk=args.chunk,
-                                           pace=pacer.wait)
+                        detector.send_scan(
+                            scan.start.scan_id,
+                            scan.projections,
+                            darks=scan.darks,
+                            flats=scan.flats,
+                            chunk=args.chunk,
+                            pace=pacer.wait,
+                        )
 
             sender = threading.Thread(target=daq, name="bench-daq", daemon=True)
             sender.start()
@@ -125,9 +164,17 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "max": max(values)}
 
 
-def _report(args: argparse.Namespace, angles: int, startup: float, headers: list[dict[str, Any]],
-            events: list[dict[str, Any]], sent: list[float], dropped: int, service: Any,
-            load_before: float) -> dict[str, Any]:
+def _report(
+    args: argparse.Namespace,
+    angles: int,
+    startup: float,
+    headers: list[dict[str, Any]],
+    events: list[dict[str, Any]],
+    sent: list[float],
+    dropped: int,
+    service: Any,
+    load_before: float,
+) -> dict[str, Any]:
     from service.bench import machine
 
     stages: dict[str, float] = {}
@@ -148,36 +195,73 @@ def _report(args: argparse.Namespace, angles: int, startup: float, headers: list
     tails = [h["t_published"] - h["t_last_projection"] for h in last.values()]
     span = max((h["t_published"] for h in headers), default=0.0) - min(sent, default=0.0)
     return {
-        "bench": "pipeline", "command": _command(args),
+        "bench": "pipeline",
+        "command": _command(args),
         "machine": machine(service.device, load_before),
         "model": service.denoiser.name if service.denoiser else "none",
         "precision": getattr(service.denoiser, "precision", None),
-        "scan": {"rows": args.rows, "cols": args.cols, "angles": angles, "scans": args.scans,
-                 "rate_projections_per_s": args.rate, "batch_rows": args.batch},
-        "startup_s": startup, "slices": len(headers), "dropped": dropped,
+        "scan": {
+            "rows": args.rows,
+            "cols": args.cols,
+            "angles": angles,
+            "scans": args.scans,
+            "rate_projections_per_s": args.rate,
+            "batch_rows": args.batch,
+        },
+        "startup_s": startup,
+        "slices": len(headers),
+        "dropped": dropped,
         "failed_scans": sum(e["event"] == "scan_failed" for e in events),
-        "ms_per_slice": stages, "prepare_geometry": not args.no_prepare,
+        "ms_per_slice": stages,
+        "prepare_geometry": not args.no_prepare,
         "sinogram_dtype": args.sinogram_dtype,
         "slices_per_s": len(headers) / span if span > 0 else None,
         "end_to_end_ms": {k: 1e3 * v for k, v in _percentiles(end_to_end).items()},
-        "scan_tail_s": {"median": float(np.median(tails)) if tails else None,
-                        "max": max(tails, default=None), "each": tails},
+        "scan_tail_s": {
+            "median": float(np.median(tails)) if tails else None,
+            "max": max(tails, default=None),
+            "each": tails,
+        },
     }
 
 
 def _command(args: argparse.Namespace) -> str:
-    words = ["tomocast", "bench", "pipeline", "--rows", str(args.rows), "--cols", str(args.cols),
-             "--scans", str(args.scans), "--chunk", str(args.chunk), "--batch", str(args.batch),
-             "--photons", f"{args.photons:g}", "--device", args.device, "--seed", str(args.seed)]
-    for flag, value in (("--angles", args.angles), ("--rate", args.rate),
-                        ("--model", args.model), ("--precision", args.precision),
-                        ("--threads", args.threads),
-                        ("--sinogram-dtype", None if args.sinogram_dtype == "float32"
-                         else args.sinogram_dtype)):
+    words = [
+        "tomocast",
+        "bench",
+        "pipeline",
+        "--rows",
+        str(args.rows),
+        "--cols",
+        str(args.cols),
+        "--scans",
+        str(args.scans),
+        "--chunk",
+        str(args.chunk),
+        "--batch",
+        str(args.batch),
+        "--photons",
+        f"{args.photons:g}",
+        "--device",
+        args.device,
+        "--seed",
+        str(args.seed),
+    ]
+    for flag, value in (
+        ("--angles", args.angles),
+        ("--rate", args.rate),
+        ("--model", args.model),
+        ("--precision", args.precision),
+        ("--threads", args.threads),
+        ("--sinogram-dtype", None if args.sinogram_dtype == "float32" else args.sinogram_dtype),
+    ):
         if value is not None:
             words += [flag, str(value)]
-    flags = [flag for flag, on in (("--no-denoise", args.no_denoise),
-                                   ("--no-prepare", args.no_prepare)) if on]
+    flags = [
+        flag
+        for flag, on in (("--no-denoise", args.no_denoise), ("--no-prepare", args.no_prepare))
+        if on
+    ]
     return shlex.join(words + flags)
 
 
@@ -188,22 +272,31 @@ def _table(report: dict[str, Any]) -> str:
     latency = report["end_to_end_ms"]
     tail = report["scan_tail_s"]
     rate = report["slices_per_s"]
-    lines = [report["command"], describe(report["machine"]), "",
-             "| what | value |", "|---|---|",
-             f"| model (precision) | {report['model']} ({report['precision']}) |",
-             f"| scans x rows x cols^2, angles | {report['scan']['scans']} x "
-             f"{report['scan']['rows']} x {report['scan']['cols']}^2, {report['scan']['angles']} |",
-             f"| service start-up | {report['startup_s']:.1f} s |",
-             f"| slices published (dropped, failed scans) | {report['slices']} "
-             f"({report['dropped']}, {report['failed_scans']}) |",
-             f"| ms/slice by stage | {stages} |",
-             f"| FBP geometry built at scan_start | {report['prepare_geometry']} |",
-             f"| sinogram storage | {report['sinogram_dtype']} |",
-             f"| slices/s | {rate:.1f} |" if rate else "| slices/s | - |"]
+    lines = [
+        report["command"],
+        describe(report["machine"]),
+        "",
+        "| what | value |",
+        "|---|---|",
+        f"| model (precision) | {report['model']} ({report['precision']}) |",
+        f"| scans x rows x cols^2, angles | {report['scan']['scans']} x "
+        f"{report['scan']['rows']} x {report['scan']['cols']}^2, {report['scan']['angles']} |",
+        f"| service start-up | {report['startup_s']:.1f} s |",
+        f"| slices published (dropped, failed scans) | {report['slices']} "
+        f"({report['dropped']}, {report['failed_scans']}) |",
+        f"| ms/slice by stage | {stages} |",
+        f"| FBP geometry built at scan_start | {report['prepare_geometry']} |",
+        f"| sinogram storage | {report['sinogram_dtype']} |",
+        f"| slices/s | {rate:.1f} |" if rate else "| slices/s | - |",
+    ]
     if latency:
-        lines.append(f"| end-to-end latency p50 / p95 / p99 | {latency['p50']:.0f} / "
-                     f"{latency['p95']:.0f} / {latency['p99']:.0f} ms |")
+        lines.append(
+            f"| end-to-end latency p50 / p95 / p99 | {latency['p50']:.0f} / "
+            f"{latency['p95']:.0f} / {latency['p99']:.0f} ms |"
+        )
     if tail["max"] is not None:
-        lines.append(f"| last projection -> last slice (median / max) | {tail['median']:.2f} / "
-                     f"{tail['max']:.2f} s |")
+        lines.append(
+            f"| last projection -> last slice (median / max) | {tail['median']:.2f} / "
+            f"{tail['max']:.2f} s |"
+        )
     return "\n".join(lines) + "\n"

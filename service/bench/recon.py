@@ -63,17 +63,39 @@ class _Case:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `tomocast bench recon`."""
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024], metavar="COLS",
-                        help="detector columns (slices are COLS x COLS)")
-    parser.add_argument("--angles", type=int, default=None, help="projections over [0, pi) at "
-                        "every size (default: 1.5 x COLS)")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[256, 512, 1024],
+        metavar="COLS",
+        help="detector columns (slices are COLS x COLS)",
+    )
+    parser.add_argument(
+        "--angles",
+        type=int,
+        default=None,
+        help="projections over [0, pi) at every size (default: 1.5 x COLS)",
+    )
     parser.add_argument("--batch", type=int, default=8, help="slices per batch")
-    parser.add_argument("--repeat", type=int, default=5, help="timed batches per engine (ours "
-                        "and fast peers; min and median reported)")
-    parser.add_argument("--peer-budget", type=float, default=20.0, metavar="SECONDS",
-                        help="slow peers time slices one by one, at least one, until it is spent")
-    parser.add_argument("--device", default="cpu", help="tomocast's device: cpu, cuda or cuda:N "
-                        "(peers run on the CPU)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=5,
+        help="timed batches per engine (ours and fast peers; min and median reported)",
+    )
+    parser.add_argument(
+        "--peer-budget",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="slow peers time slices one by one, at least one, until it is spent",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="tomocast's device: cpu, cuda or cuda:N (peers run on the CPU)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="phantom seed")
     parser.add_argument("--json", action="store_true", help="one JSON document, not a table")
     # progress goes to the log: --log-level INFO shows which engine and size is being timed
@@ -82,17 +104,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def command_line(args: argparse.Namespace) -> str:
     """The flags that shape the figures, spelled out: what docs/benchmarks.md quotes."""
     angles = [] if args.angles is None else ["--angles", str(args.angles)]
-    return shlex.join(["tomocast", "bench", "recon", "--sizes", *map(str, args.sizes), *angles,
-                       "--batch", str(args.batch), "--repeat", str(args.repeat),
-                       "--peer-budget", f"{args.peer_budget:g}", "--device", args.device,
-                       "--seed", str(args.seed)])
+    return shlex.join(
+        [
+            "tomocast",
+            "bench",
+            "recon",
+            "--sizes",
+            *map(str, args.sizes),
+            *angles,
+            "--batch",
+            str(args.batch),
+            "--repeat",
+            str(args.repeat),
+            "--peer-budget",
+            f"{args.peer_budget:g}",
+            "--device",
+            args.device,
+            "--seed",
+            str(args.seed),
+        ]
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """`tomocast bench recon`: see the module doc."""
     if min(args.sizes) < 8 or min(args.batch, args.repeat, args.angles or 1) < 1:
-        sys.stderr.write("tomocast bench recon: --sizes must be >= 8, --angles, --batch and "
-                         "--repeat >= 1\n")
+        sys.stderr.write(
+            "tomocast bench recon: --sizes must be >= 8, --angles, --batch and --repeat >= 1\n"
+        )
         return 2
     import torch
 
@@ -123,13 +162,21 @@ def run(args: argparse.Namespace) -> int:
             timing.ratio = timing.ms_per_slice_median / ours.ms_per_slice_median
         results += size
     found = machine(device, load_before)
-    report = {"command": command_line(args), "machine": found, "batch": args.batch,
-              "phantom": "foam", "filter": "ramp", "notes": notes,
-              "results": [asdict(t) for t in results]}
+    report = {
+        "command": command_line(args),
+        "machine": found,
+        "batch": args.batch,
+        "phantom": "foam",
+        "filter": "ramp",
+        "notes": notes,
+        "results": [asdict(t) for t in results],
+    }
     angles = "1.5 x cols" if args.angles is None else str(args.angles)
-    heading = (f"{report['command']}\n{describe(found)}\nbatch {args.batch}, angles = {angles}, "
-               f"ramp filter, foam phantom (seed {args.seed}); error: relative L2 vs the "
-               "phantom inside the circle\n\n")
+    heading = (
+        f"{report['command']}\n{describe(found)}\nbatch {args.batch}, angles = {angles}, "
+        f"ramp filter, foam phantom (seed {args.seed}); error: relative L2 vs the "
+        "phantom inside the circle\n\n"
+    )
     emit(args, report, heading + _table(results, notes))
     return 0
 
@@ -140,8 +187,9 @@ def _case(cols: int, angles: int, batch: int, seed: int) -> _Case:
     from workers.phantom import FoamPhantom
 
     # small pores, so every slice has a few hundred edges to get right
-    phantom = FoamPhantom.random(rows=batch, size=cols, seed=seed,
-                                 radius_range=(max(1.5, cols / 200), max(3.0, cols / 50)))
+    phantom = FoamPhantom.random(
+        rows=batch, size=cols, seed=seed, radius_range=(max(1.5, cols / 200), max(3.0, cols / 50))
+    )
     theta = np.arange(angles) * np.pi / angles
     sinograms = np.ascontiguousarray(phantom.project(theta).transpose(1, 0, 2))
     truth = phantom.voxelize()
@@ -154,9 +202,15 @@ def _case(cols: int, angles: int, batch: int, seed: int) -> _Case:
     skimage_sinograms = phantom.project(theta, center=cols / 2 + 0.5).transpose(1, 0, 2)
     skimage_truth = replace(phantom, size=cols + 1).voxelize()[:, :cols, :cols]
     offset -= 0.5
-    return _Case(theta, sinograms, truth, np.ascontiguousarray(skimage_sinograms),
-                 np.ascontiguousarray(skimage_truth), inside,
-                 offset[:, None] ** 2 + offset[None, :] ** 2 <= (cols / 2 - 1) ** 2)
+    return _Case(
+        theta,
+        sinograms,
+        truth,
+        np.ascontiguousarray(skimage_sinograms),
+        np.ascontiguousarray(skimage_truth),
+        inside,
+        offset[:, None] ** 2 + offset[None, :] ** 2 <= (cols / 2 - 1) ** 2,
+    )
 
 
 def _rel_error(slices: np.ndarray, truth: np.ndarray, inside: np.ndarray) -> float:
@@ -171,8 +225,14 @@ def _timed(func: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def _time_batches(engine: str, run: Callable[[], Any], case: _Case, repeat: int,
-                  ours: bool = False, note: str = "") -> Timing:
+def _time_batches(
+    engine: str,
+    run: Callable[[], Any],
+    case: _Case,
+    repeat: int,
+    ours: bool = False,
+    note: str = "",
+) -> Timing:
     """A fast engine: the whole batch at once, a first call then `repeat` timed ones."""
     import numpy as np
 
@@ -180,8 +240,19 @@ def _time_batches(engine: str, run: Callable[[], Any], case: _Case, repeat: int,
     first, out = _timed(run)
     times = [_timed(run)[0] for _ in range(repeat)]
     error = _rel_error(np.asarray(out), case.truth, case.inside)
-    return Timing(engine, cols, angles, batch, repeat, 1e3 * min(times) / batch,
-                  1e3 * statistics.median(times) / batch, first, error, ours, note=note)
+    return Timing(
+        engine,
+        cols,
+        angles,
+        batch,
+        repeat,
+        1e3 * min(times) / batch,
+        1e3 * statistics.median(times) / batch,
+        first,
+        error,
+        ours,
+        note=note,
+    )
 
 
 def _time_ours(method: str, case: _Case, device: Any, repeat: int, chosen: bool) -> Timing:
@@ -202,9 +273,16 @@ def _time_ours(method: str, case: _Case, device: Any, repeat: int, chosen: bool)
     return _time_batches(f"tomocast {method}", run, case, repeat, chosen)
 
 
-def _time_slices(engine: str, reconstruct: Callable[[np.ndarray], np.ndarray],
-                 sinograms: np.ndarray, truth: np.ndarray, inside: np.ndarray,
-                 budget: float, first_call: float | None, note: str = "") -> Timing:
+def _time_slices(
+    engine: str,
+    reconstruct: Callable[[np.ndarray], np.ndarray],
+    sinograms: np.ndarray,
+    truth: np.ndarray,
+    inside: np.ndarray,
+    budget: float,
+    first_call: float | None,
+    note: str = "",
+) -> Timing:
     """A slow peer: one slice at a time until `budget` seconds are spent (at least one)."""
     import numpy as np
 
@@ -218,10 +296,21 @@ def _time_slices(engine: str, reconstruct: Callable[[np.ndarray], np.ndarray],
     batch, angles, cols = sinograms.shape
     if len(times) < batch:
         note = f"timed {len(times)} of {batch} slices (--peer-budget {budget:g} s)" + (
-            f"; {note}" if note else "")
-    error = _rel_error(np.stack(slices), truth[:len(slices)], inside)
-    return Timing(engine, cols, angles, len(times), 1, 1e3 * min(times),
-                  1e3 * statistics.median(times), first_call, error, note=note)
+            f"; {note}" if note else ""
+        )
+    error = _rel_error(np.stack(slices), truth[: len(slices)], inside)
+    return Timing(
+        engine,
+        cols,
+        angles,
+        len(times),
+        1,
+        1e3 * min(times),
+        1e3 * statistics.median(times),
+        first_call,
+        error,
+        note=note,
+    )
 
 
 def _skimage(case: _Case, args: argparse.Namespace) -> Timing:
@@ -232,8 +321,13 @@ def _skimage(case: _Case, args: argparse.Namespace) -> Timing:
     return _time_slices(
         "scikit-image iradon",
         lambda sinogram: iradon(sinogram.T, degrees, filter_name="ramp", circle=True),
-        case.skimage_sinograms, case.skimage_truth, case.skimage_inside, args.peer_budget, None,
-        "its own geometry: axis at column and pixel cols // 2 (data made to match)")
+        case.skimage_sinograms,
+        case.skimage_truth,
+        case.skimage_inside,
+        args.peer_budget,
+        None,
+        "its own geometry: axis at column and pixel cols // 2 (data made to match)",
+    )
 
 
 def _astra(case: _Case, args: argparse.Namespace) -> Timing:
@@ -248,8 +342,12 @@ def _astra(case: _Case, args: argparse.Namespace) -> Timing:
     sinogram_id = astra.data2d.create("-sino", geometry, 0)
     slice_id = astra.data2d.create("-vol", volume, 0)
     config = astra.astra_dict("FBP")  # the CPU implementation (FBP_CUDA is the GPU one)
-    config.update(ProjectorId=projector, ProjectionDataId=sinogram_id,
-                  ReconstructionDataId=slice_id, option={"FilterType": "Ram-Lak"})
+    config.update(
+        ProjectorId=projector,
+        ProjectionDataId=sinogram_id,
+        ReconstructionDataId=slice_id,
+        option={"FilterType": "Ram-Lak"},
+    )
     algorithm = astra.algorithm.create(config)
     setup = time.perf_counter() - start
 
@@ -259,8 +357,15 @@ def _astra(case: _Case, args: argparse.Namespace) -> Timing:
         return astra.data2d.get(slice_id)
 
     try:
-        return _time_slices("astra-toolbox FBP (CPU)", reconstruct, case.sinograms, case.truth,
-                            case.inside, args.peer_budget, setup)
+        return _time_slices(
+            "astra-toolbox FBP (CPU)",
+            reconstruct,
+            case.sinograms,
+            case.truth,
+            case.inside,
+            args.peer_budget,
+            setup,
+        )
     finally:
         astra.algorithm.delete(algorithm)
         astra.data2d.delete([sinogram_id, slice_id])
@@ -274,27 +379,38 @@ def _tomopy(case: _Case, args: argparse.Namespace) -> Timing:
     tomo = np.ascontiguousarray(case.sinograms.transpose(1, 0, 2))
     center = case.sinograms.shape[-1] / 2
     return _time_batches(
-        "tomopy gridrec", lambda: tomopy.recon(tomo, case.theta, center=center,
-                                               algorithm="gridrec", filter_name="ramlak"),
-        case, args.repeat, note="its own geometry and scale: half a pixel and ~1.19x off "
-        "(DESIGN.md), so its error is not comparable")
+        "tomopy gridrec",
+        lambda: tomopy.recon(
+            tomo, case.theta, center=center, algorithm="gridrec", filter_name="ramlak"
+        ),
+        case,
+        args.repeat,
+        note="its own geometry and scale: half a pixel and ~1.19x off "
+        "(DESIGN.md), so its error is not comparable",
+    )
 
 
 def _table(results: list[Timing], notes: list[str]) -> str:
-    lines = [f"{'cols':>5} {'angles':>6}  {'engine':<26} {'ms/slice min':>12} {'median':>9} "
-             f"{'slices':>7} {'1st call':>9} {'rel.err':>8} {'x ours':>7}"]
+    lines = [
+        f"{'cols':>5} {'angles':>6}  {'engine':<26} {'ms/slice min':>12} {'median':>9} "
+        f"{'slices':>7} {'1st call':>9} {'rel.err':>8} {'x ours':>7}"
+    ]
     for t in results:
         first = "-" if t.first_call_s is None else f"{t.first_call_s:.2f} s"
-        lines.append(f"{t.cols:>5} {t.angles:>6}  {t.engine + (' *' if t.ours else ''):<26} "
-                     f"{t.ms_per_slice_min:>12.1f} {t.ms_per_slice_median:>9.1f} "
-                     f"{f'{t.slices}x{t.repeats}':>7} {first:>9} {t.rel_error:>8.5f} "
-                     f"{t.ratio or 0:>7.1f}")
+        lines.append(
+            f"{t.cols:>5} {t.angles:>6}  {t.engine + (' *' if t.ours else ''):<26} "
+            f"{t.ms_per_slice_min:>12.1f} {t.ms_per_slice_median:>9.1f} "
+            f"{f'{t.slices}x{t.repeats}':>7} {first:>9} {t.rel_error:>8.5f} "
+            f"{t.ratio or 0:>7.1f}"
+        )
     lines += ["", "* what tomocast uses there (method auto); x ours = median ms/slice over ours"]
     lines += [f"{t.engine} at {t.cols}: {t.note}" for t in results if t.note]
     return "\n".join([*lines, *notes, ""])
 
 
 # (engine, module that must be importable, runner): the peers, in the order they are reported
-_PEERS = (("scikit-image iradon", "skimage", _skimage),
-          ("astra-toolbox FBP (CPU)", "astra", _astra),
-          ("tomopy gridrec", "tomopy", _tomopy))
+_PEERS = (
+    ("scikit-image iradon", "skimage", _skimage),
+    ("astra-toolbox FBP (CPU)", "astra", _astra),
+    ("tomopy gridrec", "tomopy", _tomopy),
+)

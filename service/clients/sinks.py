@@ -66,15 +66,27 @@ class HDF5SliceSink:
         data_name, received_name = TOPIC_DATASETS[topic]
         group = self._file.require_group(scan_id)
         if data_name not in group:
-            group.create_dataset(data_name, shape=(rows, *np.shape(data)), dtype=np.float32,
-                                 chunks=(1, *np.shape(data)), fillvalue=np.nan)
+            group.create_dataset(
+                data_name,
+                shape=(rows, *np.shape(data)),
+                dtype=np.float32,
+                chunks=(1, *np.shape(data)),
+                fillvalue=np.nan,
+            )
             group.create_dataset(received_name, shape=(rows,), dtype=bool, fillvalue=False)
             if topic == "slice":
                 group.attrs["model"] = str(header.get("model", ""))
         stored = group[data_name]
         if stored.shape != (rows, *np.shape(data)):
-            log.warning("scan_id=%r %s %d: shape (%d, %s) differs from the scan's %s: skipped",
-                        scan_id, topic, index, rows, np.shape(data), stored.shape)
+            log.warning(
+                "scan_id=%r %s %d: shape (%d, %s) differs from the scan's %s: skipped",
+                scan_id,
+                topic,
+                index,
+                rows,
+                np.shape(data),
+                stored.shape,
+            )
             return
         stored[index] = np.asarray(data, dtype=np.float32)
         group[received_name][index] = True
@@ -88,8 +100,12 @@ class HDF5SliceSink:
         for scan_id, progress in self.progress.items():
             summary = progress.summary()
             attrs = self._file[scan_id].attrs
-            attrs.update(slices_received=summary["slices"], missing=summary["missing"],
-                         duplicates=summary["duplicates"], timing_summary=json.dumps(summary))
+            attrs.update(
+                slices_received=summary["slices"],
+                missing=summary["missing"],
+                duplicates=summary["duplicates"],
+                timing_summary=json.dumps(summary),
+            )
             for key, value in summary["end_to_end_ms"].items():
                 attrs[f"end_to_end_{key}_ms"] = value
         self._file.close()
@@ -164,7 +180,7 @@ class ScanProgress:
         if published is not None and received_at is not None:
             self._delivery.append(received_at - published)
         timing = header.get("timing")
-        for stage, value in (timing.items() if isinstance(timing, Mapping) else ()):
+        for stage, value in timing.items() if isinstance(timing, Mapping) else ():
             seconds = _seconds(value)
             # end_to_end is derived above from the two timestamps; don't list it twice.
             if seconds is not None and stage != "end_to_end":
@@ -182,10 +198,13 @@ class ScanProgress:
         """Counts, and {"p50", "p95", "n"} of each latency in milliseconds. `expected_rows`
         and `missing` are None while the scan's size is unknown."""
         result: dict[str, Any] = {
-            "scan_id": self.scan_id, "model": self.model, "slices": len(self._received),
+            "scan_id": self.scan_id,
+            "model": self.model,
+            "slices": len(self._received),
             "expected_rows": self.rows,
             "missing": None if self.rows is None else len(self.missing_indices()),
-            "duplicates": self.duplicates, "end_to_end_ms": _stats(self._end_to_end),
+            "duplicates": self.duplicates,
+            "end_to_end_ms": _stats(self._end_to_end),
             "stages_ms": {stage: _stats(v) for stage, v in sorted(self._stages.items())},
         }
         if self._delivery:
@@ -195,17 +214,20 @@ class ScanProgress:
     def format_summary(self) -> str:
         """One readable block: counts, then a p50/p95 table of the latencies."""
         s = self.summary()
-        lines = [f"scan {self.scan_id}: {s['slices']}/{self.rows or '?'} slices, "
-                 f"{s['missing'] if s['missing'] is not None else '?'} missing, "
-                 f"{s['duplicates']} duplicates, model {self.model or '?'}",
-                 f"  {'latency (ms)':<16}{'p50':>9}{'p95':>9}{'n':>7}"]
+        lines = [
+            f"scan {self.scan_id}: {s['slices']}/{self.rows or '?'} slices, "
+            f"{s['missing'] if s['missing'] is not None else '?'} missing, "
+            f"{s['duplicates']} duplicates, model {self.model or '?'}",
+            f"  {'latency (ms)':<16}{'p50':>9}{'p95':>9}{'n':>7}",
+        ]
         rows = [("end-to-end", s["end_to_end_ms"]), *s["stages_ms"].items()]
         if "delivery_ms" in s:
             rows.append(("delivery", s["delivery_ms"]))
         for name, stats in rows:
             if stats["n"]:
-                lines.append(f"  {name:<16}{stats['p50']:>9.1f}{stats['p95']:>9.1f}"
-                             f"{stats['n']:>7d}")
+                lines.append(
+                    f"  {name:<16}{stats['p50']:>9.1f}{stats['p95']:>9.1f}{stats['n']:>7d}"
+                )
         return "\n".join(lines)
 
 
@@ -261,8 +283,7 @@ def save_comparison_png(path: str | Path, panels: list[tuple[str, np.ndarray]]) 
     left = gap
     for title, image in panels:
         draw.text((left, gap), title, fill=0, font=font)
-        canvas.paste(Image.fromarray(to_uint8(np.asarray(image), low, high)),
-                     (left, title_height))
+        canvas.paste(Image.fromarray(to_uint8(np.asarray(image), low, high)), (left, title_height))
         left += np.shape(image)[1] + gap
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, format="PNG")
@@ -284,8 +305,7 @@ def _check(header: Mapping[str, Any], data: np.ndarray) -> tuple[str, int, int, 
     elif not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < rows:
         problem = f"index={index!r} is outside [0, rows={rows})"
     elif np.ndim(data) != 2 or list(np.shape(data)) != list(header.get("shape", [])):
-        problem = f"data shape {np.shape(data)} does not match header shape " \
-                  f"{header.get('shape')!r}"
+        problem = f"data shape {np.shape(data)} does not match header shape {header.get('shape')!r}"
     if problem is not None:
         log.warning("slice dropped by the sink: %s", problem)
         return None

@@ -16,8 +16,11 @@ from service.clients.sinks import HDF5SliceSink, PNGSliceSink, ScanProgress, Sli
 log = logging.getLogger(__name__)
 
 
-def receive(subscriber: Subscriber, scans: int | None, timeout: float | None,
-            ) -> Iterator[Published]:
+def receive(
+    subscriber: Subscriber,
+    scans: int | None,
+    timeout: float | None,
+) -> Iterator[Published]:
     """Published messages until `scans` scans have ended (completed or failed) or nothing came
     for `timeout` seconds."""
     ended = 0
@@ -27,8 +30,10 @@ def receive(subscriber: Subscriber, scans: int | None, timeout: float | None,
             log.warning("nothing received for %.0f s: stopping", timeout)
             return
         yield message
-        if message.topic == "event" and message.header.get("event") in ("scan_completed",
-                                                                         "scan_failed"):
+        if message.topic == "event" and message.header.get("event") in (
+            "scan_completed",
+            "scan_failed",
+        ):
             ended += 1
 
 
@@ -62,8 +67,10 @@ def run_view(args: argparse.Namespace) -> int:
                         elif scan_id in progress:
                             sys.stdout.write(progress[scan_id].format_summary() + "\n")
                         if subscriber.dropped:
-                            sys.stdout.write(f"this viewer fell behind and lost messages "
-                                             f"(per topic): {subscriber.dropped}\n")
+                            sys.stdout.write(
+                                f"this viewer fell behind and lost messages "
+                                f"(per topic): {subscriber.dropped}\n"
+                            )
                     continue
                 assert message.data is not None
                 for sink in sinks:
@@ -73,8 +80,9 @@ def run_view(args: argparse.Namespace) -> int:
                 tracker = progress.setdefault(scan_id, ScanProgress(scan_id))
                 tracker.add(header)
                 if scan_id not in bars:
-                    bars[scan_id] = tqdm(total=header["rows"], desc=scan_id, unit="slice",
-                                         file=sys.stderr)
+                    bars[scan_id] = tqdm(
+                        total=header["rows"], desc=scan_id, unit="slice", file=sys.stderr
+                    )
                 bars[scan_id].update(1)
         finally:
             for bar in bars.values():

@@ -19,16 +19,31 @@ def run_simulate(args: argparse.Namespace) -> int:
     with Detector(args.connect, curve=client_keys(args)) as detector:
         for i in range(args.scans):
             scan_id = args.scan_id if args.scans == 1 else f"{args.scan_id}-{i:04d}"
-            scan = simulate_scan(scan_id, rows=args.rows, cols=args.cols, n_angles=args.angles,
-                                 photons=args.photons, seed=args.seed + i, center=args.center)
+            scan = simulate_scan(
+                scan_id,
+                rows=args.rows,
+                cols=args.cols,
+                n_angles=args.angles,
+                photons=args.photons,
+                seed=args.seed + i,
+                center=args.center,
+            )
             if args.save_truth is not None:
                 path = args.save_truth if args.scans == 1 else _numbered(args.save_truth, i)
                 write_truth(path, scan)
             pacer = ScanPacer(args.rate)
             with tqdm(total=args.angles, desc=scan_id, unit="proj", file=sys.stderr) as bar:
-                detector.send_scan(scan_id, scan.projections, darks=scan.darks, flats=scan.flats,
-                                   chunk=args.chunk, pace=pacer.wait, progress=bar.update,
-                                   center=scan.start.center, meta=scan.start.meta)
+                detector.send_scan(
+                    scan_id,
+                    scan.projections,
+                    darks=scan.darks,
+                    flats=scan.flats,
+                    chunk=args.chunk,
+                    pace=pacer.wait,
+                    progress=bar.update,
+                    center=scan.start.center,
+                    meta=scan.start.meta,
+                )
     return 0
 
 
@@ -40,11 +55,23 @@ def run_replay(args: argparse.Namespace) -> int:
     if args.center is not None:
         start = replace(start, center=args.center)
     pacer = ScanPacer(args.rate)
-    with Detector(args.connect, curve=client_keys(args)) as detector, \
-            tqdm(total=start.n_angles, desc=scan_id, unit="proj", file=sys.stderr) as bar:
-        detector.start_scan(scan_id, start.rows, start.cols, start.n_angles, start.dtype,
-                            theta=start.theta, center=start.center, n_dark=start.n_dark,
-                            n_flat=start.n_flat, normalized=start.normalized, meta=start.meta)
+    with (
+        Detector(args.connect, curve=client_keys(args)) as detector,
+        tqdm(total=start.n_angles, desc=scan_id, unit="proj", file=sys.stderr) as bar,
+    ):
+        detector.start_scan(
+            scan_id,
+            start.rows,
+            start.cols,
+            start.n_angles,
+            start.dtype,
+            theta=start.theta,
+            center=start.center,
+            n_dark=start.n_dark,
+            n_flat=start.n_flat,
+            normalized=start.normalized,
+            meta=start.meta,
+        )
         for kind, frames in (("dark", scan.darks), ("flat", scan.flats)):
             if len(frames) and not start.normalized:
                 detector.send_frames(kind, scan_id, 0, frames)  # type: ignore[arg-type]

@@ -28,24 +28,37 @@ from service.sim.simulate import simulate_scan
 def run_demo(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    settings = load_settings(None, {
-        "ingest": {"endpoint": "tcp://127.0.0.1:*"},
-        "publish": {"endpoint": "tcp://127.0.0.1:*", "recon": True},
-        "metrics": {"port": 0},
-        "worker": {"device": args.device},
-        "model": {"path": args.model},
-    })
+    settings = load_settings(
+        None,
+        {
+            "ingest": {"endpoint": "tcp://127.0.0.1:*"},
+            "publish": {"endpoint": "tcp://127.0.0.1:*", "recon": True},
+            "metrics": {"port": 0},
+            "worker": {"device": args.device},
+            "model": {"path": args.model},
+        },
+    )
     say = sys.stdout.write
-    say(f"simulating a foam phantom scan: {args.rows} rows x {args.cols} cols x {args.angles} "
-        f"angles, {args.photons:g} photons/pixel\n")
-    scan = simulate_scan("demo", rows=args.rows, cols=args.cols, n_angles=args.angles,
-                         photons=args.photons, seed=args.seed)
+    say(
+        f"simulating a foam phantom scan: {args.rows} rows x {args.cols} cols x {args.angles} "
+        f"angles, {args.photons:g} photons/pixel\n"
+    )
+    scan = simulate_scan(
+        "demo",
+        rows=args.rows,
+        cols=args.cols,
+        n_angles=args.angles,
+        photons=args.photons,
+        seed=args.seed,
+    )
     service = Service(settings)
     t_start = time.monotonic()
     endpoints = service.start()
-    say(f"service ready in {time.monotonic() - t_start:.1f} s on {service.device}: ingest "
+    say(
+        f"service ready in {time.monotonic() - t_start:.1f} s on {service.device}: ingest "
         f"{endpoints.ingest}, publish {endpoints.publish}, metrics "
-        f"http://127.0.0.1:{endpoints.metrics_port}/metrics\n")
+        f"http://127.0.0.1:{endpoints.metrics_port}/metrics\n"
+    )
     try:
         with Subscriber(endpoints.publish, ("slice", "recon", "event")) as viewer:
             info = viewer.wait_ready()
@@ -63,14 +76,19 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _send(endpoint: str, scan: Any) -> None:
     with Detector(endpoint) as detector:
-        detector.send_scan(scan.start.scan_id, scan.projections, darks=scan.darks,
-                           flats=scan.flats, chunk=8)
+        detector.send_scan(
+            scan.start.scan_id, scan.projections, darks=scan.darks, flats=scan.flats, chunk=8
+        )
 
 
-def _collect(viewer: Subscriber, rows: int, cols: int,
-             ) -> tuple[dict[str, np.ndarray], ScanProgress, dict[str, Any]]:
-    volumes = {topic: np.full((rows, cols, cols), np.nan, np.float32)
-               for topic in ("recon", "slice")}
+def _collect(
+    viewer: Subscriber,
+    rows: int,
+    cols: int,
+) -> tuple[dict[str, np.ndarray], ScanProgress, dict[str, Any]]:
+    volumes = {
+        topic: np.full((rows, cols, cols), np.nan, np.float32) for topic in ("recon", "slice")
+    }
     progress = ScanProgress("demo")
     completed: dict[str, Any] = {}
     for message in receive(viewer, scans=1, timeout=600.0):
@@ -99,13 +117,22 @@ def _quality(truth: np.ndarray, volume: np.ndarray) -> tuple[float, float]:
     return float(np.mean(psnr)), float(np.mean(ssim))
 
 
-def _summary(info: dict[str, Any], truth: np.ndarray, volumes: dict[str, np.ndarray],
-             progress: ScanProgress, completed: dict[str, Any], elapsed: float, out: Path) -> str:
+def _summary(
+    info: dict[str, Any],
+    truth: np.ndarray,
+    volumes: dict[str, np.ndarray],
+    progress: ScanProgress,
+    completed: dict[str, Any],
+    elapsed: float,
+    out: Path,
+) -> str:
     lines = ["", "=== tomocast demo summary ==="]
     model = info.get("model", "?")
     if info.get("trained") is False or str(model).startswith("placeholder"):
-        lines.append(f"model: {model}  (PLACEHOLDER: an untrained smoothing filter shipped until "
-                     "a trained TomoGAN exists; not a TomoGAN result)")
+        lines.append(
+            f"model: {model}  (PLACEHOLDER: an untrained smoothing filter shipped until "
+            "a trained TomoGAN exists; not a TomoGAN result)"
+        )
     else:
         lines.append(f"model: {model}")
     lines.append(f"device: {info.get('device')}   scan sent and processed in {elapsed:.1f} s")
@@ -114,15 +141,23 @@ def _summary(info: dict[str, Any], truth: np.ndarray, volumes: dict[str, np.ndar
         return "\n".join(lines) + "\n"
     lines.append(progress.format_summary())
     received = {topic: int(np.isfinite(v[:, 0, 0]).sum()) for topic, v in volumes.items()}
-    lines.append(f"slices received: {received['slice']}/{len(truth)} denoised, "
-                 f"{received['recon']}/{len(truth)} plain FBP")
+    lines.append(
+        f"slices received: {received['slice']}/{len(truth)} denoised, "
+        f"{received['recon']}/{len(truth)} plain FBP"
+    )
     if min(received.values()) == len(truth):
         for label, topic in (("plain FBP", "recon"), ("FBP + denoiser", "slice")):
             psnr, ssim = _quality(truth, volumes[topic])
             lines.append(f"{label:>15}: PSNR {psnr:6.2f} dB   SSIM {ssim:.3f}   (vs the phantom)")
         row = len(truth) // 2
         path = out / "compare.png"
-        save_comparison_png(path, [("phantom", truth[row]), ("FBP", volumes["recon"][row]),
-                                   ("denoised", volumes["slice"][row])])
+        save_comparison_png(
+            path,
+            [
+                ("phantom", truth[row]),
+                ("FBP", volumes["recon"][row]),
+                ("denoised", volumes["slice"][row]),
+            ],
+        )
         lines.append(f"wrote {path} (phantom | FBP | denoised, row {row})")
     return "\n".join(lines) + "\n"

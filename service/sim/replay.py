@@ -24,8 +24,12 @@ from service.protocol import DTYPES, SCAN_ID, ScanStart
 
 log = logging.getLogger(__name__)
 
-DATA, DARK, WHITE, THETA = "exchange/data", "exchange/data_dark", "exchange/data_white", \
-    "exchange/theta"
+DATA, DARK, WHITE, THETA = (
+    "exchange/data",
+    "exchange/data_dark",
+    "exchange/data_white",
+    "exchange/theta",
+)
 _SCAN_FRAMES = 64  # frames read at a time when scanning an integer data set's value range
 
 
@@ -50,11 +54,20 @@ class ReplayScan:
     def scan_start(self, seq: int = 0) -> ScanStart:
         """The scan_start message announcing this scan."""
         n_angles, rows, cols = self.shape
-        return ScanStart(scan_id=self.scan_id, seq=seq, rows=rows, cols=cols,
-                         n_angles=n_angles, dtype=self.dtype,
-                         theta=tuple(float(t) for t in self.theta), center=self.center,
-                         n_dark=len(self.darks), n_flat=len(self.flats),
-                         normalized=self.normalized, meta=dict(self.meta))
+        return ScanStart(
+            scan_id=self.scan_id,
+            seq=seq,
+            rows=rows,
+            cols=cols,
+            n_angles=n_angles,
+            dtype=self.dtype,
+            theta=tuple(float(t) for t in self.theta),
+            center=self.center,
+            n_dark=len(self.darks),
+            n_flat=len(self.flats),
+            normalized=self.normalized,
+            meta=dict(self.meta),
+        )
 
 
 def read_dxchange(path: str | Path, *, load_projections: bool = True) -> ReplayScan:
@@ -69,8 +82,9 @@ def read_dxchange(path: str | Path, *, load_projections: bool = True) -> ReplayS
     with _open(path) as f:
         data = _dataset(f, path, DATA)
         if data.ndim != 3 or 0 in data.shape:
-            raise DataError(f"{path}: /{DATA} has shape {data.shape}, expected a non-empty "
-                            "(angles, rows, cols)")
+            raise DataError(
+                f"{path}: /{DATA} has shape {data.shape}, expected a non-empty (angles, rows, cols)"
+            )
         n_angles, rows, cols = data.shape
         references: list[h5py.Dataset | None] = []
         for name in (DARK, WHITE):
@@ -78,27 +92,47 @@ def read_dxchange(path: str | Path, *, load_projections: bool = True) -> ReplayS
             if frames is None:
                 references.append(None)
             elif frames.ndim != 3 or frames.shape[1:] != (rows, cols):
-                raise DataError(f"{path}: /{name} has shape {frames.shape}, expected "
-                                f"(frames, {rows}, {cols}) to match /{DATA}")
+                raise DataError(
+                    f"{path}: /{name} has shape {frames.shape}, expected "
+                    f"(frames, {rows}, {cols}) to match /{DATA}"
+                )
             else:
                 references.append(frames)
         dtype = _choose_dtype(path, [data, *(r for r in references if r is not None)])
-        darks, flats = (_convert(path, name, r[()], dtype) if r is not None
-                        else np.zeros((0, rows, cols), DTYPES[dtype])
-                        for name, r in zip((DARK, WHITE), references, strict=True))
+        darks, flats = (
+            _convert(path, name, r[()], dtype)
+            if r is not None
+            else np.zeros((0, rows, cols), DTYPES[dtype])
+            for name, r in zip((DARK, WHITE), references, strict=True)
+        )
         projections = _convert(path, DATA, data[()], dtype) if load_projections else None
         theta = _theta(f, path, n_angles)
         exchange = f["exchange"].attrs
-        center = next((float(exchange[k]) for k in ("center", "rotation_center")
-                       if k in exchange), None)
+        center = next(
+            (float(exchange[k]) for k in ("center", "rotation_center") if k in exchange), None
+        )
         meta = _meta(path, exchange.get("meta"))
         scan_id = _scan_id(path, exchange.get("scan_id"))
     normalized = len(flats) == 0
     if normalized:
-        log.warning("%s: no flats in /%s: replaying /%s as flat-field corrected line integrals",
-                    path, WHITE, DATA)
-    return ReplayScan(scan_id, theta, center, darks, flats, projections, dtype,
-                      (n_angles, rows, cols), normalized, meta)
+        log.warning(
+            "%s: no flats in /%s: replaying /%s as flat-field corrected line integrals",
+            path,
+            WHITE,
+            DATA,
+        )
+    return ReplayScan(
+        scan_id,
+        theta,
+        center,
+        darks,
+        flats,
+        projections,
+        dtype,
+        (n_angles, rows, cols),
+        normalized,
+        meta,
+    )
 
 
 def iter_projection_chunks(
@@ -114,7 +148,7 @@ def iter_projection_chunks(
         if dtype is None:
             dtype = _choose_dtype(path, [data, *(f[n] for n in (DARK, WHITE) if n in f)])
         for index in range(0, data.shape[0], chunk):
-            yield index, _convert(path, DATA, data[index:index + chunk], dtype, index)
+            yield index, _convert(path, DATA, data[index : index + chunk], dtype, index)
 
 
 def _open(path: Path) -> h5py.File:
@@ -127,8 +161,10 @@ def _open(path: Path) -> h5py.File:
 def _dataset(f: h5py.File, path: Path, name: str) -> h5py.Dataset:
     node = f.get(name)
     if not isinstance(node, h5py.Dataset):
-        raise DataError(f"{path}: no /{name} dataset: a DXchange file keeps its projections "
-                        f"in /{DATA} as (angles, rows, cols)")
+        raise DataError(
+            f"{path}: no /{name} dataset: a DXchange file keeps its projections "
+            f"in /{DATA} as (angles, rows, cols)"
+        )
     return node
 
 
@@ -142,8 +178,9 @@ def _choose_dtype(path: Path, datasets: list[h5py.Dataset]) -> str:
         low, high = _value_range(datasets)
         for target in ("uint16", "uint32"):
             if low >= 0 and high <= np.iinfo(target).max:
-                log.info("%s: data sets are %s, every value fits: sending as %s",
-                         path, found, target)
+                log.info(
+                    "%s: data sets are %s, every value fits: sending as %s", path, found, target
+                )
                 return target
     log.info("%s: data sets are %s: converting to float32", path, found)
     return "float32"
@@ -153,14 +190,13 @@ def _value_range(datasets: list[h5py.Dataset]) -> tuple[int, int]:
     low, high = 0, 0
     for dataset in datasets:
         for start in range(0, dataset.shape[0] if dataset.ndim else 1, _SCAN_FRAMES):
-            block = dataset[start:start + _SCAN_FRAMES] if dataset.ndim else dataset[()]
+            block = dataset[start : start + _SCAN_FRAMES] if dataset.ndim else dataset[()]
             if np.size(block):
                 low, high = min(low, int(np.min(block))), max(high, int(np.max(block)))
     return low, high
 
 
-def _convert(path: Path, name: str, frames: np.ndarray, dtype: str, first: int = 0
-             ) -> np.ndarray:
+def _convert(path: Path, name: str, frames: np.ndarray, dtype: str, first: int = 0) -> np.ndarray:
     frames = np.ascontiguousarray(frames, dtype=DTYPES[dtype])
     if dtype == "float32" and not np.isfinite(frames).all():
         bad = np.flatnonzero(~np.isfinite(frames).reshape(len(frames), -1).all(axis=1))
@@ -170,13 +206,18 @@ def _convert(path: Path, name: str, frames: np.ndarray, dtype: str, first: int =
 
 def _theta(f: h5py.File, path: Path, n_angles: int) -> np.ndarray:
     if THETA not in f:
-        log.warning("%s: no /%s: assuming %d angles evenly spaced over [0, 180) degrees",
-                    path, THETA, n_angles)
+        log.warning(
+            "%s: no /%s: assuming %d angles evenly spaced over [0, 180) degrees",
+            path,
+            THETA,
+            n_angles,
+        )
         return np.arange(n_angles, dtype=np.float64) * (np.pi / n_angles)
     theta = np.asarray(f[THETA][()], dtype=np.float64).reshape(-1)
     if theta.size != n_angles:
-        raise DataError(f"{path}: /{THETA} has {theta.size} angles, /{DATA} has {n_angles} "
-                        "projections")
+        raise DataError(
+            f"{path}: /{THETA} has {theta.size} angles, /{DATA} has {n_angles} projections"
+        )
     if not np.isfinite(theta).all():
         raise DataError(f"{path}: /{THETA} has NaN or inf angles")
     return np.radians(theta)
@@ -189,8 +230,9 @@ def _scan_id(path: Path, stored: Any) -> str:
         return stored
     scan_id = re.sub(r"[^A-Za-z0-9._-]", "_", path.stem)[:128] or "replay"
     if stored is not None:
-        log.warning("%s: scan_id %r is not 1-128 of [A-Za-z0-9._-]: using %r",
-                    path, stored, scan_id)
+        log.warning(
+            "%s: scan_id %r is not 1-128 of [A-Za-z0-9._-]: using %r", path, stored, scan_id
+        )
     return scan_id
 
 

@@ -75,9 +75,19 @@ def simulate_scan(
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
     if photons <= 0 or dark_level < 0:
         raise ValueError(f"photons={photons} must be > 0 and dark_level={dark_level} >= 0")
-    start = ScanStart(scan_id=scan_id, seq=0, rows=rows, cols=cols, n_angles=n_angles,
-                      dtype=dtype, theta=None, center=center, n_dark=n_dark, n_flat=n_flat,
-                      meta=dict(meta or {}))
+    start = ScanStart(
+        scan_id=scan_id,
+        seq=0,
+        rows=rows,
+        cols=cols,
+        n_angles=n_angles,
+        dtype=dtype,
+        theta=None,
+        center=center,
+        n_dark=n_dark,
+        n_flat=n_flat,
+        meta=dict(meta or {}),
+    )
     rng = np.random.default_rng(seed)
     phantom = FoamPhantom.random(rows, cols, n_spheres=n_spheres, seed=seed)
     line_integrals = phantom.project(start.theta_array(), cols=cols, center=center)
@@ -114,8 +124,9 @@ def _to_dtype(counts: np.ndarray, dtype: str) -> np.ndarray:
     top = np.iinfo(target).max
     saturated = int(np.count_nonzero(counts > top))
     if saturated:
-        log.warning("simulate: %d pixels saturate %s (> %d counts) and are clipped",
-                    saturated, dtype, top)
+        log.warning(
+            "simulate: %d pixels saturate %s (> %d counts) and are clipped", saturated, dtype, top
+        )
     return np.clip(counts, 0, top).astype(target)
 
 
@@ -129,10 +140,13 @@ def write_truth(path: str | Path, scan: SimulatedScan) -> None:
         spheres = group.create_dataset("spheres", data=phantom.sphere_table())
         spheres.attrs["columns"] = json.dumps(["x", "y", "z", "radius"])
         group.create_dataset("theta", data=scan.theta)
-        group.attrs.update(scan_id=scan.start.scan_id, mu=phantom.mu,
-                           cylinder_radius=phantom.cylinder_radius,
-                           center=scan.start.rotation_center(),
-                           units="attenuation per pixel; theta in radians")
+        group.attrs.update(
+            scan_id=scan.start.scan_id,
+            mu=phantom.mu,
+            cylinder_radius=phantom.cylinder_radius,
+            center=scan.start.rotation_center(),
+            units="attenuation per pixel; theta in radians",
+        )
 
 
 def write_dxchange(path: str | Path, scan: SimulatedScan) -> None:
@@ -145,8 +159,7 @@ def write_dxchange(path: str | Path, scan: SimulatedScan) -> None:
         exchange = f.create_group("exchange")
         exchange.create_dataset("data", data=scan.projections, chunks=frame_chunks)
         for name, frames in (("data_dark", scan.darks), ("data_white", scan.flats)):
-            exchange.create_dataset(name, data=frames,
-                                    chunks=frame_chunks if len(frames) else None)
+            exchange.create_dataset(name, data=frames, chunks=frame_chunks if len(frames) else None)
         theta = exchange.create_dataset("theta", data=np.degrees(scan.theta))
         theta.attrs["units"] = "degrees"
         exchange.attrs["scan_id"] = start.scan_id

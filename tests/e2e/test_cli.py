@@ -25,9 +25,13 @@ class Process:
     """A tomocast sub-process whose stderr is read line by line until a pattern shows up."""
 
     def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([*TOMOCAST, *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc = subprocess.Popen(
+            [*TOMOCAST, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         self.lines: list[str] = []
 
     def wait_for(self, pattern: str, timeout: float = 120.0) -> re.Match[str]:
@@ -58,24 +62,52 @@ class Process:
 
 @pytest.fixture
 def server() -> Iterator[tuple[Process, str, str]]:
-    proc = Process("serve", "--ingest", "tcp://127.0.0.1:*", "--publish", "tcp://127.0.0.1:*",
-                   "--metrics-port", "0", "--device", "cpu")
+    proc = Process(
+        "serve",
+        "--ingest",
+        "tcp://127.0.0.1:*",
+        "--publish",
+        "tcp://127.0.0.1:*",
+        "--metrics-port",
+        "0",
+        "--device",
+        "cpu",
+    )
     match = proc.wait_for(r"ready: ingest (\S+), publish (\S+),")
     yield proc, match.group(1), match.group(2)
     proc.close()
 
 
-def test_serve_simulate_view_write_every_slice(server: tuple[Process, str, str],
-                                               tmp_path: Path) -> None:
+def test_serve_simulate_view_write_every_slice(
+    server: tuple[Process, str, str], tmp_path: Path
+) -> None:
     serve, ingest, publish = server
     out = tmp_path / "slices.h5"
-    view = Process("view", "--connect", publish, "--out", str(out), "--scans", "1",
-                   "--timeout", "120")
+    view = Process(
+        "view", "--connect", publish, "--out", str(out), "--scans", "1", "--timeout", "120"
+    )
     view.wait_for("connected to")
-    sim = subprocess.run([*TOMOCAST, "simulate", "--connect", ingest, "--rows", "6", "--cols",
-                          "48", "--angles", "60", "--scan-id", "cli-sim", "--save-truth",
-                          str(tmp_path / "truth.h5")], capture_output=True, text=True,
-                         timeout=120)
+    sim = subprocess.run(
+        [
+            *TOMOCAST,
+            "simulate",
+            "--connect",
+            ingest,
+            "--rows",
+            "6",
+            "--cols",
+            "48",
+            "--angles",
+            "60",
+            "--scan-id",
+            "cli-sim",
+            "--save-truth",
+            str(tmp_path / "truth.h5"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert sim.returncode == 0, sim.stderr
     code, stdout, stderr = view.finish()
     assert code == 0, stderr
@@ -97,12 +129,16 @@ def test_replay_pushes_a_dxchange_file(server: tuple[Process, str, str], tmp_pat
     path = tmp_path / "scan.h5"
     write_dxchange(path, scan)
     out = tmp_path / "replayed.h5"
-    view = Process("view", "--connect", publish, "--out", str(out), "--scans", "1",
-                   "--timeout", "120")
+    view = Process(
+        "view", "--connect", publish, "--out", str(out), "--scans", "1", "--timeout", "120"
+    )
     view.wait_for("connected to")
-    replay = subprocess.run([*TOMOCAST, "replay", str(path), "--connect", ingest,
-                             "--scan-id", "dx-replay"], capture_output=True, text=True,
-                            timeout=120)
+    replay = subprocess.run(
+        [*TOMOCAST, "replay", str(path), "--connect", ingest, "--scan-id", "dx-replay"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert replay.returncode == 0, replay.stderr
     code, _, stderr = view.finish()
     assert code == 0, stderr

@@ -20,9 +20,19 @@ PROJECTIONS = (rng.poisson(2000, (ANGLES, ROWS, COLS)) + 100).astype(np.uint16)
 
 
 def test_sigterm_mid_scan_keeps_every_promise(tmp_path: Path) -> None:
-    serve = Process("serve", "--ingest", "tcp://127.0.0.1:*", "--publish", "tcp://127.0.0.1:*",
-                    "--metrics-port", "0", "--device", "cpu",
-                    "--archive.directory", str(tmp_path))
+    serve = Process(
+        "serve",
+        "--ingest",
+        "tcp://127.0.0.1:*",
+        "--publish",
+        "tcp://127.0.0.1:*",
+        "--metrics-port",
+        "0",
+        "--device",
+        "cpu",
+        "--archive.directory",
+        str(tmp_path),
+    )
     try:
         match = serve.wait_for(r"ready: ingest (\S+), publish (\S+),")
         ingest, publish = match.group(1), match.group(2)

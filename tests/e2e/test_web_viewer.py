@@ -84,19 +84,25 @@ def _collect(subscriber: Subscriber) -> tuple[dict[tuple[str, int], np.ndarray],
 
 def _shown(page: Any, topic: str) -> dict[str, Any]:
     """The pixels of a panel's canvas (its backing store: one pixel per slice pixel)."""
-    return page.evaluate("""(id) => {
+    return page.evaluate(
+        """(id) => {
         const canvas = document.getElementById(id);
         const image = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
         return {width: canvas.width, height: canvas.height, rgba: Array.from(image.data),
                 index: Number(canvas.dataset.index), low: Number(canvas.dataset.low),
                 high: Number(canvas.dataset.high)};
-    }""", f"canvas-{topic}")
+    }""",
+        f"canvas-{topic}",
+    )
 
 
 def _wait_shown(page: Any, index: int) -> None:
-    page.wait_for_function("""(index) => ["recon", "slice"].every(
+    page.wait_for_function(
+        """(index) => ["recon", "slice"].every(
         (topic) => document.getElementById("canvas-" + topic).dataset.index === String(index))""",
-                           arg=index, timeout=WAIT_MS)
+        arg=index,
+        timeout=WAIT_MS,
+    )
 
 
 def _colormap(name: str) -> np.ndarray:
@@ -107,8 +113,14 @@ def _colormap(name: str) -> np.ndarray:
     return np.frombuffer(bytes.fromhex(match.group(1)), np.uint8).reshape(256, 3)
 
 
-def _assert_matches(page: Any, topic: str, data: np.ndarray, window_from: np.ndarray | None,
-                    window: tuple[float, float] | None = None, colormap: str = "gray") -> None:
+def _assert_matches(
+    page: Any,
+    topic: str,
+    data: np.ndarray,
+    window_from: np.ndarray | None,
+    window: tuple[float, float] | None = None,
+    colormap: str = "gray",
+) -> None:
     """The panel shows `data` windowed to the 0.5/99.5 percentiles of `window_from` (the
     denoised slice: both panels share its window by default), or to `window`, in `colormap`."""
     shown = _shown(page, topic)
@@ -119,46 +131,62 @@ def _assert_matches(page: Any, topic: str, data: np.ndarray, window_from: np.nda
     low, high = window
     np.testing.assert_allclose([shown["low"], shown["high"]], [low, high], rtol=1e-5, atol=1e-7)
     rgb = np.asarray(shown["rgba"], dtype=np.int16).reshape(*data.shape, 4)[..., :3]
-    lut = (np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1) if colormap == "gray"
-           else _colormap(colormap))
+    lut = (
+        np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+        if colormap == "gray"
+        else _colormap(colormap)
+    )
     levels = to_uint8(data, low, high)
     # Rounding ties may land one level apart (Math.round vs numpy's round-half-even).
     exact = (rgb == lut[levels]).all(axis=-1)
-    near = exact | (rgb == lut[np.clip(levels.astype(int) - 1, 0, 255)]).all(axis=-1) \
+    near = (
+        exact
+        | (rgb == lut[np.clip(levels.astype(int) - 1, 0, 255)]).all(axis=-1)
         | (rgb == lut[np.clip(levels.astype(int) + 1, 0, 255)]).all(axis=-1)
+    )
     assert near.all(), f"{topic}: {(~near).sum()} pixels off the expected colours"
     assert exact.mean() > 0.99
 
 
 def test_browser_shows_published_slices_and_the_slider_moves_through_the_scan(
-        start_service: Callable[..., Any], browser: Any) -> None:
+    start_service: Callable[..., Any], browser: Any
+) -> None:
     _, endpoints = start_service(publish={"recon": True})
     scan = simulate_scan("web-e2e", rows=ROWS, cols=COLS, n_angles=ANGLES, photons=500, seed=3)
-    with Subscriber(endpoints.publish, ("slice", "recon", "event")) as reference, \
-            WebViewer(WebSettings(connect=endpoints.publish, port=0)) as viewer:
+    with (
+        Subscriber(endpoints.publish, ("slice", "recon", "event")) as reference,
+        WebViewer(WebSettings(connect=endpoints.publish, port=0)) as viewer,
+    ):
         reference.wait_ready()
         pages = [browser.new_page(), browser.new_page()]  # two screens at once
         for page in pages:
             page.goto(viewer.url)
             # The viewer's hub has done its handshake: nothing published from now is missed.
-            page.wait_for_function("document.body.dataset.publisher === 'connected'",
-                                   timeout=WAIT_MS)
+            page.wait_for_function(
+                "document.body.dataset.publisher === 'connected'", timeout=WAIT_MS
+            )
         with Detector(endpoints.ingest) as detector:
-            detector.send_scan(scan.start.scan_id, scan.projections, darks=scan.darks,
-                               flats=scan.flats, chunk=10)
+            detector.send_scan(
+                scan.start.scan_id, scan.projections, darks=scan.darks, flats=scan.flats, chunk=10
+            )
         published, order = _collect(reference)
         assert len(order) == ROWS
 
         for page in pages:
             page.bring_to_front()  # a background tab does not paint (requestAnimationFrame)
-            page.wait_for_function(f"""document.body.dataset.status === 'completed'
-                && document.body.dataset.received === '{ROWS}'""", timeout=WAIT_MS)
+            page.wait_for_function(
+                f"""document.body.dataset.status === 'completed'
+                && document.body.dataset.received === '{ROWS}'""",
+                timeout=WAIT_MS,
+            )
             latest = order[-1]  # following: the newest denoised slice
             _wait_shown(page, latest)
-            _assert_matches(page, "slice", published[("slice", latest)],
-                            published[("slice", latest)])
-            _assert_matches(page, "recon", published[("recon", latest)],
-                            published[("slice", latest)])
+            _assert_matches(
+                page, "slice", published[("slice", latest)], published[("slice", latest)]
+            )
+            _assert_matches(
+                page, "recon", published[("recon", latest)], published[("slice", latest)]
+            )
 
         page = pages[0]
         page.locator("#slider").focus()
@@ -176,13 +204,16 @@ def test_browser_shows_published_slices_and_the_slider_moves_through_the_scan(
         page.locator('input[name="window"][value="manual"]').check()
         page.locator("#w-low").fill("0")
         page.locator("#w-high").fill("0.02")
-        page.wait_for_function("""["recon", "slice"].every((topic) => {
+        page.wait_for_function(
+            """["recon", "slice"].every((topic) => {
             const canvas = document.getElementById("canvas-" + topic);
             return canvas.dataset.colormap === "viridis" && canvas.dataset.high === "0.02"; })""",
-                               timeout=WAIT_MS)
+            timeout=WAIT_MS,
+        )
         for topic in ("slice", "recon"):
-            _assert_matches(page, topic, published[(topic, 2)], None, window=(0.0, 0.02),
-                            colormap="viridis")
+            _assert_matches(
+                page, topic, published[(topic, 2)], None, window=(0.0, 0.02), colormap="viridis"
+            )
         assert page.locator("#latency-slice").inner_text().startswith("pipeline ")
 
         ARTIFACTS.mkdir(exist_ok=True)
@@ -196,8 +227,7 @@ def _read_until(browser: ClientConnection, kind: str, **fields: Any) -> list[dic
     seen = []
     while True:
         message = browser.recv(timeout=60)
-        seen.append(decode_frame(message)[0] if isinstance(message, bytes)
-                    else json.loads(message))
+        seen.append(decode_frame(message)[0] if isinstance(message, bytes) else json.loads(message))
         if seen[-1]["kind"] == kind and all(seen[-1].get(k) == v for k, v in fields.items()):
             return seen
 
@@ -207,8 +237,9 @@ def test_a_slow_browser_loses_slices_for_itself_only() -> None:
     everything, one reads nothing. Only the second loses slices, oldest first, counted."""
     context = zmq.Context()
     settings = load_settings(None, {"publish": {"endpoint": "tcp://127.0.0.1:*"}})
-    publisher = Publisher(settings.publish, context, Metrics(),
-                          {"service": "tomocast", "model": "test"})
+    publisher = Publisher(
+        settings.publish, context, Metrics(), {"service": "tomocast", "model": "test"}
+    )
     publisher.start()
     channel = publisher.channel()
     slices, queue_bytes = 48, 1 << 20  # four slices
@@ -223,15 +254,24 @@ def test_a_slow_browser_loses_slices_for_itself_only() -> None:
             slow_socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 10)
             address = urllib.parse.urlsplit(viewer.url)
             slow_socket.connect((address.hostname, address.port))
-            with connect(url, max_size=None) as fast, \
-                    connect(url, max_size=None, sock=slow_socket, close_timeout=0) as slow:
+            with (
+                connect(url, max_size=None) as fast,
+                connect(url, max_size=None, sock=slow_socket, close_timeout=0) as slow,
+            ):
                 _read_until(fast, "publisher", connected=True)  # the hub has subscribed
                 _read_until(slow, "scan")  # registered; from now on it reads nothing
                 got = []
                 for index in range(slices):  # in step with the fast browser: it keeps up
-                    channel.send_slice("slice", {"scan_id": "fanout", "index": index,
-                                                 "rows": slices,
-                                                 "t_last_projection": time.time()}, data)
+                    channel.send_slice(
+                        "slice",
+                        {
+                            "scan_id": "fanout",
+                            "index": index,
+                            "rows": slices,
+                            "t_last_projection": time.time(),
+                        },
+                        data,
+                    )
                     got += _read_until(fast, "frame", index=index)
                 channel.send_event({"event": "scan_completed", "scan_id": "fanout"})
                 got += _read_until(fast, "event", event="scan_completed")

@@ -25,8 +25,9 @@ def raw(**header: Any) -> bytes:
 
 
 def start_other(detector: Detector, scan_id: str = "other", **keys: Any) -> None:
-    detector.start_scan(scan_id, ROWS, COLS, ANGLES, keys.pop("dtype", "uint16"),
-                        **{"n_flat": 1, **keys})
+    detector.start_scan(
+        scan_id, ROWS, COLS, ANGLES, keys.pop("dtype", "uint16"), **{"n_flat": 1, **keys}
+    )
 
 
 Injection = Callable[[Detector], None]
@@ -36,29 +37,92 @@ CASES: dict[str, tuple[str, Injection]] = {
     "unknown type": ("unknown_type", lambda d: d.send_raw([raw(type="reset")])),
     "missing key": ("missing_key", lambda d: d.send_raw([raw(type="scan_end")])),
     "mistyped key": ("bad_value", lambda d: d.send_raw([raw(type="scan_end", count="all")])),
-    "payload size": ("payload_size", lambda d: d.send_raw(
-        [raw(type="projections", seq=d.next_seq("good"), index=20, count=2),
-         PROJECTIONS[20].tobytes()])),
-    "unsupported dtype": ("bad_value", lambda d: d.send_raw(
-        [raw(type="scan_start", scan_id="f64", seq=0, rows=1, cols=1, n_angles=1,
-             dtype="float64")])),
-    "NaN in float payload": ("non_finite", lambda d: (
-        start_other(d, "floats", dtype="float32", normalized=True, n_flat=0),
-        d.send(FrameChunk.from_array("projections", "floats", d.next_seq("floats"), 0,
-                                     np.full((1, ROWS, COLS), np.nan, np.float32))))),
-    "index out of range": ("index_out_of_range", lambda d: d.send_frames(
-        "projections", "good", ANGLES - 1, PROJECTIONS[:2])),
-    "duplicate chunk": ("duplicate", lambda d: d.send_frames(
-        "projections", "good", 0, PROJECTIONS[:4])),
-    "projections before scan_start": ("unknown_scan", lambda d: d.send_frames(
-        "projections", "never-started", 0, PROJECTIONS[:1])),
-    "second scan_start": ("scan_exists", lambda d: d.send_raw(
-        [raw(type="scan_start", seq=d.next_seq("good"), rows=ROWS, cols=COLS,
-             n_angles=ANGLES, dtype="uint16", n_flat=1)])),
+    "payload size": (
+        "payload_size",
+        lambda d: d.send_raw(
+            [
+                raw(type="projections", seq=d.next_seq("good"), index=20, count=2),
+                PROJECTIONS[20].tobytes(),
+            ]
+        ),
+    ),
+    "unsupported dtype": (
+        "bad_value",
+        lambda d: d.send_raw(
+            [
+                raw(
+                    type="scan_start",
+                    scan_id="f64",
+                    seq=0,
+                    rows=1,
+                    cols=1,
+                    n_angles=1,
+                    dtype="float64",
+                )
+            ]
+        ),
+    ),
+    "NaN in float payload": (
+        "non_finite",
+        lambda d: (
+            start_other(d, "floats", dtype="float32", normalized=True, n_flat=0),
+            d.send(
+                FrameChunk.from_array(
+                    "projections",
+                    "floats",
+                    d.next_seq("floats"),
+                    0,
+                    np.full((1, ROWS, COLS), np.nan, np.float32),
+                )
+            ),
+        ),
+    ),
+    "index out of range": (
+        "index_out_of_range",
+        lambda d: d.send_frames("projections", "good", ANGLES - 1, PROJECTIONS[:2]),
+    ),
+    "duplicate chunk": (
+        "duplicate",
+        lambda d: d.send_frames("projections", "good", 0, PROJECTIONS[:4]),
+    ),
+    "projections before scan_start": (
+        "unknown_scan",
+        lambda d: d.send_frames("projections", "never-started", 0, PROJECTIONS[:1]),
+    ),
+    "second scan_start": (
+        "scan_exists",
+        lambda d: d.send_raw(
+            [
+                raw(
+                    type="scan_start",
+                    seq=d.next_seq("good"),
+                    rows=ROWS,
+                    cols=COLS,
+                    n_angles=ANGLES,
+                    dtype="uint16",
+                    n_flat=1,
+                )
+            ]
+        ),
+    ),
     "no darks or flats": ("no_flats", lambda d: start_other(d, "flatless", n_flat=0)),
-    "declared size above limits": ("too_large", lambda d: d.send_raw(
-        [raw(type="scan_start", scan_id="huge", seq=0, rows=4096, cols=4096, n_angles=16384,
-             dtype="uint16", n_flat=1)])),
+    "declared size above limits": (
+        "too_large",
+        lambda d: d.send_raw(
+            [
+                raw(
+                    type="scan_start",
+                    scan_id="huge",
+                    seq=0,
+                    rows=4096,
+                    cols=4096,
+                    n_angles=16384,
+                    dtype="uint16",
+                    n_flat=1,
+                )
+            ]
+        ),
+    ),
 }
 
 
@@ -95,8 +159,10 @@ def test_bad_message_costs_only_itself(start_service: Any, case: str) -> None:
 
 def test_a_scan_that_never_ends_times_out_and_is_released(start_service: Any) -> None:
     service, endpoints = start_service(ingest={"scan_timeout_s": 0.5})
-    with Subscriber(endpoints.publish, ("event",)) as viewer, \
-            Detector(endpoints.ingest) as detector:
+    with (
+        Subscriber(endpoints.publish, ("event",)) as viewer,
+        Detector(endpoints.ingest) as detector,
+    ):
         viewer.wait_ready()
         start_other(detector, "abandoned")
         detector.send_frames("flat", "abandoned", 0, FLATS[:1])
@@ -108,5 +174,7 @@ def test_a_scan_that_never_ends_times_out_and_is_released(start_service: Any) ->
             events.append(message.header)
     assert "no message for" in events[-1]["reason"]
     assert service.metrics.registry.get_sample_value("tomocast_scans_in_flight") == 0
-    assert service.metrics.registry.get_sample_value("tomocast_scans_total",
-                                                     {"outcome": "failed"}) == 1
+    assert (
+        service.metrics.registry.get_sample_value("tomocast_scans_total", {"outcome": "failed"})
+        == 1
+    )

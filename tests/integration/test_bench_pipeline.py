@@ -20,8 +20,20 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
 
 
 def test_bench_pipeline_json(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out = _run(capsys, "--rows", "5", "--cols", "32", "--angles", "24", "--scans", "2",
-                     "--batch", "2", "--json")
+    code, out = _run(
+        capsys,
+        "--rows",
+        "5",
+        "--cols",
+        "32",
+        "--angles",
+        "24",
+        "--scans",
+        "2",
+        "--batch",
+        "2",
+        "--json",
+    )
     assert code == 0
     report = json.loads(out)
     assert report["bench"] == "pipeline" and report["model"] == "tomogan-foam-d3"
@@ -35,8 +47,23 @@ def test_bench_pipeline_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_bench_pipeline_paced_without_denoiser(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out = _run(capsys, "--rows", "3", "--cols", "32", "--angles", "24", "--scans", "1",
-                     "--rate", "400", "--chunk", "4", "--no-denoise", "--no-prepare")
+    code, out = _run(
+        capsys,
+        "--rows",
+        "3",
+        "--cols",
+        "32",
+        "--angles",
+        "24",
+        "--scans",
+        "1",
+        "--rate",
+        "400",
+        "--chunk",
+        "4",
+        "--no-denoise",
+        "--no-prepare",
+    )
     assert code == 0
     assert "--rate 400" in out and "| model (precision) | none (None) |" in out
     assert "--no-prepare" in out and "| FBP geometry built at scan_start | False |" in out
@@ -45,8 +72,22 @@ def test_bench_pipeline_paced_without_denoiser(capsys: pytest.CaptureFixture[str
 
 @pytest.mark.gpu
 def test_bench_pipeline_on_cuda(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out = _run(capsys, "--rows", "9", "--cols", "64", "--angles", "48", "--scans", "2",
-                     "--batch", "4", "--device", "cuda", "--json")
+    code, out = _run(
+        capsys,
+        "--rows",
+        "9",
+        "--cols",
+        "64",
+        "--angles",
+        "48",
+        "--scans",
+        "2",
+        "--batch",
+        "4",
+        "--device",
+        "cuda",
+        "--json",
+    )
     assert code == 0
     report = json.loads(out)
     assert report["slices"] == 18 and report["failed_scans"] == 0
@@ -64,11 +105,14 @@ def test_cuda_conveyor_publishes_what_the_cpu_computes(start_service: Any) -> No
 
     rows, cols = 11, 64
     scan = simulate_scan("gpu-scan", rows=rows, cols=cols, n_angles=90, seed=5)
-    service, endpoints = start_service(worker={"device": "cuda", "batch_rows": 4},
-                                       publish={"recon": True})
+    service, endpoints = start_service(
+        worker={"device": "cuda", "batch_rows": 4}, publish={"recon": True}
+    )
     got: dict[tuple[str, int], Any] = {}
-    with Subscriber(endpoints.publish, ("slice", "recon", "event")) as viewer, \
-            Detector(endpoints.ingest) as detector:
+    with (
+        Subscriber(endpoints.publish, ("slice", "recon", "event")) as viewer,
+        Detector(endpoints.ingest) as detector,
+    ):
         viewer.wait_ready()
         detector.send_scan("gpu-scan", scan.projections, darks=scan.darks, flats=scan.flats)
         while True:

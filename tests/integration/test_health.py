@@ -59,8 +59,9 @@ def server(metrics: Metrics) -> Iterator[tuple[HealthServer, Switch, Switch]]:
     health.stop()
 
 
-def test_readyz_is_503_with_the_reason_until_ready(server: tuple[HealthServer, Switch, Switch]
-                                                   ) -> None:
+def test_readyz_is_503_with_the_reason_until_ready(
+    server: tuple[HealthServer, Switch, Switch],
+) -> None:
     health, ready, _ = server
     assert get(health.port, "/readyz") == (503, "loading the model\n")
     assert get(health.port, "/healthz") == (200, "ok\n")  # alive while not ready
@@ -80,8 +81,9 @@ def test_healthz_reports_a_dead_service(metrics: Metrics) -> None:
         health.stop()
 
 
-def test_metrics_and_unknown_paths(server: tuple[HealthServer, Switch, Switch],
-                                   metrics: Metrics) -> None:
+def test_metrics_and_unknown_paths(
+    server: tuple[HealthServer, Switch, Switch], metrics: Metrics
+) -> None:
     health, _, _ = server
     metrics.rejected.labels("duplicate").inc()
     status, text = get(health.port, "/metrics")
@@ -118,9 +120,15 @@ def test_service_is_ready_only_after_the_model_is_loaded(monkeypatch: pytest.Mon
         return real_load(path, device, **options)
 
     monkeypatch.setattr(app, "load_denoiser", held_load)
-    settings = load_settings(None, {"ingest": {"endpoint": "tcp://127.0.0.1:*"},
-                                    "publish": {"endpoint": "tcp://127.0.0.1:*"},
-                                    "metrics": {"port": 0}, "worker": {"device": "cpu"}})
+    settings = load_settings(
+        None,
+        {
+            "ingest": {"endpoint": "tcp://127.0.0.1:*"},
+            "publish": {"endpoint": "tcp://127.0.0.1:*"},
+            "metrics": {"port": 0},
+            "worker": {"device": "cpu"},
+        },
+    )
     service = app.Service(settings)
     port = service.health.port
     started: list[app.Endpoints] = []

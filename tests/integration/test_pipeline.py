@@ -21,8 +21,9 @@ ROWS, COLS, ANGLES = 10, 64, 90
 
 @pytest.fixture(scope="module")
 def scan() -> SimulatedScan:
-    return simulate_scan("it-scan", rows=ROWS, cols=COLS, n_angles=ANGLES, photons=2000.0,
-                         n_dark=3, n_flat=4, seed=3)
+    return simulate_scan(
+        "it-scan", rows=ROWS, cols=COLS, n_angles=ANGLES, photons=2000.0, n_dark=3, n_flat=4, seed=3
+    )
 
 
 def offline_line_integrals(scan: SimulatedScan) -> np.ndarray:
@@ -37,8 +38,9 @@ def collect(viewer: Subscriber, until_events: int = 1) -> tuple[list[Published],
     """Everything published until `until_events` scans have ended."""
     messages: list[Published] = []
     events: list[dict[str, Any]] = []
-    while len([e for e in events if e["event"] in ("scan_completed", "scan_failed")]) \
-            < until_events:
+    while (
+        len([e for e in events if e["event"] in ("scan_completed", "scan_failed")]) < until_events
+    ):
         message = viewer.recv(timeout=60.0)
         assert message is not None, "the service published nothing for 60 s"
         if message.topic == "event":
@@ -50,20 +52,23 @@ def collect(viewer: Subscriber, until_events: int = 1) -> tuple[list[Published],
 
 def rejected(service: Service, reason: str) -> float:
     value = service.metrics.registry.get_sample_value(
-        "tomocast_rejected_messages_total", {"reason": reason})
+        "tomocast_rejected_messages_total", {"reason": reason}
+    )
     assert value is not None
     return value
 
 
 @pytest.mark.parametrize("method", ["gridding", "direct"])
-def test_every_slice_once_and_recon_matches_offline(start_service: Any, scan: SimulatedScan,
-                                                    method: str) -> None:
+def test_every_slice_once_and_recon_matches_offline(
+    start_service: Any, scan: SimulatedScan, method: str
+) -> None:
     service, endpoints = start_service(publish={"recon": True}, worker={"fbp_method": method})
-    with Subscriber(endpoints.publish, ("slice", "recon", "event")) as viewer, \
-            Detector(endpoints.ingest) as detector:
+    with (
+        Subscriber(endpoints.publish, ("slice", "recon", "event")) as viewer,
+        Detector(endpoints.ingest) as detector,
+    ):
         viewer.wait_ready()
-        detector.send_scan("it-scan", scan.projections, darks=scan.darks, flats=scan.flats,
-                           chunk=7)
+        detector.send_scan("it-scan", scan.projections, darks=scan.darks, flats=scan.flats, chunk=7)
         messages, events = collect(viewer)
     counts = Counter((m.topic, m.header["index"]) for m in messages)
     assert sorted(counts) == sorted((t, i) for t in ("slice", "recon") for i in range(ROWS))
@@ -72,10 +77,12 @@ def test_every_slice_once_and_recon_matches_offline(start_service: Any, scan: Si
     assert [e["event"] for e in events] == ["scan_started", "scan_completed"]
     assert events[1]["slices"] == ROWS and events[1]["missing_projections"] == 0
 
-    reference = recon(offline_line_integrals(scan), scan.theta, center=COLS / 2, device="cpu",
-                      method=method)
-    got = np.stack([m.data for m in sorted(messages, key=lambda m: m.header["index"])
-                    if m.topic == "recon"])
+    reference = recon(
+        offline_line_integrals(scan), scan.theta, center=COLS / 2, device="cpu", method=method
+    )
+    got = np.stack(
+        [m.data for m in sorted(messages, key=lambda m: m.header["index"]) if m.topic == "recon"]
+    )
     scale = float(np.abs(reference).max())
     np.testing.assert_allclose(got, reference, rtol=0, atol=1e-4 * scale)
     header = next(m.header for m in messages if m.topic == "slice")
@@ -85,8 +92,9 @@ def test_every_slice_once_and_recon_matches_offline(start_service: Any, scan: Si
     assert {"fbp", "denoise", "end_to_end"} <= set(header["timing"])
 
 
-def test_malformed_messages_mid_scan_cost_only_themselves(start_service: Any,
-                                                          scan: SimulatedScan) -> None:
+def test_malformed_messages_mid_scan_cost_only_themselves(
+    start_service: Any, scan: SimulatedScan
+) -> None:
     service, endpoints = start_service()
     with Subscriber(endpoints.publish) as viewer, Detector(endpoints.ingest) as detector:
         viewer.wait_ready()
@@ -97,8 +105,14 @@ def test_malformed_messages_mid_scan_cost_only_themselves(start_service: Any,
         detector.send_frames("projections", "it-scan", 0, scan.projections[:half])
         detector.send_raw([b"\x93\x01\x02"])  # a msgpack array, not a map
         detector.send_raw([b"\xc1\xc1 not msgpack at all"])
-        wrong_size = {"v": 1, "type": "projections", "scan_id": "it-scan",
-                      "seq": detector.next_seq("it-scan"), "index": half, "count": 2}
+        wrong_size = {
+            "v": 1,
+            "type": "projections",
+            "scan_id": "it-scan",
+            "seq": detector.next_seq("it-scan"),
+            "index": half,
+            "count": 2,
+        }
         detector.send_raw([msgpack.packb(wrong_size), scan.projections[half].tobytes()])
         detector.send_frames("projections", "it-scan", half, scan.projections[half:])
         detector.end_scan("it-scan", ANGLES)
@@ -110,17 +124,21 @@ def test_malformed_messages_mid_scan_cost_only_themselves(start_service: Any,
     assert rejected(service, "payload_size") == 1
 
 
-def test_chunks_in_any_order_before_references_with_a_duplicate(start_service: Any,
-                                                               scan: SimulatedScan) -> None:
+def test_chunks_in_any_order_before_references_with_a_duplicate(
+    start_service: Any, scan: SimulatedScan
+) -> None:
     service, endpoints = start_service(publish={"recon": True}, worker={"fbp_method": "gridding"})
     order = np.random.default_rng(0).permutation(np.arange(0, ANGLES, 9))
-    with Subscriber(endpoints.publish, ("recon", "event")) as viewer, \
-            Detector(endpoints.ingest) as detector:
+    with (
+        Subscriber(endpoints.publish, ("recon", "event")) as viewer,
+        Detector(endpoints.ingest) as detector,
+    ):
         viewer.wait_ready()
         detector.start_scan("it-scan", ROWS, COLS, ANGLES, "uint16", n_dark=3, n_flat=4)
         for index in order:  # projections first, references last
-            detector.send_frames("projections", "it-scan", int(index),
-                                 scan.projections[index:index + 9])
+            detector.send_frames(
+                "projections", "it-scan", int(index), scan.projections[index : index + 9]
+            )
         detector.send_frames("projections", "it-scan", 9, scan.projections[9:18])  # duplicate
         detector.send_frames("flat", "it-scan", 2, scan.flats[2:])
         detector.send_frames("dark", "it-scan", 0, scan.darks)
@@ -128,32 +146,42 @@ def test_chunks_in_any_order_before_references_with_a_duplicate(start_service: A
         detector.end_scan("it-scan", ANGLES)
         messages, _ = collect(viewer)
     assert rejected(service, "duplicate") == 1
-    reference = recon(offline_line_integrals(scan), scan.theta, center=COLS / 2, device="cpu",
-                      method="gridding")
+    reference = recon(
+        offline_line_integrals(scan), scan.theta, center=COLS / 2, device="cpu", method="gridding"
+    )
     got = np.stack([m.data for m in sorted(messages, key=lambda m: m.header["index"])])
     np.testing.assert_allclose(got, reference, rtol=0, atol=1e-4 * float(np.abs(reference).max()))
 
 
-def test_missing_projections_reconstruct_with_the_angles_present(start_service: Any,
-                                                                 scan: SimulatedScan) -> None:
+def test_missing_projections_reconstruct_with_the_angles_present(
+    start_service: Any, scan: SimulatedScan
+) -> None:
     _, endpoints = start_service(publish={"recon": True}, worker={"fbp_method": "gridding"})
     keep = [i for i in range(0, ANGLES, 10) if i != 40]
-    with Subscriber(endpoints.publish, ("recon", "event")) as viewer, \
-            Detector(endpoints.ingest) as detector:
+    with (
+        Subscriber(endpoints.publish, ("recon", "event")) as viewer,
+        Detector(endpoints.ingest) as detector,
+    ):
         viewer.wait_ready()
         detector.start_scan("it-scan", ROWS, COLS, ANGLES, "uint16", n_dark=3, n_flat=4)
         detector.send_frames("dark", "it-scan", 0, scan.darks)
         detector.send_frames("flat", "it-scan", 0, scan.flats)
         for index in keep:
-            detector.send_frames("projections", "it-scan", index,
-                                 scan.projections[index:index + 10])
+            detector.send_frames(
+                "projections", "it-scan", index, scan.projections[index : index + 10]
+            )
         detector.end_scan("it-scan", ANGLES)
         messages, events = collect(viewer)
     assert events[-1]["event"] == "scan_completed"
     assert events[-1]["missing_projections"] == 10
     present = np.concatenate([np.arange(i, i + 10) for i in keep])
-    reference = recon(offline_line_integrals(scan)[present], scan.theta[present],
-                      center=COLS / 2, device="cpu", method="gridding")
+    reference = recon(
+        offline_line_integrals(scan)[present],
+        scan.theta[present],
+        center=COLS / 2,
+        device="cpu",
+        method="gridding",
+    )
     got = np.stack([m.data for m in sorted(messages, key=lambda m: m.header["index"])])
     np.testing.assert_allclose(got, reference, rtol=0, atol=1e-4 * float(np.abs(reference).max()))
 
@@ -175,15 +203,17 @@ def test_health_endpoints_report_ready(start_service: Any) -> None:
     assert info.value.code == 503
 
 
-def test_float16_sinogram_storage_reconstructs_as_well(start_service: Any,
-                                                       scan: SimulatedScan) -> None:
+def test_float16_sinogram_storage_reconstructs_as_well(
+    start_service: Any, scan: SimulatedScan
+) -> None:
     # ingest.sinogram_dtype = float16 halves the scan buffer; FBP still computes in float32.
     _, endpoints = start_service(model={"enabled": False}, ingest={"sinogram_dtype": "float16"})
-    with Subscriber(endpoints.publish, ("slice", "event")) as viewer, \
-            Detector(endpoints.ingest) as detector:
+    with (
+        Subscriber(endpoints.publish, ("slice", "event")) as viewer,
+        Detector(endpoints.ingest) as detector,
+    ):
         viewer.wait_ready()
-        detector.send_scan("it-scan", scan.projections, darks=scan.darks, flats=scan.flats,
-                           chunk=7)
+        detector.send_scan("it-scan", scan.projections, darks=scan.darks, flats=scan.flats, chunk=7)
         messages, events = collect(viewer)
     assert events[-1]["event"] == "scan_completed"
     got = np.stack([m.data for m in sorted(messages, key=lambda m: m.header["index"])])

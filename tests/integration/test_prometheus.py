@@ -42,8 +42,12 @@ REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 DASHBOARDS = sorted((REPO / "deploy" / "grafana" / "dashboards").glob("*.json"))
 # Grafana's variables, given the values a person would pick: the whole of a 1 s-scrape test.
-GRAFANA_VARIABLES = {"__rate_interval": "1m", "__interval": "15s", "__range": "1m",
-                     "instance": ".*"}
+GRAFANA_VARIABLES = {
+    "__rate_interval": "1m",
+    "__interval": "15s",
+    "__range": "1m",
+    "instance": ".*",
+}
 ROWS, COLS, ANGLES = 6, 48, 60
 T = TypeVar("T")
 
@@ -52,12 +56,15 @@ pytestmark = pytest.mark.slow
 
 # ---- tools and processes ---------------------------------------------------------------------
 
+
 def system_tool(name: str) -> str:
     path = shutil.which(name)
     if path is not None:
         return path
-    message = (f"`{name}` is not installed: apt-get install prometheus (the Debian package "
-               "`prometheus` has prometheus and promtool)")
+    message = (
+        f"`{name}` is not installed: apt-get install prometheus (the Debian package "
+        "`prometheus` has prometheus and promtool)"
+    )
     if os.environ.get("TOMOCAST_REQUIRE_SYSTEM_TOOLS") == "1":
         pytest.fail(message + "; TOMOCAST_REQUIRE_SYSTEM_TOOLS=1 makes this an error")
     pytest.skip(message)
@@ -69,8 +76,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def poll(what: str, check: Callable[[], T | None], timeout: float = 30.0,
-         every: float = 0.2) -> T:
+def poll(what: str, check: Callable[[], T | None], timeout: float = 30.0, every: float = 0.2) -> T:
     """Call `check` until it returns something other than None; fail after `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:
@@ -105,9 +111,24 @@ def tomocast(tmp_path: Path) -> Iterator[Served]:
     log = tmp_path / "serve.log"
     with log.open("w") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--ingest", "tcp://127.0.0.1:*",
-             "--publish", "tcp://127.0.0.1:*", "--metrics-port", "0", "--device", "cpu"],
-            stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "serve",
+                "--ingest",
+                "tcp://127.0.0.1:*",
+                "--publish",
+                "tcp://127.0.0.1:*",
+                "--metrics-port",
+                "0",
+                "--device",
+                "cpu",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     ready = re.compile(r"ready: ingest (\S+), publish (\S+), metrics http://127\.0\.0\.1:(\d+)/")
 
     def started() -> re.Match[str] | None:
@@ -130,14 +151,22 @@ class Prometheus:
         self.log = log
         with log.open("w") as out:
             self.proc = subprocess.Popen(
-                [binary, f"--config.file={config}", f"--storage.tsdb.path={data}",
-                 f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-                stdout=out, stderr=subprocess.STDOUT)
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={data}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    "--log.level=warn",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
 
     def get(self, path: str, **params: str) -> Any:
         if self.proc.poll() is not None:
-            raise AssertionError(f"prometheus exited {self.proc.returncode}:\n"
-                                 f"{self.log.read_text()}")
+            raise AssertionError(
+                f"prometheus exited {self.proc.returncode}:\n{self.log.read_text()}"
+            )
         url = f"http://127.0.0.1:{self.port}{path}"
         if params:
             url += "?" + urllib.parse.urlencode(params)
@@ -156,16 +185,18 @@ class Prometheus:
 
     def ready(self) -> bool | None:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready",
-                                        timeout=10) as response:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.port}/-/ready", timeout=10
+            ) as response:
                 return True if response.status == 200 else None
         except urllib.error.HTTPError as exc:  # 503 while starting
             exc.close()
             return None
         except (urllib.error.URLError, ConnectionError):
             if self.proc.poll() is not None:
-                raise AssertionError(f"prometheus exited {self.proc.returncode}:\n"
-                                     f"{self.log.read_text()}") from None
+                raise AssertionError(
+                    f"prometheus exited {self.proc.returncode}:\n{self.log.read_text()}"
+                ) from None
             return None
 
     def query(self, expr: str) -> list[dict[str, Any]]:
@@ -209,6 +240,7 @@ def prometheus(tools: Tools, tmp_path: Path, tomocast: Served) -> Iterator[Prome
 
 # ---- the expressions -------------------------------------------------------------------------
 
+
 def dashboard_expressions() -> list[tuple[str, str]]:
     """(where, PromQL) for every panel target and query variable, Grafana variables filled in."""
     found: list[tuple[str, str]] = []
@@ -230,8 +262,12 @@ def dashboard_expressions() -> list[tuple[str, str]]:
         for variable in dashboard.get("templating", {}).get("list", []):
             if variable.get("type") == "query":
                 query = variable["query"]
-                found.append((f"variable ${variable['name']}",
-                              query["query"] if isinstance(query, dict) else query))
+                found.append(
+                    (
+                        f"variable ${variable['name']}",
+                        query["query"] if isinstance(query, dict) else query,
+                    )
+                )
     assert found, "no PromQL in the dashboards"
     return [(where, fill_variables(expr)) for where, expr in found]
 
@@ -265,17 +301,17 @@ def as_bool_comparisons(expr: str) -> str:
         char = expr[i]
         if char in "\"'`":
             end = expr.index(char, i + 1)
-            out.append(expr[i:end + 1])
+            out.append(expr[i : end + 1])
             i = end + 1
             continue
         if char == "{":
             end = expr.index("}", i)
-            out.append(expr[i:end + 1])
+            out.append(expr[i : end + 1])
             i = end + 1
             continue
         depth += {"(": 1, ")": -1}.get(char, 0)
         match = COMPARISON.match(expr, i) if depth == 0 else None
-        if match and not expr[match.end():].lstrip().startswith("bool"):
+        if match and not expr[match.end() :].lstrip().startswith("bool"):
             out.append(match.group() + " bool")
             i = match.end()
             continue
@@ -301,26 +337,45 @@ def finite_result(prometheus: Prometheus, expr: str) -> list[dict[str, Any]] | N
 
 # ---- the test --------------------------------------------------------------------------------
 
-def test_dashboard_and_alert_queries_return_data(tools: Tools, prometheus: Prometheus,
-                                                 tomocast: Served, tmp_path: Path) -> None:
-    promtool = tools.promtool
-    poll("Prometheus to scrape tomocast",
-         lambda: prometheus.query('up{job="tomocast"} == 1') or None)
 
-    scan = simulate_scan("prom-scan", rows=ROWS, cols=COLS, n_angles=ANGLES, photons=2000.0,
-                         n_dark=2, n_flat=2, seed=7)
-    with Subscriber(tomocast.publish, ("event",)) as viewer, \
-            Detector(tomocast.ingest) as detector:
+def test_dashboard_and_alert_queries_return_data(
+    tools: Tools, prometheus: Prometheus, tomocast: Served, tmp_path: Path
+) -> None:
+    promtool = tools.promtool
+    poll(
+        "Prometheus to scrape tomocast", lambda: prometheus.query('up{job="tomocast"} == 1') or None
+    )
+
+    scan = simulate_scan(
+        "prom-scan",
+        rows=ROWS,
+        cols=COLS,
+        n_angles=ANGLES,
+        photons=2000.0,
+        n_dark=2,
+        n_flat=2,
+        seed=7,
+    )
+    with Subscriber(tomocast.publish, ("event",)) as viewer, Detector(tomocast.ingest) as detector:
         viewer.wait_ready()
-        detector.send_scan("prom-scan", scan.projections, darks=scan.darks, flats=scan.flats,
-                           chunk=10)
-        detector.send_raw([msgpack.packb({"v": 2, "type": "scan_start", "scan_id": "bad",
-                                          "seq": 0})])
+        detector.send_scan(
+            "prom-scan", scan.projections, darks=scan.darks, flats=scan.flats, chunk=10
+        )
+        detector.send_raw(
+            [msgpack.packb({"v": 2, "type": "scan_start", "scan_id": "bad", "seq": 0})]
+        )
         event = poll("scan_completed", lambda: _ended(viewer), timeout=120, every=0)
     assert event["event"] == "scan_completed", event
-    poll("Prometheus to see the scan and the rejected message", lambda: prometheus.query(
-        f'tomocast_slices_published_total{{topic="slice"}} >= {ROWS} '
-        'and on () tomocast_rejected_messages_total{reason="bad_version"} > 0') or None)
+    poll(
+        "Prometheus to see the scan and the rejected message",
+        lambda: (
+            prometheus.query(
+                f'tomocast_slices_published_total{{topic="slice"}} >= {ROWS} '
+                'and on () tomocast_rejected_messages_total{reason="bad_version"} > 0'
+            )
+            or None
+        ),
+    )
 
     expressions = dashboard_expressions()
     expressions += [(f"alert {r['alert']}", as_bool_comparisons(r["expr"])) for r in alert_rules()]
@@ -341,30 +396,42 @@ def test_dashboard_and_alert_queries_return_data(tools: Tools, prometheus: Prome
         groups = prometheus.get("/api/v1/rules")["data"]["groups"]
         rules = [rule for group in groups for rule in group["rules"]]
         never = "0001-01-01T00:00:00Z"  # lastEvaluation of a rule not evaluated yet
-        done = rules and all(r["lastEvaluation"] != never and r["health"] != "unknown"
-                             for r in rules)
+        done = rules and all(
+            r["lastEvaluation"] != never and r["health"] != "unknown" for r in rules
+        )
         return rules if done else None
 
     rules = poll("the alert rules to be evaluated", rules_evaluated)
     assert {r["name"] for r in rules} == {r["alert"] for r in alert_rules()}
     assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
-    firing = poll("TomocastRejectsRising to fire", lambda: [
-        a for a in prometheus.get("/api/v1/alerts")["data"]["alerts"]
-        if a["labels"]["alertname"] == "TomocastRejectsRising" and a["state"] == "firing"] or None)
+    firing = poll(
+        "TomocastRejectsRising to fire",
+        lambda: (
+            [
+                a
+                for a in prometheus.get("/api/v1/alerts")["data"]["alerts"]
+                if a["labels"]["alertname"] == "TomocastRejectsRising" and a["state"] == "firing"
+            ]
+            or None
+        ),
+    )
     assert [a["labels"]["reason"] for a in firing] == ["bad_version"]
 
     # promtool: the repository's config and rules, the generated config, a live scrape.
-    for args in (["check", "config", str(PROMETHEUS_DIR / "prometheus.yml")],
-                 ["check", "config", str(tmp_path / "prometheus.yml")],
-                 ["check", "rules", str(PROMETHEUS_DIR / "alerts.yml")]):
+    for args in (
+        ["check", "config", str(PROMETHEUS_DIR / "prometheus.yml")],
+        ["check", "config", str(tmp_path / "prometheus.yml")],
+        ["check", "rules", str(PROMETHEUS_DIR / "alerts.yml")],
+    ):
         checked = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
         assert checked.returncode == 0, checked.stdout + checked.stderr
     url = f"http://127.0.0.1:{tomocast.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
         scrape = response.read()
     assert b'tomocast_scans_total{outcome="completed"} 1.0' in scrape
-    linted = subprocess.run([promtool, "check", "metrics"], input=scrape, capture_output=True,
-                            timeout=60)
+    linted = subprocess.run(
+        [promtool, "check", "metrics"], input=scrape, capture_output=True, timeout=60
+    )
     assert linted.returncode == 0, (linted.stdout + linted.stderr).decode()
 
 

@@ -29,16 +29,18 @@ def test_example_uses_only_pyzmq_msgpack_numpy() -> None:
     assert imports <= {"math", "os", "msgpack", "numpy", "zmq"}
 
 
-def test_doc_sender_example_gets_every_slice_in_physical_units(start_service: Any,
-                                                               tmp_path: Path) -> None:
+def test_doc_sender_example_gets_every_slice_in_physical_units(
+    start_service: Any, tmp_path: Path
+) -> None:
     _, endpoints = start_service(publish={"recon": True})
     script = tmp_path / "sender.py"
     script.write_text(sender_example())
     with Subscriber(endpoints.publish, ("recon", "event")) as viewer:
         viewer.wait_ready()
         env = {**os.environ, "TOMOCAST_INGEST": endpoints.ingest, "SCAN_ID": "doc-example"}
-        done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr
         slices: dict[int, np.ndarray] = {}
         while True:

@@ -34,17 +34,22 @@ def until_completed(viewer: Subscriber, scans: int) -> list[Published]:
         message = viewer.recv(timeout=60.0)
         assert message is not None, "nothing published for 60 s"
         messages.append(message)
-        if message.topic == "event" and message.header["event"] in ("scan_completed",
-                                                                    "scan_failed"):
+        if message.topic == "event" and message.header["event"] in (
+            "scan_completed",
+            "scan_failed",
+        ):
             done += 1
     return messages
 
 
 def test_archive_holds_exactly_what_was_published(start_service: Any, tmp_path: Path) -> None:
-    service, endpoints = start_service(archive={"directory": str(tmp_path), "recon": True},
-                                       publish={"recon": True})
-    with Subscriber(endpoints.publish, ("slice", "recon", "event")) as viewer, \
-            Detector(endpoints.ingest) as detector:
+    service, endpoints = start_service(
+        archive={"directory": str(tmp_path), "recon": True}, publish={"recon": True}
+    )
+    with (
+        Subscriber(endpoints.publish, ("slice", "recon", "event")) as viewer,
+        Detector(endpoints.ingest) as detector,
+    ):
         viewer.wait_ready()
         send_scan(detector, "arch-1")
         messages = until_completed(viewer, 1)
@@ -63,8 +68,9 @@ def test_archive_holds_exactly_what_was_published(start_service: Any, tmp_path: 
     assert not list(tmp_path.glob("*.partial"))
 
 
-def test_archive_failure_is_counted_and_publishing_goes_on(start_service: Any,
-                                                           tmp_path: Path) -> None:
+def test_archive_failure_is_counted_and_publishing_goes_on(
+    start_service: Any, tmp_path: Path
+) -> None:
     (tmp_path / "doomed.h5.partial").mkdir()  # the archive cannot create its file
     service, endpoints = start_service(archive={"directory": str(tmp_path)})
     with Subscriber(endpoints.publish) as viewer, Detector(endpoints.ingest) as detector:
@@ -74,11 +80,15 @@ def test_archive_failure_is_counted_and_publishing_goes_on(start_service: Any,
         messages = until_completed(viewer, 2)
     assert service.stop()
     for scan_id in ("doomed", "fine"):
-        indices = sorted(m.header["index"] for m in messages
-                         if m.topic == "slice" and m.header["scan_id"] == scan_id)
+        indices = sorted(
+            m.header["index"]
+            for m in messages
+            if m.topic == "slice" and m.header["scan_id"] == scan_id
+        )
         assert indices == list(range(ROWS))
-    errors = service.metrics.registry.get_sample_value("tomocast_errors_total",
-                                                       {"stage": "archive"})
+    errors = service.metrics.registry.get_sample_value(
+        "tomocast_errors_total", {"stage": "archive"}
+    )
     assert errors == 1
     assert not (tmp_path / "doomed.h5").exists()
     with h5py.File(tmp_path / "fine.h5") as f:
@@ -97,8 +107,9 @@ class GatedFBP:
     def device(self) -> torch.device:
         return self.inner.device
 
-    def reconstruct(self, sinograms: torch.Tensor, theta: torch.Tensor,
-                    center: float) -> torch.Tensor:
+    def reconstruct(
+        self, sinograms: torch.Tensor, theta: torch.Tensor, center: float
+    ) -> torch.Tensor:
         self.gate.wait()
         return self.inner.reconstruct(sinograms, theta, center)
 
@@ -108,18 +119,28 @@ def test_a_stalled_worker_blocks_the_daq_and_nothing_is_lost(start_service: Any)
     big = (rng.poisson(2000, (128, 16, 128)) + 100).astype(np.uint16)  # 4 MiB per scan
     flats = np.full((1, 16, 128), 4100, np.uint16)
     service, endpoints = start_service(
-        reconstructor=fbp, ingest={"rcvhwm": 2, "max_live_scans": 2}, worker={"queue_scans": 1})
+        reconstructor=fbp, ingest={"rcvhwm": 2, "max_live_scans": 2}, worker={"queue_scans": 1}
+    )
     fbp.gate.clear()
     scans = [f"bp-{i}" for i in range(40)]
-    messages = [m for scan_id in scans for m in (
-        ScanStart(scan_id, 0, 16, 128, 128, "uint16", n_flat=1),
-        FrameChunk.from_array("flat", scan_id, 1, 0, flats),
-        *(FrameChunk.from_array("projections", scan_id, 2 + i // 16, i, big[i:i + 16])
-          for i in range(0, 128, 16)),
-        ScanEnd(scan_id, 10, 128))]
+    messages = [
+        m
+        for scan_id in scans
+        for m in (
+            ScanStart(scan_id, 0, 16, 128, 128, "uint16", n_flat=1),
+            FrameChunk.from_array("flat", scan_id, 1, 0, flats),
+            *(
+                FrameChunk.from_array("projections", scan_id, 2 + i // 16, i, big[i : i + 16])
+                for i in range(0, 128, 16)
+            ),
+            ScanEnd(scan_id, 10, 128),
+        )
+    ]
     blocked_at = None
-    with Subscriber(endpoints.publish) as viewer, \
-            Detector(endpoints.ingest, sndhwm=2, send_timeout_s=2.0) as detector:
+    with (
+        Subscriber(endpoints.publish) as viewer,
+        Detector(endpoints.ingest, sndhwm=2, send_timeout_s=2.0) as detector,
+    ):
         viewer.wait_ready()
         for position, message in enumerate(messages):
             try:
@@ -136,13 +157,15 @@ def test_a_stalled_worker_blocks_the_daq_and_nothing_is_lost(start_service: Any)
         for message in messages[blocked_at:]:
             detector.send(message)
         published = until_completed(viewer, len(scans))
-    events = [m.header for m in published if m.topic == "event"
-              and m.header["event"] != "scan_started"]
+    events = [
+        m.header for m in published if m.topic == "event" and m.header["event"] != "scan_started"
+    ]
     assert {e["event"] for e in events} == {"scan_completed"}
     slices = {(m.header["scan_id"], m.header["index"]) for m in published if m.topic == "slice"}
     assert slices == {(s, i) for s in scans for i in range(16)}
-    assert service.metrics.registry.get_sample_value(
-        "tomocast_projections_total") == 128 * len(scans)
+    assert service.metrics.registry.get_sample_value("tomocast_projections_total") == 128 * len(
+        scans
+    )
 
 
 def test_a_dead_viewer_loses_slices_alone_and_can_count_them(start_service: Any) -> None:
@@ -150,8 +173,11 @@ def test_a_dead_viewer_loses_slices_alone_and_can_count_them(start_service: Any)
     flats = np.full((1, rows, cols), 4100, np.uint16)
     projections = (rng.poisson(2000, (90, rows, cols)) + 100).astype(np.uint16)
     _, endpoints = start_service(publish={"sndhwm": 64}, worker={"batch_rows": 16})
-    with Subscriber(endpoints.publish, rcvhwm=1) as dead, \
-            Subscriber(endpoints.publish) as live, Detector(endpoints.ingest) as detector:
+    with (
+        Subscriber(endpoints.publish, rcvhwm=1) as dead,
+        Subscriber(endpoints.publish) as live,
+        Detector(endpoints.ingest) as detector,
+    ):
         dead.wait_ready()
         live.wait_ready()
         for i in range(scans):
@@ -174,8 +200,9 @@ def test_a_dead_viewer_loses_slices_alone_and_can_count_them(start_service: Any)
 class FailsOnWidth(GatedFBP):
     """The real FBP, except it breaks on one detector width (a stand-in for a GPU fault)."""
 
-    def reconstruct(self, sinograms: torch.Tensor, theta: torch.Tensor,
-                    center: float) -> torch.Tensor:
+    def reconstruct(
+        self, sinograms: torch.Tensor, theta: torch.Tensor, center: float
+    ) -> torch.Tensor:
         if sinograms.shape[-1] == 40:
             raise RuntimeError("simulated device fault")
         return super().reconstruct(sinograms, theta, center)
@@ -188,8 +215,11 @@ def test_an_error_in_the_worker_costs_one_scan(start_service: Any) -> None:
         detector.send_scan("breaks", PROJECTIONS[..., :40], flats=FLATS[..., :40])
         send_scan(detector, "after")
         messages = until_completed(viewer, 2)
-    events = {m.header["scan_id"]: m.header for m in messages
-              if m.topic == "event" and m.header["event"] != "scan_started"}
+    events = {
+        m.header["scan_id"]: m.header
+        for m in messages
+        if m.topic == "event" and m.header["event"] != "scan_started"
+    }
     assert events["breaks"]["event"] == "scan_failed"
     assert events["after"]["event"] == "scan_completed"
     assert sorted(m.header["index"] for m in messages if m.topic == "slice") == list(range(ROWS))
@@ -198,8 +228,9 @@ def test_an_error_in_the_worker_costs_one_scan(start_service: Any) -> None:
     assert value("tomocast_scans_total", {"outcome": "failed"}) == 1
 
 
-def test_a_reused_scan_id_never_overwrites_an_archived_scan(start_service: Any,
-                                                             tmp_path: Path) -> None:
+def test_a_reused_scan_id_never_overwrites_an_archived_scan(
+    start_service: Any, tmp_path: Path
+) -> None:
     service, endpoints = start_service(archive={"directory": str(tmp_path)})
     with Subscriber(endpoints.publish) as viewer, Detector(endpoints.ingest) as detector:
         viewer.wait_ready()

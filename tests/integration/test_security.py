@@ -21,12 +21,16 @@ ROWS, COLS, ANGLES = 4, 32, 20
 rng = np.random.default_rng(3)
 FLATS = (rng.poisson(4000, (1, ROWS, COLS)) + 100).astype(np.uint16)
 PROJECTIONS = (rng.poisson(2000, (ANGLES, ROWS, COLS)) + 100).astype(np.uint16)
-FAILED = {zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
-          zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL}
+FAILED = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+}
 
 
-def intruder(context: zmq.Context, kind: int, endpoint: str,
-             curve: ClientKeys | None) -> tuple[zmq.Socket, int]:
+def intruder(
+    context: zmq.Context, kind: int, endpoint: str, curve: ClientKeys | None
+) -> tuple[zmq.Socket, int]:
     """A raw client socket, connected; returns it with the outcome of its first handshake."""
     socket = context.socket(kind)
     socket.setsockopt(zmq.LINGER, 0)
@@ -50,32 +54,47 @@ def keys(tmp_path: Path) -> dict[str, Path]:
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     shutil.copy(made["good"][0], allowed)
-    return {"allowed": allowed, **{f"{n}.public": p for n, (p, _) in made.items()},
-            **{f"{n}.secret": s for n, (_, s) in made.items()}}
+    return {
+        "allowed": allowed,
+        **{f"{n}.public": p for n, (p, _) in made.items()},
+        **{f"{n}.secret": s for n, (_, s) in made.items()},
+    }
 
 
-def test_unknown_clients_get_nothing_in_and_nothing_out(start_service: Any,
-                                                        keys: dict[str, Path]) -> None:
-    service, endpoints = start_service(security={
-        "server_secret_key": str(keys["server.secret"]), "allowed_clients": str(keys["allowed"])})
+def test_unknown_clients_get_nothing_in_and_nothing_out(
+    start_service: Any, keys: dict[str, Path]
+) -> None:
+    service, endpoints = start_service(
+        security={
+            "server_secret_key": str(keys["server.secret"]),
+            "allowed_clients": str(keys["allowed"]),
+        }
+    )
     good = ClientKeys.from_files(keys["good.secret"], keys["server.public"])
     stranger = ClientKeys.from_files(keys["intruder.secret"], keys["server.public"])
     context = zmq.Context()
-    clients = {name: intruder(context, kind, endpoint, curve) for name, kind, endpoint, curve in (
-        ("spy", zmq.SUB, endpoints.publish, stranger),
-        ("plain spy", zmq.SUB, endpoints.publish, None),
-        ("forger", zmq.PUSH, endpoints.ingest, stranger),
-        ("plain forger", zmq.PUSH, endpoints.ingest, None))}
+    clients = {
+        name: intruder(context, kind, endpoint, curve)
+        for name, kind, endpoint, curve in (
+            ("spy", zmq.SUB, endpoints.publish, stranger),
+            ("plain spy", zmq.SUB, endpoints.publish, None),
+            ("forger", zmq.PUSH, endpoints.ingest, stranger),
+            ("plain forger", zmq.PUSH, endpoints.ingest, None),
+        )
+    }
     assert {name: event in FAILED for name, (_, event) in clients.items()} == dict.fromkeys(
-        clients, True)
+        clients, True
+    )
     for name in ("forger", "plain forger"):
         start = ScanStart(name.replace(" ", "-"), 0, ROWS, COLS, ANGLES, "uint16", n_flat=1)
         # After a failed handshake there may be no pipe left to queue into at all (Again):
         # either way, nothing reaches the service.
         with contextlib.suppress(zmq.Again):
             clients[name][0].send_multipart(encode(start), flags=zmq.NOBLOCK)
-    with Subscriber(endpoints.publish, curve=good) as viewer, \
-            Detector(endpoints.ingest, curve=good) as detector:
+    with (
+        Subscriber(endpoints.publish, curve=good) as viewer,
+        Detector(endpoints.ingest, curve=good) as detector,
+    ):
         viewer.wait_ready()
         detector.send_scan("genuine", PROJECTIONS, flats=FLATS)
         seen = []
@@ -90,8 +109,9 @@ def test_unknown_clients_get_nothing_in_and_nothing_out(start_service: Any,
     context.term()
     assert {m.header["scan_id"] for m in seen} == {"genuine"}
     assert sorted(m.header["index"] for m in seen if m.topic == "slice") == list(range(ROWS))
-    accepted = service.metrics.registry.get_sample_value("tomocast_messages_total",
-                                                         {"type": "scan_start"})
+    accepted = service.metrics.registry.get_sample_value(
+        "tomocast_messages_total", {"type": "scan_start"}
+    )
     assert accepted == 1
 
 

@@ -26,8 +26,11 @@ DRAIN_TIMEOUT_S = 60.0
 def test_stop_leaves_behind_a_geometry_build_for_a_scan_that_fails(start_service: Any) -> None:
     partial_center = COLS / 2 + 1.5
     reconstructor = GatedGridding(held={partial_center})  # the partial scan's build: seconds
-    service, endpoints = start_service(reconstructor=reconstructor, model={"enabled": False},
-                                       worker={"drain_timeout_s": DRAIN_TIMEOUT_S})
+    service, endpoints = start_service(
+        reconstructor=reconstructor,
+        model={"enabled": False},
+        worker={"drain_timeout_s": DRAIN_TIMEOUT_S},
+    )
     reconstructor.gate.clear()
     slices: set[tuple[str, int]] = set()
     events: dict[str, dict[str, Any]] = {}
@@ -35,12 +38,14 @@ def test_stop_leaves_behind_a_geometry_build_for_a_scan_that_fails(start_service
         with Subscriber(endpoints.publish) as viewer, Detector(endpoints.ingest) as detector:
             viewer.wait_ready()
             detector.send_scan("whole", PROJECTIONS, flats=FLATS, chunk=16)
-            detector.start_scan("partial", ROWS, COLS, ANGLES, "uint16", center=partial_center,
-                                n_flat=1)
+            detector.start_scan(
+                "partial", ROWS, COLS, ANGLES, "uint16", center=partial_center, n_flat=1
+            )
             detector.send_frames("flat", "partial", 0, FLATS)
             # the ingest reads in order: 'whole' is complete and handed to the worker by now
-            wait_for("the partial scan's build to start",
-                     lambda: partial_center in reconstructor.built)
+            wait_for(
+                "the partial scan's build to start", lambda: partial_center in reconstructor.built
+            )
             t0 = time.monotonic()
             drained = service.stop()
             stopped_in = time.monotonic() - t0
@@ -60,16 +65,23 @@ def test_stop_leaves_behind_a_geometry_build_for_a_scan_that_fails(start_service
 class FailsToWarmUp(GriddingFBP):
     """A reconstructor that fails the service's warm-up (a stand-in for a broken device)."""
 
-    def reconstruct(self, sinograms: torch.Tensor, theta: torch.Tensor,
-                    center: float) -> torch.Tensor:
+    def reconstruct(
+        self, sinograms: torch.Tensor, theta: torch.Tensor, center: float
+    ) -> torch.Tensor:
         raise RuntimeError("simulated device fault at warm-up")
 
 
 def test_stop_after_a_failed_start_stops_what_was_started() -> None:
-    settings = load_settings(None, {"ingest": {"endpoint": "tcp://127.0.0.1:*"},
-                                    "publish": {"endpoint": "tcp://127.0.0.1:*"},
-                                    "metrics": {"port": 0}, "worker": {"device": "cpu"},
-                                    "model": {"enabled": False}})
+    settings = load_settings(
+        None,
+        {
+            "ingest": {"endpoint": "tcp://127.0.0.1:*"},
+            "publish": {"endpoint": "tcp://127.0.0.1:*"},
+            "metrics": {"port": 0},
+            "worker": {"device": "cpu"},
+            "model": {"enabled": False},
+        },
+    )
     service = Service(settings, FailsToWarmUp("cpu"))
     with pytest.raises(RuntimeError, match="warm-up"):
         service.start()

@@ -39,8 +39,21 @@ def test_scans_back_to_back_with_bad_input_memory_flat(start_service: Any) -> No
         for i in range(SCANS):
             scan_id = f"soak-{i:04d}"
             detector.send_raw([b"\xc1 garbage"])
-            detector.send_raw([msgpack.packb({"v": 1, "type": "dark", "scan_id": scan_id,
-                                              "seq": 0, "index": 0, "count": 1}), b"x"])
+            detector.send_raw(
+                [
+                    msgpack.packb(
+                        {
+                            "v": 1,
+                            "type": "dark",
+                            "scan_id": scan_id,
+                            "seq": 0,
+                            "index": 0,
+                            "count": 1,
+                        }
+                    ),
+                    b"x",
+                ]
+            )
             detector.send_scan(scan_id, projections, flats=flats, chunk=13)
             completed = None
             while completed is None:
@@ -48,7 +61,8 @@ def test_scans_back_to_back_with_bad_input_memory_flat(start_service: Any) -> No
                 assert message is not None, f"{scan_id} stalled"
                 if message.topic == "slice":
                     received.setdefault(message.header["scan_id"], set()).add(
-                        message.header["index"])
+                        message.header["index"]
+                    )
                 elif message.header["event"] in ("scan_completed", "scan_failed"):
                     completed = message.header
             assert completed["event"] == "scan_completed", completed

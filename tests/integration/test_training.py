@@ -25,14 +25,23 @@ TINY = {"patch": 16, "batch": 4, "val_slices": 2, "val_every": 1000, "checkpoint
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("data") / "tiny.h5"
-    return synthesize(path, conditions(sparse=[4], photons=[1000]), phantoms=2, test_phantoms=1,
-                      rows=4, size=32, angles=48, progress=False)
+    return synthesize(
+        path,
+        conditions(sparse=[4], photons=[1000]),
+        phantoms=2,
+        test_phantoms=1,
+        rows=4,
+        size=32,
+        angles=48,
+        progress=False,
+    )
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    trainer = Trainer(TrainConfig(steps=2, lambda_adv=0.0, **TINY), load_one_file(tiny), "cpu",
-                      command="pytest")
+    trainer = Trainer(
+        TrainConfig(steps=2, lambda_adv=0.0, **TINY), load_one_file(tiny), "cpu", command="pytest"
+    )
     trainer.step()
     trainer.step()
     trainer.validate()
@@ -53,10 +62,12 @@ def test_dataset_is_the_one_file_form(tiny: Path) -> None:
 
 def test_a_few_steps_lower_the_loss(tiny: Path) -> None:
     data = load_one_file(tiny)
-    trainer = Trainer(TrainConfig(steps=12, lr=1e-3, lambda_adv=0.0, lambda_mse=1.0, **TINY),
-                      data, "cpu")
-    inputs, targets = PatchSampler(data.train, 3, 16, np.random.default_rng(7),
-                                   augment=False).batch(8)
+    trainer = Trainer(
+        TrainConfig(steps=12, lr=1e-3, lambda_adv=0.0, lambda_mse=1.0, **TINY), data, "cpu"
+    )
+    inputs, targets = PatchSampler(
+        data.train, 3, 16, np.random.default_rng(7), augment=False
+    ).batch(8)
     x = (torch.from_numpy(inputs) - data.input_offset) / data.input_scale
     y = (torch.from_numpy(targets) - data.input_offset) / data.input_scale
 
@@ -84,13 +95,19 @@ def test_resume_continues_exactly(tiny: Path, tmp_path: Path) -> None:
     for name, value in straight.generator.state_dict().items():
         torch.testing.assert_close(resumed.generator.state_dict()[name], value, rtol=0, atol=0)
     assert resumed.discriminator is not None and straight.discriminator is not None
-    torch.testing.assert_close(resumed.discriminator.state_dict(),
-                               straight.discriminator.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(
+        resumed.discriminator.state_dict(), straight.discriminator.state_dict(), rtol=0, atol=0
+    )
 
 
 def test_mixed_precision_step_on_cpu(tiny: Path) -> None:
-    trainer = Trainer(TrainConfig(steps=1, precision="mixed", arch="unet", lambda_adv=1.0,
-                                  adv="bce", d_steps=1, **TINY), load_one_file(tiny), "cpu")
+    trainer = Trainer(
+        TrainConfig(
+            steps=1, precision="mixed", arch="unet", lambda_adv=1.0, adv="bce", d_steps=1, **TINY
+        ),
+        load_one_file(tiny),
+        "cpu",
+    )
     assert trainer.autocast_dtype == torch.bfloat16
     losses = trainer.step()
     assert all(np.isfinite(list(losses.values())))
@@ -104,15 +121,28 @@ def test_mixed_precision_steps_on_cuda(tiny: Path, adv: str) -> None:
     while the scale is too high for fp16 it is inf, the scaler skips that critic step and
     halves the scale (PyTorch's AMP recipe), so only the last step's must be finite."""
     steps = 8
-    trainer = Trainer(TrainConfig(steps=steps, precision="mixed", lambda_adv=1.0,
-                                  lambda_mse=1.0, adv=adv, d_steps=1, **TINY),
-                      load_one_file(tiny), "cuda")
+    trainer = Trainer(
+        TrainConfig(
+            steps=steps,
+            precision="mixed",
+            lambda_adv=1.0,
+            lambda_mse=1.0,
+            adv=adv,
+            d_steps=1,
+            **TINY,
+        ),
+        load_one_file(tiny),
+        "cuda",
+    )
     assert trainer.autocast_dtype == torch.float16
     assert trainer.g_scaler.is_enabled() and trainer.d_scaler.is_enabled()
     assert trainer.discriminator is not None
     networks = {"generator": trainer.generator, "discriminator": trainer.discriminator}
-    before = {(net, name): value.detach().clone() for net, module in networks.items()
-              for name, value in module.state_dict().items()}
+    before = {
+        (net, name): value.detach().clone()
+        for net, module in networks.items()
+        for name, value in module.state_dict().items()
+    }
     losses = [trainer.step() for _ in range(steps)]
     for step in losses:
         assert {"d", "gp", "loss", "mse", "adv"} <= set(step)
@@ -123,22 +153,37 @@ def test_mixed_precision_steps_on_cuda(tiny: Path, adv: str) -> None:
         assert np.isfinite(scaler.get_scale()) and scaler.get_scale() > 0
     for net, module in networks.items():
         state = module.state_dict()
-        changed = [name for name, value in state.items()
-                   if value.is_floating_point() and not torch.equal(value, before[net, name])]
+        changed = [
+            name
+            for name, value in state.items()
+            if value.is_floating_point() and not torch.equal(value, before[net, name])
+        ]
         assert changed, f"no {net} weight changed in {steps} steps"
-        assert all(bool(torch.isfinite(value).all())
-                   for value in state.values() if value.is_floating_point())
+        assert all(
+            bool(torch.isfinite(value).all())
+            for value in state.values()
+            if value.is_floating_point()
+        )
 
 
 def test_resume_refuses_other_data(checkpoint: Path, tmp_path: Path) -> None:
-    other = synthesize(tmp_path / "other.h5", conditions(sparse=[2]), phantoms=1,
-                       test_phantoms=1, rows=2, size=16, angles=16, progress=False)
+    other = synthesize(
+        tmp_path / "other.h5",
+        conditions(sparse=[2]),
+        phantoms=1,
+        test_phantoms=1,
+        rows=2,
+        size=16,
+        angles=16,
+        progress=False,
+    )
     with pytest.raises(ModelError, match="was trained on"):
         resume(checkpoint, load_one_file(other), "cpu")
 
 
-def test_export_load_infer_matches_the_eager_model(tiny: Path, checkpoint: Path,
-                                                   tmp_path: Path) -> None:
+def test_export_load_infer_matches_the_eager_model(
+    tiny: Path, checkpoint: Path, tmp_path: Path
+) -> None:
     written = export_checkpoint(checkpoint, tmp_path / "out", name="tiny")
     assert [p.name for p in written] == ["tiny.pt", "tiny-fp16.pt", "tiny-fp16.pt2"]
     state = torch.load(checkpoint, weights_only=True)
@@ -153,16 +198,33 @@ def test_export_load_infer_matches_the_eager_model(tiny: Path, checkpoint: Path,
         assert engine.metadata.input_scale == pytest.approx(state["input_scale"])
         assert engine.metadata.reference_width == data.train.shape[2] == state["reference_width"]
         assert "pytest" in engine.metadata.training.command
-        np.testing.assert_allclose(engine.denoise(stack).numpy(), eager.numpy(), rtol=1e-4,
-                                   atol=1e-6 * data.input_scale)
+        np.testing.assert_allclose(
+            engine.denoise(stack).numpy(), eager.numpy(), rtol=1e-4, atol=1e-6 * data.input_scale
+        )
     out = tmp_path / "dn.h5"
-    assert main(["infer", "--ld", str(tiny), "--model", str(written[2]), "-o", str(out),
-                 "--no-progress", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "infer",
+                "--ld",
+                str(tiny),
+                "--model",
+                str(written[2]),
+                "-o",
+                str(out),
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     with h5py.File(out) as file:
         np.testing.assert_array_equal(file["ns"][()], data.test.noisy)
         np.testing.assert_array_equal(file["gt"][()], data.test.target)
-        np.testing.assert_allclose(file["dn"][:4], eager.numpy(), rtol=1e-4,
-                                   atol=1e-6 * data.input_scale)
+        np.testing.assert_allclose(
+            file["dn"][:4], eager.numpy(), rtol=1e-4, atol=1e-6 * data.input_scale
+        )
 
 
 def test_two_file_form_trains_and_infers(tiny: Path, tmp_path: Path) -> None:
@@ -172,30 +234,112 @@ def test_two_file_form_trains_and_infers(tiny: Path, tmp_path: Path) -> None:
         with h5py.File(path, "w") as file:
             file.create_dataset("images", data=images)
     run = tmp_path / "run"
-    assert main(["train", "-ld", str(low), "-nd", str(normal), "--patch", "16", "--batch", "2",
-                 "--steps", "1", "--lambda-adv", "0", "--val-slices", "1", "--device", "cpu",
-                 "--out", str(run), "--no-progress"]) == 0
-    assert main(["export", str(run / "checkpoint.pt"), "-o", str(tmp_path), "--name", "two",
-                 "--formats", "fp32"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "-ld",
+                str(low),
+                "-nd",
+                str(normal),
+                "--patch",
+                "16",
+                "--batch",
+                "2",
+                "--steps",
+                "1",
+                "--lambda-adv",
+                "0",
+                "--val-slices",
+                "1",
+                "--device",
+                "cpu",
+                "--out",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "export",
+                str(run / "checkpoint.pt"),
+                "-o",
+                str(tmp_path),
+                "--name",
+                "two",
+                "--formats",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "dn.h5"
-    assert main(["infer", "-ld", str(low), "-nd", str(normal), "--model",
-                 str(tmp_path / "two.pt"), "-o", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "infer",
+                "-ld",
+                str(low),
+                "-nd",
+                str(normal),
+                "--model",
+                str(tmp_path / "two.pt"),
+                "-o",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     with h5py.File(out) as file:
         assert file["dn"].shape == file["gt"].shape == data.train.noisy.shape
     # The images declare no units: their normalisation stays absolute at any width...
     assert load_denoiser(tmp_path / "two.pt").metadata.reference_width is None
     # ...unless the export says at which width it was fitted.
-    assert main(["export", str(run / "checkpoint.pt"), "-o", str(tmp_path), "--name", "two-w",
-                 "--formats", "fp32", "--reference-width", "32"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(run / "checkpoint.pt"),
+                "-o",
+                str(tmp_path),
+                "--name",
+                "two-w",
+                "--formats",
+                "fp32",
+                "--reference-width",
+                "32",
+            ]
+        )
+        == 0
+    )
     assert load_denoiser(tmp_path / "two-w.pt").metadata.reference_width == 32
 
 
-def test_export_reference_width_override(checkpoint: Path, tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_reference_width_override(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     for given, expected in ((None, 32), ("64", 64), ("0", None)):
         flag = [] if given is None else ["--reference-width", given]
-        assert main(["export", str(checkpoint), "-o", str(tmp_path), "--name", "w",
-                     "--formats", "fp32", *flag]) == 0
+        assert (
+            main(
+                [
+                    "export",
+                    str(checkpoint),
+                    "-o",
+                    str(tmp_path),
+                    "--name",
+                    "w",
+                    "--formats",
+                    "fp32",
+                    *flag,
+                ]
+            )
+            == 0
+        )
         assert load_denoiser(tmp_path / "w.pt").metadata.reference_width == expected
     with pytest.raises(SystemExit) as refused:
         main(["export", str(checkpoint), "-o", str(tmp_path), "--reference-width", "-1"])
@@ -203,50 +347,91 @@ def test_export_reference_width_override(checkpoint: Path, tmp_path: Path,
     assert "--reference-width: -1 must be >= 0" in capsys.readouterr().err
 
 
-def test_infer_field_width_sets_the_input_scale(tiny: Path, checkpoint: Path,
-                                                tmp_path: Path) -> None:
+def test_infer_field_width_sets_the_input_scale(
+    tiny: Path, checkpoint: Path, tmp_path: Path
+) -> None:
     # Slices cropped from a field of view twice as wide: scaled as 64-px slices, not 32.
     (artifact,) = export_checkpoint(checkpoint, tmp_path, name="tiny", formats=["fp32"])
     from models.training.infer import denoise_volumes
 
     data = load_one_file(tiny)
-    expected = {width: denoise_volumes(load_denoiser(artifact, field_width=width),
-                                       data.test.noisy, data.test.volume_rows, progress=False)
-                for width in (None, 64)}
+    expected = {
+        width: denoise_volumes(
+            load_denoiser(artifact, field_width=width),
+            data.test.noisy,
+            data.test.volume_rows,
+            progress=False,
+        )
+        for width in (None, 64)
+    }
     assert not np.allclose(expected[None], expected[64])
     for width in (None, 64):
         out = tmp_path / f"dn-{width}.h5"
         flag = [] if width is None else ["--field-width", str(width)]
-        assert main(["infer", "--ld", str(tiny), "--model", str(artifact), "-o", str(out),
-                     "--no-progress", "--device", "cpu", *flag]) == 0
+        assert (
+            main(
+                [
+                    "infer",
+                    "--ld",
+                    str(tiny),
+                    "--model",
+                    str(artifact),
+                    "-o",
+                    str(out),
+                    "--no-progress",
+                    "--device",
+                    "cpu",
+                    *flag,
+                ]
+            )
+            == 0
+        )
         with h5py.File(out) as file:
-            np.testing.assert_allclose(file["dn"][()], expected[width], rtol=1e-5,
-                                       atol=1e-6 * data.input_scale)
+            np.testing.assert_allclose(
+                file["dn"][()], expected[width], rtol=1e-5, atol=1e-6 * data.input_scale
+            )
 
 
-def test_init_starts_from_trained_weights(tiny: Path, checkpoint: Path, tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_init_starts_from_trained_weights(
+    tiny: Path, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     trained = torch.load(checkpoint, weights_only=True)["generator"]
     (artifact,) = export_checkpoint(checkpoint, tmp_path, name="tiny", formats=["fp32"])
     data = load_one_file(tiny)
     for source in (checkpoint, artifact):  # a training checkpoint or a shipped-style artifact
-        trainer = Trainer(TrainConfig(steps=1, lambda_adv=0.0, init=str(source), **TINY),
-                          data, "cpu")
+        trainer = Trainer(
+            TrainConfig(steps=1, lambda_adv=0.0, init=str(source), **TINY), data, "cpu"
+        )
         for name, value in trainer.generator.state_dict().items():
             torch.testing.assert_close(value, trained[name], rtol=0, atol=0)
         assert trainer.step_count == 0  # a new run: its own steps, optimiser and scale
     fresh = Trainer(TrainConfig(steps=1, lambda_adv=0.0, **TINY), data, "cpu")
-    assert not torch.equal(fresh.generator.state_dict()["stem.0.weight"],
-                           trained["stem.0.weight"])
-    with pytest.raises(ModelError, match="holds tomogan with depth 3; this run trains tomogan "
-                                         "with depth 5"):
+    assert not torch.equal(fresh.generator.state_dict()["stem.0.weight"], trained["stem.0.weight"])
+    with pytest.raises(
+        ModelError, match="holds tomogan with depth 3; this run trains tomogan with depth 5"
+    ):
         Trainer(TrainConfig(depth=5, init=str(artifact), **TINY), data, "cpu")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a model")
     with pytest.raises(ModelError, match="neither a model artifact"):
         Trainer(TrainConfig(init=str(junk), **TINY), data, "cpu")
-    assert main(["train", "--data", str(tiny), "--init", str(artifact), "--resume",
-                 str(checkpoint), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tiny),
+                "--init",
+                str(artifact),
+                "--resume",
+                str(checkpoint),
+                "--out",
+                str(tmp_path / "run"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "--init" in capsys.readouterr().err
 
 
@@ -265,9 +450,19 @@ def test_infer_names_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_evaluate_scores_fbp_and_the_denoiser(checkpoint: Path, tmp_path: Path) -> None:
     (artifact,) = export_checkpoint(checkpoint, tmp_path, name="tiny", formats=["fp32"])
-    rows = evaluate([artifact], seeds=[EVALUATION_SEED], rows=2, size=32, angles=32,
-                    sparse=[4], photons=[1000.0], progress=False)
-    assert [(r.condition, r.model) for r in rows] == [("1/4 views", "tiny"),
-                                                      ("1,000 photons", "tiny")]
+    rows = evaluate(
+        [artifact],
+        seeds=[EVALUATION_SEED],
+        rows=2,
+        size=32,
+        angles=32,
+        sparse=[4],
+        photons=[1000.0],
+        progress=False,
+    )
+    assert [(r.condition, r.model) for r in rows] == [
+        ("1/4 views", "tiny"),
+        ("1,000 photons", "tiny"),
+    ]
     assert all(np.isfinite([r.fbp_psnr, r.psnr, r.fbp_ssim, r.ssim]).all() for r in rows)
     assert "| 1/4 views | tiny |" in format_table(rows)

@@ -146,17 +146,26 @@ class ScanStore:
                 self.latency[frame.index] = frame.end_to_end
 
     def get(self, index: int) -> list[bytes]:
-        return [self.frames[(topic, index)] for topic in ("recon", "slice")
-                if (topic, index) in self.frames]
+        return [
+            self.frames[(topic, index)]
+            for topic in ("recon", "slice")
+            if (topic, index) in self.frames
+        ]
 
     def state(self) -> dict[str, Any]:
         received: dict[str, list[int]] = {"slice": [], "recon": []}
         for topic, index in self.frames:
             received[topic].append(index)
-        return {"scan_id": self.scan_id, "rows": self.rows, "status": self.status,
-                "info": self.info, "ended": self.ended, "latest": self.latest,
-                "received": {topic: sorted(indices) for topic, indices in received.items()},
-                "latency": sorted(self.latency.items())}
+        return {
+            "scan_id": self.scan_id,
+            "rows": self.rows,
+            "status": self.status,
+            "info": self.info,
+            "ended": self.ended,
+            "latest": self.latest,
+            "received": {topic: sorted(indices) for topic, indices in received.items()},
+            "latency": sorted(self.latency.items()),
+        }
 
 
 class Broadcaster:
@@ -211,28 +220,42 @@ class Broadcaster:
     def handle(self, client: ClientQueue, request: dict[str, Any]) -> None:
         """A browser's request: {"get": index}, {"follow": bool} or {"ping": t}."""
         if "ping" in request:
-            client.put_urgent(dumps({"kind": "pong", "client": request["ping"],
-                                     "server": time.time()}))
+            client.put_urgent(
+                dumps({"kind": "pong", "client": request["ping"], "server": time.time()})
+            )
         if "follow" in request:
             client.follow = bool(request["follow"])
         if "get" in request:
             index = request["get"]
             reply: list[Message] = list(self.store.get(index)) if isinstance(index, int) else []
             if not reply:
-                reply = [dumps({"kind": "missing", "scan_id": self.store.scan_id,
-                                "index": index})]
+                reply = [dumps({"kind": "missing", "scan_id": self.store.scan_id, "index": index})]
             client.put_reply(reply)
 
     def status(self) -> dict[str, Any]:
         store = self.store
-        return {"publisher": self.publisher, "frames_received": self.frames_received,
-                "scan": {"scan_id": store.scan_id, "rows": store.rows, "status": store.status,
-                         "frames_kept": len(store.frames),
-                         "bytes_kept": sum(len(f) for f in store.frames.values())},
-                "browsers": [{"id": c.id, "follow": c.follow, "sent": c.sent,
-                              "dropped": c.dropped, "waiting": c.pending(),
-                              "waiting_bytes": c.waiting_bytes()}
-                             for c in self.clients.values()]}
+        return {
+            "publisher": self.publisher,
+            "frames_received": self.frames_received,
+            "scan": {
+                "scan_id": store.scan_id,
+                "rows": store.rows,
+                "status": store.status,
+                "frames_kept": len(store.frames),
+                "bytes_kept": sum(len(f) for f in store.frames.values()),
+            },
+            "browsers": [
+                {
+                    "id": c.id,
+                    "follow": c.follow,
+                    "sent": c.sent,
+                    "dropped": c.dropped,
+                    "waiting": c.pending(),
+                    "waiting_bytes": c.waiting_bytes(),
+                }
+                for c in self.clients.values()
+            ],
+        }
 
     def _to_all(self, message: str) -> None:
         for client in self.clients.values():

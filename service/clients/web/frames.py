@@ -32,8 +32,9 @@ def display_bin(shape: tuple[int, ...], max_size: int) -> int:
     return max(1, math.ceil(max(shape) / max_size))
 
 
-def store_bin(rows: int, shape: tuple[int, ...], topics: int, budget_bytes: int,
-              at_least: int = 1) -> int:
+def store_bin(
+    rows: int, shape: tuple[int, ...], topics: int, budget_bytes: int, at_least: int = 1
+) -> int:
     """The smallest bin (>= `at_least`) at which `rows` slices of `topics` topics fit in
     `budget_bytes` as float32."""
     h, w = shape
@@ -50,12 +51,13 @@ def bin_slice(data: np.ndarray, factor: int) -> np.ndarray:
     if factor == 1:
         return np.ascontiguousarray(data)
     h, w = data.shape[0] // factor, data.shape[1] // factor
-    blocks = data[:h * factor, :w * factor].reshape(h, factor, w, factor)
+    blocks = data[: h * factor, : w * factor].reshape(h, factor, w, factor)
     return np.ascontiguousarray(blocks.mean(axis=(1, 3), dtype=np.float64), dtype=np.float32)
 
 
-def frame_header(topic: str, header: Mapping[str, Any], shape: tuple[int, ...],
-                 factor: int) -> dict[str, Any]:
+def frame_header(
+    topic: str, header: Mapping[str, Any], shape: tuple[int, ...], factor: int
+) -> dict[str, Any]:
     """The JSON header of a frame: the published header's useful keys, plus what the page
     needs to read the payload."""
     kept = {key: header[key] for key in FRAME_KEYS if key in header}
@@ -73,7 +75,7 @@ def encode_frame(header: Mapping[str, Any], data: np.ndarray) -> bytes:
 def decode_frame(message: bytes) -> tuple[dict[str, Any], np.ndarray]:
     """The inverse of `encode_frame` (tests and Python clients)."""
     (length,) = struct.unpack_from("<I", message)
-    header = json.loads(message[4:4 + length])
+    header = json.loads(message[4 : 4 + length])
     start = 4 + length + (-(4 + length) % 4)
     data = np.frombuffer(message, dtype="<f4", offset=start).reshape(header["shape"])
     return header, data

@@ -43,8 +43,16 @@ class SliceHub:
     the broadcaster is only ever touched on `loop`.
     """
 
-    def __init__(self, endpoint: str, broadcaster: Broadcaster, loop: asyncio.AbstractEventLoop,
-                 *, max_size: int, cache_bytes: int, curve: ClientKeys | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        broadcaster: Broadcaster,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        max_size: int,
+        cache_bytes: int,
+        curve: ClientKeys | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.broadcaster = broadcaster
         self.loop = loop
@@ -78,8 +86,9 @@ class SliceHub:
         wake = self._context.socket(zmq.PAIR)
         wake.bind(self._wake)
         try:
-            with Subscriber(self.endpoint, TOPICS, context=self._context,
-                            curve=self.curve) as subscriber:
+            with Subscriber(
+                self.endpoint, TOPICS, context=self._context, curve=self.curve
+            ) as subscriber:
                 info = self._handshake(subscriber)
                 if info is None:
                     return
@@ -121,8 +130,13 @@ class SliceHub:
             try:
                 frame = self.encode(message, received=time.time())
             except (KeyError, TypeError, ValueError) as exc:
-                log.warning("scan_id=%r %s %r: not shown (%s)", message.header.get("scan_id"),
-                            message.topic, message.header.get("index"), exc)
+                log.warning(
+                    "scan_id=%r %s %r: not shown (%s)",
+                    message.header.get("scan_id"),
+                    message.topic,
+                    message.header.get("index"),
+                    exc,
+                )
                 return
             self._hand_over(self.broadcaster.on_frame, frame)
 
@@ -143,13 +157,20 @@ class SliceHub:
         stored = live
         if kept_bin != live_bin:
             kept_data = bin_slice(data, kept_bin)
-            stored = encode_frame(frame_header(message.topic, header, kept_data.shape, kept_bin),
-                                  kept_data)
+            stored = encode_frame(
+                frame_header(message.topic, header, kept_data.shape, kept_bin), kept_data
+            )
         end_to_end = header.get("timing", {}).get("end_to_end")
-        return SliceFrame(topic=message.topic, scan_id=str(header["scan_id"]),
-                          index=int(header["index"]), rows=rows, live=live, stored=stored,
-                          meta=dumps({**live_header, "kind": "meta"}),
-                          end_to_end=end_to_end if isinstance(end_to_end, float) else None)
+        return SliceFrame(
+            topic=message.topic,
+            scan_id=str(header["scan_id"]),
+            index=int(header["index"]),
+            rows=rows,
+            live=live,
+            stored=stored,
+            meta=dumps({**live_header, "kind": "meta"}),
+            end_to_end=end_to_end if isinstance(end_to_end, float) else None,
+        )
 
     def _hand_over(self, method: Any, *args: Any) -> None:
         while not self._slots.acquire(timeout=_POLL_S):

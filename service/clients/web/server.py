@@ -56,9 +56,11 @@ class WebSettings:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port {self.port} is not a TCP port (0..65535)")
         if self.max_size < 16 or self.cache_mb < 1 or self.client_queue_bytes < 1:
-            raise ConfigError(f"max_size={self.max_size} must be >= 16, cache_mb="
-                              f"{self.cache_mb} >= 1 and client_queue_bytes="
-                              f"{self.client_queue_bytes} >= 1")
+            raise ConfigError(
+                f"max_size={self.max_size} must be >= 16, cache_mb="
+                f"{self.cache_mb} >= 1 and client_queue_bytes="
+                f"{self.client_queue_bytes} >= 1"
+            )
 
 
 def create_app(settings: WebSettings) -> Starlette:
@@ -66,9 +68,14 @@ def create_app(settings: WebSettings) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        hub = SliceHub(settings.connect, broadcaster, asyncio.get_running_loop(),
-                       max_size=settings.max_size, cache_bytes=settings.cache_mb << 20,
-                       curve=settings.curve)
+        hub = SliceHub(
+            settings.connect,
+            broadcaster,
+            asyncio.get_running_loop(),
+            max_size=settings.max_size,
+            cache_bytes=settings.cache_mb << 20,
+            curve=settings.curve,
+        )
         hub.start()
         try:
             yield
@@ -102,12 +109,15 @@ def create_app(settings: WebSettings) -> Starlette:
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
 
-    return Starlette(routes=[
-        Route("/", index),
-        Route("/api/status", status),
-        WebSocketRoute("/ws", browser),
-        Mount("/static", StaticFiles(directory=STATIC), name="static"),
-    ], lifespan=lifespan)
+    return Starlette(
+        routes=[
+            Route("/", index),
+            Route("/api/status", status),
+            WebSocketRoute("/ws", browser),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ],
+        lifespan=lifespan,
+    )
 
 
 async def _send(websocket: WebSocket, client: ClientQueue) -> None:
@@ -121,8 +131,9 @@ async def _send(websocket: WebSocket, client: ClientQueue) -> None:
             await websocket.send_text(message)
         if client.dropped != reported:
             reported = client.dropped
-            await websocket.send_text(dumps({"kind": "stats", "dropped": reported,
-                                             "sent": client.sent}))
+            await websocket.send_text(
+                dumps({"kind": "stats", "dropped": reported, "sent": client.sent})
+            )
 
 
 def _server(settings: WebSettings) -> tuple[uvicorn.Server, socket.socket]:
@@ -135,12 +146,19 @@ def _server(settings: WebSettings) -> tuple[uvicorn.Server, socket.socket]:
         sock.bind((settings.host, settings.port))
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {settings.host}:{settings.port} ({exc.strerror}): "
-                          "choose another --port or --host") from None
+        raise ConfigError(
+            f"cannot listen on {settings.host}:{settings.port} ({exc.strerror}): "
+            "choose another --port or --host"
+        ) from None
     sock.listen(128)
     # Slices are float32 noise to deflate: compression costs CPU and saves little (docs/viewer.md).
-    config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="on",
-                            ws="websockets-sansio", ws_per_message_deflate=False)
+    config = uvicorn.Config(
+        create_app(settings),
+        log_level="warning",
+        lifespan="on",
+        ws="websockets-sansio",
+        ws_per_message_deflate=False,
+    )
     return uvicorn.Server(config), sock
 
 
@@ -153,12 +171,18 @@ def _url(sock: socket.socket) -> str:
 def run_web(args: argparse.Namespace) -> int:
     """`tomocast view --web`: serve until ^C."""
     if args.out is not None or args.png is not None:
-        raise ConfigError("--web does not write files: run a second `tomocast view --out ...` "
-                          "beside it")
+        raise ConfigError(
+            "--web does not write files: run a second `tomocast view --out ...` beside it"
+        )
     from service.cli import client_keys
 
-    settings = WebSettings(connect=args.connect, host=args.host, port=args.port,
-                           max_size=args.max_size, curve=client_keys(args))
+    settings = WebSettings(
+        connect=args.connect,
+        host=args.host,
+        port=args.port,
+        max_size=args.max_size,
+        curve=client_keys(args),
+    )
     server, sock = _server(settings)
     sys.stderr.write(f"web viewer on {_url(sock)} (publisher {settings.connect})\n")
     server.run(sockets=[sock])
@@ -179,8 +203,9 @@ class WebViewer:
         server, sock = _server(self.settings)
         self.url = _url(sock)
         self._server = server
-        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
-                                        name="web-viewer", daemon=True)
+        self._thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name="web-viewer", daemon=True
+        )
         self._thread.start()
         return self.url
 

@@ -130,8 +130,9 @@ def test_trace_autotunes_on_cuda(tmp_path: Path) -> None:
     # A trace freezes cuDNN's flags into each convolution; run-time cudnn.benchmark cannot
     # reach them, so the artifact is traced with benchmark (and TF32) on.
     before = torch.backends.cudnn.benchmark
-    path = save_artifact(TomoGANGenerator(depth=3), _metadata(arch="tomogan", trained=False),
-                         tmp_path / "t.pt")
+    path = save_artifact(
+        TomoGANGenerator(depth=3), _metadata(arch="tomogan", trained=False), tmp_path / "t.pt"
+    )
     assert cudnn_flags(path) == {("1", "0", "1", "1")}
     assert torch.backends.cudnn.benchmark == before  # the global flag is left as it was
 

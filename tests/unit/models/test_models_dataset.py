@@ -21,14 +21,19 @@ from service.errors import DataError
 
 def _slices(n: int, size: int = 16, offset: float = 0.0) -> np.ndarray:
     # Slice i is filled with i + offset, so a stack shows which slices it took.
-    return (np.arange(n, dtype=np.float32)[:, None, None] + offset) * np.ones((size, size),
-                                                                               np.float32)
+    return (np.arange(n, dtype=np.float32)[:, None, None] + offset) * np.ones(
+        (size, size), np.float32
+    )
 
 
 def _one_file(path: Path, skip: str | None = None, train_rows: object = None) -> Path:
     with h5py.File(path, "w") as file:
-        for name, data in (("train_ns", _slices(10, offset=0.5)), ("train_gt", _slices(10)),
-                           ("test_ns", _slices(4, offset=0.5)), ("test_gt", _slices(4))):
+        for name, data in (
+            ("train_ns", _slices(10, offset=0.5)),
+            ("train_gt", _slices(10)),
+            ("test_ns", _slices(4, offset=0.5)),
+            ("test_gt", _slices(4)),
+        ):
             if name != skip:
                 dataset = file.create_dataset(name, data=data)
                 if train_rows is not None and name.startswith("train"):

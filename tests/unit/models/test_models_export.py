@@ -62,8 +62,9 @@ def test_exported_program_of_wrong_depth_is_refused_at_load(tmp_path: Path) -> N
     # Rewrite the program with metadata claiming depth 5: the probe must catch it.
     program = torch.export.load(str(path))
     lying = metadata.model_copy(update={"depth": 5})
-    torch.export.save(program, str(tmp_path / "lying.pt2"),
-                      extra_files={"tomocast.json": lying.model_dump_json()})
+    torch.export.save(
+        program, str(tmp_path / "lying.pt2"), extra_files={"tomocast.json": lying.model_dump_json()}
+    )
     with pytest.raises(ModelError, match="depth=5"):
         load_artifact(tmp_path / "lying.pt2")
 

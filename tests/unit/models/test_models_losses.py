@@ -35,8 +35,9 @@ def test_layout_matches_torchvision_vgg19() -> None:
 def test_loads_a_torchvision_state_dict_with_classifier(tmp_path: Path) -> None:
     torch.manual_seed(0)
     source = VGG19Features()
-    state = {k: torch.randn_like(v) for k, v in source.state_dict().items()
-             if k.startswith("features.")}
+    state = {
+        k: torch.randn_like(v) for k, v in source.state_dict().items() if k.startswith("features.")
+    }
     state["classifier.0.weight"] = torch.zeros(4096, 25088 // 512)  # ignored
     path = tmp_path / "vgg19.pth"
     torch.save(state, path)

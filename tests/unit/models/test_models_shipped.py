@@ -21,8 +21,10 @@ TRAINED = "tomogan-foam-d3"
 @pytest.fixture(scope="module")
 def engines() -> dict[str, DenoiseEngine]:
     folder = shipped_weights_dir()
-    return {precision: DenoiseEngine(folder / f"{TRAINED}{suffix}.pt")
-            for precision, suffix in (("fp32", ""), ("fp16", "-fp16"))}
+    return {
+        precision: DenoiseEngine(folder / f"{TRAINED}{suffix}.pt")
+        for precision, suffix in (("fp32", ""), ("fp16", "-fp16"))
+    }
 
 
 def test_metadata_says_what_it_is(engines: dict[str, DenoiseEngine]) -> None:
@@ -46,8 +48,9 @@ def test_convolutions_autotune_on_cuda(engines: dict[str, DenoiseEngine]) -> Non
 
 def test_fp16_file_is_the_same_network(engines: dict[str, DenoiseEngine]) -> None:
     stack = torch.rand(1, 3, 40, 48) * engines["fp32"].metadata.input_scale
-    torch.testing.assert_close(engines["fp16"].denoise(stack), engines["fp32"].denoise(stack),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        engines["fp16"].denoise(stack), engines["fp32"].denoise(stack), rtol=0, atol=0
+    )
 
 
 @pytest.mark.parametrize(
@@ -60,9 +63,15 @@ def test_fp16_file_is_the_same_network(engines: dict[str, DenoiseEngine]) -> Non
     ],
     ids=["256px-200-photons", "512px-1/16-views"],
 )
-def test_denoises_a_held_out_phantom(engines: dict[str, DenoiseEngine], seed: int, size: int,
-                                     angles: int, condition: Condition, min_gain_db: float,
-                                     min_ssim: float) -> None:
+def test_denoises_a_held_out_phantom(
+    engines: dict[str, DenoiseEngine],
+    seed: int,
+    size: int,
+    angles: int,
+    condition: Condition,
+    min_gain_db: float,
+    min_ssim: float,
+) -> None:
     (volume,) = render(seed, rows=3, size=size, angles=angles, chosen=[condition])
     noisy, truth = torch.from_numpy(volume.noisy), torch.from_numpy(volume.target)
     denoised = engines["fp32"].denoise(adjacent_stack(noisy, 1, 2, 3))

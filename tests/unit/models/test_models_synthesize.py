@@ -36,8 +36,9 @@ def test_low_dose_models() -> None:
 
 def test_fbp_target_is_the_full_dose_reconstruction() -> None:
     (phantom_target,) = render(5, rows=2, size=32, angles=48, chosen=[Condition(sparse=2)])
-    (fbp_target,) = render(5, rows=2, size=32, angles=48, chosen=[Condition(sparse=2)],
-                           target="fbp")
+    (fbp_target,) = render(
+        5, rows=2, size=32, angles=48, chosen=[Condition(sparse=2)], target="fbp"
+    )
     np.testing.assert_array_equal(phantom_target.noisy, fbp_target.noisy)
     assert not np.array_equal(phantom_target.target, fbp_target.target)
     # FBP of the full-dose scan is close to the phantom, in the same units.
@@ -49,5 +50,11 @@ def test_fbp_target_is_the_full_dose_reconstruction() -> None:
 
 def test_refuses_the_evaluation_seeds(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="evaluation seeds"):
-        synthesize(tmp_path / "x.h5", [Condition(sparse=2)], phantoms=2, test_phantoms=1,
-                   seed=EVALUATION_SEED - 2, progress=False)
+        synthesize(
+            tmp_path / "x.h5",
+            [Condition(sparse=2)],
+            phantoms=2,
+            test_phantoms=1,
+            seed=EVALUATION_SEED - 2,
+            progress=False,
+        )

@@ -12,8 +12,10 @@ from service.cli import build_parser, main
 
 
 def test_bench_recon_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "recon", "--sizes", "24", "25", "--batch", "3", "--repeat", "2",
-                 "--json"]) == 0
+    assert (
+        main(["bench", "recon", "--sizes", "24", "25", "--batch", "3", "--repeat", "2", "--json"])
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["command"].startswith("tomocast bench recon --sizes 24 25 --batch 3")
     assert {"cpu", "cpus", "torch_threads", "load_average_before"} <= set(report["machine"])
@@ -37,8 +39,25 @@ def test_bench_recon_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_bench_recon_table_and_slow_peers(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "recon", "--sizes", "16", "--angles", "20", "--batch", "2",
-                 "--repeat", "1", "--peer-budget", "0"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "recon",
+                "--sizes",
+                "16",
+                "--angles",
+                "20",
+                "--batch",
+                "2",
+                "--repeat",
+                "1",
+                "--peer-budget",
+                "0",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("tomocast bench recon --sizes 16 --angles 20 --batch 2 --repeat 1")
     assert "   16     20  tomocast gridding" in out
@@ -55,7 +74,9 @@ def test_bench_what_is_extensible_and_checked(capsys: pytest.CaptureFixture[str]
     assert "--sizes" in capsys.readouterr().err
     # the log level goes before or after WHAT
     parser = build_parser()
-    for argv in (["bench", "--log-level", "INFO", "recon"], ["bench", "recon", "--log-level",
-                                                             "INFO"]):
+    for argv in (
+        ["bench", "--log-level", "INFO", "recon"],
+        ["bench", "recon", "--log-level", "INFO"],
+    ):
         assert parser.parse_args(argv).log_level == "INFO"
     assert parser.parse_args(["bench", "recon"]).log_level == "WARNING"

@@ -20,15 +20,26 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
 
 
 def test_bench_denoise_json(capsys: pytest.CaptureFixture[str]) -> None:
-    out = _run(capsys, "--sizes", "24", "--batches", "1", "2", "--repeat", "2",
-               "--variants", "eager,script,frozen,engine-fp32,engine-int8", "--json")
+    out = _run(
+        capsys,
+        "--sizes",
+        "24",
+        "--batches",
+        "1",
+        "2",
+        "--repeat",
+        "2",
+        "--variants",
+        "eager,script,frozen,engine-fp32,engine-int8",
+        "--json",
+    )
     report = json.loads(out)
     assert report["bench"] == "denoise"
     assert report["command"].startswith("tomocast bench denoise --sizes 24 --batches 1 2")
     rows = report["results"]
     assert [(r["batch"], r["variant"]) for r in rows] == [
-        (b, v) for b in (1, 2) for v in ("eager", "script", "frozen", "engine-fp32",
-                                         "engine-int8")]
+        (b, v) for b in (1, 2) for v in ("eager", "script", "frozen", "engine-fp32", "engine-int8")
+    ]
     for row in rows:
         assert row["ms_per_slice_min"] > 0 and row["setup_s"] >= 0
     baseline = [r for r in rows if r["variant"] == "eager"]
@@ -40,8 +51,19 @@ def test_bench_denoise_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_bench_denoise_table_and_tiles(capsys: pytest.CaptureFixture[str]) -> None:
-    out = _run(capsys, "--sizes", "40", "--batches", "1", "--repeat", "1",
-               "--variants", "eager,engine-fp32", "--memory-limit", str(64 * 64 * 896))
+    out = _run(
+        capsys,
+        "--sizes",
+        "40",
+        "--batches",
+        "1",
+        "--repeat",
+        "1",
+        "--variants",
+        "eager,engine-fp32",
+        "--memory-limit",
+        str(64 * 64 * 896),
+    )
     assert "| 40 | 1 | engine-fp32 |" in out
 
 
@@ -60,8 +82,15 @@ def test_add_arguments_reuses_flags_the_bench_parser_has() -> None:
     assert parser.parse_args([]).device == "cuda"
 
 
-MACHINE = {"cpu": "cpu", "cpus": 2, "torch": "2", "torch_threads": 2, "device": "cpu",
-           "load_average_before": 0.0, "load_average_after": 0.0}
+MACHINE = {
+    "cpu": "cpu",
+    "cpus": 2,
+    "torch": "2",
+    "torch_threads": 2,
+    "device": "cpu",
+    "load_average_before": 0.0,
+    "load_average_after": 0.0,
+}
 
 
 def _oom_at_batch_2(x: torch.Tensor) -> torch.Tensor:
@@ -72,8 +101,10 @@ def _oom_at_batch_2(x: torch.Tensor) -> torch.Tensor:
 
 def _scripted_oom(x: torch.Tensor) -> torch.Tensor:
     # what a TorchScript module raises for the allocator's OutOfMemoryError (pytorch#148642)
-    raise RuntimeError("The following operation failed in the TorchScript interpreter.\n"
-                       "RuntimeError: CUDA out of memory. Tried to allocate 8.00 GiB")
+    raise RuntimeError(
+        "The following operation failed in the TorchScript interpreter.\n"
+        "RuntimeError: CUDA out of memory. Tried to allocate 8.00 GiB"
+    )
 
 
 def test_a_variant_out_of_memory_is_reported_and_the_others_timed() -> None:
@@ -86,16 +117,25 @@ def test_a_variant_out_of_memory_is_reported_and_the_others_timed() -> None:
     assert rows[1]["rms_vs_baseline"] == 0 and rows[1]["speedup_min"] > 0
     rows += bench_denoise._time_case(variants, setup, stacks, torch.device("cpu"), args)
     assert [(r["batch"], r.get("error")) for r in rows[3:]] == [
-        (2, None), (2, "out of memory"), (2, "out of memory")]
+        (2, None),
+        (2, "out of memory"),
+        (2, "out of memory"),
+    ]
     table = bench_denoise._table({"command": "c", "machine": MACHINE, "results": rows})
     assert "| 8 | 2 | big | out of memory | out of memory |" in table
     # the baseline ran out: the others are timed, with nothing to compare against
-    alone = bench_denoise._time_case({"big": _oom_at_batch_2, "eager": lambda x: x[:, 1]},
-                                     setup, stacks, torch.device("cpu"), args)
+    alone = bench_denoise._time_case(
+        {"big": _oom_at_batch_2, "eager": lambda x: x[:, 1]},
+        setup,
+        stacks,
+        torch.device("cpu"),
+        args,
+    )
     assert alone[0]["error"] == "out of memory"
     assert alone[1]["ms_per_slice_min"] > 0 and alone[1]["speedup_min"] is None
     assert "| 8 | 2 | eager |" in bench_denoise._table(
-        {"command": "c", "machine": MACHINE, "results": alone})
+        {"command": "c", "machine": MACHINE, "results": alone}
+    )
 
 
 def test_other_errors_still_end_the_run() -> None:
@@ -103,8 +143,13 @@ def test_other_errors_still_end_the_run() -> None:
         raise RuntimeError("shape mismatch")
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        bench_denoise._time_case({"eager": broken}, {"eager": 0.0}, torch.rand(1, 3, 8, 8),
-                                 torch.device("cpu"), argparse.Namespace(repeat=1, seed=0))
+        bench_denoise._time_case(
+            {"eager": broken},
+            {"eager": 0.0},
+            torch.rand(1, 3, 8, 8),
+            torch.device("cpu"),
+            argparse.Namespace(repeat=1, seed=0),
+        )
 
 
 def test_compile_keeps_a_graph_per_case() -> None:

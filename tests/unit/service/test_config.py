@@ -25,13 +25,23 @@ def test_defaults_bind_loopback_and_match_the_design() -> None:
 
 
 def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = write_toml(tmp_path, "[worker]\nbatch_rows = 4\ndevice = 'cpu'\n"
-                        "[ingest]\nrcvhwm = 10\nmax_live_scans = 2\n")
+    config = write_toml(
+        tmp_path,
+        "[worker]\nbatch_rows = 4\ndevice = 'cpu'\n[ingest]\nrcvhwm = 10\nmax_live_scans = 2\n",
+    )
     monkeypatch.setenv("TOMOCAST_INGEST__RCVHWM", "20")
     monkeypatch.setenv("TOMOCAST_INGEST__MAX_LIVE_SCANS", "3")
-    args = build_parser().parse_args(["serve", "--config", str(config),
-                                      "--ingest.max_live_scans", "7",
-                                      "--ingest", "tcp://127.0.0.1:6000"])
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--config",
+            str(config),
+            "--ingest.max_live_scans",
+            "7",
+            "--ingest",
+            "tcp://127.0.0.1:6000",
+        ]
+    )
     settings = load_settings(args.config, overrides_from_args(args))
     assert settings.worker.batch_rows == 4  # file only
     assert settings.ingest.rcvhwm == 20  # environment beats the file
@@ -54,8 +64,9 @@ def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
         load_settings(tmp_path / "nope.toml")
 
 
-def test_serve_help_shows_every_setting_with_its_default(capsys: pytest.CaptureFixture[str],
-                                                         ) -> None:
+def test_serve_help_shows_every_setting_with_its_default(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())

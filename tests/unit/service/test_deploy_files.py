@@ -85,6 +85,7 @@ def expressions(dashboard: dict[str, Any], alerts: list[dict[str, Any]]) -> list
 
 # ---- docker-compose.yml and the Dockerfile ---------------------------------------------------
 
+
 def test_compose_references_files_that_exist(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert {"tomocast", "prometheus", "grafana", "simulator"} <= set(services)
@@ -135,6 +136,7 @@ def test_dockerfile_copies_what_exists() -> None:
 
 # ---- Prometheus ------------------------------------------------------------------------------
 
+
 def test_prometheus_config_is_mounted_with_its_rules(compose: dict[str, Any]) -> None:
     service = compose["services"]["prometheus"]
     flag = next(a for a in service["command"] if a.startswith("--config.file="))
@@ -155,8 +157,11 @@ def test_prometheus_config_is_mounted_with_its_rules(compose: dict[str, Any]) ->
 
 def test_alert_rules_are_complete(alerts: list[dict[str, Any]]) -> None:
     names = {rule["alert"] for rule in alerts}
-    assert {"TomocastSliceOverBudget", "TomocastRejectsRising",
-            "TomocastNoSlicesWhileProjectionsArrive"} <= names
+    assert {
+        "TomocastSliceOverBudget",
+        "TomocastRejectsRising",
+        "TomocastNoSlicesWhileProjectionsArrive",
+    } <= names
     for rule in alerts:
         assert rule["labels"]["severity"] in ("critical", "warning", "info"), rule["alert"]
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
@@ -164,23 +169,29 @@ def test_alert_rules_are_complete(alerts: list[dict[str, Any]]) -> None:
     assert budget["expr"].rstrip().endswith(f"> {SLICE_BUDGET_SECONDS:g}")
 
 
-def test_queries_name_only_exported_metrics(dashboard: dict[str, Any],
-                                            alerts: list[dict[str, Any]]) -> None:
-    exported = {sample.name for metric in Metrics().registry.collect()
-                for sample in metric.samples}
-    used = {name for expr in expressions(dashboard, alerts)
-            for name in re.findall(r"\btomocast_[a-z0-9_]+", expr)}
+def test_queries_name_only_exported_metrics(
+    dashboard: dict[str, Any], alerts: list[dict[str, Any]]
+) -> None:
+    exported = {sample.name for metric in Metrics().registry.collect() for sample in metric.samples}
+    used = {
+        name
+        for expr in expressions(dashboard, alerts)
+        for name in re.findall(r"\btomocast_[a-z0-9_]+", expr)
+    }
     assert used, "no tomocast metric in the dashboard or alerts"
     assert used <= exported, f"not exported by service/metrics.py: {sorted(used - exported)}"
     assert {m for m in exported if not m.endswith("_created")} - used <= {
-        "tomocast_stage_seconds_count", "tomocast_stage_seconds_sum"} | {
-        f"tomocast_scan_tail_seconds_{s}" for s in ("count", "sum")}, "metrics on no panel"
+        "tomocast_stage_seconds_count",
+        "tomocast_stage_seconds_sum",
+    } | {f"tomocast_scan_tail_seconds_{s}" for s in ("count", "sum")}, "metrics on no panel"
 
 
 # ---- Grafana ---------------------------------------------------------------------------------
 
-def test_grafana_provisioning_points_at_the_dashboard(compose: dict[str, Any],
-                                                      dashboard: dict[str, Any]) -> None:
+
+def test_grafana_provisioning_points_at_the_dashboard(
+    compose: dict[str, Any], dashboard: dict[str, Any]
+) -> None:
     grafana = compose["services"]["grafana"]
     provisioning = host_path(grafana, "/etc/grafana/provisioning")
     (datasources,) = [load_yaml(p) for p in (provisioning / "datasources").glob("*.yml")]
@@ -188,7 +199,8 @@ def test_grafana_provisioning_points_at_the_dashboard(compose: dict[str, Any],
     assert source["type"] == "prometheus"
     host, port = re.fullmatch(r"http://([\w-]+):(\d+)", source["url"]).groups()  # type: ignore[union-attr]
     assert host in compose["services"] and any(
-        p.endswith(f":{port}") for p in compose["services"][host]["ports"])
+        p.endswith(f":{port}") for p in compose["services"][host]["ports"]
+    )
     (providers,) = [load_yaml(p) for p in (provisioning / "dashboards").glob("*.yml")]
     (provider,) = providers["providers"]
     folder = host_path(grafana, provider["options"]["path"])
@@ -205,11 +217,19 @@ def test_dashboard_shape(dashboard: dict[str, Any]) -> None:
     assert len(ids) == len(set(ids))
     titles = " | ".join(p["title"] for p in all_panels)
     for stage in set(STAGES) - {"wait"}:
-        assert re.search(rf"{stage}: p50 / p95 / p99|{stage.replace('_', '-')}", titles,
-                         re.IGNORECASE), stage
-    for needed in ("Slices published/s", "Projections in/s", "Ingest MB/s", "Queue depths",
-                   "Rejected messages by reason", "GPU memory",
-                   "Batch size", "Model"):
+        assert re.search(
+            rf"{stage}: p50 / p95 / p99|{stage.replace('_', '-')}", titles, re.IGNORECASE
+        ), stage
+    for needed in (
+        "Slices published/s",
+        "Projections in/s",
+        "Ingest MB/s",
+        "Queue depths",
+        "Rejected messages by reason",
+        "GPU memory",
+        "Batch size",
+        "Model",
+    ):
         assert needed in titles, needed
     for panel in all_panels:
         if panel["type"] == "row":
@@ -229,8 +249,10 @@ def test_dashboard_shape(dashboard: dict[str, Any]) -> None:
 
 # ---- docs ------------------------------------------------------------------------------------
 
-def test_operations_doc_explains_settings_panels_and_alerts(dashboard: dict[str, Any],
-                                                           alerts: list[dict[str, Any]]) -> None:
+
+def test_operations_doc_explains_settings_panels_and_alerts(
+    dashboard: dict[str, Any], alerts: list[dict[str, Any]]
+) -> None:
     text = OPERATIONS.read_text()
     for section, field in Settings.model_fields.items():
         model = field.annotation

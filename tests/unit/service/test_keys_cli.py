@@ -12,7 +12,8 @@ from service.security import ClientKeys, ServerKeys
 
 
 def test_generate_writes_a_loadable_pair_and_keeps_the_secret_private(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["keys", "generate", str(tmp_path), "--name", "daq-01"]) == 0
     assert "daq-01.key_secret" in capsys.readouterr().out
     secret = tmp_path / "daq-01.key_secret"
@@ -22,8 +23,7 @@ def test_generate_writes_a_loadable_pair_and_keeps_the_secret_private(
     assert len(server.public) == 40 and client.server_public == server.public
 
 
-def test_generate_refuses_to_overwrite(tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_generate_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["keys", "generate", str(tmp_path)]) == 0
     before = (tmp_path / "server.key_secret").read_bytes()
     assert main(["keys", "generate", str(tmp_path)]) == 2

@@ -19,7 +19,8 @@ def scan_start(scan_id: str, center: float) -> ScanStart:
 
 
 def test_a_start_finding_the_queue_full_is_dropped_and_submit_never_blocks(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.INFO, logger="service.prepare")
     reconstructor = GatedGridding()
     reconstructor.gate.clear()  # every build waits for the test
@@ -34,10 +35,15 @@ def test_a_start_finding_the_queue_full_is_dropped_and_submit_never_blocks(
         submitter, result = in_thread(lambda: preparer.submit(dropped))
         submitter.join(10)  # a bounded look: a blocking submit would still be waiting
         assert not submitter.is_alive() and result == [None], "submit waited for the thread"
-        assert "scan_id=scan-2 seq=0 geometry not prepared: 1 scans' geometries pending" \
-            in caplog.text
-        assert metrics.registry.get_sample_value("tomocast_geometry_prepares_total",
-                                                 {"outcome": "dropped"}) == 1
+        assert (
+            "scan_id=scan-2 seq=0 geometry not prepared: 1 scans' geometries pending" in caplog.text
+        )
+        assert (
+            metrics.registry.get_sample_value(
+                "tomocast_geometry_prepares_total", {"outcome": "dropped"}
+            )
+            == 1
+        )
         reconstructor.gate.set()
         wait_for("the queued scan's geometry", lambda: reconstructor.geometries.builds == 2)
     finally:

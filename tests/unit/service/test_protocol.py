@@ -13,8 +13,19 @@ LIMITS = Limits()
 
 
 def header(**keys: object) -> bytes:
-    return msgpack.packb({"v": 1, "type": "scan_start", "scan_id": "s1", "seq": 0, "rows": 4,
-                          "cols": 8, "n_angles": 10, "dtype": "uint16", **keys})
+    return msgpack.packb(
+        {
+            "v": 1,
+            "type": "scan_start",
+            "scan_id": "s1",
+            "seq": 0,
+            "rows": 4,
+            "cols": 8,
+            "n_angles": 10,
+            "dtype": "uint16",
+            **keys,
+        }
+    )
 
 
 def reason_of(frames: list[bytes], limits: Limits = LIMITS) -> str:
@@ -24,8 +35,20 @@ def reason_of(frames: list[bytes], limits: Limits = LIMITS) -> str:
 
 
 def test_scan_start_round_trip_keeps_every_field() -> None:
-    start = ScanStart("a.b-c_1", 0, 4, 8, 3, "float32", theta=(0.0, 1.0, 2.0), center=3.5,
-                      n_dark=2, n_flat=5, normalized=True, meta={"energy_keV": 25})
+    start = ScanStart(
+        "a.b-c_1",
+        0,
+        4,
+        8,
+        3,
+        "float32",
+        theta=(0.0, 1.0, 2.0),
+        center=3.5,
+        n_dark=2,
+        n_flat=5,
+        normalized=True,
+        meta={"energy_keV": 25},
+    )
     assert decode(encode(start), LIMITS) == start
 
 
@@ -50,37 +73,49 @@ def test_defaults_theta_evenly_over_half_turn_and_center_middle() -> None:
     assert start.rotation_center() == 4.0
 
 
-@pytest.mark.parametrize(("frames", "reason"), [
-    ([b"\xc1garbage"], "not_msgpack"),
-    ([msgpack.packb([1, 2, 3])], "not_msgpack"),
-    ([msgpack.packb({1: "int key"})], "not_msgpack"),
-    ([header(v=2)], "bad_version"),
-    ([header(v=True)], "bad_version"),
-    ([header(type="bogus")], "unknown_type"),
-    ([header(rows="4")], "bad_value"),
-    ([header(rows=True)], "bad_value"),
-    ([header(rows=0)], "bad_value"),
-    ([header(dtype="float64")], "bad_value"),
-    ([header(scan_id="has space")], "bad_value"),
-    ([header(scan_id="x" * 129)], "bad_value"),
-    ([header(scan_id="..")], "bad_value"),
-    ([header(seq=-1)], "bad_value"),
-    ([header(theta=[0.0, 1.0])], "bad_value"),
-    ([header(theta=[float("nan")] * 10)], "bad_value"),
-    ([header(center=9.5)], "bad_value"),
-    ([header(normalized=1)], "bad_value"),
-    ([header(rows=5000)], "too_large"),
-    ([header(n_flat=5000)], "too_large"),
-    ([header(), b"payload"], "bad_framing"),
-    ([], "bad_framing"),
-])
+@pytest.mark.parametrize(
+    ("frames", "reason"),
+    [
+        ([b"\xc1garbage"], "not_msgpack"),
+        ([msgpack.packb([1, 2, 3])], "not_msgpack"),
+        ([msgpack.packb({1: "int key"})], "not_msgpack"),
+        ([header(v=2)], "bad_version"),
+        ([header(v=True)], "bad_version"),
+        ([header(type="bogus")], "unknown_type"),
+        ([header(rows="4")], "bad_value"),
+        ([header(rows=True)], "bad_value"),
+        ([header(rows=0)], "bad_value"),
+        ([header(dtype="float64")], "bad_value"),
+        ([header(scan_id="has space")], "bad_value"),
+        ([header(scan_id="x" * 129)], "bad_value"),
+        ([header(scan_id="..")], "bad_value"),
+        ([header(seq=-1)], "bad_value"),
+        ([header(theta=[0.0, 1.0])], "bad_value"),
+        ([header(theta=[float("nan")] * 10)], "bad_value"),
+        ([header(center=9.5)], "bad_value"),
+        ([header(normalized=1)], "bad_value"),
+        ([header(rows=5000)], "too_large"),
+        ([header(n_flat=5000)], "too_large"),
+        ([header(), b"payload"], "bad_framing"),
+        ([], "bad_framing"),
+    ],
+)
 def test_bad_headers_are_rejected_with_their_reason(frames: list[bytes], reason: str) -> None:
     assert reason_of(frames) == reason
 
 
 def test_missing_keys_are_named() -> None:
-    raw = msgpack.packb({"v": 1, "type": "scan_start", "scan_id": "s", "seq": 0, "rows": 1,
-                         "cols": 1, "dtype": "uint8"})
+    raw = msgpack.packb(
+        {
+            "v": 1,
+            "type": "scan_start",
+            "scan_id": "s",
+            "seq": 0,
+            "rows": 1,
+            "cols": 1,
+            "dtype": "uint8",
+        }
+    )
     with pytest.raises(ProtocolError, match="n_angles") as info:
         decode([raw], LIMITS)
     assert info.value.reason == "missing_key"
@@ -94,11 +129,20 @@ def test_declared_scan_size_is_checked_against_the_limit_before_allocation() -> 
 
 
 def test_frames_need_a_payload_and_sane_index() -> None:
-    frames_header = msgpack.packb({"v": 1, "type": "projections", "scan_id": "s", "seq": 1,
-                                   "index": 0, "count": 1})
+    frames_header = msgpack.packb(
+        {"v": 1, "type": "projections", "scan_id": "s", "seq": 1, "index": 0, "count": 1}
+    )
     assert reason_of([frames_header]) == "bad_framing"
-    big = msgpack.packb({"v": 1, "type": "projections", "scan_id": "s", "seq": 1,
-                         "index": LIMITS.max_angles, "count": 1})
+    big = msgpack.packb(
+        {
+            "v": 1,
+            "type": "projections",
+            "scan_id": "s",
+            "seq": 1,
+            "index": LIMITS.max_angles,
+            "count": 1,
+        }
+    )
     assert reason_of([big, b""]) == "too_large"
 
 
@@ -123,7 +167,9 @@ def test_meta_keys_must_be_strings_at_every_depth() -> None:
 
 def test_oversized_header_is_refused_before_unpacking() -> None:
     limits = Limits(max_meta_bytes=1024, max_angles=16)
-    bloated = msgpack.packb({"v": 1, "type": "scan_end", "scan_id": "s", "seq": 1, "count": 0,
-                             "junk": [[]] * 16} | {f"k{i}": [[]] * 16 for i in range(400)})
+    bloated = msgpack.packb(
+        {"v": 1, "type": "scan_end", "scan_id": "s", "seq": 1, "count": 0, "junk": [[]] * 16}
+        | {f"k{i}": [[]] * 16 for i in range(400)}
+    )
     assert len(bloated) > limits.max_header_bytes
     assert reason_of([bloated], limits) == "too_large"

@@ -14,8 +14,12 @@ from service.publish import Publisher
 
 def test_stop_forwards_every_queued_message_in_order() -> None:
     context = zmq.Context()
-    publisher = Publisher(PublishSettings(endpoint="tcp://127.0.0.1:*", sndhwm=100_000),
-                          context, Metrics(), {"service": "test"})
+    publisher = Publisher(
+        PublishSettings(endpoint="tcp://127.0.0.1:*", sndhwm=100_000),
+        context,
+        Metrics(),
+        {"service": "test"},
+    )
     publisher.start()
     count = 1500
     with Subscriber(publisher.endpoint, ("event",), context=context) as viewer:

@@ -39,8 +39,9 @@ class ReusingReconstructor:
     def device(self) -> torch.device:
         return self._device
 
-    def reconstruct(self, sinograms: torch.Tensor, theta: torch.Tensor,
-                    center: float) -> torch.Tensor:
+    def reconstruct(
+        self, sinograms: torch.Tensor, theta: torch.Tensor, center: float
+    ) -> torch.Tensor:
         batch, _, cols = sinograms.shape
         if self._out.shape[0] < batch:
             self._out = torch.empty((batch, cols, cols), device=self._device)
@@ -78,12 +79,14 @@ class WeighingDenoiser:
 def expected(sinogram: torch.Tensor, depth: int | None) -> tuple[np.ndarray, np.ndarray | None]:
     """(recon, denoised) of the whole volume at once, on the sinogram's device."""
     device = sinogram.device
-    volume = ReusingReconstructor(device).reconstruct(sinogram, torch.zeros(ANGLES),
-                                                      COLS / 2).clone()
+    volume = (
+        ReusingReconstructor(device).reconstruct(sinogram, torch.zeros(ANGLES), COLS / 2).clone()
+    )
     if depth is None:
         return volume.cpu().numpy(), None
-    denoised = WeighingDenoiser(depth, device).denoise(adjacent_stack(volume, 0, len(volume),
-                                                                      depth))
+    denoised = WeighingDenoiser(depth, device).denoise(
+        adjacent_stack(volume, 0, len(volume), depth)
+    )
     return volume.cpu().numpy(), denoised.cpu().numpy()
 
 
@@ -97,23 +100,34 @@ def inproc() -> Iterator[tuple[zmq.Context, zmq.Socket]]:
     context.term()
 
 
-def run_scan(inproc: tuple[zmq.Context, zmq.Socket], rows: int, batch: int, depth: int | None,
-             publish_recon: bool, device: torch.device
-             ) -> tuple[dict[str, dict[int, np.ndarray]], torch.Tensor]:
+def run_scan(
+    inproc: tuple[zmq.Context, zmq.Socket],
+    rows: int,
+    batch: int,
+    depth: int | None,
+    publish_recon: bool,
+    device: torch.device,
+) -> tuple[dict[str, dict[int, np.ndarray]], torch.Tensor]:
     """One scan through `Worker.process`; what it published, by topic and index."""
     context, pull = inproc
     metrics = Metrics()
-    sinogram = torch.from_numpy(np.random.default_rng(rows * batch).random(
-        (rows, ANGLES, COLS), dtype=np.float32)).to(device)
+    sinogram = torch.from_numpy(
+        np.random.default_rng(rows * batch).random((rows, ANGLES, COLS), dtype=np.float32)
+    ).to(device)
     start = ScanStart("s", 0, rows, COLS, ANGLES, "float32")
-    scan = CompletedScan(start, sinogram, np.linspace(0, np.pi, ANGLES, endpoint=False),
-                         COLS / 2, 0, 0, 0, 0.0, 0.0)
+    scan = CompletedScan(
+        start, sinogram, np.linspace(0, np.pi, ANGLES, endpoint=False), COLS / 2, 0, 0, 0, 0.0, 0.0
+    )
     publisher = Publisher(PublishSettings(), context, metrics, {})
-    worker = Worker(WorkerSettings(device="cpu", batch_rows=batch),
-                    PublishSettings(recon=publish_recon), queue.Queue(),
-                    ReusingReconstructor(device),
-                    None if depth is None else WeighingDenoiser(depth, device),
-                    publisher, metrics)
+    worker = Worker(
+        WorkerSettings(device="cpu", batch_rows=batch),
+        PublishSettings(recon=publish_recon),
+        queue.Queue(),
+        ReusingReconstructor(device),
+        None if depth is None else WeighingDenoiser(depth, device),
+        publisher,
+        metrics,
+    )
     channel = PublishChannel(context, "inproc://test-worker", metrics)
     worker.process(scan, channel)
     channel.close()
@@ -135,11 +149,13 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(("rows", "batch", "depth"), [
-    (10, 3, 3), (7, 1, 5), (9, 2, 7), (5, 8, 3), (12, 4, 1), (1, 1, 3), (11, 3, 9)])
+@pytest.mark.parametrize(
+    ("rows", "batch", "depth"),
+    [(10, 3, 3), (7, 1, 5), (9, 2, 7), (5, 8, 3), (12, 4, 1), (1, 1, 3), (11, 3, 9)],
+)
 def test_window_publishes_what_the_whole_volume_gives(
-        inproc: tuple[zmq.Context, zmq.Socket], rows: int, batch: int, depth: int,
-        device: str) -> None:
+    inproc: tuple[zmq.Context, zmq.Socket], rows: int, batch: int, depth: int, device: str
+) -> None:
     published, sinogram = run_scan(inproc, rows, batch, depth, True, torch.device(device))
     recon, denoised = expected(sinogram, depth)
     assert denoised is not None
@@ -153,7 +169,8 @@ def test_window_publishes_what_the_whole_volume_gives(
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_without_a_denoiser_the_slices_are_the_reconstruction(
-        inproc: tuple[zmq.Context, zmq.Socket], device: str) -> None:
+    inproc: tuple[zmq.Context, zmq.Socket], device: str
+) -> None:
     published, sinogram = run_scan(inproc, 7, 3, None, False, torch.device(device))
     recon, _ = expected(sinogram, None)
     assert sorted(published) == ["slice"] and sorted(published["slice"]) == list(range(7))

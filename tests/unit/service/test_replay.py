@@ -23,8 +23,17 @@ def _write(path: Path, **datasets: np.ndarray) -> Path:
 
 @pytest.fixture
 def recorded(tmp_path: Path) -> tuple[Path, SimulatedScan]:
-    scan = simulate_scan("rec-7", rows=3, cols=16, n_angles=12, n_dark=2, n_flat=4, seed=6,
-                         center=8.25, meta={"energy_kev": 25})
+    scan = simulate_scan(
+        "rec-7",
+        rows=3,
+        cols=16,
+        n_angles=12,
+        n_dark=2,
+        n_flat=4,
+        seed=6,
+        center=8.25,
+        meta={"energy_kev": 25},
+    )
     path = tmp_path / "rec.h5"
     write_dxchange(path, scan)
     return path, scan
@@ -114,5 +123,5 @@ def test_dtypes_outside_the_protocol_are_converted(
     np.testing.assert_array_equal(replay.projections, data.astype(expected))
     if values.dtype.name != expected:
         assert f"sending as {expected}" in caplog.text or "converting to float32" in caplog.text
-    (_, first), = iter_projection_chunks(path, 10)
+    ((_, first),) = iter_projection_chunks(path, 10)
     assert first.dtype.name == expected

@@ -22,8 +22,13 @@ class Recorder:
         self.starts: list[ScanStart] = []
 
     def assembler(self, max_live_scans: int = 2) -> ScanAssembler:
-        return ScanAssembler(torch.device("cpu"), max_live_scans, self.completed.append,
-                             self.events.append, on_start=self.starts.append)
+        return ScanAssembler(
+            torch.device("cpu"),
+            max_live_scans,
+            self.completed.append,
+            self.events.append,
+            on_start=self.starts.append,
+        )
 
 
 def frames(kind: str, seq: int, index: int, data: np.ndarray, scan_id: str = "s") -> FrameChunk:
@@ -39,9 +44,11 @@ def reason(assembler: ScanAssembler, message: Any) -> str:
 @pytest.fixture
 def data() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(1)
-    return {"darks": rng.integers(90, 110, (2, ROWS, COLS)).astype(np.uint16),
-            "flats": rng.integers(4000, 4200, (3, ROWS, COLS)).astype(np.uint16),
-            "projections": rng.integers(500, 3000, (ANGLES, ROWS, COLS)).astype(np.uint16)}
+    return {
+        "darks": rng.integers(90, 110, (2, ROWS, COLS)).astype(np.uint16),
+        "flats": rng.integers(4000, 4200, (3, ROWS, COLS)).astype(np.uint16),
+        "projections": rng.integers(500, 3000, (ANGLES, ROWS, COLS)).astype(np.uint16),
+    }
 
 
 def test_sinogram_is_flat_field_corrected_and_transposed(data: dict[str, np.ndarray]) -> None:
@@ -69,21 +76,31 @@ def test_stateful_rejections_leave_the_scan_intact(data: dict[str, np.ndarray]) 
     start = ScanStart("s", 0, ROWS, COLS, ANGLES, "uint16", n_flat=3)
     assembler.handle(start)
     assert reason(assembler, start) == "scan_exists"
-    assert reason(assembler, ScanStart("t", 0, ROWS, COLS, ANGLES, "uint16", n_flat=1)) \
+    assert (
+        reason(assembler, ScanStart("t", 0, ROWS, COLS, ANGLES, "uint16", n_flat=1))
         == "too_many_scans"
+    )
     assert rec.starts == [start]  # only an accepted start has its geometry prepared
-    assert reason(assembler, frames("projections", 1, 0, data["projections"][:1], "x")) \
+    assert (
+        reason(assembler, frames("projections", 1, 0, data["projections"][:1], "x"))
         == "unknown_scan"
-    assert reason(assembler, frames("projections", 1, 5, data["projections"][:2])) \
+    )
+    assert (
+        reason(assembler, frames("projections", 1, 5, data["projections"][:2]))
         == "index_out_of_range"
-    assert reason(assembler, frames("flat", 1, 0, data["flats"][:4].repeat(2, 0)[:4])) \
+    )
+    assert (
+        reason(assembler, frames("flat", 1, 0, data["flats"][:4].repeat(2, 0)[:4]))
         == "index_out_of_range"
+    )
     assembler.handle(frames("flat", 1, 0, data["flats"]))
-    assert reason(assembler, frames("projections", 1, 0, data["projections"][:1])) \
-        == "duplicate"  # seq 1 again
+    assert (
+        reason(assembler, frames("projections", 1, 0, data["projections"][:1])) == "duplicate"
+    )  # seq 1 again
     assembler.handle(frames("projections", 2, 0, data["projections"][:2]))
-    assert reason(assembler, frames("projections", 3, 1, data["projections"][:2])) \
-        == "duplicate"  # overlaps projection 1
+    assert (
+        reason(assembler, frames("projections", 3, 1, data["projections"][:2])) == "duplicate"
+    )  # overlaps projection 1
     assembler.handle(frames("projections", 4, 2, data["projections"][2:]))
     assembler.handle(ScanEnd("s", 5, ANGLES))
     assert len(rec.completed) == 1 and rec.completed[0].rejected == 4
@@ -101,8 +118,9 @@ def test_normalized_scan_stores_line_integrals_as_sent() -> None:
     assembler.handle(ScanStart("s", 0, ROWS, COLS, ANGLES, "float32", normalized=True))
     assembler.handle(frames("projections", 1, 0, line_integrals))
     assembler.handle(ScanEnd("s", 2, ANGLES))
-    np.testing.assert_array_equal(rec.completed[0].sinogram.numpy(),
-                                  line_integrals.transpose(1, 0, 2))
+    np.testing.assert_array_equal(
+        rec.completed[0].sinogram.numpy(), line_integrals.transpose(1, 0, 2)
+    )
 
 
 def test_idle_scan_times_out_and_is_released(data: dict[str, np.ndarray]) -> None:
@@ -118,7 +136,8 @@ def test_idle_scan_times_out_and_is_released(data: dict[str, np.ndarray]) -> Non
 
 
 def test_time_blocked_on_our_own_backpressure_does_not_time_scans_out(
-        data: dict[str, np.ndarray]) -> None:
+    data: dict[str, np.ndarray],
+) -> None:
     rec = Recorder()
     assembler = rec.assembler()
     assembler.handle(ScanStart("s", 0, ROWS, COLS, ANGLES, "uint16", n_flat=3))
@@ -133,12 +152,15 @@ def test_time_blocked_on_our_own_backpressure_does_not_time_scans_out(
 def test_live_scans_share_a_memory_budget() -> None:
     rec = Recorder()
     need = ROWS * ANGLES * COLS * 4
-    assembler = ScanAssembler(torch.device("cpu"), 8, rec.completed.append, rec.events.append,
-                              max_live_bytes=2 * need)
+    assembler = ScanAssembler(
+        torch.device("cpu"), 8, rec.completed.append, rec.events.append, max_live_bytes=2 * need
+    )
     assembler.handle(ScanStart("a", 0, ROWS, COLS, ANGLES, "uint16", n_flat=1))
     assembler.handle(ScanStart("b", 0, ROWS, COLS, ANGLES, "uint16", n_flat=1))
-    assert reason(assembler, ScanStart("c", 0, ROWS, COLS, ANGLES, "uint16", n_flat=1)) \
+    assert (
+        reason(assembler, ScanStart("c", 0, ROWS, COLS, ANGLES, "uint16", n_flat=1))
         == "too_many_scans"
+    )
 
 
 def test_references_for_a_normalized_scan_are_a_bad_value() -> None:
@@ -151,10 +173,12 @@ def test_references_for_a_normalized_scan_are_a_bad_value() -> None:
 
 # ---- float16 storage (ingest.sinogram_dtype) ------------------------------------------------
 
+
 def _assemble(storage: torch.dtype, start: ScanStart, messages: list[Any]) -> CompletedScan:
     rec = Recorder()
-    assembler = ScanAssembler(torch.device("cpu"), 2, rec.completed.append, rec.events.append,
-                              storage=storage)
+    assembler = ScanAssembler(
+        torch.device("cpu"), 2, rec.completed.append, rec.events.append, storage=storage
+    )
     assembler.handle(start)
     for message in messages:
         assembler.handle(message)
@@ -169,10 +193,13 @@ def test_float16_storage_holds_raw_counts_up_to_uint16_max(data: dict[str, np.nd
     projections[0, 0, :] = 65535
     flats = np.full((3, ROWS, COLS), 65000, np.uint16)
     start = ScanStart("s", 0, ROWS, COLS, ANGLES, "uint16", n_dark=2, n_flat=3)
-    messages = [frames("projections", 1, 0, projections), frames("dark", 2, 0, data["darks"]),
-                frames("flat", 3, 0, flats), ScanEnd("s", 4, ANGLES)]
-    single, double = (_assemble(dtype, start, messages) for dtype in (torch.float16,
-                                                                       torch.float32))
+    messages = [
+        frames("projections", 1, 0, projections),
+        frames("dark", 2, 0, data["darks"]),
+        frames("flat", 3, 0, flats),
+        ScanEnd("s", 4, ANGLES),
+    ]
+    single, double = (_assemble(dtype, start, messages) for dtype in (torch.float16, torch.float32))
     assert single.sinogram.dtype == torch.float16 and double.sinogram.dtype == torch.float32
     assert single.clipped == double.clipped
     got = single.sinogram.float().numpy()
@@ -188,13 +215,17 @@ def test_float16_storage_scales_uint32_counts_exactly() -> None:
     projections = np.broadcast_to(counts[:, None, None], (ANGLES, ROWS, COLS)).copy()
     flats = np.full((1, ROWS, COLS), 4_000_000_000, np.uint32)
     start = ScanStart("s", 0, ROWS, COLS, ANGLES, "uint32", n_flat=1)
-    messages = [frames("projections", 1, 0, projections), frames("flat", 2, 0, flats),
-                ScanEnd("s", 3, ANGLES)]
+    messages = [
+        frames("projections", 1, 0, projections),
+        frames("flat", 2, 0, flats),
+        ScanEnd("s", 3, ANGLES),
+    ]
     single = _assemble(torch.float16, start, messages)
     assert single.sinogram.dtype == torch.float16 and single.clipped == 0
     expected = -np.log(counts.astype(np.float64) / 4e9)
-    np.testing.assert_allclose(single.sinogram.float().numpy()[0, :, 0], expected, rtol=2**-10,
-                               atol=2**-11)
+    np.testing.assert_allclose(
+        single.sinogram.float().numpy()[0, :, 0], expected, rtol=2**-10, atol=2**-11
+    )
 
 
 def test_float16_storage_of_line_integrals_and_its_memory() -> None:
@@ -206,17 +237,23 @@ def test_float16_storage_of_line_integrals_and_its_memory() -> None:
     single = _assemble(torch.float16, start, messages)
     assert single.sinogram.dtype == torch.float16
     assert bool(torch.isfinite(single.sinogram).all())
-    np.testing.assert_allclose(single.sinogram.float().numpy()[:, 1:],
-                               integrals.transpose(1, 0, 2)[:, 1:], rtol=2**-11)
+    np.testing.assert_allclose(
+        single.sinogram.float().numpy()[:, 1:], integrals.transpose(1, 0, 2)[:, 1:], rtol=2**-11
+    )
 
 
 def test_float16_budget_holds_twice_the_scans() -> None:
     one_fp32 = ROWS * ANGLES * COLS * 4
     for storage, live in ((torch.float32, 1), (torch.float16, 2)):
-        assembler = ScanAssembler(torch.device("cpu"), 4, lambda scan: None, lambda event: None,
-                                  max_live_bytes=one_fp32, storage=storage)
-        starts = [ScanStart(f"s{i}", 0, ROWS, COLS, ANGLES, "uint16", n_flat=1)
-                  for i in range(3)]
+        assembler = ScanAssembler(
+            torch.device("cpu"),
+            4,
+            lambda scan: None,
+            lambda event: None,
+            max_live_bytes=one_fp32,
+            storage=storage,
+        )
+        starts = [ScanStart(f"s{i}", 0, ROWS, COLS, ANGLES, "uint16", n_flat=1) for i in range(3)]
         for start in starts[:live]:
             assembler.handle(start)
         assert reason(assembler, starts[live]) == "too_many_scans"
@@ -227,8 +264,14 @@ def test_raw_float32_scans_keep_float32_storage() -> None:
     # Raw float32 counts have no known range to scale below float16's maximum.
     start = ScanStart("s", 0, ROWS, COLS, ANGLES, "float32", n_flat=1)
     counts = np.full((ANGLES, ROWS, COLS), 1e6, np.float32)
-    scan = _assemble(torch.float16, start, [frames("projections", 1, 0, counts),
-                                            frames("flat", 2, 0, counts[:1] * 2),
-                                            ScanEnd("s", 3, ANGLES)])
+    scan = _assemble(
+        torch.float16,
+        start,
+        [
+            frames("projections", 1, 0, counts),
+            frames("flat", 2, 0, counts[:1] * 2),
+            ScanEnd("s", 3, ANGLES),
+        ],
+    )
     assert scan.sinogram.dtype == torch.float32
     np.testing.assert_allclose(scan.sinogram.numpy(), np.log(2), rtol=1e-6)

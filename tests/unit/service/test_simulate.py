@@ -16,8 +16,9 @@ from workers.phantom import FoamPhantom
 
 
 def test_scan_shapes_and_start_message() -> None:
-    scan = simulate_scan("sim-1", rows=4, cols=32, n_angles=24, n_dark=3, n_flat=5, seed=1,
-                         meta={"sample": "foam"})
+    scan = simulate_scan(
+        "sim-1", rows=4, cols=32, n_angles=24, n_dark=3, n_flat=5, seed=1, meta={"sample": "foam"}
+    )
     start = scan.start
     assert (start.scan_id, start.rows, start.cols, start.n_angles) == ("sim-1", 4, 32, 24)
     assert (start.n_dark, start.n_flat, start.dtype, start.normalized) == (3, 5, "uint16", False)
@@ -30,12 +31,22 @@ def test_scan_shapes_and_start_message() -> None:
     np.testing.assert_allclose(scan.theta, np.arange(24) * np.pi / 24)
     np.testing.assert_array_equal(scan.truth, scan.phantom.voxelize())
     np.testing.assert_array_equal(
-        scan.line_integrals, FoamPhantom.random(4, 32, seed=1).project(scan.theta))
+        scan.line_integrals, FoamPhantom.random(4, 32, seed=1).project(scan.theta)
+    )
 
 
 def test_flat_field_correction_recovers_the_line_integrals() -> None:
-    scan = simulate_scan("sim-2", rows=4, cols=64, n_angles=30, photons=20000.0, n_dark=20,
-                         n_flat=20, dtype="uint32", seed=2)
+    scan = simulate_scan(
+        "sim-2",
+        rows=4,
+        cols=64,
+        n_angles=30,
+        photons=20000.0,
+        n_dark=20,
+        n_flat=20,
+        dtype="uint32",
+        seed=2,
+    )
     dark = scan.darks.mean(axis=0)
     flat = scan.flats.mean(axis=0)
     estimate = -np.log((scan.projections - dark) / (flat - dark))
@@ -46,8 +57,17 @@ def test_flat_field_correction_recovers_the_line_integrals() -> None:
 
 
 def test_counts_are_poisson() -> None:
-    scan = simulate_scan("sim-3", rows=8, cols=32, n_angles=2, photons=500.0, n_dark=200,
-                         n_flat=200, dark_level=50.0, seed=3)
+    scan = simulate_scan(
+        "sim-3",
+        rows=8,
+        cols=32,
+        n_angles=2,
+        photons=500.0,
+        n_dark=200,
+        n_flat=200,
+        dark_level=50.0,
+        seed=3,
+    )
     for frames in (scan.darks, scan.flats):
         counts = frames.astype(np.float64)
         ratio = counts.var(axis=0, ddof=1) / counts.mean(axis=0)
@@ -74,8 +94,9 @@ def test_center_moves_the_axis_on_the_detector() -> None:
     centred = simulate_scan("c0", rows=2, cols=40, n_angles=6, seed=4)
     shifted = simulate_scan("c1", rows=2, cols=40, n_angles=6, seed=4, center=23.0)
     assert shifted.start.center == 23.0 and shifted.start.rotation_center() == 23.0
-    np.testing.assert_allclose(shifted.line_integrals[..., 3:],
-                               centred.line_integrals[..., :-3], atol=1e-5)
+    np.testing.assert_allclose(
+        shifted.line_integrals[..., 3:], centred.line_integrals[..., :-3], atol=1e-5
+    )
 
 
 def test_write_truth(tmp_path: Path) -> None:
@@ -94,8 +115,9 @@ def test_write_truth(tmp_path: Path) -> None:
 
 
 def test_write_dxchange_layout(tmp_path: Path) -> None:
-    scan = simulate_scan("dx-1", rows=3, cols=16, n_angles=12, n_dark=2, n_flat=4, seed=6,
-                         center=8.5)
+    scan = simulate_scan(
+        "dx-1", rows=3, cols=16, n_angles=12, n_dark=2, n_flat=4, seed=6, center=8.5
+    )
     path = tmp_path / "scan.h5"
     write_dxchange(path, scan)
     with h5py.File(path, "r") as f:

@@ -21,12 +21,27 @@ from service.clients.sinks import (
 )
 
 
-def _header(scan_id: str, index: int, rows: int = 4, shape: tuple[int, int] = (6, 5),
-            latency: float = 0.05, **extra: Any) -> dict[str, Any]:
-    return {"v": 1, "scan_id": scan_id, "index": index, "rows": rows, "shape": list(shape),
-            "dtype": "float32", "model": "tomogan-test", "t_last_projection": 1000.0,
-            "t_published": 1000.0 + latency, "timing": {"fbp": 0.010, "denoise": 0.020},
-            **extra}
+def _header(
+    scan_id: str,
+    index: int,
+    rows: int = 4,
+    shape: tuple[int, int] = (6, 5),
+    latency: float = 0.05,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "v": 1,
+        "scan_id": scan_id,
+        "index": index,
+        "rows": rows,
+        "shape": list(shape),
+        "dtype": "float32",
+        "model": "tomogan-test",
+        "t_last_projection": 1000.0,
+        "t_published": 1000.0 + latency,
+        "timing": {"fbp": 0.010, "denoise": 0.020},
+        **extra,
+    }
 
 
 def _slice(value: float, shape: tuple[int, int] = (6, 5)) -> np.ndarray:
@@ -96,8 +111,7 @@ def test_png_sink_writes_windowed_8bit_slices(tmp_path: Path) -> None:
     sink.write(_header("scan-p", 3, rows=20, shape=(200, 100), topic="recon"), ramp)
     sink.close()
     path = tmp_path / "png" / "scan-p" / "slice_00012.png"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["recon_00003.png",
-                                                             "slice_00012.png"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["recon_00003.png", "slice_00012.png"]
     with Image.open(path) as image:
         assert image.mode == "L" and image.size == (100, 200)
         pixels = np.asarray(image)
@@ -116,12 +130,19 @@ def test_progress_summary() -> None:
         progress.add(_header("scan-s", index, rows=5, latency=latency))
     assert not progress.complete and progress.missing_indices() == [2, 4]
     summary = progress.summary()
-    assert (summary["slices"], summary["expected_rows"], summary["missing"],
-            summary["duplicates"]) == (3, 5, 2, 1)
+    assert (
+        summary["slices"],
+        summary["expected_rows"],
+        summary["missing"],
+        summary["duplicates"],
+    ) == (3, 5, 2, 1)
     assert summary["end_to_end_ms"]["p50"] == pytest.approx(50.0)
     assert summary["end_to_end_ms"]["p95"] == pytest.approx(np.percentile([40, 50, 60], 95))
-    assert summary["stages_ms"]["fbp"] == {"p50": pytest.approx(10.0),
-                                           "p95": pytest.approx(10.0), "n": 3}
+    assert summary["stages_ms"]["fbp"] == {
+        "p50": pytest.approx(10.0),
+        "p95": pytest.approx(10.0),
+        "n": 3,
+    }
     assert summary["model"] == "tomogan-test"
     text = progress.format_summary()
     assert text.startswith("scan scan-s: 3/5 slices, 2 missing, 1 duplicates")
@@ -133,17 +154,18 @@ def test_progress_summary() -> None:
 def test_comparison_png(tmp_path: Path) -> None:
     phantom = np.tile(np.linspace(0.0, 2.0, 40, dtype=np.float32), (30, 1))
     path = tmp_path / "demo-out" / "compare.png"
-    save_comparison_png(path, [("phantom", phantom), ("FBP", phantom * 2 - 1),
-                               ("denoised", phantom[:20, :20])])
+    save_comparison_png(
+        path, [("phantom", phantom), ("FBP", phantom * 2 - 1), ("denoised", phantom[:20, :20])]
+    )
     with Image.open(path) as image:
         pixels = np.asarray(image.convert("L"))
     height, width = pixels.shape
     assert width == 40 + 40 + 20 + 4 * 8 and height > 30
     title = pixels[: height - 30 - 8]
     assert (title < 128).any()  # titles are drawn
-    first = pixels[height - 30 - 8: height - 8, 8:48]
+    first = pixels[height - 30 - 8 : height - 8, 8:48]
     assert first[:, 0].max() == 0 and first[:, -1].min() == 255
-    second = pixels[height - 30 - 8: height - 8, 56:96]
+    second = pixels[height - 30 - 8 : height - 8, 56:96]
     assert second[:, :10].max() == 0  # below the phantom's range: clipped to black
     with pytest.raises(ValueError, match="expected"):
         save_comparison_png(path, [("volume", np.zeros((2, 3, 3)))])

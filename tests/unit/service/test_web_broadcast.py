@@ -25,8 +25,16 @@ def _frame(index: int, scan_id: str = "s1", topic: str = "slice", rows: int = 64
     data = np.full((4, 4), index, np.float32)
     header = frame_header(topic, {"scan_id": scan_id, "index": index, "rows": rows}, (4, 4), 1)
     live = encode_frame(header, data)
-    return SliceFrame(topic=topic, scan_id=scan_id, index=index, rows=rows, live=live,
-                      stored=live, meta=dumps({**header, "kind": "meta"}), end_to_end=0.01)
+    return SliceFrame(
+        topic=topic,
+        scan_id=scan_id,
+        index=index,
+        rows=rows,
+        live=live,
+        stored=live,
+        meta=dumps({**header, "kind": "meta"}),
+        end_to_end=0.01,
+    )
 
 
 # Room for exactly four of the frames above (their lengths differ by a few bytes).
@@ -36,6 +44,7 @@ FOUR_FRAMES = 4 * len(_frame(99).live) + len(_frame(99).live) // 2
 def _drain(client: ClientQueue) -> list[bytes | str]:
     async def drain() -> list[bytes | str]:
         return [await client.get() for _ in range(client.pending())]
+
     return asyncio.run(drain())
 
 
@@ -101,16 +110,22 @@ def test_a_browser_that_joins_late_gets_the_scan_and_its_newest_slice() -> None:
     publisher, scan = json.loads(messages[0]), json.loads(messages[1])
     assert publisher["connected"] and scan["scan_id"] == "s1" and scan["status"] == "running"
     assert scan["received"] == {"slice": [0, 1, 2], "recon": [0, 1, 2]}
-    assert [decode_frame(m)[0]["topic"] for m in messages[2:] if isinstance(m, bytes)] \
-        == ["recon", "slice"]
+    assert [decode_frame(m)[0]["topic"] for m in messages[2:] if isinstance(m, bytes)] == [
+        "recon",
+        "slice",
+    ]
     assert _indices(messages[2:]) == [2, 2]
 
 
 def test_frames_round_trip_bit_exact_and_json_has_no_nan() -> None:
     data = np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)
     for key_length in range(4):  # every padding
-        header = {"kind": "frame", "shape": [5, 7], "k": "x" * key_length,
-                  "timing": {"fbp": float("nan")}}
+        header = {
+            "kind": "frame",
+            "shape": [5, 7],
+            "k": "x" * key_length,
+            "timing": {"fbp": float("nan")},
+        }
         decoded, pixels = decode_frame(encode_frame(header, data))
         np.testing.assert_array_equal(pixels, data)
         assert decoded["timing"]["fbp"] is None

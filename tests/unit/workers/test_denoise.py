@@ -71,8 +71,13 @@ def test_adjacent_stack_centre_channel_is_the_row() -> None:
 
 @pytest.mark.parametrize(
     ("start", "stop", "depth", "message"),
-    [(0, 3, 2, "must be odd"), (0, 3, 0, "must be odd"), (-1, 3, 3, "start=-1"),
-     (2, 1, 3, "start=2 stop=1"), (0, 8, 3, "stop=8 rows=7")],
+    [
+        (0, 3, 2, "must be odd"),
+        (0, 3, 0, "must be odd"),
+        (-1, 3, 3, "start=-1"),
+        (2, 1, 3, "start=2 stop=1"),
+        (0, 8, 3, "stop=8 rows=7"),
+    ],
 )
 def test_adjacent_stack_refuses(start: int, stop: int, depth: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -132,8 +137,12 @@ def test_normalisation_round_trip(tmp_path: Path, offset: float, scale: float) -
     )
     engine = DenoiseEngine(path, "cpu")
     stack = offset + scale * torch.randn(2, 3, 21, 30)
-    np.testing.assert_allclose(engine.denoise(stack).numpy(), stack[:, 1].numpy(), rtol=1e-5,
-                               atol=1e-6 * abs(offset) + 1e-6 * scale)
+    np.testing.assert_allclose(
+        engine.denoise(stack).numpy(),
+        stack[:, 1].numpy(),
+        rtol=1e-5,
+        atol=1e-6 * abs(offset) + 1e-6 * scale,
+    )
 
 
 def test_network_output_is_mapped_back_to_physical_units(tmp_path: Path) -> None:
@@ -151,21 +160,30 @@ def test_normalisation_follows_the_slice_width(tmp_path: Path, width: int) -> No
     # Fitted at 32 px: a slice twice as wide has half the attenuation per pixel, so +1 in the
     # network's units is half as much in physical units, and the offset halves too.
     path = save_artifact(
-        CentrePlus(3, 1.0), _metadata(input_offset=4.0, input_scale=50.0, reference_width=32),
-        tmp_path / "w.pt")
+        CentrePlus(3, 1.0),
+        _metadata(input_offset=4.0, input_scale=50.0, reference_width=32),
+        tmp_path / "w.pt",
+    )
     engine = DenoiseEngine(path, "cpu")
     stack = torch.randn(2, 3, 24, width)
-    np.testing.assert_allclose(engine.denoise(stack).numpy(),
-                               (stack[:, 1] + 50.0 * 32 / width).numpy(), rtol=1e-6, atol=1e-5)
-    assert engine.metadata.normalisation(width) == pytest.approx((4.0 * 32 / width,
-                                                                  50.0 * 32 / width))
+    np.testing.assert_allclose(
+        engine.denoise(stack).numpy(),
+        (stack[:, 1] + 50.0 * 32 / width).numpy(),
+        rtol=1e-6,
+        atol=1e-5,
+    )
+    assert engine.metadata.normalisation(width) == pytest.approx(
+        (4.0 * 32 / width, 50.0 * 32 / width)
+    )
 
 
 def test_field_width_overrides_the_slice_width(tmp_path: Path) -> None:
     # A 32-px region of interest of a 64-px detector: scaled as the 64-px field of view.
     path = save_artifact(
-        CentrePlus(3, 1.0), _metadata(input_offset=0.0, input_scale=50.0, reference_width=32),
-        tmp_path / "f.pt")
+        CentrePlus(3, 1.0),
+        _metadata(input_offset=0.0, input_scale=50.0, reference_width=32),
+        tmp_path / "f.pt",
+    )
     stack = torch.randn(1, 3, 16, 32)
     out = DenoiseEngine(path, "cpu", field_width=64).denoise(stack)
     np.testing.assert_allclose(out.numpy(), (stack[:, 1] + 25.0).numpy(), rtol=1e-6, atol=1e-5)
@@ -232,12 +250,15 @@ def _network_units(engine: DenoiseEngine, slices: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def shipped() -> dict[str, DenoiseEngine]:
-    return {"fp32": load_denoiser(None, "cpu"),
-            "int8": load_denoiser(None, "cpu", precision="auto")}
+    return {
+        "fp32": load_denoiser(None, "cpu"),
+        "int8": load_denoiser(None, "cpu", precision="auto"),
+    }
 
 
-def test_precisions_on_this_cpu(shipped: dict[str, DenoiseEngine],
-                                placeholder: DenoiseEngine) -> None:
+def test_precisions_on_this_cpu(
+    shipped: dict[str, DenoiseEngine], placeholder: DenoiseEngine
+) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     tomogan, smoothing = shipped["fp32"].metadata, placeholder.metadata
     # The default (artifact) is the reference: fp32 on the CPU, the artifact's on CUDA.
@@ -258,11 +279,12 @@ def test_int8_is_refused_where_it_cannot_run(placeholder: DenoiseEngine) -> None
 
 
 @pytest.mark.parametrize("size", [128, 256])
-def test_int8_matches_fp32_within_tolerance(shipped: dict[str, DenoiseEngine],
-                                            size: int) -> None:
+def test_int8_matches_fp32_within_tolerance(shipped: dict[str, DenoiseEngine], size: int) -> None:
     stacks, truth = foam_stacks(3, seed=EVALUATION_SEED + 11, rows=3, size=size)
-    fp32, int8 = (_network_units(shipped[p], shipped[p].denoise(_physical(shipped[p], stacks)))
-                  for p in ("fp32", "int8"))
+    fp32, int8 = (
+        _network_units(shipped[p], shipped[p].denoise(_physical(shipped[p], stacks)))
+        for p in ("fp32", "int8")
+    )
     useful = 0
     for part in torch.arange(len(stacks)).chunk(len(CONDITIONS)):  # one condition each
         reference_db = float(psnr(fp32[part], truth[part], 1.0).mean())
@@ -288,35 +310,50 @@ def test_bf16_matches_fp32_within_tolerance(shipped: dict[str, DenoiseEngine]) -
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_a_batch_is_its_slices_one_by_one(shipped: dict[str, DenoiseEngine],
-                                          precision: str) -> None:
+def test_a_batch_is_its_slices_one_by_one(
+    shipped: dict[str, DenoiseEngine], precision: str
+) -> None:
     engine = shipped[precision]
     stacks = _physical(engine, torch.rand(4, 3, 40, 56, generator=torch.Generator().manual_seed(5)))
     batched = engine.denoise(stacks)
-    single = torch.cat([engine.denoise(stacks[i:i + 1]) for i in range(4)])
-    np.testing.assert_allclose(batched.numpy(), single.numpy(), rtol=0,
-                               atol=1e-5 * engine.metadata.input_scale)
+    single = torch.cat([engine.denoise(stacks[i : i + 1]) for i in range(4)])
+    np.testing.assert_allclose(
+        batched.numpy(), single.numpy(), rtol=0, atol=1e-5 * engine.metadata.input_scale
+    )
 
 
-@pytest.mark.parametrize(("precision", "limit_pixels", "atol"),
-                         [("fp32", 2 * 64 * 64, 1e-5),    # two slices per call: batch split
-                          ("fp32", 120 * 120, 1e-5),      # tiles (core 8 px + 56 px halo)
-                          ("int8", 130 * 130, 1e-3)])
-def test_memory_limit_gives_the_whole_batch_result(precision: str, limit_pixels: int,
-                                                   atol: float) -> None:
+@pytest.mark.parametrize(
+    ("precision", "limit_pixels", "atol"),
+    [
+        ("fp32", 2 * 64 * 64, 1e-5),  # two slices per call: batch split
+        ("fp32", 120 * 120, 1e-5),  # tiles (core 8 px + 56 px halo)
+        ("int8", 130 * 130, 1e-3),
+    ],
+)
+def test_memory_limit_gives_the_whole_batch_result(
+    precision: str, limit_pixels: int, atol: float
+) -> None:
     from workers.denoise import BYTES_PER_PIXEL
 
     whole = load_denoiser(None, "cpu", precision=precision)
-    limited = load_denoiser(None, "cpu", precision=precision,
-                            memory_limit_bytes=limit_pixels * BYTES_PER_PIXEL[precision])
+    limited = load_denoiser(
+        None,
+        "cpu",
+        precision=precision,
+        memory_limit_bytes=limit_pixels * BYTES_PER_PIXEL[precision],
+    )
     assert limited.halo == 56  # TomoGAN's measured receptive field, on the 8 px grid
     stacks, _ = foam_stacks(3, seed=EVALUATION_SEED + 13, rows=3, size=64)
     stacks = _physical(whole, torch.cat([stacks, stacks.flip(-1)])[:5, :, :61, :59])
     expected = whole.denoise(stacks)
     got = limited.denoise(stacks)
     # In the network's units (the phantom spans [0, 1]): fp32 differs by rounding only.
-    np.testing.assert_allclose(_network_units(whole, got).numpy(),
-                               _network_units(whole, expected).numpy(), rtol=0, atol=atol)
+    np.testing.assert_allclose(
+        _network_units(whole, got).numpy(),
+        _network_units(whole, expected).numpy(),
+        rtol=0,
+        atol=atol,
+    )
 
 
 @pytest.mark.gpu

@@ -25,12 +25,20 @@ from workers.protocols import Reconstructor
 from workers.recon import default_device, recon
 
 # (x0, y0, radius, attenuation per pixel): off-centre, overlapping, of different contrasts
-DISKS = ((10.3, 20.7, 15.2, 1.0), (-25.1, -5.4, 8.6, 0.5), (0.0, 0.0, 40.0, 0.2),
-         (20.0, -24.0, 5.0, -0.3))
+DISKS = (
+    (10.3, 20.7, 15.2, 1.0),
+    (-25.1, -5.4, 8.6, 0.5),
+    (0.0, 0.0, 40.0, 0.2),
+    (20.0, -24.0, 5.0, -0.3),
+)
 
 
-def disk_sinogram(theta: np.ndarray, cols: int, center: float,
-                  disks: tuple[tuple[float, float, float, float], ...] = DISKS) -> np.ndarray:
+def disk_sinogram(
+    theta: np.ndarray,
+    cols: int,
+    center: float,
+    disks: tuple[tuple[float, float, float, float], ...] = DISKS,
+) -> np.ndarray:
     """Exact line integrals (angles, cols): chord 2 sqrt(r^2 - s^2) at each detector column."""
     s = np.arange(cols) - (center - 0.5)
     out = np.zeros((len(theta), cols))
@@ -40,8 +48,11 @@ def disk_sinogram(theta: np.ndarray, cols: int, center: float,
     return out
 
 
-def disk_image(n: int, origin: float | None = None,
-               disks: tuple[tuple[float, float, float, float], ...] = DISKS) -> np.ndarray:
+def disk_image(
+    n: int,
+    origin: float | None = None,
+    disks: tuple[tuple[float, float, float, float], ...] = DISKS,
+) -> np.ndarray:
     """The disks rasterised with 8 x 8 samples per pixel, axis at pixel (origin, origin)."""
     origin = (n - 1) / 2 if origin is None else origin
     sub = (np.arange(8) + 0.5) / 8 - 0.5
@@ -86,12 +97,20 @@ def shepp_logan() -> np.ndarray:
     return image
 
 
-@pytest.mark.parametrize(("filter_name", "atol"), [
-    ("ramp", 1e-5), ("shepp-logan", 1e-5), ("cosine", 1e-5),
-    # our hamming/hann windows are the symmetric ones; skimage's are one sample off (O(1/P))
-    ("hamming", 2e-3), ("hann", 2e-3)])
-def test_matches_skimage_iradon_pixel_for_pixel(shepp_logan: np.ndarray, filter_name: str,
-                                                atol: float) -> None:
+@pytest.mark.parametrize(
+    ("filter_name", "atol"),
+    [
+        ("ramp", 1e-5),
+        ("shepp-logan", 1e-5),
+        ("cosine", 1e-5),
+        # our hamming/hann windows are the symmetric ones; skimage's are one sample off (O(1/P))
+        ("hamming", 2e-3),
+        ("hann", 2e-3),
+    ],
+)
+def test_matches_skimage_iradon_pixel_for_pixel(
+    shepp_logan: np.ndarray, filter_name: str, atol: float
+) -> None:
     n = shepp_logan.shape[0]
     degrees = np.arange(180) * 1.0
     sinogram = radon(shepp_logan, degrees, circle=True)  # (cols, angles)
@@ -153,8 +172,9 @@ def test_full_rotation_equals_half_rotation() -> None:
     full_theta = np.concatenate((theta, theta + np.pi))
     full = np.concatenate((half, half[:, ::-1]))  # p(theta + pi, u) = p(theta, cols - 1 - u)
     np.testing.assert_allclose(angle_weights(full_theta), np.pi / (2 * angles), rtol=1e-12)
-    np.testing.assert_allclose(ours(full, full_theta, n / 2), ours(half, theta, n / 2),
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        ours(full, full_theta, n / 2), ours(half, theta, n / 2), rtol=0, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("n", [128, 129])
@@ -174,23 +194,31 @@ def test_off_centre_axis_puts_the_disks_where_the_geometry_says(n: int) -> None:
     np.testing.assert_allclose([x, y], [12.0, -7.0], atol=0.1)
 
 
-@pytest.mark.parametrize(("n", "angles", "span", "center"), [
-    (64, 180, np.pi, 32.0), (65, 180, np.pi, 30.3), (64, 360, 2 * np.pi, 35.7),
-    (33, 100, np.pi, 16.5)])
-def test_symmetry_folding_changes_nothing(n: int, angles: int, span: float,
-                                          center: float) -> None:
+@pytest.mark.parametrize(
+    ("n", "angles", "span", "center"),
+    [
+        (64, 180, np.pi, 32.0),
+        (65, 180, np.pi, 30.3),
+        (64, 360, 2 * np.pi, 35.7),
+        (33, 100, np.pi, 16.5),
+    ],
+)
+def test_symmetry_folding_changes_nothing(n: int, angles: int, span: float, center: float) -> None:
     """Regular angles are folded onto [0, pi/4] (one index computation per 4 or 8 angles); the
     result must be the plain per-angle back-projection's."""
     theta = np.arange(angles) * span / angles
-    sinograms = torch.from_numpy(np.random.default_rng(1).random((2, angles, n),
-                                                                 dtype=np.float32))
+    sinograms = torch.from_numpy(np.random.default_rng(1).random((2, angles, n), dtype=np.float32))
     cpu = torch.device("cpu")
     folded = BackProjectionGeometry.build(theta, center, n, cpu)
     plain = BackProjectionGeometry.build(theta, center, n, cpu, fold=False)
     assert folded.angles <= angles // 3 and plain.angles == angles
     expected = backproject_geometry(sinograms, plain)
-    torch.testing.assert_close(backproject_geometry(sinograms, folded), expected,
-                               rtol=0, atol=2e-6 * float(expected.abs().max()))
+    torch.testing.assert_close(
+        backproject_geometry(sinograms, folded),
+        expected,
+        rtol=0,
+        atol=2e-6 * float(expected.abs().max()),
+    )
     irregular = np.random.default_rng(2).uniform(0, np.pi, angles)
     assert BackProjectionGeometry.build(irregular, center, n, cpu).slot is None
 
@@ -209,8 +237,9 @@ def test_angle_weights() -> None:
 
 def test_fourier_filters() -> None:
     ramp = fourier_filter("ramp", 256)
-    assert ramp[0] == pytest.approx(0.25 - 2 * sum(1 / (np.pi * k) ** 2 for k in range(1, 128, 2)),
-                                    abs=1e-12)  # the sampled kernel's DC, not 0
+    assert ramp[0] == pytest.approx(
+        0.25 - 2 * sum(1 / (np.pi * k) ** 2 for k in range(1, 128, 2)), abs=1e-12
+    )  # the sampled kernel's DC, not 0
     np.testing.assert_allclose(ramp[1:], np.fft.rfftfreq(256)[1:], rtol=0.05, atol=2e-3)
     for name in FILTER_NAMES:
         response = fourier_filter(name, 256)

@@ -24,8 +24,7 @@ ANGLES, COLS = 96, 64
 CENTER = COLS / 2 + 0.3
 # float32, as the worker hands the angles over (service.reconstruct.theta_tensor)
 THETA = torch.arange(ANGLES, dtype=torch.float32) * (math.pi / ANGLES)
-SINOGRAMS = torch.from_numpy(np.random.default_rng(5).random((3, ANGLES, COLS),
-                                                             dtype=np.float32))
+SINOGRAMS = torch.from_numpy(np.random.default_rng(5).random((3, ANGLES, COLS), dtype=np.float32))
 
 
 class Gate:
@@ -45,6 +44,7 @@ class Gate:
 
 
 # ---- GeometryCache -------------------------------------------------------------------------
+
 
 def test_a_key_being_built_is_waited_for_never_built_twice_nor_seen_half_built() -> None:
     cache: GeometryCache[str] = GeometryCache(2)
@@ -116,6 +116,7 @@ def test_a_released_geometry_is_evicted_in_its_turn_like_any_other() -> None:
 
 # ---- the reconstructors' prepare ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("method", [FBP, GriddingFBP])
 def test_after_prepare_reconstruct_builds_nothing(method: type[FBP] | type[GriddingFBP]) -> None:
     fbp = method("cpu")
@@ -125,8 +126,9 @@ def test_after_prepare_reconstruct_builds_nothing(method: type[FBP] | type[Gridd
     assert fbp.geometries.builds == 1
     slices = fbp.reconstruct(SINOGRAMS, THETA.clone(), CENTER)
     assert fbp.geometries.builds == 1
-    torch.testing.assert_close(slices, method("cpu").reconstruct(SINOGRAMS, THETA, CENTER),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        slices, method("cpu").reconstruct(SINOGRAMS, THETA, CENTER), rtol=0, atol=0
+    )
     fbp.reconstruct(SINOGRAMS, THETA, CENTER + 1)  # another geometry is built as before
     assert fbp.geometries.builds == 2
     assert fbp.prepare(THETA[:0], CENTER, COLS) is False  # no angles: nothing to build
@@ -136,7 +138,8 @@ def test_after_prepare_reconstruct_builds_nothing(method: type[FBP] | type[Gridd
 
 @pytest.mark.parametrize("method", [GriddingFBP, AutoFBP])
 def test_geometries_prepared_after_a_warm_up_are_all_used(
-        method: type[GriddingFBP] | type[AutoFBP]) -> None:
+    method: type[GriddingFBP] | type[AutoFBP],
+) -> None:
     fbp = method("cpu")  # two geometries cached
     cache = fbp.gridding.geometries if isinstance(fbp, AutoFBP) else fbp.geometries
     fbp.reconstruct(SINOGRAMS[:1, :32], THETA[:32], CENTER)  # the service's warm-up
@@ -151,7 +154,8 @@ def test_geometries_prepared_after_a_warm_up_are_all_used(
 
 @pytest.mark.parametrize("method", [FBP, GriddingFBP, AutoFBP])
 def test_the_workers_theta_on_the_cpu_prepares_and_reconstructs(
-        method: type[FBP] | type[GriddingFBP] | type[AutoFBP]) -> None:
+    method: type[FBP] | type[GriddingFBP] | type[AutoFBP],
+) -> None:
     angles = np.arange(ANGLES) * (math.pi / ANGLES)  # float64, as a scan_start's
     fbp = method("cpu")
     theta = theta_tensor(angles)
@@ -159,8 +163,9 @@ def test_the_workers_theta_on_the_cpu_prepares_and_reconstructs(
     assert fbp.prepare(theta, CENTER, COLS)
     slices = fbp.reconstruct(SINOGRAMS, theta_tensor(angles), CENTER)
     assert not fbp.prepare(theta_tensor(angles), CENTER, COLS)  # what reconstruct used
-    torch.testing.assert_close(slices, method("cpu").reconstruct(SINOGRAMS, theta, CENTER),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        slices, method("cpu").reconstruct(SINOGRAMS, theta, CENTER), rtol=0, atol=0
+    )
     with pytest.raises(ValueError, match="theta has 95 angles"):
         fbp.reconstruct(SINOGRAMS, theta[1:], CENTER)
 
@@ -191,9 +196,9 @@ def test_reconstruct_waits_for_the_prepare_under_way() -> None:
     worker.join(60)
     assert prepared == [True] and fbp.built == [CENTER]
     assert isinstance(slices[0], torch.Tensor)
-    torch.testing.assert_close(slices[0], GriddingFBP("cpu").reconstruct(SINOGRAMS, THETA,
-                                                                          CENTER),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        slices[0], GriddingFBP("cpu").reconstruct(SINOGRAMS, THETA, CENTER), rtol=0, atol=0
+    )
 
 
 def test_prepares_on_other_threads_never_disturb_the_scan_in_progress() -> None:
@@ -211,10 +216,12 @@ def test_prepares_on_other_threads_never_disturb_the_scan_in_progress() -> None:
     for _ in range(4):
         # two geometries built since the last batch: a plain LRU would have dropped ours
         builds = fbp.geometries.builds
-        wait_for("two more prepared geometries",
-                 lambda since=builds: fbp.geometries.builds >= since + 2)
-        torch.testing.assert_close(fbp.reconstruct(SINOGRAMS, THETA, CENTER), expected,
-                                   rtol=0, atol=0)
+        wait_for(
+            "two more prepared geometries", lambda since=builds: fbp.geometries.builds >= since + 2
+        )
+        torch.testing.assert_close(
+            fbp.reconstruct(SINOGRAMS, THETA, CENTER), expected, rtol=0, atol=0
+        )
     stop.set()
     for thread, result in threads:
         thread.join(120)
@@ -237,8 +244,10 @@ def test_a_failed_prepare_leaves_reconstruct_to_build() -> None:
     with pytest.raises(RuntimeError, match="simulated"):
         fbp.prepare(THETA, CENTER, COLS)
     assert len(fbp.geometries) == 0
-    torch.testing.assert_close(fbp.reconstruct(SINOGRAMS, THETA, CENTER),
-                               GriddingFBP("cpu").reconstruct(SINOGRAMS, THETA, CENTER))
+    torch.testing.assert_close(
+        fbp.reconstruct(SINOGRAMS, THETA, CENTER),
+        GriddingFBP("cpu").reconstruct(SINOGRAMS, THETA, CENTER),
+    )
     assert fbp.geometries.builds == 1
 
 
@@ -259,7 +268,8 @@ def test_prepared_on_another_thread_and_stream_matches_the_cpu() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", [FBP, GriddingFBP, AutoFBP])
 def test_cuda_sinograms_with_the_workers_theta_on_the_cpu_match_the_cpu(
-        method: type[FBP] | type[GriddingFBP] | type[AutoFBP]) -> None:
+    method: type[FBP] | type[GriddingFBP] | type[AutoFBP],
+) -> None:
     angles = np.arange(ANGLES) * (math.pi / ANGLES)
     fbp = method("cuda")
     preparer, prepared = in_thread(lambda: fbp.prepare(theta_tensor(angles), CENTER, COLS))

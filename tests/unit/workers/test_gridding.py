@@ -30,15 +30,15 @@ from workers.recon import AutoFBP, make_reconstructor, recon
 from workers.spreading import kaiser_bessel, kaiser_bessel_transform, kernel_beta
 
 
-def grid(sinogram: np.ndarray, theta: np.ndarray, center: float,
-         **kwargs: object) -> np.ndarray:
+def grid(sinogram: np.ndarray, theta: np.ndarray, center: float, **kwargs: object) -> np.ndarray:
     fbp = GriddingFBP(**kwargs)  # type: ignore[arg-type]
     batch = torch.from_numpy(np.ascontiguousarray(sinogram, dtype=np.float32))[None]
     return fbp.reconstruct(batch, torch.from_numpy(theta), center)[0].numpy()
 
 
-def exact_sum(sinograms: np.ndarray, theta: np.ndarray, center: float, period: int,
-              most: int) -> np.ndarray:
+def exact_sum(
+    sinograms: np.ndarray, theta: np.ndarray, center: float, period: int, most: int
+) -> np.ndarray:
     """What gridding approximates, summed directly in float64: the direct method's filtered and
     weighted projections, as a Fourier series of `period` pixels with frequencies |j| <= most,
     tapered by sinc^2, evaluated at every pixel's u."""
@@ -50,27 +50,39 @@ def exact_sum(sinograms: np.ndarray, theta: np.ndarray, center: float, period: i
     spectrum = np.fft.fft(filtered, n=period, axis=-1)[..., j % period]
     spectrum *= np.sinc(j / period) ** 2 / period
     x = np.arange(n) - (n - 1) / 2
-    u = (x[None, None, :] * np.cos(theta)[:, None, None]
-         - x[None, :, None] * np.sin(theta)[:, None, None] + center - 0.5)  # (A, row, col)
+    u = (
+        x[None, None, :] * np.cos(theta)[:, None, None]
+        - x[None, :, None] * np.sin(theta)[:, None, None]
+        + center
+        - 0.5
+    )  # (A, row, col)
     waves = np.exp(2j * np.pi * j * u[..., None] / period)
     return np.einsum("baj,arcj->brc", spectrum, waves).real
 
 
-@pytest.mark.parametrize(("n", "angles", "center", "uniform"), [
-    (32, 24, 15.3, True), (33, 17, 17.9, False), (48, 40, 24.0, True)])
+@pytest.mark.parametrize(
+    ("n", "angles", "center", "uniform"),
+    [(32, 24, 15.3, True), (33, 17, 17.9, False), (48, 40, 24.0, True)],
+)
 @pytest.mark.parametrize(("width", "oversampling", "tolerance"), [(5, 1.5, 1e-3), (6, 2.0, 5e-5)])
-def test_matches_the_exact_sum_it_approximates(n: int, angles: int, center: float,
-                                               uniform: bool, width: int, oversampling: float,
-                                               tolerance: float) -> None:
+def test_matches_the_exact_sum_it_approximates(
+    n: int,
+    angles: int,
+    center: float,
+    uniform: bool,
+    width: int,
+    oversampling: float,
+    tolerance: float,
+) -> None:
     rng = np.random.default_rng(n)
-    theta = (np.arange(angles) * np.pi / angles if uniform
-             else rng.uniform(0, np.pi, angles))
+    theta = np.arange(angles) * np.pi / angles if uniform else rng.uniform(0, np.pi, angles)
     sinograms = rng.random((3, angles, n), dtype=np.float32)  # odd batch: one pairs with zeros
     fbp = GriddingFBP(width=width, oversampling=oversampling)
     images = fbp.reconstruct(torch.from_numpy(sinograms), torch.from_numpy(theta), center)
     geometry = fbp._geometry(torch.from_numpy(theta), center, n)
-    expected = exact_sum(sinograms, theta, center, geometry.period,
-                         (geometry.factor.shape[1] - 1) // 2)
+    expected = exact_sum(
+        sinograms, theta, center, geometry.period, (geometry.factor.shape[1] - 1) // 2
+    )
     error = np.abs(images.double().numpy() - expected).max() / np.abs(expected).max()
     assert error < tolerance
 
@@ -79,10 +91,13 @@ def test_kernel_transform_matches_quadrature() -> None:
     width, beta = 5, kernel_beta(5, 1.5)
     t = torch.linspace(-width / 2, width / 2, 20001, dtype=torch.float64)
     for frequency in (0.0, 0.1, 1 / 3):
-        quadrature = float((kaiser_bessel(t, width, beta)
-                            * torch.cos(2 * math.pi * frequency * t)).sum() * (t[1] - t[0]))
-        closed = float(kaiser_bessel_transform(torch.tensor(frequency, dtype=torch.float64),
-                                               width, beta))
+        quadrature = float(
+            (kaiser_bessel(t, width, beta) * torch.cos(2 * math.pi * frequency * t)).sum()
+            * (t[1] - t[0])
+        )
+        closed = float(
+            kaiser_bessel_transform(torch.tensor(frequency, dtype=torch.float64), width, beta)
+        )
         assert closed == pytest.approx(quadrature, rel=1e-6)
     assert float(kaiser_bessel(torch.tensor([width / 2]), width, beta)[0]) == 0.0
 
@@ -110,15 +125,19 @@ def test_non_uniform_angles_need_no_fallback() -> None:
     assert rel_error(image, ours(sinogram, theta, n / 2), mask) < 0.02
 
 
-@pytest.mark.parametrize(("n", "angles", "span", "center", "apart"), [
-    (128, 192, np.pi, 64.0, 0.01),  # even width
-    (129, 180, np.pi, 64.5, 0.01),  # odd width
-    (128, 180, np.pi, 69.3, 0.01),  # the axis 5.3 pixels right of the middle
-    (101, 360, 2 * np.pi, 47.2, 0.01),  # full rotation, left of the middle
-    (129, 30, np.pi, 64.5, 0.03),  # sparse view
-])
-def test_same_slice_as_the_direct_method(n: int, angles: int, span: float, center: float,
-                                         apart: float) -> None:
+@pytest.mark.parametrize(
+    ("n", "angles", "span", "center", "apart"),
+    [
+        (128, 192, np.pi, 64.0, 0.01),  # even width
+        (129, 180, np.pi, 64.5, 0.01),  # odd width
+        (128, 180, np.pi, 69.3, 0.01),  # the axis 5.3 pixels right of the middle
+        (101, 360, 2 * np.pi, 47.2, 0.01),  # full rotation, left of the middle
+        (129, 30, np.pi, 64.5, 0.03),  # sparse view
+    ],
+)
+def test_same_slice_as_the_direct_method(
+    n: int, angles: int, span: float, center: float, apart: float
+) -> None:
     theta = np.arange(angles) * span / angles + 0.01
     sinogram = disk_sinogram(theta, n, center)
     image, direct = grid(sinogram, theta, center), ours(sinogram, theta, center)
@@ -128,10 +147,13 @@ def test_same_slice_as_the_direct_method(n: int, angles: int, span: float, cente
     np.testing.assert_allclose(image.mean(), direct.mean(), rtol=0.01)  # the same scale
 
 
-@pytest.mark.parametrize(("n", "center", "where"), [
-    (101, 50.5, (-30.0, 20.0)), (128, 69.3, (12.0, -7.0)), (129, 60.8, (-12.0, -25.0))])
-def test_orientation_and_centre_match_the_geometry(n: int, center: float,
-                                                   where: tuple[float, float]) -> None:
+@pytest.mark.parametrize(
+    ("n", "center", "where"),
+    [(101, 50.5, (-30.0, 20.0)), (128, 69.3, (12.0, -7.0)), (129, 60.8, (-12.0, -25.0))],
+)
+def test_orientation_and_centre_match_the_geometry(
+    n: int, center: float, where: tuple[float, float]
+) -> None:
     theta = np.deg2rad(np.arange(0, 180, 2.0))
     disk = ((*where, 4.0, 1.0),)
     image = grid(disk_sinogram(theta, n, center, disk), theta, center)
@@ -143,8 +165,7 @@ def test_reconstructor_contract_batches_and_cache() -> None:
     assert isinstance(fbp, Reconstructor) and fbp.device == torch.device("cpu")
     n, angles = 65, 100
     theta = torch.from_numpy(np.arange(angles) * np.pi / angles)
-    sinograms = torch.from_numpy(np.random.default_rng(0).random((5, angles, n),
-                                                                 dtype=np.float32))
+    sinograms = torch.from_numpy(np.random.default_rng(0).random((5, angles, n), dtype=np.float32))
     chunked = fbp.reconstruct(sinograms, theta, 31.7)
     whole = GriddingFBP(circle_mask=True).reconstruct(sinograms, theta, 31.7)
     assert chunked.shape == (5, n, n) and chunked.dtype == torch.float32
@@ -170,7 +191,8 @@ def test_reconstructor_contract_batches_and_cache() -> None:
 
 
 def test_spreading_matrix_is_int32_bounded_and_built_in_any_chunks(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     n, angles = 64, 96
     theta = torch.from_numpy(np.arange(angles) * np.pi / angles)
     fbp = GriddingFBP()
@@ -198,9 +220,11 @@ def test_method_choice() -> None:
     theta = np.arange(angles) * np.pi / angles
     sinogram = disk_sinogram(theta, n, n / 2, DISKS[:2])
     torch.testing.assert_close(
-        auto.reconstruct(torch.from_numpy(sinogram[None].astype(np.float32)),
-                         torch.from_numpy(theta), n / 2)[0],
-        torch.from_numpy(grid(sinogram, theta, n / 2)))
+        auto.reconstruct(
+            torch.from_numpy(sinogram[None].astype(np.float32)), torch.from_numpy(theta), n / 2
+        )[0],
+        torch.from_numpy(grid(sinogram, theta, n / 2)),
+    )
 
 
 def test_recon_method_argument() -> None:
@@ -222,8 +246,7 @@ def test_recon_method_argument() -> None:
 def test_cuda_matches_cpu() -> None:
     n, angles = 256, 384
     theta = torch.from_numpy(np.arange(angles) * np.pi / angles)
-    sinograms = torch.from_numpy(np.random.default_rng(0).random((4, angles, n),
-                                                                 dtype=np.float32))
+    sinograms = torch.from_numpy(np.random.default_rng(0).random((4, angles, n), dtype=np.float32))
     cpu = GriddingFBP("cpu").reconstruct(sinograms, theta, n / 2 + 1.3)
     cuda = GriddingFBP("cuda").reconstruct(sinograms.cuda(), theta, n / 2 + 1.3)
     assert cuda.device.type == "cuda"

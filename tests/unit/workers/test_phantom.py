@@ -26,12 +26,14 @@ def test_cylinder_projection_is_the_disk_chord() -> None:
     projection = phantom.project(theta)
     s = np.arange(cols) - (cols - 1) / 2  # default center = cols/2: axis at (cols-1)/2
     expected = mu * _pixel_averaged_chord(s, radius)
-    np.testing.assert_allclose(projection, np.broadcast_to(expected, projection.shape),
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        projection, np.broadcast_to(expected, projection.shape), rtol=1e-4, atol=1e-6
+    )
     # away from the rim, the pixel average is the point value 2*mu*sqrt(R^2 - s^2)
     middle = np.abs(s) < radius / 2
-    np.testing.assert_allclose(projection[0, 0, middle],
-                               2 * mu * np.sqrt(radius**2 - s[middle] ** 2), rtol=2e-4)
+    np.testing.assert_allclose(
+        projection[0, 0, middle], 2 * mu * np.sqrt(radius**2 - s[middle] ** 2), rtol=2e-4
+    )
 
 
 def test_center_shifts_the_projection() -> None:
@@ -56,14 +58,15 @@ def test_projection_conserves_mass(supersample: int, rtol: float) -> None:
     phantom = FoamPhantom.random(8, 64, seed=1)
     assert phantom.spheres
     volume = phantom.voxelize(supersample)
-    projection = phantom.project(np.linspace(0, np.pi, 9, endpoint=False),
-                                 supersample=supersample)
+    projection = phantom.project(np.linspace(0, np.pi, 9, endpoint=False), supersample=supersample)
     # every angle sees the whole slice: sum over the detector row == slice sum. They differ
     # only by the voxels' in-plane supersampling of partial-volume edges (the projection
     # integrates exactly across a pixel's width), so the gap shrinks with `supersample`.
-    np.testing.assert_allclose(projection.sum(axis=2),
-                               np.broadcast_to(volume.sum(axis=(1, 2)), projection.shape[:2]),
-                               rtol=rtol)
+    np.testing.assert_allclose(
+        projection.sum(axis=2),
+        np.broadcast_to(volume.sum(axis=(1, 2)), projection.shape[:2]),
+        rtol=rtol,
+    )
 
 
 def test_spheres_do_not_overlap_and_stay_inside() -> None:

@@ -15,8 +15,9 @@ from workers.preprocess import (
 )
 
 
-def numpy_normalize(frames: np.ndarray, dark: np.ndarray, flat: np.ndarray
-                    ) -> tuple[np.ndarray, int]:
+def numpy_normalize(
+    frames: np.ndarray, dark: np.ndarray, flat: np.ndarray
+) -> tuple[np.ndarray, int]:
     """Reference in float64: clip transmissions outside [floor, 1/floor] (NaN too), then -log."""
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = (frames.astype(np.float64) - dark) / (flat.astype(np.float64) - dark)
@@ -34,22 +35,24 @@ def scan() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     flat = (dark + rng.uniform(20000, 40000, (rows, cols))).astype(np.float32)
     transmission = rng.uniform(0.02, 1.0, (5, rows, cols))
     frames = np.round(dark + transmission * (flat - dark)).astype(np.uint16)
-    frames[0, 0, :4] = 50           # below the dark: ratio < 0
+    frames[0, 0, :4] = 50  # below the dark: ratio < 0
     frames[1, 2, 3] = np.round(dark[2, 3])  # ratio ~ 0 (at most a rounding step above)
-    flat[4, 5] = dark[4, 5]          # dead pixel: 0 / 0 or x / 0 in every frame
+    flat[4, 5] = dark[4, 5]  # dead pixel: 0 / 0 or x / 0 in every frame
     return frames, dark, flat
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.float32])
-def test_normalize_matches_numpy(scan: tuple[np.ndarray, np.ndarray, np.ndarray],
-                                 dtype: type) -> None:
+def test_normalize_matches_numpy(
+    scan: tuple[np.ndarray, np.ndarray, np.ndarray], dtype: type
+) -> None:
     frames, dark, flat = scan
     if dtype is np.uint8:  # keep the values in range: scale everything down
         frames, dark, flat = frames // 200, np.floor(dark / 200), np.floor(flat / 200)
     frames = frames.astype(dtype)
     expected, expected_clipped = numpy_normalize(frames, dark, flat)
-    result, clipped = normalize(torch.from_numpy(frames), torch.from_numpy(dark),
-                                torch.from_numpy(flat))
+    result, clipped = normalize(
+        torch.from_numpy(frames), torch.from_numpy(dark), torch.from_numpy(flat)
+    )
     assert result.dtype == torch.float32 and result.shape == frames.shape
     assert torch.isfinite(result).all()
     np.testing.assert_allclose(result.numpy(), expected, rtol=1e-5, atol=2e-5)
@@ -58,25 +61,33 @@ def test_normalize_matches_numpy(scan: tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def test_normalize_writes_into_a_reused_buffer(
-        scan: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    scan: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
     frames, dark, flat = scan
     buffer = torch.full(frames.shape, np.nan, dtype=torch.float32)
-    result, _ = normalize(torch.from_numpy(frames), torch.from_numpy(dark), torch.from_numpy(flat),
-                          out=buffer)
+    result, _ = normalize(
+        torch.from_numpy(frames), torch.from_numpy(dark), torch.from_numpy(flat), out=buffer
+    )
     assert result is buffer
-    np.testing.assert_allclose(buffer.numpy(), numpy_normalize(frames, dark, flat)[0],
-                               rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(
+        buffer.numpy(), numpy_normalize(frames, dark, flat)[0], rtol=1e-5, atol=2e-5
+    )
     # a chunk without bad pixels reports no clipping
     clean = frames[2:3].copy()
     clean[:, 4, 5] = np.round(dark[4, 5]) + 500
     fixed_flat = flat.copy()
     fixed_flat[4, 5] += 1000
-    _, clipped = normalize(torch.from_numpy(clean), torch.from_numpy(dark),
-                           torch.from_numpy(fixed_flat))
+    _, clipped = normalize(
+        torch.from_numpy(clean), torch.from_numpy(dark), torch.from_numpy(fixed_flat)
+    )
     assert clipped == 0
     with pytest.raises(ValueError, match="out must be float32"):
-        normalize(torch.from_numpy(frames), torch.from_numpy(dark), torch.from_numpy(flat),
-                  out=torch.empty(frames.shape, dtype=torch.float64))
+        normalize(
+            torch.from_numpy(frames),
+            torch.from_numpy(dark),
+            torch.from_numpy(flat),
+            out=torch.empty(frames.shape, dtype=torch.float64),
+        )
     with pytest.raises(ValueError, match="rows, cols"):
         normalize(torch.from_numpy(frames), torch.from_numpy(dark[:, 1:]), torch.from_numpy(flat))
 

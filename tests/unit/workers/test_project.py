@@ -21,8 +21,12 @@ from workers.recon import project
 DISKS = ((10.3, 20.7, 15.2, 1.0), (-25.1, -5.4, 8.6, 0.5), (0.0, 0.0, 40.0, 0.2))
 
 
-def disk_sinogram(theta: np.ndarray, cols: int, center: float,
-                  disks: tuple[tuple[float, float, float, float], ...] = DISKS) -> np.ndarray:
+def disk_sinogram(
+    theta: np.ndarray,
+    cols: int,
+    center: float,
+    disks: tuple[tuple[float, float, float, float], ...] = DISKS,
+) -> np.ndarray:
     """Exact line integrals (angles, cols): chord 2 sqrt(r^2 - s^2) at each detector column."""
     s = np.arange(cols) - (center - 0.5)
     out = np.zeros((len(theta), cols))
@@ -32,8 +36,7 @@ def disk_sinogram(theta: np.ndarray, cols: int, center: float,
     return out
 
 
-def disk_image(n: int, disks: tuple[tuple[float, float, float, float], ...] = DISKS
-               ) -> np.ndarray:
+def disk_image(n: int, disks: tuple[tuple[float, float, float, float], ...] = DISKS) -> np.ndarray:
     """The disks rasterised with 8 x 8 samples per pixel."""
     sub = (np.arange(8) + 0.5) / 8 - 0.5
     x = (np.arange(n) - (n - 1) / 2)[None, :, None, None] + sub[None, None, None, :]
@@ -53,12 +56,15 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize(("n", "cols", "center", "angles"), [
-    (128, 128, 64.0, 180),   # even
-    (129, 129, 64.5, 180),   # odd
-    (128, 128, 70.3, 45),    # off-centre axis, sparse view
-    (96, 128, 61.8, 90),     # detector wider than the slice
-])
+@pytest.mark.parametrize(
+    ("n", "cols", "center", "angles"),
+    [
+        (128, 128, 64.0, 180),  # even
+        (129, 129, 64.5, 180),  # odd
+        (128, 128, 70.3, 45),  # off-centre axis, sparse view
+        (96, 128, 61.8, 90),  # detector wider than the slice
+    ],
+)
 def test_matches_analytic_line_integrals(n: int, cols: int, center: float, angles: int) -> None:
     theta = np.arange(angles) * np.pi / angles + 0.01  # avoid only-axis-aligned special cases
     sinogram = forward(disk_image(n), theta, center, cols)
@@ -97,11 +103,12 @@ def test_is_the_adjoint_of_the_back_projector() -> None:
     # the back-projector works on a cols x cols grid; embed x in its centre
     big = np.zeros((cols, cols))
     pad = (cols - n) // 2
-    big[pad:pad + n, pad:pad + n] = x
+    big[pad : pad + n, pad : pad + n] = x
     theta = rng.uniform(0, np.pi, angles)
     lhs = float((forward(big, theta, center, cols) * y).sum())
-    back = backproject_tensor(torch.from_numpy(y.astype(np.float32))[None],
-                              torch.from_numpy(theta), center)[0].numpy()
+    back = backproject_tensor(
+        torch.from_numpy(y.astype(np.float32))[None], torch.from_numpy(theta), center
+    )[0].numpy()
     rhs = float((big * back).sum())
     assert lhs == pytest.approx(rhs, rel=5e-3)
 
@@ -113,13 +120,19 @@ def test_batch_and_numpy_api() -> None:
     projections = project(volume, theta, device="cpu")
     assert projections.shape == (angles, rows, n) and projections.dtype == np.float32
     for k in range(rows):
-        np.testing.assert_allclose(projections[:, k], forward(volume[k], theta, n / 2, n),
-                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            projections[:, k], forward(volume[k], theta, n / 2, n), rtol=1e-6, atol=1e-6
+        )
     wider = project(volume, theta, center=40.0, cols=80)
     assert wider.shape == (angles, rows, 80)
     np.testing.assert_allclose(wider[:, 0], forward(volume[0], theta, 40.0, 80), atol=1e-6)
-    chunked = project_tensor(torch.from_numpy(volume.astype(np.float32)),
-                             torch.from_numpy(theta), n / 2, n, max_work_bytes=1 << 14)
+    chunked = project_tensor(
+        torch.from_numpy(volume.astype(np.float32)),
+        torch.from_numpy(theta),
+        n / 2,
+        n,
+        max_work_bytes=1 << 14,
+    )
     np.testing.assert_allclose(chunked.numpy().transpose(1, 0, 2), projections, atol=1e-5)
     with pytest.raises(ValueError, match="N, N"):
         project(volume[:, :, :-1], theta)

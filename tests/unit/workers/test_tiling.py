@@ -11,16 +11,19 @@ from models.tomogan import TomoGANGenerator
 from workers.tiling import core_for_budget, plan_tiles, receptive_radius, run_tiled
 
 
-@pytest.mark.parametrize(("height", "width", "core", "halo", "multiple"),
-                         [(64, 64, 16, 8, 8), (200, 136, 64, 56, 8), (8, 8, 64, 0, 8),
-                          (37, 29, 5, 3, 1)])
-def test_cores_cover_the_image_once_and_windows_stay_inside(height: int, width: int, core: int,
-                                                            halo: int, multiple: int) -> None:
+@pytest.mark.parametrize(
+    ("height", "width", "core", "halo", "multiple"),
+    [(64, 64, 16, 8, 8), (200, 136, 64, 56, 8), (8, 8, 64, 0, 8), (37, 29, 5, 3, 1)],
+)
+def test_cores_cover_the_image_once_and_windows_stay_inside(
+    height: int, width: int, core: int, halo: int, multiple: int
+) -> None:
     covered = np.zeros((height, width), dtype=int)
     for tile in plan_tiles(height, width, core, halo, multiple):
         covered[tile.core] += 1
-        for window, inner, kept, side in zip(tile.window, tile.inner, tile.core,
-                                             (height, width), strict=True):
+        for window, inner, kept, side in zip(
+            tile.window, tile.inner, tile.core, (height, width), strict=True
+        ):
             assert window.start >= 0 and window.stop <= side
             assert window.start % multiple == 0  # on the pooling grid
             assert window.start + inner.start == kept.start
@@ -51,10 +54,12 @@ def _conv_chain(convs: int, kernel: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 2, 1), *layers).eval()
 
 
-@pytest.mark.parametrize(("convs", "kernel", "multiple", "expected"),
-                         [(5, 3, 1, 5), (3, 5, 1, 6), (5, 3, 8, 8)])
-def test_receptive_radius_of_conv_chains(convs: int, kernel: int, multiple: int,
-                                         expected: int) -> None:
+@pytest.mark.parametrize(
+    ("convs", "kernel", "multiple", "expected"), [(5, 3, 1, 5), (3, 5, 1, 6), (5, 3, 8, 8)]
+)
+def test_receptive_radius_of_conv_chains(
+    convs: int, kernel: int, multiple: int, expected: int
+) -> None:
     # n 'same' convolutions of size k reach n * (k // 2) pixels, rounded up to the grid
     assert receptive_radius(_conv_chain(convs, kernel), 3, multiple, size=64) == expected
 
@@ -76,10 +81,10 @@ def test_tomogan_reach_is_measured_on_every_grid_phase(tomogan: nn.Module) -> No
     assert receptive_radius(tomogan, 3, 8) == 56
 
 
-@pytest.mark.parametrize(("height", "width", "core"), [(200, 136, 64), (96, 96, 8),
-                                                       (64, 120, 32)])
-def test_tiles_with_the_measured_halo_give_the_whole_slice(tomogan: nn.Module, height: int,
-                                                           width: int, core: int) -> None:
+@pytest.mark.parametrize(("height", "width", "core"), [(200, 136, 64), (96, 96, 8), (64, 120, 32)])
+def test_tiles_with_the_measured_halo_give_the_whole_slice(
+    tomogan: nn.Module, height: int, width: int, core: int
+) -> None:
     image = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(2))
     halo = receptive_radius(tomogan, 3, 8)
     with torch.inference_mode():
