@@ -27,13 +27,14 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/tomocast demo --out demo-out
 
-test: $(VENV)/.installed
-	$(VENV)/bin/ruff check service workers models tests
-	$(VENV)/bin/mypy
+test: lint
 	$(VENV)/bin/python -m pytest -q
 
+# ruff (style and format), the import layering (pyproject's [tool.importlinter]), mypy --strict
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check service workers models tests
+	$(VENV)/bin/ruff check service workers models tests tools
+	$(VENV)/bin/ruff format --check service workers models tests tools
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 
 bench: $(VENV)/.installed

@@ -112,4 +112,5 @@ class ResAttUnet(nn.Module):
         ):
             gated = gate(skip, h)
             h = box(torch.cat([gated, fit_to(up(h), skip)], dim=1))
-        return self.head(h)
+        out: torch.Tensor = self.head(h)
+        return out

@@ -100,7 +100,8 @@ class TomoGANGenerator(nn.Module):
         for box, skip in zip(self.decoder, reversed(skips), strict=True):
             h = F.interpolate(h, scale_factor=2.0, mode="bilinear", align_corners=False)
             h = box(torch.cat([skip, h], dim=1))
-        return self.head(h)
+        out: torch.Tensor = self.head(h)
+        return out
 
 
 class TomoGANDiscriminator(nn.Module):
@@ -141,7 +142,8 @@ class TomoGANDiscriminator(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(batch, 1, patch, patch) -> (batch, 1) real-vs-denoised logits."""
-        return self.classifier(self.features(image))
+        logits: torch.Tensor = self.classifier(self.features(image))
+        return logits
 
 
 def count_parameters(module: nn.Module) -> int:

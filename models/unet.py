@@ -98,4 +98,5 @@ class UNet(nn.Module):
         h = self.bottleneck(h)
         for up, box, skip in zip(self.upsample, self.decoder, reversed(skips), strict=True):
             h = box(torch.cat([skip, fit_to(up(h), skip)], dim=1))
-        return self.head(h)
+        out: torch.Tensor = self.head(h)
+        return out

@@ -188,7 +188,7 @@ def backproject_geometry(
             else:
                 acc += part
     images = out.view(n, n, len(geometry.classes), batch).permute(2, 3, 0, 1)
-    result = _UNDO[geometry.classes[0]](images[0]).contiguous()
+    result: torch.Tensor = _UNDO[geometry.classes[0]](images[0]).contiguous()
     for position, symmetry in enumerate(geometry.classes[1:], start=1):
         result += _UNDO[symmetry](images[position])
     return result

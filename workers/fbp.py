@@ -81,7 +81,9 @@ class FBP(CachedGeometryFBP[_FBPGeometry]):
         cols = sinograms.shape[-1]
         spectrum = torch.fft.rfft(sinograms, n=geometry.padded_size, dim=-1)
         spectrum *= geometry.filter
-        filtered = torch.fft.irfft(spectrum, n=geometry.padded_size, dim=-1)[..., :cols]
+        filtered: torch.Tensor = torch.fft.irfft(spectrum, n=geometry.padded_size, dim=-1)[
+            ..., :cols
+        ]
         return filtered * geometry.weights
 
     def _reconstruct(self, sinograms: torch.Tensor, geometry: _FBPGeometry) -> torch.Tensor:

@@ -53,7 +53,8 @@ class Mark:
         delivered, when its events have long completed)."""
         if self._event is not None and end._event is not None:
             end._event.synchronize()
-            return self._event.elapsed_time(end._event) / 1e3
+            elapsed_ms: float = self._event.elapsed_time(end._event)
+            return elapsed_ms / 1e3
         return end._time - self._time
 
 
