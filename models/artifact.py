@@ -61,6 +61,8 @@ FORMAT_VERSION: Final = 1
 LATER_FIELDS: Final = frozenset({"reference_width"})
 # Small enough to be cheap on any device, a multiple of 8 so every U-Net level divides evenly.
 PROBE_SIZE = 16
+# torch.jit does not declare it in its exports.
+_TracerWarning: type[Warning] = torch.jit.TracerWarning  # type: ignore[attr-defined]
 
 
 def installed_version() -> str:
@@ -173,46 +175,63 @@ def save_artifact(
     other = torch.randn((2, metadata.depth, 24, 40), generator=seeded)
     what = f"tracing {type(module).__name__} for {path}"
     with torch.no_grad(), _torchscript_deprecation_silenced():
-        # A TracerWarning means a Python value was frozen into the graph: an artifact that is
-        # right only for the example input. Refuse it rather than ship it.
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", category=torch.jit.TracerWarning)
-            # A trace bakes cuDNN's flags into every convolution: these make a CUDA run
-            # autotune its algorithms (benchmark) and take TF32 where it computes in fp32.
-            with torch.backends.cudnn.flags(
-                enabled=True, benchmark=True, deterministic=False, allow_tf32=True
-            ):
-                traced = torch.jit.trace(eager, example)
-        for warning in caught:
-            if issubclass(warning.category, torch.jit.TracerWarning):
-                raise ModelError(f"{what} froze a Python value into the graph: {warning.message}")
-            warnings.warn_explicit(
-                warning.message, warning.category, warning.filename, warning.lineno
+        traced = _trace(eager, example, what)
+        _check_trace(eager, traced, other, what)
+    _save_atomically(traced, metadata, path)
+    return path
+
+
+def _trace(eager: torch.nn.Module, example: torch.Tensor, what: str) -> torch.jit.ScriptModule:
+    """`torch.jit.trace` of `eager` on `example`; ModelError if the trace froze a Python value
+    into the graph (a TracerWarning): an artifact right only for the example input."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", category=_TracerWarning)
+        # A trace bakes cuDNN's flags into every convolution: these make a CUDA run
+        # autotune its algorithms (benchmark) and take TF32 where it computes in fp32.
+        with torch.backends.cudnn.flags(
+            enabled=True, benchmark=True, deterministic=False, allow_tf32=True
+        ):
+            traced: torch.jit.ScriptModule = torch.jit.trace(  # type: ignore[no-untyped-call]
+                eager, example
             )
-        try:
-            expected, got = eager(other), traced(other)
-        except RuntimeError as exc:
-            raise ModelError(
-                f"{what}: the module or its trace fails on a {tuple(other.shape)} input: "
-                f"{_last_line(exc)}"
-            ) from exc
+    for warning in caught:
+        if issubclass(warning.category, _TracerWarning):
+            raise ModelError(f"{what} froze a Python value into the graph: {warning.message}")
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return traced
+
+
+def _check_trace(
+    eager: torch.nn.Module, traced: torch.jit.ScriptModule, other: torch.Tensor, what: str
+) -> None:
+    """ModelError unless the trace gives what the module gives on `other`, an input of
+    another shape than the example's (a trace that froze its input shape does not)."""
+    try:
+        expected, got = eager(other), traced(other)
+    except RuntimeError as exc:
+        raise ModelError(
+            f"{what}: the module or its trace fails on a {tuple(other.shape)} input: "
+            f"{_last_line(exc)}"
+        ) from exc
     if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
         raise ModelError(
             f"{what} froze its input shape: the trace disagrees with the module on a "
             f"{tuple(other.shape)} input"
         )
+
+
+def _save_atomically(traced: torch.jit.ScriptModule, metadata: ModelMetadata, path: Path) -> None:
+    """`traced` with its metadata member at `path`. A reader never sees a half-written artifact
+    under the real name, and a failed write leaves nothing behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     extra = {METADATA_FILE: metadata.model_dump_json(indent=2)}
-    # A reader never sees a half-written artifact under the real name, and a failed write
-    # leaves nothing behind.
     try:
         with _torchscript_deprecation_silenced():
             torch.jit.save(traced, str(partial), _extra_files=extra)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-    return path
 
 
 def _parse_metadata(path: Path, raw: str | bytes) -> ModelMetadata:
@@ -318,7 +337,9 @@ def load_artifact(
     extra: dict[str, str | bytes] = {METADATA_FILE: ""}
     try:
         with _torchscript_deprecation_silenced():
-            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+            module = torch.jit.load(  # type: ignore[no-untyped-call]
+                str(path), map_location=device, _extra_files=extra
+            )
     except RuntimeError as exc:
         # PyTorch's zip-reader message goes on about corrupted checkpoints; its cause is the
         # first sentence.

@@ -24,6 +24,7 @@ log = logging.getLogger("tomocast")
 # `command(name, func, help)` returns the sub-parser to fill. Their imports stay light: heavy
 # imports belong inside the command functions.
 COMMAND_MODULES: tuple[str, ...] = ("models.training.cli", "service.security", "service.bench")
+Command = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -77,12 +78,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from service.config import add_settings_flags
-
     parser = argparse.ArgumentParser(
         prog="tomocast", description="Streaming tomography: projections in, denoised slices out."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    command = _command_factory(sub)
+    _add_serve(sub)
+    _add_simulate(command)
+    _add_replay(command)
+    _add_view(command)
+    _add_demo(command)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(command)
+    return parser
+
+
+def _command_factory(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Command:
+    """`command(name, func, help)`: a sub-command that runs `func`, its defaults in its help
+    and a --log-level of its own."""
 
     def command(
         name: str, func: Callable[[argparse.Namespace], int], help: str
@@ -100,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
             )
         return p
 
+    return command
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`serve`: every setting as a flag (its log level is a setting too)."""
+    from service.config import add_settings_flags
+
     serve = sub.add_parser(
         "serve",
         help="run the service (ingest, worker, publisher, metrics)",
@@ -110,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
     add_settings_flags(serve)
 
+
+def _add_simulate(command: Command) -> None:
     sim = command(
         "simulate", cmd_simulate, "a simulated detector: foam phantom scans pushed to the service"
     )
@@ -141,8 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.h5",
         help="keep the phantom volume in this HDF5 file",
     )
-
     add_curve_flags(sim)
+
+
+def _add_replay(command: Command) -> None:
     rep = command(
         "replay",
         cmd_replay,
@@ -154,8 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--chunk", type=int, default=8, help="projections per message")
     rep.add_argument("--rate", type=float, default=None, help="projections per second")
     rep.add_argument("--center", type=float, default=None, help="rotation axis (cols/2)")
-
     add_curve_flags(rep)
+
+
+def _add_view(command: Command) -> None:
     view = command("view", cmd_view, "subscribe to the service and save what it publishes")
     view.add_argument("--connect", default="tcp://127.0.0.1:5556", help="publisher endpoint")
     view.add_argument(
@@ -182,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument(
         "--timeout", type=float, default=None, help="exit if nothing arrives for this many seconds"
     )
+    _add_web_flags(view)
+    add_curve_flags(view)
+
+
+def _add_web_flags(view: argparse.ArgumentParser) -> None:
+    """`view --web`: the live web viewer instead of files."""
     view.add_argument(
         "--web",
         action="store_true",
@@ -202,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="--web: slices are averaged down to at most PX pixels a side (lower it on slow links)",
     )
 
-    add_curve_flags(view)
+
+def _add_demo(command: Command) -> None:
     demo = command(
         "demo",
         cmd_demo,
@@ -216,12 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     demo.add_argument("--model", type=Path, default=None, help="denoiser artifact")
     demo.add_argument("--seed", type=int, default=1)
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).add_commands(command)
-    return parser
 
 
 def add_curve_flags(parser: argparse.ArgumentParser) -> None:
+    """--client-key and --server-key: a client's CURVE keys (`client_keys` reads them)."""
     group = parser.add_argument_group("CURVE (when the service has security.server_secret_key)")
     group.add_argument(
         "--client-key",
@@ -253,8 +284,9 @@ def client_keys(args: argparse.Namespace) -> ClientKeys | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     # The service runs ingest, FBP and denoise threads side by side; OpenMP's default spinning
-    # barriers then make torch's 2-thread kernels up to 4x slower than 1 thread (measured on a
-    # 2-core machine). Must be set before torch is imported; an explicit setting wins.
+    # barriers then make torch's multi-threaded kernels slower than one thread (figures:
+    # docs/benchmarks.md, "Denoise engine (CPU)"). Must be set before torch is imported; an
+    # explicit setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import zmq
 import zmq.auth
@@ -38,7 +39,7 @@ class ClientKeys:
         server_public, _ = _load(server_public_file, need_secret=False)
         return cls(public, secret, server_public)
 
-    def apply(self, socket: zmq.Socket) -> None:
+    def apply(self, socket: zmq.Socket[Any]) -> None:
         socket.curve_publickey = self.public
         socket.curve_secretkey = self.secret
         socket.curve_serverkey = self.server_public
@@ -54,13 +55,13 @@ class ServerKeys:
         public, secret = _load(secret_file, need_secret=True)
         return cls(public, secret)
 
-    def apply(self, socket: zmq.Socket) -> None:
+    def apply(self, socket: zmq.Socket[Any]) -> None:
         socket.curve_server = True
         socket.curve_publickey = self.public
         socket.curve_secretkey = self.secret
 
 
-def start_authenticator(context: zmq.Context, allowed_clients: Path) -> ThreadAuthenticator:
+def start_authenticator(context: zmq.Context[Any], allowed_clients: Path) -> ThreadAuthenticator:
     """Accept CURVE clients whose public key file is in `allowed_clients`, nobody else."""
     if not allowed_clients.is_dir():
         raise ConfigError(

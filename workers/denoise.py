@@ -37,8 +37,8 @@ Precision = Literal["artifact", "auto", "fp32", "fp16", "bf16", "int8"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 _FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Peak activation memory per input pixel of TomoGAN (the widest shipped network) with batch 1,
-# measured on the CPU (ru_maxrss over a 1536 x 1536 slice: fp32 871 B, int8 120 B) plus margin.
-# On CUDA the engine measures its own at warm-up instead.
+# as measured on the CPU (docs/benchmarks.md, "Activation memory"), plus margin. On CUDA the
+# engine measures its own at warm-up instead.
 BYTES_PER_PIXEL = {"fp32": 896, "fp16": 448, "bf16": 448, "int8": 160}
 
 
@@ -153,15 +153,7 @@ class DenoiseEngine:
         module, metadata = load_artifact(path, self._device)
         self._metadata: ModelMetadata = metadata
         self._field_width = field_width
-        if metadata.reference_width is not None:
-            log.info(
-                "%s: input scale fitted at %d px, follows %s",
-                metadata.name,
-                metadata.reference_width,
-                "each slice's width"
-                if field_width is None
-                else f"a {field_width}-px field of view",
-            )
+        self._log_normalisation()
         self._path = Path(path)
         self._precision = resolve_precision(precision, self._device, metadata)
         # Measured on the fp32 network on the CPU: fp16 would round far effects away, and on CUDA
@@ -170,15 +162,7 @@ class DenoiseEngine:
         if memory_limit_bytes is not None:
             probe = module if self._device.type == "cpu" else load_artifact(path, "cpu")[0]
             self._halo = receptive_radius(probe, metadata.depth, SIZE_MULTIPLE)
-        if self._precision == "int8":
-            module = self._quantized(module, asked=precision)  # may fall back to fp32
-        if self._precision != "int8":
-            # nn.Module.to takes memory_format at run time; torch's stubs do not declare it.
-            module = module.to(
-                dtype=_FLOAT_DTYPES[self._precision],  # type: ignore[call-overload]
-                memory_format=torch.channels_last,
-            )
-        self._module = module
+        self._module = self._in_precision(module, asked=precision)
         self._input_dtype = _FLOAT_DTYPES.get(self._precision, torch.float32)
         self._graphs: GraphCache | None = None
         self._bytes_per_pixel = BYTES_PER_PIXEL[self._precision]
@@ -190,6 +174,31 @@ class DenoiseEngine:
             self.warmup(warmup_shape or (1, DEFAULT_WARMUP_SIZE, DEFAULT_WARMUP_SIZE))
         elif warmup_shape is not None:
             self.warmup(warmup_shape)
+
+    def _log_normalisation(self) -> None:
+        """Say which width a model's input scale follows, when it follows one."""
+        if self._metadata.reference_width is not None:
+            log.info(
+                "%s: input scale fitted at %d px, follows %s",
+                self._metadata.name,
+                self._metadata.reference_width,
+                "each slice's width"
+                if self._field_width is None
+                else f"a {self._field_width}-px field of view",
+            )
+
+    def _in_precision(self, module: torch.nn.Module, asked: str) -> torch.nn.Module:
+        """`module` as it runs in `self._precision`, channels_last: quantized for int8 (which
+        may fall back to fp32), else cast."""
+        if self._precision == "int8":
+            module = self._quantized(module, asked=asked)  # may fall back to fp32
+        if self._precision != "int8":
+            # nn.Module.to takes memory_format at run time; torch's stubs do not declare it.
+            module = module.to(
+                dtype=_FLOAT_DTYPES[self._precision],  # type: ignore[call-overload]
+                memory_format=torch.channels_last,
+            )
+        return module
 
     def _quantized(self, module: torch.nn.Module, asked: str) -> torch.nn.Module:
         if self._device.type != "cpu":
@@ -295,13 +304,13 @@ class DenoiseEngine:
         if per_call >= padded.shape[0]:
             return self._run(padded)
         if per_call >= 1:
-            return torch.cat([self._run(part) for part in padded.split(per_call)])
+            return torch.cat([self._run(part) for part in torch.split(padded, per_call)])
         core = core_for_budget(max_pixels, self._halo, SIZE_MULTIPLE)
         # Eager: edge tiles come in several shapes, each would cost a graph capture.
         return torch.cat(
             [
                 run_tiled(self._run_eager, image, core, self._halo, SIZE_MULTIPLE)
-                for image in padded.split(1)
+                for image in torch.split(padded, 1)
             ]
         )
 
@@ -312,7 +321,8 @@ class DenoiseEngine:
         return self._run_eager(padded)
 
     def _run_eager(self, padded: torch.Tensor) -> torch.Tensor:
-        return self._module(self._to_network(padded)).float()
+        out: torch.Tensor = self._module(self._to_network(padded)).float()
+        return out
 
     def _to_network(self, padded: torch.Tensor) -> torch.Tensor:
         return padded.to(dtype=self._input_dtype, memory_format=torch.channels_last)

@@ -1,12 +1,13 @@
 """int8 static quantization of a TomoGAN artifact for the CPU, checked against fp32 at load.
 
 Why: a CPU without bf16 units (AVX2-only, no AVX512-BF16/AMX) has nothing faster than fp32 for
-floating point, and TomoGAN's 3x3 convolutions are ~90% of its time. oneDNN's u8 x s8 kernels run
-them ~3x faster per 512 x 512 slice (docs/benchmarks.md, `tomocast bench denoise`). oneDNN rather
-than fbgemm (PyTorch's "x86" default): faster and closer to fp32 on the same calibration here.
+floating point, and TomoGAN's time goes mostly to its 3x3 convolutions, which oneDNN's u8 x s8
+kernels run several times faster. oneDNN rather than fbgemm (PyTorch's "x86" default): faster
+and closer to fp32 on the same calibration here. Figures: docs/benchmarks.md, "Denoise engine
+(CPU)" (`tomocast bench denoise`).
 
 Calibration: activation ranges (min/max; the histogram observer was no more accurate here and
-3x slower to calibrate) are observed on foam FBP slices synthesised at load with a fixed seed
+slower to calibrate) are observed on foam FBP slices synthesised at load with a fixed seed
 (`workers.lowdose.render`) under low-dose `CONDITIONS`, mapped into the network's units the way
 tomocast's training maps its targets (robust range -> [0, 1],
 `models.training.dataset.normalisation`). Weights are per-channel symmetric int8. The decoder's
@@ -37,7 +38,8 @@ from models.tomogan import TomoGANGenerator
 from service.errors import ModelError
 
 # RMS of (int8 - fp32) in units of the data range (the network's [0, 1]) on the held-out check:
-# measured 0.0047 for the shipped model; double that is a calibration that does not fit.
+# about double what the shipped model gives (docs/benchmarks.md, "int8 accuracy"); beyond it
+# the calibration does not fit.
 INT8_RMS_TOLERANCE = 0.01
 CALIBRATION_SEED = 4242  # a phantom no training or evaluation set uses
 CHECK_SEED = 4243
@@ -46,7 +48,7 @@ CALIBRATION_ANGLES = 180
 CALIBRATION_ROWS = 3
 # (keep every n-th view, photons per pixel): the model card's low-dose conditions and noisier
 # ones, so that a noisier scan than the model was trained on is not clipped (with only the first
-# four, int8 strayed by rms 0.025 on 1/4 views at 200 photons at 256 px; with all, 0.005).
+# four, int8 strayed far more on the noisiest: docs/benchmarks.md, "int8 accuracy").
 CONDITIONS: tuple[tuple[int, float | None], ...] = (
     (8, None),
     (1, 1000.0),
@@ -77,7 +79,8 @@ class _TraceableTomoGAN(TomoGANGenerator):
         for box, skip in zip(self.decoder, reversed(skips), strict=True):
             h = F.interpolate(h, scale_factor=2.0, mode="bilinear", align_corners=False)
             h = box(torch.cat([skip, h], dim=1))
-        return self.head(h)
+        out: torch.Tensor = self.head(h)
+        return out
 
 
 _NETWORKS: dict[str, type[nn.Module]] = {"tomogan": _TraceableTomoGAN}
@@ -112,13 +115,14 @@ def _join(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
     PyTorch's quantized `torch.cat` keeps its first input's scale and clips the others into it;
     in TomoGAN's decoder the skip and the upsampled branch get scales a few % apart, so part of
     the wider one was clipped (and, past a tolerance, PyTorch warned on every call). Requantizing
-    both into the union of their ranges halved the int8 error on foam (rms 0.0042 -> 0.0029 of
-    the data range) at no measurable cost.
+    both into the union of their ranges halved the int8 error on foam (docs/benchmarks.md,
+    "int8 accuracy") at no measurable cost.
     """
     low = min(-t.q_zero_point() * t.q_scale() for t in tensors)
     high = max((255 - t.q_zero_point()) * t.q_scale() for t in tensors)
     scale = (high - low) / 255
-    return torch.ops.quantized.cat(tensors, dim, scale, round(-low / scale))
+    joined: torch.Tensor = torch.ops.quantized.cat(tensors, dim, scale, round(-low / scale))
+    return joined
 
 
 @contextlib.contextmanager
@@ -182,10 +186,11 @@ def quantize_int8(
 ) -> tuple[nn.Module, QuantizationCheck]:
     """An int8 copy of the fp32 `scripted` network (its weights, `arch`'s graph), calibrated and
     checked as the module docstring says. Raises QuantizationError when it cannot be.
-    Costs about 2-4 s on two CPU cores (FBP of the calibration phantoms, one calibration pass)."""
+    Costs seconds (FBP of the calibration phantoms, one calibration pass): the int8 rows' set-up
+    in docs/benchmarks.md, "Denoise engine (CPU)"."""
     if arch not in _NETWORKS:
         raise QuantizationError(f"no int8 graph for arch={arch!r} (only {', '.join(_NETWORKS)})")
-    network = _NETWORKS[arch](depth).eval()  # type: ignore[call-arg]
+    network = _NETWORKS[arch](depth).eval()
     try:
         network.load_state_dict(scripted.state_dict())
     except RuntimeError as exc:
@@ -199,7 +204,7 @@ def quantize_int8(
     except ImportError as exc:  # removed from a future PyTorch: run fp32 (or migrate to torchao)
         raise QuantizationError(f"this PyTorch has no FX quantization: {exc}") from exc
     engine = "onednn" if "onednn" in torch.backends.quantized.supported_engines else "x86"
-    qconfig = QConfig(
+    qconfig = QConfig(  # type: ignore[no-untyped-call]
         activation=MinMaxObserver.with_args(dtype=torch.quint8),
         weight=PerChannelMinMaxObserver.with_args(
             dtype=torch.qint8, qscheme=torch.per_channel_symmetric

@@ -1,4 +1,5 @@
-"""The model sub-commands of `tomocast`: dataset, train, export, infer, evaluate.
+"""The model sub-commands of `tomocast`: dataset, train (`models.training.cli_train`), export,
+infer, evaluate.
 
 `service.cli` calls `add_commands(command)`; every heavy import (torch, h5py, the networks) stays
 inside the command functions, so `tomocast --help` is fast.
@@ -7,18 +8,18 @@ inside the command functions, so `tomocast --help` is fast.
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-log = logging.getLogger("tomocast")
+from models.training.cli_train import add_train
 
 Command = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
 
-def _command_line() -> str:
+def command_line() -> str:
+    """This command as typed, for the records it writes."""
     return shlex.join(["tomocast", *sys.argv[1:]])
 
 
@@ -48,9 +49,11 @@ def _at_least(least: int) -> Callable[[str], int]:
 
 
 non_negative, positive = _at_least(0), _at_least(1)
+ints, floats = _numbers(int), _numbers(float)
 
 
-def _device(name: str) -> str:
+def resolve_device(name: str) -> str:
+    """--device: `auto` is CUDA where there is one, else the CPU; others as given."""
     import torch
 
     if name == "auto":
@@ -73,98 +76,7 @@ def cmd_dataset(args: argparse.Namespace) -> int:
         target=args.target,
         seed=args.seed,
         progress=not args.no_progress,
-        command=_command_line(),
-    )
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    import torch
-
-    from models.training.dataset import load_training_data
-    from models.training.train import TrainConfig, Trainer, resume, run
-    from service.errors import DataError
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = _device(args.device)
-    precision = args.precision or ("mixed" if device.startswith("cuda") else "fp32")
-    if args.resume is not None and args.init is not None:
-        raise DataError(
-            "give --init (start a new run from trained weights) or --resume "
-            "(continue a run), not both"
-        )
-    data = load_training_data(args.data, args.low_dose, args.normal_dose)
-    if args.resume is not None:
-        trainer = resume(
-            args.resume,
-            data,
-            device,
-            command=_command_line(),
-            steps=args.steps,
-            val_every=args.val_every,
-            checkpoint_every=args.checkpoint_every,
-        )
-    else:
-        config = TrainConfig(
-            arch=args.arch,
-            depth=args.depth,
-            patch=args.patch,
-            batch=args.batch,
-            steps=args.steps,
-            lr=args.lr,
-            lr_schedule=args.lr_schedule,
-            lambda_adv=args.lambda_adv,
-            lambda_mse=args.lambda_mse,
-            lambda_perc=args.lambda_perc,
-            adv=args.adv,
-            d_steps=args.d_steps,
-            vgg_weights=None if args.vgg_weights is None else str(args.vgg_weights),
-            precision=precision,
-            seed=args.seed,
-            val_every=args.val_every,
-            val_slices=args.val_slices,
-            checkpoint_every=args.checkpoint_every,
-            init=None if args.init is None else str(args.init),
-        )
-        trainer = Trainer(config, data, device, command=_command_line())
-    config = trainer.config
-    if trainer.vgg is None and config.lambda_perc > 0:
-        log.warning(
-            "perceptual loss OFF: no --vgg-weights file given (weights are never "
-            "downloaded); training on %s",
-            "MSE + adversarial" if config.lambda_adv > 0 else "MSE only",
-        )
-    if trainer.discriminator is None:
-        log.info("adversarial loss off (--lambda-adv 0, the default): no discriminator is trained")
-    if data.reference_width is None:
-        log.info(
-            "input normalisation: absolute (the noisy slices do not declare units "
-            "'attenuation per pixel'); tomocast export --reference-width PIXELS changes it"
-        )
-    else:
-        log.info(
-            "input normalisation: fitted at %d px, follows the slice width (units "
-            "'attenuation per pixel')",
-            data.reference_width,
-        )
-    sys.stderr.write(
-        f"training {config.arch} (depth {config.depth}) on {data.source}; "
-        f"{config.precision} on {trainer.device}; perceptual "
-        f"{'on' if trainer.vgg is not None else 'off'}, adversarial "
-        f"{config.adv if trainer.discriminator is not None else 'off'}\n"
-    )
-    summary = run(trainer, args.out, progress=not args.no_progress)
-    nan = float("nan")
-    validation = summary["validation"]
-    baseline = trainer.baseline
-    sys.stdout.write(
-        f"{summary['steps']} steps in {summary['train_seconds']:.1f} s "
-        f"({summary['seconds_per_step']:.3f} s/step, peak memory "
-        f"{summary['peak_memory_bytes'] / 2**20:.0f} MiB); validation PSNR "
-        f"{validation.get('psnr', nan):.2f} dB SSIM {validation.get('ssim', nan):.4f}"
-        f" (input: {baseline['psnr']:.2f} dB, {baseline['ssim']:.4f}); checkpoint "
-        f"{summary['checkpoint']}\n"
+        command=command_line(),
     )
     return 0
 
@@ -193,7 +105,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         model=args.model,
         normal_dose=args.normal_dose,
         dataset=args.dataset,
-        device=_device(args.device),
+        device=resolve_device(args.device),
         batch=args.batch,
         progress=not args.no_progress,
         field_width=args.field_width,
@@ -202,31 +114,16 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from models.training.evaluate import evaluate, format_table
-
-    rows = evaluate(
-        args.model,
-        seeds=args.seeds,
-        rows=args.rows,
-        size=args.size,
-        angles=args.angles,
-        sparse=args.sparse,
-        photons=args.photons,
-        device=_device(args.device),
-        progress=not args.no_progress,
-    )
-    table = format_table(rows)
-    sys.stdout.write(table)
-    if args.out is not None:
-        args.out.write_text(table)
-    return 0
-
-
 def add_commands(command: Command) -> None:
     """Add dataset, train, export, infer and evaluate to the `tomocast` parser."""
-    ints, floats = _numbers(int), _numbers(float)
+    _add_dataset(command)
+    add_train(command)
+    _add_export(command)
+    _add_infer(command)
+    _add_evaluate(command)
 
+
+def _add_dataset(command: Command) -> None:
     p = command(
         "dataset",
         cmd_dataset,
@@ -263,100 +160,29 @@ def add_commands(command: Command) -> None:
     p.add_argument("--seed", type=int, default=0, help="first phantom seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = command(
-        "train",
-        cmd_train,
-        "train a denoiser (TomoGAN, ResAttUnet or U-Net) on TomoGAN-form HDF5 data",
-    )
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="one-file form: train_ns, train_gt, test_ns, test_gt",
-    )
-    p.add_argument(
-        "-ld",
-        "--ld",
-        "--low-dose",
-        dest="low_dose",
-        type=Path,
-        default=None,
-        help="two-file form: noisy slices (data set 'images')",
-    )
-    p.add_argument(
-        "-nd",
-        "--nd",
-        "--normal-dose",
-        dest="normal_dose",
-        type=Path,
-        default=None,
-        help="two-file form: targets (data set 'images')",
-    )
-    p.add_argument("--arch", choices=["tomogan", "resattunet", "unet"], default="tomogan")
-    p.add_argument("--depth", type=int, default=3, help="adjacent slices as input channels")
-    p.add_argument("--patch", type=int, default=256, help="training patch size (pixels)")
-    p.add_argument("--batch", type=int, default=16, help="patches per step")
-    p.add_argument(
-        "--steps", type=int, default=8000, help="generator steps (total, also when resuming)"
-    )
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (G and D)")
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
-    p.add_argument(
-        "--lambda-adv",
-        type=float,
-        default=0.0,
-        help="adversarial weight (0: no "
-        "discriminator; 1e-3 adds TomoGAN's term stably, 20 as in TomoGAN's public "
-        "code swamps the MSE: docs/model-card.md)",
-    )
-    p.add_argument("--lambda-mse", type=float, default=1.0, help="pixel MSE weight")
-    p.add_argument(
-        "--lambda-perc",
-        type=float,
-        default=2.0,
-        help="VGG19 perceptual weight (used only with --vgg-weights)",
-    )
-    p.add_argument("--adv", choices=["wgan-gp", "bce"], default="wgan-gp", help="adversarial loss")
-    p.add_argument("--d-steps", type=int, default=2, help="discriminator steps per G step")
-    p.add_argument(
-        "--vgg-weights",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="local torchvision VGG19 state dict; without it the perceptual loss is "
-        "off (never downloaded)",
-    )
-    p.add_argument(
-        "--precision",
-        choices=["fp32", "mixed"],
-        default=None,
-        help="mixed: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU "
-        "(default: mixed on CUDA, fp32 on CPU)",
-    )
-    p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("runs/train"), help="checkpoint folder")
-    p.add_argument(
-        "--init",
-        type=Path,
-        default=None,
-        metavar="MODEL",
-        help="start from these generator weights: a model artifact (e.g. the shipped "
-        "models/weights/tomogan-foam-d3.pt) or a training checkpoint (fine-tuning)",
-    )
-    p.add_argument(
-        "--resume",
-        type=Path,
-        default=None,
-        metavar="CHECKPOINT",
-        help="continue this checkpoint (its settings win; --steps may grow)",
-    )
-    p.add_argument("--val-every", type=int, default=100, help="validate every N steps")
-    p.add_argument("--val-slices", type=int, default=8, help="whole test slices validated")
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+def add_dose_files(
+    p: argparse.ArgumentParser, low_dose_help: str, normal_dose_help: str, required: bool
+) -> None:
+    """-ld/--low-dose and -nd/--normal-dose, TomoGAN's two-file form (TomoGAN's spellings);
+    `required`: the low-dose file is."""
+    for short, name, text, needed in (
+        ("ld", "low-dose", low_dose_help, required),
+        ("nd", "normal-dose", normal_dose_help, False),
+    ):
+        p.add_argument(
+            f"-{short}",
+            f"--{short}",
+            f"--{name}",
+            dest=name.replace("-", "_"),
+            type=Path,
+            required=needed,
+            default=None,
+            help=text,
+        )
+
+
+def _add_export(command: Command) -> None:
     p = command(
         "export",
         cmd_export,
@@ -379,24 +205,14 @@ def add_commands(command: Command) -> None:
         "(data in attenuation per pixel); 0: absolute",
     )
 
+
+def _add_infer(command: Command) -> None:
     p = command("infer", cmd_infer, "denoise the slices of an HDF5 file (writes ns, dn and gt)")
-    p.add_argument(
-        "-ld",
-        "--ld",
-        "--low-dose",
-        dest="low_dose",
-        type=Path,
+    add_dose_files(
+        p,
+        "noisy slices: test_ns (one-file form) or 'images'",
+        "targets ('images') written as gt and scored",
         required=True,
-        help="noisy slices: test_ns (one-file form) or 'images'",
-    )
-    p.add_argument(
-        "-nd",
-        "--nd",
-        "--normal-dose",
-        dest="normal_dose",
-        type=Path,
-        default=None,
-        help="targets ('images') written as gt and scored",
     )
     p.add_argument(
         "--dataset",
@@ -420,6 +236,32 @@ def add_commands(command: Command) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+
+# -- evaluate: its command and its flags, together so they can be replaced as one ----------
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from models.training.evaluate import evaluate, format_table
+
+    rows = evaluate(
+        args.model,
+        seeds=args.seeds,
+        rows=args.rows,
+        size=args.size,
+        angles=args.angles,
+        sparse=args.sparse,
+        photons=args.photons,
+        device=resolve_device(args.device),
+        progress=not args.no_progress,
+    )
+    table = format_table(rows)
+    sys.stdout.write(table)
+    if args.out is not None:
+        args.out.write_text(table)
+    return 0
+
+
+def _add_evaluate(command: Command) -> None:
     p = command(
         "evaluate",
         cmd_evaluate,

@@ -85,7 +85,8 @@ class VGG19Features(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         rgb = image.expand(-1, 3, -1, -1)
-        return self.features((rgb - self.mean) / self.std)
+        features: torch.Tensor = self.features((rgb - self.mean) / self.std)
+        return features
 
     @classmethod
     def from_file(cls, path: str | Path) -> VGG19Features:
@@ -171,4 +172,5 @@ def gradient_penalty(
     (grads,) = torch.autograd.grad(scores.sum() * scale, mix, create_graph=True)
     grads = grads.float() / scale
     norm = grads.flatten(1).norm(2, dim=1)
-    return GRADIENT_PENALTY_WEIGHT * (norm - 1).square().mean()
+    penalty: torch.Tensor = GRADIENT_PENALTY_WEIGHT * (norm - 1).square().mean()
+    return penalty

@@ -45,7 +45,9 @@ class PeakMemory:
             self.what = "torch.cuda.max_memory_allocated above the start"
         else:
             self._start = resident_bytes()
-            self.what = "process resident set above the start, sampled every 5 ms"
+            self.what = (
+                f"process resident set above the start, sampled every {SAMPLE_SECONDS * 1e3:g} ms"
+            )
             self._thread = threading.Thread(target=self._sample, name="peak-memory", daemon=True)
             self._thread.start()
         return self

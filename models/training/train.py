@@ -2,9 +2,10 @@
 
 One training step is `d_steps` discriminator steps (two, as in TomoGAN) and one generator step,
 each on a fresh random batch. The generator minimises lambda_mse * MSE + lambda_adv * adv +
-lambda_perc * VGG19 perceptual; with lambda_adv = 0 (the default: measured best for PSNR and SSIM,
-and 4-5x cheaper a step) no discriminator is built or stepped, and the perceptual term runs only
-when a local VGG19 weights file is given.
+lambda_perc * VGG19 perceptual; with lambda_adv = 0 (the default: best for PSNR and SSIM, and
+much cheaper a step without the critic's steps; figures in docs/model-card.md, "Training" and
+"Adversarial training, measured") no discriminator is built or stepped, and the perceptual term
+runs only when a local VGG19 weights file is given.
 
 Mixed precision (`precision="mixed"`): fp16 autocast with a GradScaler per network on CUDA,
 bf16 autocast on the CPU (bf16 has fp32's range, so no loss scaling). Losses, metrics and the
@@ -214,7 +215,7 @@ class Trainer:
                     self.discriminator, y, fake, self.mix_rng, self.d_scaler.get_scale()
                 )
         self.d_opt.zero_grad(set_to_none=True)
-        self.d_scaler.scale(loss + penalty).backward()
+        torch.autograd.backward(self.d_scaler.scale(loss + penalty))
         self.d_scaler.step(self.d_opt)
         self.d_scaler.update()
         return {"d": loss.item(), "gp": penalty.item()}
@@ -238,7 +239,7 @@ class Trainer:
             torch.zeros((), device=self.device),
         )
         self.g_opt.zero_grad(set_to_none=True)
-        self.g_scaler.scale(loss).backward()
+        torch.autograd.backward(self.g_scaler.scale(loss))
         self.g_scaler.step(self.g_opt)
         self.g_scaler.update()
         return {"loss": loss.item(), **{name: value.item() for name, value in terms.items()}}
@@ -274,7 +275,7 @@ class Trainer:
         self.generator.eval()
         outputs = []
         with torch.no_grad():
-            for chunk in inputs.split(VALIDATION_BATCH):
+            for chunk in torch.split(inputs, VALIDATION_BATCH):
                 normalised = (chunk.to(self.device) - self.offset) / self.scale
                 out = self.generator(pad_to_multiple(normalised, PAD_MULTIPLE))
                 outputs.append(out[..., : chunk.shape[-2], : chunk.shape[-1]].float().cpu())
@@ -379,46 +380,16 @@ def resume(
 def run(trainer: Trainer, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Train to `config.steps`, validating and checkpointing on schedule; write the final
     checkpoint and `summary.json` (timing, peak memory, last validation) into `out_dir`."""
-    from tqdm import tqdm
-
     out_dir = Path(out_dir)
-    config = trainer.config
     checkpoint = out_dir / CHECKPOINT_FILE
-    last: dict[str, float] = trainer.history[-1] if trainer.history else {}
     first_step = trainer.step_count
     elapsed_before = trainer.elapsed
-    with (
-        PeakMemory(trainer.device) as memory,
-        tqdm(
-            total=config.steps,
-            initial=trainer.step_count,
-            disable=not progress,
-            desc=f"train {config.arch}",
-            unit="step",
-            dynamic_ncols=True,
-        ) as bar,
-    ):
-        while trainer.step_count < config.steps:
-            losses = trainer.step()
-            shown = {key: f"{value:.4g}" for key, value in losses.items()}
-            if trainer.step_count % config.val_every == 0 or trainer.step_count == config.steps:
-                last = trainer.validate()
-                log.info(
-                    "step %d: %s; validation PSNR %.2f dB SSIM %.4f",
-                    trainer.step_count,
-                    shown,
-                    last["psnr"],
-                    last["ssim"],
-                )
-            if last:
-                shown.update(psnr=f"{last['psnr']:.2f}", ssim=f"{last['ssim']:.3f}")
-            bar.set_postfix(shown, refresh=False)
-            bar.update(1)
-            if trainer.step_count % config.checkpoint_every == 0:
-                trainer.save(checkpoint)
+    with PeakMemory(trainer.device) as memory:
+        last = _train(trainer, checkpoint, progress)
     trainer.save(checkpoint)
     steps_run = trainer.step_count - first_step
     seconds = trainer.elapsed - elapsed_before
+    config = trainer.config
     summary = {
         "arch": config.arch,
         "precision": config.precision,
@@ -437,3 +408,39 @@ def run(trainer: Trainer, out_dir: str | Path, progress: bool = True) -> dict[st
     }
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _train(trainer: Trainer, checkpoint: Path, progress: bool) -> dict[str, float]:
+    """The steps up to `config.steps` with a progress bar, validating every `val_every` steps
+    and at the last, checkpointing every `checkpoint_every`; returns the last validation."""
+    from tqdm import tqdm
+
+    config = trainer.config
+    last: dict[str, float] = trainer.history[-1] if trainer.history else {}
+    with tqdm(
+        total=config.steps,
+        initial=trainer.step_count,
+        disable=not progress,
+        desc=f"train {config.arch}",
+        unit="step",
+        dynamic_ncols=True,
+    ) as bar:
+        while trainer.step_count < config.steps:
+            losses = trainer.step()
+            shown = {key: f"{value:.4g}" for key, value in losses.items()}
+            if trainer.step_count % config.val_every == 0 or trainer.step_count == config.steps:
+                last = trainer.validate()
+                log.info(
+                    "step %d: %s; validation PSNR %.2f dB SSIM %.4f",
+                    trainer.step_count,
+                    shown,
+                    last["psnr"],
+                    last["ssim"],
+                )
+            if last:
+                shown.update(psnr=f"{last['psnr']:.2f}", ssim=f"{last['ssim']:.3f}")
+            bar.set_postfix(shown, refresh=False)
+            bar.update(1)
+            if trainer.step_count % config.checkpoint_every == 0:
+                trainer.save(checkpoint)
+    return last

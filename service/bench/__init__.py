@@ -1,25 +1,30 @@
 """`tomocast bench WHAT`: tomocast's compute stages timed against the codes the field uses.
 
 Each WHAT is a module named in `BENCHES` with `add_arguments(parser)`, which fills the
-`tomocast bench WHAT` sub-parser (its own flags and defaults), and `run(args) -> int`. Its heavy
-imports (torch, the peers) stay inside `run`, so building the parser, and `tomocast --help`,
-stays fast. `bench recon` is `service.bench.recon`; another stage adds a module and a line to
-`BENCHES`, and reports through `machine`, `describe` and `emit` below like recon does.
+`tomocast bench WHAT` sub-parser (its own flags and defaults, then the ones every bench shares:
+`add_common_arguments`), and `run(args) -> int`. Its heavy imports (torch, the peers) stay
+inside `run`, so building the parser, and `tomocast --help`, stays fast. Every bench reports the
+same way: `command_line` spells out the flags that shape its figures, `machine` says what they
+were measured on, `heading` opens its table with both, and `emit` prints the table or the JSON.
+Another stage adds a module and a line to `BENCHES`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
 import platform
+import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Iterable
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-Command = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
+if TYPE_CHECKING:
+    from service.cli import Command
 
 # what -> the module that times it
 BENCHES: MappingProxyType[str, str] = MappingProxyType(
@@ -60,6 +65,60 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return int(importlib.import_module(BENCHES[args.what]).run(args))
 
 
+THREADS_HELP = "torch threads (default: torch's)"
+
+
+def add_common_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    seed_help: str,
+    device_help: str = "cpu, cuda or cuda:N",
+    threads: bool = False,
+) -> None:
+    """The flags every bench shares, after its own: --threads (with `threads`: the bench sets
+    torch's thread count, `set_threads`), --device, --seed and --json. A flag the parser has
+    already (a parent parser's) is kept as it is."""
+    flags: list[tuple[str, dict[str, Any]]] = []
+    if threads:
+        flags.append(("--threads", {"type": int, "default": None, "help": THREADS_HELP}))
+    flags += [
+        ("--device", {"default": "cpu", "help": device_help}),
+        ("--seed", {"type": int, "default": 0, "help": seed_help}),
+        ("--json", {"action": "store_true", "help": "one JSON document instead of a table"}),
+    ]
+    for flag, options in flags:
+        with contextlib.suppress(argparse.ArgumentError):
+            parser.add_argument(flag, **options)
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """torch's intra-op threads as --threads asks (left as they are without it)."""
+    if getattr(args, "threads", None) is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def command_line(what: str, args: argparse.Namespace, flags: Iterable[str], **values: Any) -> str:
+    """`tomocast bench WHAT` with the flags that shape its figures, spelled out in the order
+    given: what docs/benchmarks.md quotes. A flag's value is `args`' (or `values`', by the
+    flag's dest: `--peer-budget` is `peer_budget`); None or False leaves the flag out, True
+    writes it alone, a list as its items, anything else as str() does."""
+    words = ["tomocast", "bench", what]
+    for flag in flags:
+        dest = flag.lstrip("-").replace("-", "_")
+        value = values[dest] if dest in values else getattr(args, dest)
+        if value is None or value is False:
+            continue
+        if value is True:
+            words.append(flag)
+        elif isinstance(value, list | tuple):
+            words += [flag, *map(str, value)]
+        else:
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+
 def machine(device: Any, load_before: float) -> dict[str, Any]:
     """What the figures were measured on, and how busy it was (1-minute load average before
     and after: on a shared machine, the noise to read them with)."""
@@ -96,6 +155,11 @@ def describe(found: dict[str, Any]) -> str:
         f"({found['torch_threads']} threads), device {found['device']}{gpu}; 1-min load "
         f"average {found['load_average_before']} before, {found['load_average_after']} after"
     )
+
+
+def heading(report: dict[str, Any]) -> str:
+    """The first lines of every bench's table: the command, then the machine."""
+    return f"{report['command']}\n{describe(report['machine'])}\n"
 
 
 def emit(args: argparse.Namespace, report: dict[str, Any], table: str) -> None:

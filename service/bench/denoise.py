@@ -9,7 +9,7 @@ weights, fp32, default (NCHW) layout. The others are what docs/benchmarks.md com
   optimize_for_inference (oneDNN conv fusion), channels_last;
 - `compile`: torch.compile (inductor, freezing) of `eager`, channels_last; its compile time is
   reported as set-up. It is compiled for each (size, batch) case (dynamic=False), more shapes
-  than dynamo's default recompile limit (8) in a big run, after which it would silently run
+  than dynamo's default recompile limit in a big run, after which it would silently run
   eager: the limit is raised for the run to hold every case, and the report says so;
 - `engine-fp32`, `engine-fp16`, `engine-bf16`, `engine-int8`, `engine` (auto):
   `workers.denoise.DenoiseEngine` (which also normalises, pads and crops).
@@ -32,8 +32,10 @@ import random
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+from service.bench import add_common_arguments, command_line, emit, heading, machine, set_threads
 
 VARIANTS = (
     "eager",
@@ -48,26 +50,15 @@ VARIANTS = (
 )
 OUT_OF_MEMORY = "out of memory"
 DEFAULT_VARIANTS = ("eager", "script", "frozen", "engine-fp32", "engine-int8")
-
-
-def _add(parser: argparse.ArgumentParser, *flags: str, **options: Any) -> None:
-    # `tomocast bench` shares some flags across its benches (--device, --json, ...): reuse those.
-    with contextlib.suppress(argparse.ArgumentError):
-        parser.add_argument(*flags, **options)
+# variant -> its network: (batch, depth, H, W) stacks in the network's units -> (batch, H, W)
+Variants = dict[str, Callable[[Any], Any]]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _add(
-        parser,
-        "--sizes",
-        type=int,
-        nargs="+",
-        default=[512],
-        metavar="PX",
-        help="slice sizes (PX x PX)",
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[512], metavar="PX", help="slice sizes (PX x PX)"
     )
-    _add(
-        parser,
+    parser.add_argument(
         "--batches",
         type=int,
         nargs="+",
@@ -75,26 +66,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="slices per network call",
     )
-    _add(parser, "--repeat", type=int, default=5, help="timed rounds (min and median reported)")
-    _add(
-        parser,
+    parser.add_argument(
+        "--repeat", type=int, default=5, help="timed rounds (min and median reported)"
+    )
+    parser.add_argument(
         "--variants",
         default=",".join(DEFAULT_VARIANTS),
         help=f"comma-separated, first is the baseline; of: {', '.join(VARIANTS)}",
     )
-    _add(parser, "--model", default=None, help="artifact (default: the shipped model)")
-    _add(parser, "--threads", type=int, default=None, help="torch threads (default: torch's)")
-    _add(
-        parser,
+    parser.add_argument("--model", default=None, help="artifact (default: the shipped model)")
+    parser.add_argument(
         "--memory-limit",
         type=int,
         default=None,
         metavar="BYTES",
         help="engine variants: activation memory per network call (tiles beyond it)",
     )
-    _add(parser, "--device", default="cpu", help="cpu, cuda or cuda:N")
-    _add(parser, "--seed", type=int, default=0, help="phantom seed and round order")
-    _add(parser, "--json", action="store_true", help="one JSON document instead of a table")
+    add_common_arguments(parser, seed_help="phantom seed and round order", threads=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     from workers.denoise import default_artifact_path
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown or not names:
@@ -111,11 +98,9 @@ def run(args: argparse.Namespace) -> int:
             f"bench denoise: unknown variant(s) {', '.join(unknown)}; "
             f"choose from {', '.join(VARIANTS)}"
         )
-    from workers.quantize import foam_stacks
-
     device = torch.device(args.device)
     path = args.model or default_artifact_path(device)
-    depth = _depth(args, device)
+    depth = _depth(path)
     load_before = os.getloadavg()[0]
     variants, setup = {}, {}
     for name in names:
@@ -126,27 +111,37 @@ def run(args: argparse.Namespace) -> int:
     compiling, note = (
         _recompile_limit(cases) if "compile" in variants else (contextlib.nullcontext(), None)
     )
-    rows = []
     with compiling:
-        for size in args.sizes:
-            # one render per size (CPU FBP of the phantoms: seconds at 2048 px), enough stacks
-            # for the largest batch
-            stacks, _ = foam_stacks(
-                depth, seed=args.seed, rows=max(depth, (max(args.batches) + 3) // 4), size=size
-            )
-            for batch in args.batches:
-                rows += _time_case(variants, setup, stacks[:batch], device, args)
+        rows = [
+            row
+            for stacks in _cases(depth, args)
+            for row in _time_case(variants, setup, stacks, device, args)
+        ]
     report = {
         "bench": "denoise",
         "model": str(path),
-        "machine": _machine(device, load_before),
+        "machine": machine(device, load_before),
         "command": _command(args),
         "results": rows,
     }
     if note is not None:
         report["compile"] = note
-    _emit(args, report, _table(report))
+    emit(args, report, _table(report))
     return 0
+
+
+def _cases(depth: int, args: argparse.Namespace) -> Iterator[Any]:
+    """The stacks of every (size, batch) case, (batch, depth, size, size)."""
+    from workers.quantize import foam_stacks
+
+    for size in args.sizes:
+        # one render per size (a CPU FBP of the phantoms, slow at large sizes), enough stacks
+        # for the largest batch
+        stacks, _ = foam_stacks(
+            depth, seed=args.seed, rows=max(depth, (max(args.batches) + 3) // 4), size=size
+        )
+        for batch in args.batches:
+            yield stacks[:batch]
 
 
 def _recompile_limit(cases: int) -> tuple[contextlib.AbstractContextManager[Any], str]:
@@ -202,12 +197,12 @@ def _build(name: str, path: Any, device: Any, memory_limit: int | None) -> Calla
 
     inductor.freezing = True  # weights become constants: prepacked for oneDNN
     network = network.to(memory_format=channels_last)  # type: ignore[call-overload]
-    compiled = torch.compile(network, dynamic=False)
+    compiled: Callable[[Any], Any] = torch.compile(network, dynamic=False)
     return lambda x: compiled(x.contiguous(memory_format=channels_last))[:, 0]
 
 
 def _time_case(
-    variants: dict[str, Callable[[Any], Any]],
+    variants: Variants,
     setup: dict[str, float],
     stacks: Any,
     device: Any,
@@ -217,35 +212,12 @@ def _time_case(
     runs out of device memory gets a row saying so, and the others are timed without it."""
     import torch
 
-    batch, size = stacks.shape[0], stacks.shape[-1]
     x = stacks.to(device)
-    outputs: dict[str, Any] = {}
-    first_call: dict[str, float] = {}
-    times: dict[str, list[float]] = {name: [] for name in variants}
     failed: set[str] = set()
     with torch.inference_mode():
-        for name, network in variants.items():
-            try:
-                started = time.perf_counter()
-                outputs[name] = network(x).float().cpu()  # compiles (or captures) this shape
-                first_call[name] = time.perf_counter() - started
-                network(x)
-            except RuntimeError as exc:
-                _out_of_memory(exc, device, failed, name)
-        order = [name for name in variants if name not in failed]
-        shuffle = random.Random(args.seed)
-        for _ in range(args.repeat):
-            shuffle.shuffle(order)
-            for name in list(order):
-                try:
-                    started = time.perf_counter()
-                    variants[name](x)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    times[name].append((time.perf_counter() - started) / batch)
-                except RuntimeError as exc:
-                    _out_of_memory(exc, device, failed, name)
-                    order.remove(name)
+        outputs, first_call = _first_calls(variants, x, device, failed)
+        times = _timed_rounds(variants, x, device, failed, args)
+    batch, size = stacks.shape[0], stacks.shape[-1]
     baseline = next(iter(variants))
     rows = []
     for name, values in times.items():
@@ -253,30 +225,83 @@ def _time_case(
         if name in failed:
             rows.append({**row, "error": OUT_OF_MEMORY})
             continue
+        reference = None if baseline in failed else (times[baseline], outputs[baseline])
         row.update(
             {
                 "ms_per_slice_min": 1e3 * min(values),
                 "ms_per_slice_median": 1e3 * statistics.median(values),
                 "setup_s": setup[name] + first_call[name],
-                "speedup_min": None,
-                "speedup_median": None,
-                "rms_vs_baseline": None,
-                "max_vs_baseline": None,
+                **_versus(values, outputs[name], reference),
             }
         )
-        if baseline not in failed:
-            base = times[baseline]
-            difference = outputs[name] - outputs[baseline]
-            row.update(
-                {
-                    "speedup_min": min(base) / min(values),
-                    "speedup_median": statistics.median(base) / statistics.median(values),
-                    "rms_vs_baseline": float(difference.pow(2).mean().sqrt()),
-                    "max_vs_baseline": float(difference.abs().max()),
-                }
-            )
         rows.append(row)
     return rows
+
+
+def _first_calls(
+    variants: Variants, x: Any, device: Any, failed: set[str]
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Each variant's output on `x` (on the CPU, for the accuracy columns) and the seconds of
+    its first call, which compiles or captures this shape; then one more untimed call."""
+    outputs: dict[str, Any] = {}
+    first_call: dict[str, float] = {}
+    for name, network in variants.items():
+        try:
+            started = time.perf_counter()
+            outputs[name] = network(x).float().cpu()
+            first_call[name] = time.perf_counter() - started
+            network(x)
+        except RuntimeError as exc:
+            _out_of_memory(exc, device, failed, name)
+    return outputs, first_call
+
+
+def _timed_rounds(
+    variants: Variants,
+    x: Any,
+    device: Any,
+    failed: set[str],
+    args: argparse.Namespace,
+) -> dict[str, list[float]]:
+    """Seconds per slice of each variant in each of `args.repeat` rounds, the variants in a
+    shuffled order each round; one that runs out of memory leaves the rounds."""
+    import torch
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    order = [name for name in variants if name not in failed]
+    shuffle = random.Random(args.seed)
+    for _ in range(args.repeat):
+        shuffle.shuffle(order)
+        for name in list(order):
+            try:
+                started = time.perf_counter()
+                variants[name](x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times[name].append((time.perf_counter() - started) / x.shape[0])
+            except RuntimeError as exc:
+                _out_of_memory(exc, device, failed, name)
+                order.remove(name)
+    return times
+
+
+def _versus(
+    values: list[float], output: Any, baseline: tuple[list[float], Any] | None
+) -> dict[str, float | None]:
+    """A variant against the baseline's (times, output): speed-ups and the difference in
+    units of the data range; all None without a baseline to compare with."""
+    if baseline is None:
+        return dict.fromkeys(
+            ("speedup_min", "speedup_median", "rms_vs_baseline", "max_vs_baseline")
+        )
+    base, reference = baseline
+    difference = output - reference
+    return {
+        "speedup_min": min(base) / min(values),
+        "speedup_median": statistics.median(base) / statistics.median(values),
+        "rms_vs_baseline": float(difference.pow(2).mean().sqrt()),
+        "max_vs_baseline": float(difference.abs().max()),
+    }
 
 
 def _out_of_memory(exc: RuntimeError, device: Any, failed: set[str], name: str) -> None:
@@ -293,54 +318,20 @@ def _out_of_memory(exc: RuntimeError, device: Any, failed: set[str], name: str) 
         torch.cuda.empty_cache()  # what the failed call left cached goes back to the next case
 
 
-def _depth(args: argparse.Namespace, device: Any) -> int:
+def _depth(path: Any) -> int:
     from models.artifact import load_artifact
-    from workers.denoise import default_artifact_path
 
-    return load_artifact(args.model or default_artifact_path(device), "cpu")[1].depth
-
-
-def _machine(device: Any, load_before: float) -> dict[str, Any]:
-    from service.bench import machine
-
-    return machine(device, load_before)
+    return load_artifact(path, "cpu")[1].depth
 
 
 def _command(args: argparse.Namespace) -> str:
-    import shlex
-
-    extra = [] if args.threads is None else ["--threads", str(args.threads)]
-    extra += [] if args.memory_limit is None else ["--memory-limit", str(args.memory_limit)]
-    extra += [] if args.model is None else ["--model", str(args.model)]
-    return shlex.join(
-        [
-            "tomocast",
-            "bench",
-            "denoise",
-            "--sizes",
-            *map(str, args.sizes),
-            "--batches",
-            *map(str, args.batches),
-            "--repeat",
-            str(args.repeat),
-            "--variants",
-            args.variants,
-            "--device",
-            args.device,
-            "--seed",
-            str(args.seed),
-            *extra,
-        ]
-    )
+    flags = ["--sizes", "--batches", "--repeat", "--variants", "--device", "--seed"]
+    return command_line("denoise", args, [*flags, "--threads", "--memory-limit", "--model"])
 
 
 def _table(report: dict[str, Any]) -> str:
-    from service.bench import describe
-
     lines = [
-        f"{report['command']}",
-        f"{describe(report['machine'])}",
-        "",
+        heading(report),
         "| size | batch | variant | ms/slice min | ms/slice median | speed-up (median) | "
         "speed-up (min) | set-up s | rms vs base | max vs base |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -372,9 +363,3 @@ def _cells(row: dict[str, Any]) -> list[str]:
         cell("rms_vs_baseline", ".4f"),
         cell("max_vs_baseline", ".4f"),
     ]
-
-
-def _emit(args: argparse.Namespace, report: dict[str, Any], table: str) -> None:
-    from service.bench import emit
-
-    emit(args, report, table)

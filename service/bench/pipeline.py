@@ -16,79 +16,101 @@ Reported, from the slice headers and the scan_completed events:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import shlex
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-
-def _add(parser: argparse.ArgumentParser, *flags: str, **options: Any) -> None:
-    # `tomocast bench` shares some flags across its benches (--device, --json, ...): reuse those.
-    with contextlib.suppress(argparse.ArgumentError):
-        parser.add_argument(*flags, **options)
+from service.bench import add_common_arguments, command_line, emit, heading, machine, set_threads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _add(parser, "--rows", type=int, default=32, help="detector rows (slices per scan)")
-    _add(parser, "--cols", type=int, default=256, help="detector columns (slices are COLS^2)")
-    _add(parser, "--angles", type=int, default=None, help="projections per scan (1.5 x COLS)")
-    _add(parser, "--scans", type=int, default=3, help="scans sent one after the other")
-    _add(
-        parser,
+    parser.add_argument("--rows", type=int, default=32, help="detector rows (slices per scan)")
+    parser.add_argument(
+        "--cols", type=int, default=256, help="detector columns (slices are COLS^2)"
+    )
+    parser.add_argument(
+        "--angles", type=int, default=None, help="projections per scan (1.5 x COLS)"
+    )
+    parser.add_argument("--scans", type=int, default=3, help="scans sent one after the other")
+    parser.add_argument(
         "--rate",
         type=float,
         default=None,
         help="projections per second the DAQ sends (default: as fast as taken)",
     )
-    _add(parser, "--chunk", type=int, default=8, help="projections per message")
-    _add(parser, "--batch", type=int, default=8, help="worker.batch_rows")
-    _add(parser, "--photons", type=float, default=1000.0, help="flat-field photons per pixel")
-    _add(parser, "--model", default=None, help="denoiser artifact (default: the shipped one)")
-    _add(parser, "--no-denoise", action="store_true", help="model.enabled = false")
-    _add(
-        parser,
+    parser.add_argument("--chunk", type=int, default=8, help="projections per message")
+    parser.add_argument("--batch", type=int, default=8, help="worker.batch_rows")
+    parser.add_argument(
+        "--photons", type=float, default=1000.0, help="flat-field photons per pixel"
+    )
+    parser.add_argument(
+        "--model", default=None, help="denoiser artifact (default: the shipped one)"
+    )
+    parser.add_argument("--no-denoise", action="store_true", help="model.enabled = false")
+    parser.add_argument(
         "--no-prepare",
         action="store_true",
         help="worker.prepare_geometry = false: "
         "each scan's FBP geometry is built by its first batch, not at scan_start",
     )
-    _add(
-        parser,
+    parser.add_argument(
         "--sinogram-dtype",
         choices=["float32", "float16"],
         default="float32",
         help="ingest.sinogram_dtype: storage of the scans being assembled",
     )
-    _add(
-        parser,
+    parser.add_argument(
         "--precision",
         default=None,
         help="worker.denoise_precision (auto, artifact, "
         "fp32, int8, ...; default: the service's setting)",
     )
-    _add(parser, "--threads", type=int, default=None, help="torch threads (default: torch's)")
-    _add(parser, "--timeout", type=float, default=600.0, help="give up after this many seconds")
-    _add(parser, "--device", default="cpu", help="cpu, cuda or cuda:N")
-    _add(parser, "--seed", type=int, default=0, help="phantom and noise seed")
-    _add(parser, "--json", action="store_true", help="one JSON document instead of a table")
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="give up after this many seconds"
+    )
+    add_common_arguments(parser, seed_help="phantom and noise seed", threads=True)
+
+
+@dataclass
+class _Seen:
+    """What the viewer took and the DAQ did during a run."""
+
+    headers: list[dict[str, Any]] = field(default_factory=list)  # slice headers
+    events: list[dict[str, Any]] = field(default_factory=list)  # scan lifecycle events
+    sent: list[float] = field(default_factory=list)  # when each scan's first message went
+    dropped: int = 0  # slices the viewer lost
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from service.app import Service
-    from service.client import Detector, Subscriber
     from service.config import load_settings
-    from service.sim.simulate import ScanPacer, simulate_scan
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     angles = args.angles or round(1.5 * args.cols)
-    scans = [
+    scans = _simulate(args, angles)
+    load_before = os.getloadavg()[0]
+    service = Service(load_settings(None, _overrides(args)))
+    started = time.perf_counter()
+    endpoints = service.start()
+    startup = time.perf_counter() - started
+    try:
+        seen = _stream(scans, endpoints, args)
+    finally:
+        service.stop()
+    report = _report(args, angles, startup, seen, service, load_before)
+    emit(args, report, _table(report))
+    return 0 if all(e["event"] != "scan_failed" for e in seen.events) else 1
+
+
+def _simulate(args: argparse.Namespace, angles: int) -> list[Any]:
+    """The scans to send, simulated before the clock starts."""
+    from service.sim.simulate import simulate_scan
+
+    return [
         simulate_scan(
             f"bench-{i}",
             rows=args.rows,
@@ -99,6 +121,10 @@ def run(args: argparse.Namespace) -> int:
         )
         for i in range(args.scans)
     ]
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The service's settings: free loopback ports, and what the flags set."""
     overrides: dict[str, Any] = {
         "ingest": {"endpoint": "tcp://127.0.0.1:*", "sinogram_dtype": args.sinogram_dtype},
         "publish": {"endpoint": "tcp://127.0.0.1:*"},
@@ -112,49 +138,45 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.precision is not None:
         overrides["worker"]["denoise_precision"] = args.precision
-    load_before = os.getloadavg()[0]
-    service = Service(load_settings(None, overrides))
-    started = time.perf_counter()
-    endpoints = service.start()
-    startup = time.perf_counter() - started
-    headers: list[dict[str, Any]] = []
-    events: list[dict[str, Any]] = []
-    sent: list[float] = []
-    try:
-        with Subscriber(endpoints.publish, ("slice", "event")) as viewer:
-            viewer.wait_ready()
+    return overrides
 
-            def daq() -> None:
-                pacer = ScanPacer(args.rate)
-                with Detector(endpoints.ingest) as detector:
-                    for scan in scans:
-                        sent.append(time.time())
-                        detector.send_scan(
-                            scan.start.scan_id,
-                            scan.projections,
-                            darks=scan.darks,
-                            flats=scan.flats,
-                            chunk=args.chunk,
-                            pace=pacer.wait,
-                        )
 
-            sender = threading.Thread(target=daq, name="bench-daq", daemon=True)
-            sender.start()
-            deadline = time.monotonic() + args.timeout
-            while sum(e["event"] in ("scan_completed", "scan_failed") for e in events) < len(scans):
-                message = viewer.recv(timeout=max(0.0, deadline - time.monotonic()))
-                if message is None:
-                    raise SystemExit(f"bench pipeline: no message for {args.timeout:g} s")
-                (events if message.topic == "event" else headers).append(message.header)
-            sender.join()
-            dropped = sum(viewer.dropped.values())
-    finally:
-        service.stop()
-    report = _report(args, angles, startup, headers, events, sent, dropped, service, load_before)
-    from service.bench import emit
+def _stream(scans: list[Any], endpoints: Any, args: argparse.Namespace) -> _Seen:
+    """Send `scans` from a DAQ thread and take every slice and event until each scan has
+    completed or failed; SystemExit when nothing arrives for --timeout seconds."""
+    from service.client import Detector, Subscriber
+    from service.sim.simulate import ScanPacer
 
-    emit(args, report, _table(report))
-    return 0 if all(e["event"] != "scan_failed" for e in events) else 1
+    seen = _Seen()
+    with Subscriber(endpoints.publish, ("slice", "event")) as viewer:
+        viewer.wait_ready()
+
+        def daq() -> None:
+            pacer = ScanPacer(args.rate)
+            with Detector(endpoints.ingest) as detector:
+                for scan in scans:
+                    seen.sent.append(time.time())
+                    detector.send_scan(
+                        scan.start.scan_id,
+                        scan.projections,
+                        darks=scan.darks,
+                        flats=scan.flats,
+                        chunk=args.chunk,
+                        pace=pacer.wait,
+                    )
+
+        sender = threading.Thread(target=daq, name="bench-daq", daemon=True)
+        sender.start()
+        deadline = time.monotonic() + args.timeout
+        ended = ("scan_completed", "scan_failed")
+        while sum(e["event"] in ended for e in seen.events) < len(scans):
+            message = viewer.recv(timeout=max(0.0, deadline - time.monotonic()))
+            if message is None:
+                raise SystemExit(f"bench pipeline: no message for {args.timeout:g} s")
+            (seen.events if message.topic == "event" else seen.headers).append(message.header)
+        sender.join()
+        seen.dropped = sum(viewer.dropped.values())
+    return seen
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -168,15 +190,11 @@ def _report(
     args: argparse.Namespace,
     angles: int,
     startup: float,
-    headers: list[dict[str, Any]],
-    events: list[dict[str, Any]],
-    sent: list[float],
-    dropped: int,
+    seen: _Seen,
     service: Any,
     load_before: float,
 ) -> dict[str, Any]:
-    from service.bench import machine
-
+    headers, events = seen.headers, seen.events
     stages: dict[str, float] = {}
     for stage in ("fbp", "denoise"):
         values = [h["timing"][stage] for h in headers if stage in h["timing"]]
@@ -193,7 +211,7 @@ def _report(
         if h["scan_id"] not in last or h["t_published"] > last[h["scan_id"]]["t_published"]:
             last[h["scan_id"]] = h
     tails = [h["t_published"] - h["t_last_projection"] for h in last.values()]
-    span = max((h["t_published"] for h in headers), default=0.0) - min(sent, default=0.0)
+    span = max((h["t_published"] for h in headers), default=0.0) - min(seen.sent, default=0.0)
     return {
         "bench": "pipeline",
         "command": _command(args),
@@ -210,7 +228,7 @@ def _report(
         },
         "startup_s": startup,
         "slices": len(headers),
-        "dropped": dropped,
+        "dropped": seen.dropped,
         "failed_scans": sum(e["event"] == "scan_failed" for e in events),
         "ms_per_slice": stages,
         "prepare_geometry": not args.no_prepare,
@@ -226,56 +244,24 @@ def _report(
 
 
 def _command(args: argparse.Namespace) -> str:
-    words = [
-        "tomocast",
-        "bench",
+    scan = ["--rows", "--cols", "--scans", "--chunk", "--batch", "--photons"]
+    optional = ["--angles", "--rate", "--model", "--precision", "--threads", "--sinogram-dtype"]
+    return command_line(
         "pipeline",
-        "--rows",
-        str(args.rows),
-        "--cols",
-        str(args.cols),
-        "--scans",
-        str(args.scans),
-        "--chunk",
-        str(args.chunk),
-        "--batch",
-        str(args.batch),
-        "--photons",
-        f"{args.photons:g}",
-        "--device",
-        args.device,
-        "--seed",
-        str(args.seed),
-    ]
-    for flag, value in (
-        ("--angles", args.angles),
-        ("--rate", args.rate),
-        ("--model", args.model),
-        ("--precision", args.precision),
-        ("--threads", args.threads),
-        ("--sinogram-dtype", None if args.sinogram_dtype == "float32" else args.sinogram_dtype),
-    ):
-        if value is not None:
-            words += [flag, str(value)]
-    flags = [
-        flag
-        for flag, on in (("--no-denoise", args.no_denoise), ("--no-prepare", args.no_prepare))
-        if on
-    ]
-    return shlex.join(words + flags)
+        args,
+        [*scan, "--device", "--seed", *optional, "--no-denoise", "--no-prepare"],
+        photons=f"{args.photons:g}",
+        sinogram_dtype=None if args.sinogram_dtype == "float32" else args.sinogram_dtype,
+    )
 
 
 def _table(report: dict[str, Any]) -> str:
-    from service.bench import describe
-
     stages = ", ".join(f"{k} {v:.1f}" for k, v in report["ms_per_slice"].items())
     latency = report["end_to_end_ms"]
     tail = report["scan_tail_s"]
     rate = report["slices_per_s"]
     lines = [
-        report["command"],
-        describe(report["machine"]),
-        "",
+        heading(report),
         "| what | value |",
         "|---|---|",
         f"| model (precision) | {report['model']} ({report['precision']}) |",

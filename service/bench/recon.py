@@ -15,13 +15,14 @@ import argparse
 import importlib.util
 import logging
 import os
-import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
+
+from service.bench import add_common_arguments, command_line, emit, heading, machine
 
 if TYPE_CHECKING:
     import numpy as np
@@ -91,39 +92,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="slow peers time slices one by one, at least one, until it is spent",
     )
-    parser.add_argument(
-        "--device",
-        default="cpu",
-        help="tomocast's device: cpu, cuda or cuda:N (peers run on the CPU)",
+    add_common_arguments(
+        parser,
+        seed_help="phantom seed",
+        device_help="tomocast's device: cpu, cuda or cuda:N (peers run on the CPU)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="phantom seed")
-    parser.add_argument("--json", action="store_true", help="one JSON document, not a table")
     # progress goes to the log: --log-level INFO shows which engine and size is being timed
 
 
-def command_line(args: argparse.Namespace) -> str:
-    """The flags that shape the figures, spelled out: what docs/benchmarks.md quotes."""
-    angles = [] if args.angles is None else ["--angles", str(args.angles)]
-    return shlex.join(
-        [
-            "tomocast",
-            "bench",
-            "recon",
-            "--sizes",
-            *map(str, args.sizes),
-            *angles,
-            "--batch",
-            str(args.batch),
-            "--repeat",
-            str(args.repeat),
-            "--peer-budget",
-            f"{args.peer_budget:g}",
-            "--device",
-            args.device,
-            "--seed",
-            str(args.seed),
-        ]
-    )
+def _command(args: argparse.Namespace) -> str:
+    flags = ["--sizes", "--angles", "--batch", "--repeat", "--peer-budget", "--device", "--seed"]
+    return command_line("recon", args, flags, peer_budget=f"{args.peer_budget:g}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,36 +114,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import torch
 
-    from service.bench import describe, emit, machine
-    from workers.recon import AutoFBP
-
     load_before, device = os.getloadavg()[0], torch.device(args.device)
     results: list[Timing] = []
     notes: list[str] = []
     for cols in args.sizes:
-        angles = round(1.5 * cols) if args.angles is None else args.angles
-        log.info("bench recon: foam phantom, %d columns x %d angles", cols, angles)
-        case = _case(cols, angles, args.batch, args.seed)
-        chosen = AutoFBP(device).method_for(angles, cols)
-        size: list[Timing] = []
-        for method in ("gridding", "direct"):
-            log.info("bench recon: tomocast %s at %d columns", method, cols)
-            size.append(_time_ours(method, case, device, args.repeat, method == chosen))
-        for engine, module, peer in _PEERS:
-            if importlib.util.find_spec(module) is None:
-                if cols == args.sizes[0]:
-                    notes.append(f"{engine}: not importable here ({module}), not timed")
-                continue
-            log.info("bench recon: %s at %d columns", engine, cols)
-            size.append(peer(case, args))
-        ours = next(t for t in size if t.ours)
-        for timing in size:
-            timing.ratio = timing.ms_per_slice_median / ours.ms_per_slice_median
-        results += size
-    found = machine(device, load_before)
+        results += _time_size(cols, device, args, notes)
     report = {
-        "command": command_line(args),
-        "machine": found,
+        "command": _command(args),
+        "machine": machine(device, load_before),
         "batch": args.batch,
         "phantom": "foam",
         "filter": "ramp",
@@ -172,13 +129,38 @@ def run(args: argparse.Namespace) -> int:
         "results": [asdict(t) for t in results],
     }
     angles = "1.5 x cols" if args.angles is None else str(args.angles)
-    heading = (
-        f"{report['command']}\n{describe(found)}\nbatch {args.batch}, angles = {angles}, "
-        f"ramp filter, foam phantom (seed {args.seed}); error: relative L2 vs the "
-        "phantom inside the circle\n\n"
+    about = (
+        f"batch {args.batch}, angles = {angles}, ramp filter, foam phantom (seed {args.seed}); "
+        "error: relative L2 vs the phantom inside the circle\n\n"
     )
-    emit(args, report, heading + _table(results, notes))
+    emit(args, report, heading(report) + about + _table(results, notes))
     return 0
+
+
+def _time_size(cols: int, device: Any, args: argparse.Namespace, notes: list[str]) -> list[Timing]:
+    """Ours (both methods) and every importable peer at `cols` columns, each engine's ratio to
+    the method `AutoFBP` picks there; a peer that is not importable is named in `notes` once."""
+    from workers.recon import AutoFBP
+
+    angles = round(1.5 * cols) if args.angles is None else args.angles
+    log.info("bench recon: foam phantom, %d columns x %d angles", cols, angles)
+    case = _case(cols, angles, args.batch, args.seed)
+    chosen = AutoFBP(device).method_for(angles, cols)
+    size: list[Timing] = []
+    for method in ("gridding", "direct"):
+        log.info("bench recon: tomocast %s at %d columns", method, cols)
+        size.append(_time_ours(method, case, device, args.repeat, method == chosen))
+    for engine, module, peer in _PEERS:
+        if importlib.util.find_spec(module) is None:
+            if cols == args.sizes[0]:
+                notes.append(f"{engine}: not importable here ({module}), not timed")
+            continue
+        log.info("bench recon: %s at %d columns", engine, cols)
+        size.append(peer(case, args))
+    ours = next(t for t in size if t.ours)
+    for timing in size:
+        timing.ratio = timing.ms_per_slice_median / ours.ms_per_slice_median
+    return size
 
 
 def _case(cols: int, angles: int, batch: int, seed: int) -> _Case:
@@ -320,7 +302,9 @@ def _skimage(case: _Case, args: argparse.Namespace) -> Timing:
     degrees = np.rad2deg(case.theta)
     return _time_slices(
         "scikit-image iradon",
-        lambda sinogram: iradon(sinogram.T, degrees, filter_name="ramp", circle=True),
+        lambda sinogram: iradon(  # type: ignore[no-untyped-call]
+            sinogram.T, degrees, filter_name="ramp", circle=True
+        ),
         case.skimage_sinograms,
         case.skimage_truth,
         case.skimage_inside,
@@ -354,7 +338,8 @@ def _astra(case: _Case, args: argparse.Namespace) -> Timing:
     def reconstruct(sinogram: np.ndarray) -> np.ndarray:
         astra.data2d.store(sinogram_id, sinogram)
         astra.algorithm.run(algorithm)
-        return astra.data2d.get(slice_id)
+        reconstructed: np.ndarray = astra.data2d.get(slice_id)
+        return reconstructed
 
     try:
         return _time_slices(

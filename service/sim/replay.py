@@ -86,18 +86,7 @@ def read_dxchange(path: str | Path, *, load_projections: bool = True) -> ReplayS
                 f"{path}: /{DATA} has shape {data.shape}, expected a non-empty (angles, rows, cols)"
             )
         n_angles, rows, cols = data.shape
-        references: list[h5py.Dataset | None] = []
-        for name in (DARK, WHITE):
-            frames = f.get(name)
-            if frames is None:
-                references.append(None)
-            elif frames.ndim != 3 or frames.shape[1:] != (rows, cols):
-                raise DataError(
-                    f"{path}: /{name} has shape {frames.shape}, expected "
-                    f"(frames, {rows}, {cols}) to match /{DATA}"
-                )
-            else:
-                references.append(frames)
+        references = [_references(f, path, name, rows, cols) for name in (DARK, WHITE)]
         dtype = _choose_dtype(path, [data, *(r for r in references if r is not None)])
         darks, flats = (
             _convert(path, name, r[()], dtype)
@@ -133,6 +122,18 @@ def read_dxchange(path: str | Path, *, load_projections: bool = True) -> ReplayS
         normalized,
         meta,
     )
+
+
+def _references(f: h5py.File, path: Path, name: str, rows: int, cols: int) -> h5py.Dataset | None:
+    """The dark or flat frames at `name`, None when the file has none; DataError when their
+    frames are not the projections' shape."""
+    frames = f.get(name)
+    if frames is not None and (frames.ndim != 3 or frames.shape[1:] != (rows, cols)):
+        raise DataError(
+            f"{path}: /{name} has shape {frames.shape}, expected "
+            f"(frames, {rows}, {cols}) to match /{DATA}"
+        )
+    return frames
 
 
 def iter_projection_chunks(
@@ -172,7 +173,7 @@ def _choose_dtype(path: Path, datasets: list[h5py.Dataset]) -> str:
     """The protocol dtype every frame of the scan is sent as."""
     names = {d.dtype.name for d in datasets}
     if len(names) == 1 and next(iter(names)) in DTYPES:
-        return next(iter(names))
+        return str(next(iter(names)))
     found = ", ".join(sorted(names))
     if all(d.dtype.kind in "iu" for d in datasets):
         low, high = _value_range(datasets)

@@ -127,7 +127,8 @@ def _to_dtype(counts: np.ndarray, dtype: str) -> np.ndarray:
         log.warning(
             "simulate: %d pixels saturate %s (> %d counts) and are clipped", saturated, dtype, top
         )
-    return np.clip(counts, 0, top).astype(target)
+    clipped: np.ndarray = np.clip(counts, 0, top).astype(target)
+    return clipped
 
 
 def write_truth(path: str | Path, scan: SimulatedScan) -> None:
