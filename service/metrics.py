@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from service.events import ScanCompleted, ScanEnded
 from service.protocol import MESSAGE_TYPES, REJECT_REASONS
 
 # What one slice may cost (fbp + denoise + publish) for the service to keep up with a detector;
@@ -146,6 +147,11 @@ class Metrics:
             self.queue_depth.labels(name)
         for outcome in PREPARE_OUTCOMES:
             self.geometry_prepares.labels(outcome)
+
+    def scan_ended(self, event: ScanEnded) -> None:
+        """Count a scan's outcome (`tomocast_scans_total`): called where every scan's last
+        event is published (`PublishChannel.send_event`), once per scan."""
+        self.scans.labels("completed" if isinstance(event, ScanCompleted) else "failed").inc()
 
     def watch_queue(self, name: str, depth: Callable[[], float]) -> None:
         """Report `depth()` (e.g. a `queue.Queue`'s `qsize`) as the queue's depth at each scrape.

@@ -25,13 +25,14 @@ import time
 
 from service.metrics import Metrics
 from service.protocol import ScanStart
-from service.reconstruct import theta_tensor
+from service.stage import StageThread
 from workers.protocols import PreparableReconstructor
+from workers.rows import theta_tensor
 
 log = logging.getLogger(__name__)
 
 
-class GeometryPreparer:
+class GeometryPreparer(StageThread):
     """Prepares each started scan's geometry on its own thread.
 
     Threading: `submit` and `cancel` are called from the ingest thread and never block;
@@ -42,37 +43,25 @@ class GeometryPreparer:
     def __init__(
         self, reconstructor: PreparableReconstructor, metrics: Metrics, pending: int
     ) -> None:
+        super().__init__("prepare", metrics)
         self.reconstructor = reconstructor
-        self.metrics = metrics
         self._starts: queue.Queue[ScanStart | None] = queue.Queue(pending)
         # the queued starts still wanted, by identity (a scan_id may come back): `cancel` takes
         # a failed scan's out, and the thread prepares only what it finds here
         self._wanted: dict[int, ScanStart] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="prepare", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
+    def _signal_stop(self) -> None:
         """Skip what is pending and take nothing more; a build under way runs on (it cannot be
         interrupted): `join` says whether it has ended. Never blocks: a full queue means the
         thread is busy with an item, and it looks at the stop flag before taking the next."""
-        self._stop.set()
         with contextlib.suppress(queue.Full):
             self._starts.put_nowait(None)
-
-    def join(self, timeout: float | None = None) -> bool:
-        """Whether the thread has ended (or was never started) within `timeout` s."""
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        return not self._thread.is_alive()
 
     def submit(self, start: ScanStart) -> None:
         """Queue `start`'s geometry for building; drops it (logged) when the queue is full, and
         after `stop`."""
-        if self._stop.is_set():
+        if self.stopping:
             return
         with self._lock:
             try:
@@ -95,7 +84,7 @@ class GeometryPreparer:
             self._wanted.pop(id(start), None)
 
     def _run(self) -> None:
-        while not self._stop.is_set() and (start := self._starts.get()) is not None:
+        while not self.stopping and (start := self._starts.get()) is not None:
             with self._lock:
                 wanted = self._wanted.pop(id(start), None) is start
             if not wanted:
@@ -106,15 +95,8 @@ class GeometryPreparer:
                 )
                 self.metrics.geometry_prepares.labels("cancelled").inc()
                 continue
-            try:
-                self._prepare(start)
-            except Exception:  # the one place a failed prepare becomes a log line + counter
-                log.exception(
-                    "scan_id=%s seq=%d preparing the geometry failed; the worker builds it",
-                    start.scan_id,
-                    start.seq,
-                )
-                self.metrics.errors.labels("prepare").inc()
+            what = f"scan_id={start.scan_id} seq={start.seq} geometry (the worker builds it)"
+            if not self.guarded(what, self._prepare, start):
                 self.metrics.geometry_prepares.labels("failed").inc()
 
     def _prepare(self, start: ScanStart) -> None:
