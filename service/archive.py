@@ -6,7 +6,7 @@ Layout (DXchange-like), one file per scan, `<directory>/<scan_id>.h5`:
     /exchange/theta         (angles,)   float64  degrees, the angles reconstructed
     /exchange/received      (rows,)     bool     slices written
     /process/tomocast       attrs: version, model (JSON metadata), center, scan meta (JSON),
-                            completed (the scan_completed event, JSON)
+                            completed (the ScanCompleted event, JSON)
 A file is written as `<scan_id>.h5.partial` and renamed when its scan completes, so a file with
 the final name is always complete. A `SliceSink` (`service.sinks`) of the reconstruct loop.
 Policy: block — the loop waits when the disk is slower than the pipeline (nothing is lost). A

@@ -1,9 +1,10 @@
 """Geometry ahead of the data: each scan's reconstruction geometry is built as the scan starts.
 
-The reconstructor's per-geometry state (the gridding method's spreading matrix: about 1.5 s at
-512 columns and 8 s at 1024 on one CPU core) would otherwise be built by the scan's first batch,
-after the last projection arrived: in the time an operator waits for the last slice. Here it is
-built on its own thread while the projections stream in, and the worker finds it cached.
+The reconstructor's per-geometry state (the gridding method's spreading matrix: seconds on one
+CPU core at 512 columns and more at 1024, docs/benchmarks.md) would otherwise be built by the
+scan's first batch, after the last projection arrived: in the time an operator waits for the last
+slice. Here it is built on its own thread while the projections stream in, and the reconstruct
+loop finds it cached.
 
     [ingest thread] --scan_start--> bounded queue (drop, log) --> [prepare thread]
         --reconstructor.prepare()--> the reconstructor's geometry cache <-- [worker thread]

@@ -343,7 +343,7 @@ def _plain_keys(value: Any, depth: int = 0) -> bool:
 def _unpack_header(raw: bytes | memoryview, limits: Limits) -> dict[str, Any]:
     size = len(raw) if isinstance(raw, bytes) else raw.nbytes
     if size > limits.max_header_bytes:
-        # Checked before unpacking: msgpack objects can expand ~70x into Python objects.
+        # Checked before unpacking: msgpack objects expand many times over into Python objects.
         raise ProtocolError(
             "too_large",
             f"header frame is {size} bytes, above "

@@ -255,12 +255,11 @@ class ScanAssembler:
             return self._start(message)
         scan = self.scans.get(message.scan_id)
         if scan is None:
-            raise ProtocolError(
+            raise refused(
+                message,
                 "unknown_scan",
                 f"no live scan {message.scan_id!r} (send "
                 "scan_start first, or the scan already ended)",
-                message.scan_id,
-                message.seq,
             )
         try:
             self._check_seq(scan, message)
@@ -281,24 +280,16 @@ class ScanAssembler:
 
         A scan without `scan_end` means the DAQ stopped mid-scan: its slices would be built from
         an unknown subset of the data, so none are published."""
-        now = time.monotonic()
-        stale = [s for s in self.scans.values() if now - s.t_last_message > timeout_s]
-        for scan in stale:
+        now, failed = time.monotonic(), []
+        for scan in [s for s in self.scans.values() if now - s.t_last_message > timeout_s]:
             log.warning(
                 "scan_id=%s seq=%d timed out after %.1f s without a message",
-                scan.start.scan_id,
-                scan.max_seq,
-                timeout_s,
+                *(scan.start.scan_id, scan.max_seq, timeout_s),
             )
-        return [
-            self._fail(
-                scan,
-                f"no message for {timeout_s:g} s (ingest.scan_timeout_s); "
-                f"{int(scan.received.sum())} of {scan.start.n_angles} projections had "
-                "arrived",
-            )
-            for scan in stale
-        ]
+            received = f"{int(scan.received.sum())} of {scan.start.n_angles} projections"
+            why = f"no message for {timeout_s:g} s (ingest.scan_timeout_s); {received} had arrived"
+            failed.append(self._fail(scan, why))
+        return failed
 
     def extend_deadlines(self, seconds: float) -> None:
         """Credit every live scan with `seconds` of silence that was not the DAQ's doing."""
@@ -315,11 +306,10 @@ class ScanAssembler:
         try:
             scan = _Scan(start, self.device, self.storage)
         except torch.cuda.OutOfMemoryError:
-            raise ProtocolError(
+            raise refused(
+                start,
                 "too_large",
                 f"the device has no room for {self._bytes(start)} bytes of sinogram",
-                start.scan_id,
-                start.seq,
             ) from None
         if scan.references_ready:
             scan.finalise_references()
@@ -343,44 +333,38 @@ class ScanAssembler:
     def _check_room(self, start: ScanStart) -> None:
         """Refuse a start that is not new, cannot be flat-field corrected, or does not fit."""
         if start.scan_id in self.scans:
-            raise ProtocolError(
+            raise refused(
+                start,
                 "scan_exists",
                 f"scan {start.scan_id!r} is already live; end it or use a new scan_id",
-                start.scan_id,
-                start.seq,
             )
         if not start.normalized and start.n_flat == 0:
-            raise ProtocolError(
+            raise refused(
+                start,
                 "no_flats",
                 "a raw scan needs flat fields (n_flat >= 1), or send "
                 "line integrals with normalized=true",
-                start.scan_id,
-                start.seq,
             )
         limit = self.limits.max_live_scans
         if len(self.scans) >= limit:
-            raise ProtocolError(
+            raise refused(
+                start,
                 "too_many_scans",
                 f"{len(self.scans)} scans are live (ingest.max_live_scans={limit})",
-                start.scan_id,
-                start.seq,
             )
         need = self._bytes(start)
         held = sum(s.nbytes for s in self.scans.values())
         if held + need > self.limits.max_live_bytes:
-            raise ProtocolError(
+            raise refused(
+                start,
                 "too_many_scans",
                 f"this scan needs {need} bytes and live scans "
                 f"hold {held}: over ingest.max_live_bytes={self.limits.max_live_bytes}",
-                start.scan_id,
-                start.seq,
             )
 
     def _check_seq(self, scan: _Scan, message: FrameChunk | ScanEnd) -> None:
         if message.seq in scan.seqs:
-            raise ProtocolError(
-                "duplicate", f"seq {message.seq} was already received", message.scan_id, message.seq
-            )
+            raise refused(message, "duplicate", f"seq {message.seq} was already received")
         if message.seq > scan.max_seq + 1:
             log.warning(
                 "scan_id=%s seq=%d gap: messages %d..%d not (yet) received",
@@ -393,50 +377,45 @@ class ScanAssembler:
     def _frames(self, scan: _Scan, chunk: FrameChunk) -> list[Outcome]:
         start = scan.start
         if start.normalized and chunk.kind != "projections":
-            raise ProtocolError(
+            raise refused(
+                chunk,
                 "bad_value",
                 f"{chunk.kind} frames sent for a normalized scan",
-                chunk.scan_id,
-                chunk.seq,
             )
         declared = {"dark": start.n_dark, "flat": start.n_flat, "projections": start.n_angles}[
             chunk.kind
         ]
         if chunk.index + chunk.count > declared:
-            raise ProtocolError(
+            raise refused(
+                chunk,
                 "index_out_of_range",
                 f"{chunk.kind} index {chunk.index}+count "
                 f"{chunk.count} exceeds the {declared} declared at scan_start",
-                chunk.scan_id,
-                chunk.seq,
             )
         data = chunk.to_array(start)
         span = range(chunk.index, chunk.index + chunk.count)
         if chunk.kind == "projections":
             if scan.received[chunk.index : chunk.index + chunk.count].any():
-                raise ProtocolError(
+                raise refused(
+                    chunk,
                     "duplicate",
                     f"projections {span.start}..{span.stop - 1} overlap ones already received",
-                    chunk.scan_id,
-                    chunk.seq,
                 )
             clipped = scan.store(chunk.index, data)
             scan.t_last_projection = time.time()
             return _clipped(clipped)
         refs = scan.darks if chunk.kind == "dark" else scan.flats
         if refs.seen.intersection(span):
-            raise ProtocolError(
+            raise refused(
+                chunk,
                 "duplicate",
                 f"{chunk.kind} frames {span.start}..{span.stop - 1} overlap ones already received",
-                chunk.scan_id,
-                chunk.seq,
             )
         if scan.dark is not None:
-            raise ProtocolError(
+            raise refused(
+                chunk,
                 "bad_value",
                 f"{chunk.kind} frames after the references were complete",
-                chunk.scan_id,
-                chunk.seq,
             )
         refs.add(chunk.index, torch.from_numpy(np.array(data, copy=True)).to(scan.device))
         if scan.references_ready:
@@ -508,6 +487,11 @@ class ScanAssembler:
         self.scans.pop(scan.start.scan_id, None)
         log.error("scan_id=%s failed: %s", scan.start.scan_id, reason)
         return Failed(scan.start, reason)
+
+
+def refused(message: Message, reason: str, detail: str) -> ProtocolError:
+    """The rejection of `message` for `reason` (a `REJECT_REASONS` label)."""
+    return ProtocolError(reason, detail, message.scan_id, message.seq)
 
 
 def _clipped(pixels: int) -> list[Outcome]:

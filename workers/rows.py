@@ -12,10 +12,10 @@ import torch
 
 
 def theta_tensor(theta: np.ndarray) -> torch.Tensor:
-    """A scan's angles as the worker hands them to the reconstructor: float32 on the CPU, where
-    reconstructors read them to key and build their geometry (one on the device would be
-    copied back, with a wait, every batch). `service.prepare` hands over the same values,
-    since reconstructors cache geometry by them."""
+    """A scan's angles as the reconstruct loop hands them to the reconstructor: float32 on the
+    CPU, where reconstructors read them to key and build their geometry (one on the device
+    would be copied back, with a wait, every batch). The geometry preparer hands over the same
+    values, since reconstructors cache geometry by them."""
     return torch.as_tensor(theta, dtype=torch.float32, device="cpu")
 
 
@@ -24,10 +24,10 @@ class RowWindow:
     device: each batch is written after the rows still needed, and rows no denoise batch needs
     any more are dropped from the front by sliding the kept ones down.
 
-    Threading and ownership: the worker thread's; on CUDA only its compute stream touches the
-    buffer (allocation included), so reuse needs no events. Views of it change when the next
-    batch is written: hand `clone`s, never views, to anything that reads them later (the
-    transfer's copy stream, the publisher's zero-copy sends, the archive's queue).
+    Threading and ownership: one thread's (the reconstruct loop's); on CUDA only its compute
+    stream touches the buffer (allocation included), so reuse needs no events. Views of it
+    change when the next batch is written: hand `clone`s, never views, to anything that reads
+    them later (a copy stream, zero-copy sends, a queue).
     """
 
     def __init__(self) -> None:

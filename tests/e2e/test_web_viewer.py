@@ -268,10 +268,9 @@ def test_a_slow_browser_loses_slices_for_itself_only() -> None:
                         "slice", SliceHeader("fanout", slices, "test", time.time(), index, {}), data
                     )
                     got += _read_until(fast, "frame", index=index)
-                channel.send_event(
-                    ScanCompleted("fanout", slices, 0, 0, 0, "test", ScanLatency(0.0, 0.0, None))
-                )
-                got += _read_until(fast, "event", event="scan_completed")
+                done = ScanCompleted("fanout", slices, 0, 0, 0, "test", ScanLatency(0.0, 0.0, None))
+                channel.send_event(done)
+                got += _read_until(fast, "event", event=done.type)
                 with urllib.request.urlopen(viewer.url + "api/status", timeout=30) as reply:
                     status = json.load(reply)
                 assert [h["index"] for h in got if h["kind"] == "frame"] == list(range(slices))

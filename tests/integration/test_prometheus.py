@@ -365,7 +365,7 @@ def test_dashboard_and_alert_queries_return_data(
         detector.send_raw(
             [msgpack.packb({"v": 2, "type": "scan_start", "scan_id": "bad", "seq": 0})]
         )
-        event = poll("scan_completed", lambda: _ended(viewer), timeout=120, every=0)
+        event = poll("the scan to end", lambda: _ended(viewer), timeout=120, every=0)
     assert isinstance(event, ScanCompleted), event
     poll(
         "Prometheus to see the scan and the rejected message",

@@ -76,7 +76,7 @@ def cudnn_flags(path: Path) -> set[tuple[str, ...]]:
 
 def tally(message: Any, slices: set[tuple[str, int]], events: dict[str, ScanEnded]) -> None:
     """File a published message (`service.client.Published`): a slice's (scan_id, index) into
-    `slices`, a scan's ending event into `events` by scan_id (`scan_started` is skipped)."""
+    `slices`, a scan's ending event into `events` by scan_id (`ScanStarted` is skipped)."""
     assert message is not None, "the service went quiet before finishing"
     if message.topic == "slice":
         slices.add((message.header["scan_id"], message.header["index"]))

@@ -121,9 +121,9 @@ class ScanStore:
 
     scan_id: str | None = None
     rows: int = 0
-    info: dict[str, Any] = field(default_factory=dict)  # the scan_started event
+    info: dict[str, Any] = field(default_factory=dict)  # the ScanStarted event, as published
     status: str = "idle"  # idle | running | completed | failed
-    ended: dict[str, Any] | None = None  # the scan_completed / scan_failed event
+    ended: dict[str, Any] | None = None  # the ScanCompleted / ScanFailed event
     frames: dict[tuple[str, int], bytes] = field(default_factory=dict)
     latency: dict[int, float] = field(default_factory=dict)  # index -> end to end (s), denoised
     latest: int | None = None  # index of the newest denoised slice
