@@ -1,11 +1,14 @@
-"""The whole service in one process: ingest -> worker -> publisher, plus the health endpoint.
+"""The whole service in one process: the stages, their queues and sinks, and the health endpoint.
 
-    DAQ --PUSH--> [ingest thread] --bounded queue (block)--> [worker thread] --inproc-->
-        [publisher thread] --XPUB--> viewers
+    DAQ --PUSH--> [ingest thread] --bounded queue (block)--> [worker thread: reconstruct loop]
+        --sinks--> PublishChannel --inproc--> [publish thread] --XPUB--> viewers
+               --> Archive --bounded queue (block)--> [archive thread] --> HDF5
     [ingest thread] --scan_start (drop)--> [prepare thread]: the scan's FBP geometry, built
         while its projections arrive (`service.prepare`)
 
-`Service.start()` loads the model, warms the device, binds the sockets, then reports ready.
+`Service.start()` loads the model, binds the sockets, builds the stages, warms the device,
+starts the stages (consumers first), then reports ready. docs/architecture.md follows one scan
+through them.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from service import __version__
 from service.archive import Archive
 from service.config import Settings
 from service.health import HealthServer
-from service.ingest import Ingest
+from service.ingest import POLL_MS, Ingest
 from service.metrics import Metrics
 from service.prepare import GeometryPreparer
-from service.publish import Publisher
+from service.publish import PublishChannel, Publisher
 from service.reconstruct import Worker
 from service.scan import CompletedScan
 from service.security import ServerKeys, start_authenticator
+from service.sinks import SliceSink
 from workers.denoise import DenoiseEngine, load_denoiser
 from workers.protocols import PreparableReconstructor, Reconstructor
 from workers.recon import make_reconstructor
@@ -100,30 +104,14 @@ class Service:
         self.preparer: GeometryPreparer | None = None
         self.archive: Archive | None = None
         self.authenticator: ThreadAuthenticator | None = None
+        self._worker_channel: PublishChannel | None = None  # the loop's, closed after it ends
 
     def start(self) -> Endpoints:
+        """Build the stages from the settings, then start them in reverse flow order: each
+        stage's consumer runs before anything reaches it."""
         self.health.start()
         self._why_not_ready = "loading the model"
-        if self.settings.model.enabled:
-            self.denoiser = load_denoiser(
-                self.settings.model.path,
-                self.device,
-                precision=self.settings.worker.denoise_precision,
-                memory_limit_bytes=self.settings.worker.denoise_memory_bytes,
-                field_width=self.settings.model.field_width,
-            )
-            meta = self.denoiser.metadata
-            self.metrics.model.info(
-                {
-                    "name": meta.name,
-                    "arch": meta.arch,
-                    "depth": str(meta.depth),
-                    "precision": self.denoiser.precision,
-                    "trained": str(meta.trained).lower(),
-                    "version": meta.tomocast_version,
-                    "device": str(self.device),
-                }
-            )
+        self.denoiser = self._load_denoiser()
         reconstructor = self._reconstructor or make_reconstructor(
             self.settings.worker.fbp_method,
             self.device,
@@ -131,71 +119,17 @@ class Service:
             circle_mask=self.settings.worker.circle_mask,
         )
         self._why_not_ready = "binding sockets"
-        security = self.settings.security
-        curve = None
-        if security.server_secret_key is not None and security.allowed_clients is not None:
-            curve = ServerKeys.from_file(security.server_secret_key)
-            self.authenticator = start_authenticator(self.context, security.allowed_clients)
-        info: dict[str, Any] = {
-            "service": "tomocast",
-            "version": __version__,
-            "model": self.denoiser.name if self.denoiser else "none",
-            "trained": bool(self.denoiser and self.denoiser.metadata.trained),
-            "device": str(self.device),
-        }
-        self.publisher = Publisher(self.settings.publish, self.context, self.metrics, info, curve)
-        self.publisher.start()
-        if self.settings.worker.prepare_geometry and isinstance(
-            reconstructor, PreparableReconstructor
-        ):
-            # one per scan that can be assembling at once. The reconstructor's cache may hold
-            # fewer (gridding: the scan in progress and one more): with more scans started
-            # than that, the earliest prepared are evicted again before their turn
-            self.preparer = GeometryPreparer(
-                reconstructor, self.metrics, self.settings.ingest.max_live_scans
-            )
-        self.ingest = Ingest(
-            self.settings.ingest,
-            self.context,
-            self.device,
-            self.scans,
-            self.publisher,
-            self.metrics,
-            curve,
-            self.preparer.submit if self.preparer else lambda start: None,
-            self.preparer.cancel if self.preparer else lambda start: None,
-        )
-        self.ingest.bind()
-        if self.settings.archive.directory is not None:
-            model = self.denoiser.metadata.model_dump() if self.denoiser else {"name": "none"}
-            self.archive = Archive(
-                self.settings.archive.directory,
-                self.settings.archive.recon,
-                self.settings.archive.queue_items,
-                self.metrics,
-                model,
-            )
-            self.archive.start()
-        self.worker = Worker(
-            self.settings.worker,
-            self.settings.publish,
-            self.scans,
-            reconstructor,
-            self.denoiser,
-            self.publisher,
-            self.metrics,
-            self.archive,
-        )
-        ingest, worker = self.ingest, self.worker
-        self.metrics.scans_in_flight.set_function(
-            lambda: ingest.live_scans + self.scans.qsize() + int(worker.busy)
-        )
+        curve = self._curve()
+        self.publisher = self._build_publisher(curve)
+        self.archive = self._build_archive()
+        self.preparer = self._build_preparer(reconstructor)
+        self.ingest = self._build_ingest(curve)
+        self.worker = self._build_worker(reconstructor)
         self._why_not_ready = "warming up the device"
         self._warm_up(reconstructor)
-        self.worker.start()
-        if self.preparer is not None:
-            self.preparer.start()
-        self.ingest.start()
+        for stage in (self.publisher, self.archive, self.worker, self.preparer, self.ingest):
+            if stage is not None:
+                stage.start()
         self._ready.set()
         self._why_not_ready = "ready"
         endpoints = Endpoints(self.ingest.endpoint, self.publisher.endpoint, self.health.port)
@@ -209,49 +143,176 @@ class Service:
         )
         return endpoints
 
+    # ---- building the stages, in flow order --------------------------------------------------
+
+    def _load_denoiser(self) -> DenoiseEngine | None:
+        if not self.settings.model.enabled:
+            return None
+        denoiser = load_denoiser(
+            self.settings.model.path,
+            self.device,
+            precision=self.settings.worker.denoise_precision,
+            memory_limit_bytes=self.settings.worker.denoise_memory_bytes,
+            field_width=self.settings.model.field_width,
+        )
+        meta = denoiser.metadata
+        self.metrics.model.info(
+            {
+                "name": meta.name,
+                "arch": meta.arch,
+                "depth": str(meta.depth),
+                "precision": denoiser.precision,
+                "trained": str(meta.trained).lower(),
+                "version": meta.tomocast_version,
+                "device": str(self.device),
+            }
+        )
+        return denoiser
+
+    def _curve(self) -> ServerKeys | None:
+        """The service's CURVE keys, with the authenticator of the allowed clients running;
+        None when CURVE is off."""
+        security = self.settings.security
+        if security.server_secret_key is None or security.allowed_clients is None:
+            return None
+        curve = ServerKeys.from_file(security.server_secret_key)
+        self.authenticator = start_authenticator(self.context, security.allowed_clients)
+        return curve
+
+    def _build_publisher(self, curve: ServerKeys | None) -> Publisher:
+        info: dict[str, Any] = {
+            "service": "tomocast",
+            "version": __version__,
+            "model": self.denoiser.name if self.denoiser else "none",
+            "trained": bool(self.denoiser and self.denoiser.metadata.trained),
+            "device": str(self.device),
+        }
+        publisher = Publisher(self.settings.publish, self.context, self.metrics, info, curve)
+        publisher.bind()
+        return publisher
+
+    def _build_archive(self) -> Archive | None:
+        if self.settings.archive.directory is None:
+            return None
+        model = self.denoiser.metadata.model_dump() if self.denoiser else {"name": "none"}
+        return Archive(
+            self.settings.archive.directory,
+            self.settings.archive.recon,
+            self.settings.archive.queue_items,
+            self.metrics,
+            model,
+        )
+
+    def _build_preparer(self, reconstructor: Reconstructor) -> GeometryPreparer | None:
+        if not (
+            self.settings.worker.prepare_geometry
+            and isinstance(reconstructor, PreparableReconstructor)
+        ):
+            return None
+        # one per scan that can be assembling at once. The reconstructor's cache may hold
+        # fewer (gridding: the scan in progress and one more): with more scans started than
+        # that, the earliest prepared are evicted again before their turn
+        return GeometryPreparer(reconstructor, self.metrics, self.settings.ingest.max_live_scans)
+
+    def _build_ingest(self, curve: ServerKeys | None) -> Ingest:
+        assert self.publisher is not None
+        ingest = Ingest(
+            self.settings.ingest,
+            self.context,
+            self.device,
+            self.scans,
+            self.publisher,
+            self.metrics,
+            curve,
+            self.preparer,
+        )
+        ingest.bind()
+        return ingest
+
+    def _sinks(self) -> list[SliceSink]:
+        """Where every scan's slices and outcome go, in this order. A new output (an EPICS PV
+        Access server, say) is one more `SliceSink` here."""
+        assert self.publisher is not None
+        # the loop's own channel: made here, used only by the loop's thread, closed after it
+        self._worker_channel = self.publisher.channel()
+        sinks: list[SliceSink] = [self._worker_channel]
+        if self.archive is not None:
+            sinks.append(self.archive)
+        return sinks
+
+    def _build_worker(self, reconstructor: Reconstructor) -> Worker:
+        worker = Worker(
+            self.settings.worker,
+            self.settings.publish,
+            self.scans,
+            reconstructor,
+            self.denoiser,
+            self._sinks(),
+            self.metrics,
+        )
+        ingest = self.ingest
+        assert ingest is not None
+        self.metrics.scans_in_flight.set_function(
+            lambda: ingest.live_scans + self.scans.qsize() + int(worker.busy)
+        )
+        return worker
+
+    # ---- stopping -------------------------------------------------------------------------------
+
     def stop(self, timeout: float | None = None) -> bool:
-        """Stop reading; scans still being received fail (`scan_failed` event); complete scans
+        """Stop reading; scans still being received fail (`ScanFailed` event); complete scans
         are reconstructed, published and archived within `timeout` (default
         `worker.drain_timeout_s`). Returns whether everything was drained in time. A geometry
         build under way on the prepare thread is waited for `PREPARE_JOIN_S` at most. Also
-        stops a service whose `start` failed part-way."""
+        stops a service whose `start` failed part-way. Stages stop in flow order, each once
+        what it feeds has been handed on."""
         if self._stopped is not None:
             return self._stopped
         timeout = self.settings.worker.drain_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
         self._ready.clear()
         self._why_not_ready = "stopping"
-        drained = True
-        if self.preparer is not None:
-            # Scans starting from now fail: nothing more to prepare. A build under way cannot
-            # be interrupted; a complete scan that needs it waits for it in the worker, within
-            # the deadline, and nothing else does. The thread is a daemon with no sockets.
-            self.preparer.stop()
-            if not self.preparer.join(min(PREPARE_JOIN_S, timeout)):
-                log.warning(
-                    "stopping with a geometry build still running on the prepare "
-                    "thread; it ends with the process"
-                )
+        self._stop_preparer(timeout)
         if self.ingest is not None:
+            # the ingest ends the loop's stream (its sentinel) as it stops
             self.ingest.stop(max(0.0, deadline - time.monotonic()))
-        if self.worker is not None and not self.worker.join(max(0.0, deadline - time.monotonic())):
+            self.ingest.join(max(0.0, deadline - time.monotonic()) + 2 * POLL_MS / 1000)
+        drained = self.worker is None or self.worker.join(max(0.0, deadline - time.monotonic()))
+        if not drained:
             log.error(
                 "scans still being reconstructed after the %.0f s drain timeout are lost", timeout
             )
-            drained = False
-        if self.archive is not None and drained:
-            self.archive.stop()
+        else:
+            if self._worker_channel is not None:
+                self._worker_channel.close()
+            if self.archive is not None:
+                self.archive.stop()
+                self.archive.join()
         if self.publisher is not None:
             self.publisher.stop()
+            self.publisher.join()
         self.health.stop()
         if self.authenticator is not None:
             self.authenticator.stop()
         if drained:
             self.context.term()
-        # else: the worker still uses its sockets; closing them from here is not thread-safe
+        # else: the loop still uses its sockets; closing them from here is not thread-safe
         # and term() would wait for it forever. Its daemon thread ends with the process.
         self._stopped = drained
         return drained
+
+    def _stop_preparer(self, timeout: float) -> None:
+        """Scans starting from now fail: nothing more to prepare. A build under way cannot be
+        interrupted; a complete scan that needs it waits for it in the loop, within the
+        deadline, and nothing else does. The thread is a daemon with no sockets."""
+        if self.preparer is None:
+            return
+        self.preparer.stop()
+        if not self.preparer.join(min(PREPARE_JOIN_S, timeout)):
+            log.warning(
+                "stopping with a geometry build still running on the prepare "
+                "thread; it ends with the process"
+            )
 
     def _readiness(self) -> tuple[bool, str]:
         return self._ready.is_set(), self._why_not_ready

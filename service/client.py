@@ -13,6 +13,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from service.events import EVENT_TOPIC, Event, SliceHeader, decode_event
 from service.protocol import DTYPES, FrameChunk, Message, ScanEnd, ScanStart, encode
 from service.publish import HELLO_PREFIX
 from service.security import ClientKeys
@@ -153,6 +154,18 @@ class Published:
     topic: str
     header: dict[str, Any]
     data: np.ndarray | None
+
+    def event(self) -> Event | None:
+        """The typed scan event of an `event` message, None for a slice. Raises
+        `service.events.UnknownEvent` for an event this version does not know."""
+        return decode_event(self.header) if self.topic == EVENT_TOPIC else None
+
+    def slice_header(self) -> SliceHeader:
+        """The typed header of a slice (topics `slice`, `recon`); ValueError when it is not
+        one."""
+        if self.data is None:
+            raise ValueError(f"a {self.topic!r} message is not a slice")
+        return SliceHeader.decode(self.header)
 
 
 class Subscriber:

@@ -39,6 +39,9 @@ def _check_endpoint(value: str) -> str:
     return value
 
 
+_LIMITS = Limits()  # the defaults of the ingest limits, defined once in service.protocol
+
+
 class IngestSettings(_Section):
     endpoint: str = Field("tcp://127.0.0.1:5555", description="PULL socket the DAQ connects to")
     rcvhwm: int = Field(64, ge=1, description="messages ZeroMQ buffers before the DAQ blocks")
@@ -47,16 +50,22 @@ class IngestSettings(_Section):
         ge=1024,
         description="hard cap per message; a peer sending more is disconnected by ZeroMQ",
     )
-    max_rows: int = Field(4096, ge=1, description="largest detector height accepted")
-    max_cols: int = Field(4096, ge=1, description="largest detector width accepted")
-    max_angles: int = Field(16384, ge=1, description="most projections per scan")
-    max_reference_frames: int = Field(1024, ge=1, description="most darks or flats per scan")
-    max_scan_bytes: int = Field(
-        8 << 30, ge=1, description="largest float32 sinogram buffer (rows*angles*cols*4)"
+    max_rows: int = Field(_LIMITS.max_rows, ge=1, description="largest detector height accepted")
+    max_cols: int = Field(_LIMITS.max_cols, ge=1, description="largest detector width accepted")
+    max_angles: int = Field(_LIMITS.max_angles, ge=1, description="most projections per scan")
+    max_reference_frames: int = Field(
+        _LIMITS.max_reference_frames, ge=1, description="most darks or flats per scan"
     )
-    max_live_scans: int = Field(4, ge=1, description="scans assembled at once")
+    max_scan_bytes: int = Field(
+        _LIMITS.max_scan_bytes,
+        ge=1,
+        description="largest float32 sinogram buffer (rows*angles*cols*4)",
+    )
+    max_live_scans: int = Field(_LIMITS.max_live_scans, ge=1, description="scans assembled at once")
     max_live_bytes: int = Field(
-        8 << 30, ge=1, description="sinogram memory of all scans being assembled, together"
+        _LIMITS.max_live_bytes,
+        ge=1,
+        description="sinogram memory of all scans being assembled, together",
     )
     sinogram_dtype: Literal["float32", "float16"] = Field(
         "float32",
@@ -78,6 +87,8 @@ class IngestSettings(_Section):
             max_angles=self.max_angles,
             max_reference_frames=self.max_reference_frames,
             max_scan_bytes=self.max_scan_bytes,
+            max_live_scans=self.max_live_scans,
+            max_live_bytes=self.max_live_bytes,
         )
 
 

@@ -1,42 +1,60 @@
 """Ingest: the PULL socket the DAQ pushes to, validation, and scan assembly.
 
-Policy: block. Complete scans go into a bounded queue to the worker; when it is full this thread
-stops reading, ZeroMQ's high-water marks fill, and the DAQ's sends block. Nothing is dropped on
-the way in. A bad message is rejected with one log line and a counter; the stream goes on.
+Policy: block. Complete scans go into a bounded queue to the reconstruct loop; when it is full
+this thread stops reading, ZeroMQ's high-water marks fill, and the DAQ's sends block. Nothing is
+dropped on the way in. A bad message is rejected with one log line and a counter; the stream
+goes on.
+
+The scan assembler (`service.scan`) says what each message led to; this thread dispatches it:
+
+    Started    -> `ScanStarted` event to the publisher, the scan's geometry to the preparer
+    Completed  -> the scan queue (blocks: backpressure)
+    Failed     -> the preparer forgets the scan, `ScanFailed` event to the publisher
+    Clipped    -> tomocast_clipped_pixels_total
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
-from collections.abc import Callable
-from typing import Any
 
 import torch
 import zmq
 
 from service.config import IngestSettings
 from service.errors import ProtocolError
+from service.events import ScanFailed
 from service.metrics import Metrics
-from service.protocol import FrameChunk, ScanStart, decode
+from service.prepare import GeometryPreparer
+from service.protocol import FrameChunk, decode
 from service.publish import PublishChannel, Publisher
-from service.scan import STORAGE_DTYPES, CompletedScan, ScanAssembler
+from service.scan import (
+    STORAGE_DTYPES,
+    Clipped,
+    Completed,
+    CompletedScan,
+    Failed,
+    Outcome,
+    ScanAssembler,
+    Started,
+)
 from service.security import ServerKeys
+from service.stage import StageThread
 
 log = logging.getLogger(__name__)
 
 POLL_MS = 250  # how often an idle ingest looks at the stop flag and scan timeouts
 
 
-class Ingest:
+class Ingest(StageThread):
     """Owns the PULL socket and the scan assembler on its own thread.
 
-    `start`/`stop` are called from the owner's thread; complete scans are put on `scans`
-    (a bounded queue the worker consumes); `None` is put there when ingest stops. Each accepted
-    `scan_start` is handed to `on_scan_start`, and that of each scan that fails while being
-    assembled to `on_scan_failed`, on this thread (they must not block).
+    `bind`/`start`/`stop`/`join` are called from the owner's thread; complete scans are put on
+    `scans` (a bounded queue the reconstruct loop consumes); `None` is put there when ingest
+    stops (the loop's end of stream). Each accepted `scan_start` is handed to `preparer`, and
+    that of each scan that fails while being assembled is cancelled there, on this thread
+    (neither blocks).
     """
 
     def __init__(
@@ -48,22 +66,18 @@ class Ingest:
         publisher: Publisher,
         metrics: Metrics,
         curve: ServerKeys | None = None,
-        on_scan_start: Callable[[ScanStart], None] = lambda start: None,
-        on_scan_failed: Callable[[ScanStart], None] = lambda start: None,
+        preparer: GeometryPreparer | None = None,
     ) -> None:
+        super().__init__("ingest", metrics)
         self.settings = settings
         self.context = context
         self.device = device
         self.scans = scans
         self.publisher = publisher
-        self.metrics = metrics
         self.limits = settings.limits()
         self.curve = curve
-        self.on_scan_start = on_scan_start
-        self.on_scan_failed = on_scan_failed
-        self._stop = threading.Event()
+        self.preparer = preparer
         self._socket: zmq.Socket | None = None
-        self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
         self.endpoint = settings.endpoint
         self.assembler: ScanAssembler | None = None
         self._channel: PublishChannel | None = None
@@ -85,49 +99,33 @@ class Ingest:
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("ingest listening on %s", self.endpoint)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop reading; a complete scan still waiting for the worker may wait up to `timeout`
-        more seconds before it is failed. Never started (the service failed to start): what
-        the thread would have done at its end, close the socket and end the worker's stream."""
-        self._drain_deadline = time.monotonic() + timeout
-        self._stop.set()
-        if self._thread.ident is None:
+    def stop(self, drain_s: float = 30.0) -> None:
+        """Stop reading; a complete scan still waiting for the loop may wait up to `drain_s`
+        more seconds before it is failed (`join` waits for the thread). Never started (the
+        service failed to start): what the thread would have done at its end, close the
+        socket and end the loop's stream."""
+        self._drain_deadline = time.monotonic() + drain_s
+        super().stop()
+        if not self.started:
             if self._socket is not None:
                 self._socket.close(linger=0)
             self._put(None, force=True)
-            return
-        self._thread.join(timeout + 2 * POLL_MS / 1000)
 
     def _run(self) -> None:
         assert self._socket is not None
-        self._channel = channel = self.publisher.channel()
+        self._channel = self.publisher.channel()
         self.assembler = assembler = ScanAssembler(
-            self.device,
-            self.settings.max_live_scans,
-            on_complete=self._hand_over,
-            on_event=self._event,
-            on_clipped=self.metrics.clipped_pixels.inc,
-            max_live_bytes=self.settings.max_live_bytes,
-            on_start=self.on_scan_start,
-            on_failed=self.on_scan_failed,
-            storage=STORAGE_DTYPES[self.settings.sinogram_dtype],
+            self.device, self.limits, STORAGE_DTYPES[self.settings.sinogram_dtype]
         )
         try:
-            while not self._stop.is_set():
+            while not self.stopping:
                 if self._socket.poll(POLL_MS):
                     frames = self._socket.recv_multipart(copy=False)
-                    self._handle(assembler, frames)
-                assembler.expire(self.settings.scan_timeout_s)
-            assembler.drop_all("the service is stopping")
+                    self.guarded("an ingest message (dropped)", self._handle, assembler, frames)
+                self._dispatch(assembler.expire(self.settings.scan_timeout_s))
+            self._dispatch(assembler.drop_all("the service is stopping"))
         finally:
-            channel.close()
+            self._channel.close()
             self._socket.close(linger=0)
             self._put(None, force=True)
 
@@ -135,15 +133,12 @@ class Ingest:
         t0 = time.perf_counter()
         try:
             message = decode(frames, self.limits)
-            assembler.handle(message)
+            outcomes = assembler.handle(message)
         except ProtocolError as exc:
             self.metrics.rejected.labels(exc.reason).inc()
             log.warning("%s", exc)
             return
-        except Exception:  # the one place an ingest failure becomes a log line + counter
-            log.exception("unexpected error handling an ingest message; it is dropped")
-            self.metrics.errors.labels("ingest").inc()
-            return
+        self._dispatch(outcomes)  # a complete scan may wait for the loop: timed as receive
         elapsed = time.perf_counter() - t0
         self.metrics.messages.labels(message.type).inc()
         if isinstance(message, FrameChunk):
@@ -155,11 +150,21 @@ class Ingest:
                 return
         self.metrics.stage_seconds.labels("receive").observe(elapsed)
 
-    def _event(self, event: dict[str, Any]) -> None:
-        if event.get("event") == "scan_failed":
-            self.metrics.scans.labels("failed").inc()
+    def _dispatch(self, outcomes: list[Outcome] | list[Failed]) -> None:
         assert self._channel is not None
-        self._channel.send_event(event)
+        for outcome in outcomes:
+            if isinstance(outcome, Clipped):
+                self.metrics.clipped_pixels.inc(outcome.pixels)
+            elif isinstance(outcome, Started):
+                self._channel.send_event(outcome.event)
+                if self.preparer is not None:
+                    self.preparer.submit(outcome.start)
+            elif isinstance(outcome, Completed):
+                self._hand_over(outcome.scan)
+            else:
+                if self.preparer is not None:
+                    self.preparer.cancel(outcome.start)
+                self._channel.send_event(outcome.event)
 
     def _hand_over(self, scan: CompletedScan) -> None:
         t0 = time.monotonic()
@@ -172,22 +177,22 @@ class Ingest:
                 "scan_id=%s failed: the service stopped before the worker could take it",
                 scan.start.scan_id,
             )
-            self._event(
-                {
-                    "event": "scan_failed",
-                    "scan_id": scan.start.scan_id,
-                    "reason": "the service is stopping; the drain timeout ran out before "
+            assert self._channel is not None
+            self._channel.send_event(
+                ScanFailed(
+                    scan.start.scan_id,
+                    "the service is stopping; the drain timeout ran out before "
                     "the worker could take this scan",
-                }
+                )
             )
 
     def _put(self, item: CompletedScan | None, force: bool) -> bool:
-        """Block while the worker is busy (backpressure). After stop, a scan waits until the
+        """Block while the loop is busy (backpressure). After stop, a scan waits until the
         drain deadline; the end-of-stream sentinel (force) is always delivered."""
         while True:
             try:
                 self.scans.put(item, timeout=POLL_MS / 1000)
                 return True
             except queue.Full:
-                if not force and self._stop.is_set() and time.monotonic() > self._drain_deadline:
+                if not force and self.stopping and time.monotonic() > self._drain_deadline:
                     return False

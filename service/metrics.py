@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from service.events import ScanCompleted, ScanEnded
 from service.protocol import MESSAGE_TYPES, REJECT_REASONS
 
 # What one slice may cost (fbp + denoise + publish) for the service to keep up with a detector;
@@ -42,7 +43,6 @@ TAIL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 120
 # receive, normalize: per ingest message; wait: per scan (queued before the worker took it);
 # fbp, denoise, publish: per slice; end_to_end: per slice, last projection -> slice published.
 STAGES = ("receive", "normalize", "wait", "fbp", "denoise", "publish", "end_to_end")
-PER_SLICE_STAGES = ("fbp", "denoise", "publish")
 QUEUES = ("scans", "publish")
 ERROR_STAGES = ("ingest", "prepare", "worker", "publish", "archive")
 SCAN_OUTCOMES = ("completed", "failed")
@@ -61,7 +61,13 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
+        self._latency(self.registry)
+        self._ingest(self.registry)
+        self._output(self.registry)
+        self._resources(self.registry)
+        self._create_labels()
+
+    def _latency(self, r: CollectorRegistry) -> None:
         self.stage_seconds = Histogram(
             "tomocast_stage_seconds",
             "Time spent per stage; per slice for fbp, denoise, publish "
@@ -76,6 +82,8 @@ class Metrics:
             buckets=TAIL_BUCKETS,
             registry=r,
         )
+
+    def _ingest(self, r: CollectorRegistry) -> None:
         self.messages = Counter(
             "tomocast_messages_total", "Ingest messages accepted, by type", ["type"], registry=r
         )
@@ -94,6 +102,15 @@ class Metrics:
             "Pixels whose flat-field ratio was not positive and were clipped before -log",
             registry=r,
         )
+        self.geometry_prepares = Counter(
+            "tomocast_geometry_prepares_total",
+            "FBP geometries asked for at scan start, by outcome",
+            ["outcome"],
+            registry=r,
+        )
+
+    def _output(self, r: CollectorRegistry) -> None:
+        """Slices, scan outcomes and errors."""
         self.slices = Counter(
             "tomocast_slices_published_total", "Slices published, by topic", ["topic"], registry=r
         )
@@ -105,6 +122,9 @@ class Metrics:
         self.errors = Counter(
             "tomocast_errors_total", "Unexpected errors, by stage", ["stage"], registry=r
         )
+
+    def _resources(self, r: CollectorRegistry) -> None:
+        """What the service holds: scans, queues, batch size, GPU memory, the model."""
         self.scans_in_flight = Gauge(
             "tomocast_scans_in_flight", "Scans being assembled or reconstructed", registry=r
         )
@@ -124,28 +144,26 @@ class Metrics:
             registry=r,
         )
         self.model = Info("tomocast_model", "The denoiser artifact in use", registry=r)
-        self.geometry_prepares = Counter(
-            "tomocast_geometry_prepares_total",
-            "FBP geometries asked for at scan start, by outcome",
-            ["outcome"],
-            registry=r,
-        )
-        for stage in STAGES:
-            self.stage_seconds.labels(stage)
-        for kind in MESSAGE_TYPES:
-            self.messages.labels(kind)
-        for reason in REJECT_REASONS:
-            self.rejected.labels(reason)
-        for topic in ("slice", "recon"):
-            self.slices.labels(topic)
-        for outcome in SCAN_OUTCOMES:
-            self.scans.labels(outcome)
-        for stage in ERROR_STAGES:
-            self.errors.labels(stage)
-        for name in QUEUES:
-            self.queue_depth.labels(name)
-        for outcome in PREPARE_OUTCOMES:
-            self.geometry_prepares.labels(outcome)
+
+    def _create_labels(self) -> None:
+        """Every label set up front: dashboards show zeros before the first scan."""
+        for metric, labels in (
+            (self.stage_seconds, STAGES),
+            (self.messages, MESSAGE_TYPES),
+            (self.rejected, REJECT_REASONS),
+            (self.slices, ("slice", "recon")),
+            (self.scans, SCAN_OUTCOMES),
+            (self.errors, ERROR_STAGES),
+            (self.queue_depth, QUEUES),
+            (self.geometry_prepares, PREPARE_OUTCOMES),
+        ):
+            for label in labels:
+                metric.labels(label)
+
+    def scan_ended(self, event: ScanEnded) -> None:
+        """Count a scan's outcome (`tomocast_scans_total`): called where every scan's last
+        event is published (`PublishChannel.send_event`), once per scan."""
+        self.scans.labels("completed" if isinstance(event, ScanCompleted) else "failed").inc()
 
     def watch_queue(self, name: str, depth: Callable[[], float]) -> None:
         """Report `depth()` (e.g. a `queue.Queue`'s `qsize`) as the queue's depth at each scrape.

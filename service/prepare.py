@@ -1,9 +1,10 @@
 """Geometry ahead of the data: each scan's reconstruction geometry is built as the scan starts.
 
-The reconstructor's per-geometry state (the gridding method's spreading matrix: about 1.5 s at
-512 columns and 8 s at 1024 on one CPU core) would otherwise be built by the scan's first batch,
-after the last projection arrived: in the time an operator waits for the last slice. Here it is
-built on its own thread while the projections stream in, and the worker finds it cached.
+The reconstructor's per-geometry state (the gridding method's spreading matrix: seconds on one
+CPU core at 512 columns and more at 1024, docs/benchmarks.md) would otherwise be built by the
+scan's first batch, after the last projection arrived: in the time an operator waits for the last
+slice. Here it is built on its own thread while the projections stream in, and the reconstruct
+loop finds it cached.
 
     [ingest thread] --scan_start--> bounded queue (drop, log) --> [prepare thread]
         --reconstructor.prepare()--> the reconstructor's geometry cache <-- [worker thread]
@@ -25,13 +26,14 @@ import time
 
 from service.metrics import Metrics
 from service.protocol import ScanStart
-from service.reconstruct import theta_tensor
+from service.stage import StageThread
 from workers.protocols import PreparableReconstructor
+from workers.rows import theta_tensor
 
 log = logging.getLogger(__name__)
 
 
-class GeometryPreparer:
+class GeometryPreparer(StageThread):
     """Prepares each started scan's geometry on its own thread.
 
     Threading: `submit` and `cancel` are called from the ingest thread and never block;
@@ -42,37 +44,25 @@ class GeometryPreparer:
     def __init__(
         self, reconstructor: PreparableReconstructor, metrics: Metrics, pending: int
     ) -> None:
+        super().__init__("prepare", metrics)
         self.reconstructor = reconstructor
-        self.metrics = metrics
         self._starts: queue.Queue[ScanStart | None] = queue.Queue(pending)
         # the queued starts still wanted, by identity (a scan_id may come back): `cancel` takes
         # a failed scan's out, and the thread prepares only what it finds here
         self._wanted: dict[int, ScanStart] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="prepare", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
+    def _signal_stop(self) -> None:
         """Skip what is pending and take nothing more; a build under way runs on (it cannot be
         interrupted): `join` says whether it has ended. Never blocks: a full queue means the
         thread is busy with an item, and it looks at the stop flag before taking the next."""
-        self._stop.set()
         with contextlib.suppress(queue.Full):
             self._starts.put_nowait(None)
-
-    def join(self, timeout: float | None = None) -> bool:
-        """Whether the thread has ended (or was never started) within `timeout` s."""
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        return not self._thread.is_alive()
 
     def submit(self, start: ScanStart) -> None:
         """Queue `start`'s geometry for building; drops it (logged) when the queue is full, and
         after `stop`."""
-        if self._stop.is_set():
+        if self.stopping:
             return
         with self._lock:
             try:
@@ -95,7 +85,7 @@ class GeometryPreparer:
             self._wanted.pop(id(start), None)
 
     def _run(self) -> None:
-        while not self._stop.is_set() and (start := self._starts.get()) is not None:
+        while not self.stopping and (start := self._starts.get()) is not None:
             with self._lock:
                 wanted = self._wanted.pop(id(start), None) is start
             if not wanted:
@@ -106,15 +96,8 @@ class GeometryPreparer:
                 )
                 self.metrics.geometry_prepares.labels("cancelled").inc()
                 continue
-            try:
-                self._prepare(start)
-            except Exception:  # the one place a failed prepare becomes a log line + counter
-                log.exception(
-                    "scan_id=%s seq=%d preparing the geometry failed; the worker builds it",
-                    start.scan_id,
-                    start.seq,
-                )
-                self.metrics.errors.labels("prepare").inc()
+            what = f"scan_id={start.scan_id} seq={start.seq} geometry (the worker builds it)"
+            if not self.guarded(what, self._prepare, start):
                 self.metrics.geometry_prepares.labels("failed").inc()
 
     def _prepare(self, start: ScanStart) -> None:

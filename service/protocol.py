@@ -56,7 +56,11 @@ REJECT_REASONS = (
 
 @dataclass(frozen=True)
 class Limits:
-    """Upper bounds checked before anything is allocated for a message or a scan."""
+    """Upper bounds checked before anything is allocated for a message or a scan: by `decode`
+    (one message), and by the scan assembler (`max_live_*`: the scans assembled together).
+
+    The one source of their defaults: the `ingest.*` settings of the same names take theirs
+    from here (`service.config.IngestSettings`)."""
 
     max_rows: int = 4096
     max_cols: int = 4096
@@ -64,6 +68,8 @@ class Limits:
     max_reference_frames: int = 1024  # darks or flats per scan
     max_scan_bytes: int = 8 << 30  # float32 sinogram buffer: rows * n_angles * cols * 4
     max_meta_bytes: int = 1 << 20
+    max_live_scans: int = 4  # scans being assembled at once
+    max_live_bytes: int = 8 << 30  # their sinograms together, in their storage dtype
 
     @property
     def max_header_bytes(self) -> int:
@@ -100,10 +106,6 @@ class ScanStart:
     def rotation_center(self) -> float:
         """Rotation axis in TomoPy's convention (cols/2 is the detector's middle)."""
         return self.cols / 2.0 if self.center is None else float(self.center)
-
-    @property
-    def frame_bytes(self) -> int:
-        return self.rows * self.cols * DTYPES[self.dtype].itemsize
 
 
 @dataclass(frozen=True)
@@ -341,7 +343,7 @@ def _plain_keys(value: Any, depth: int = 0) -> bool:
 def _unpack_header(raw: bytes | memoryview, limits: Limits) -> dict[str, Any]:
     size = len(raw) if isinstance(raw, bytes) else raw.nbytes
     if size > limits.max_header_bytes:
-        # Checked before unpacking: msgpack objects can expand ~70x into Python objects.
+        # Checked before unpacking: msgpack objects expand many times over into Python objects.
         raise ProtocolError(
             "too_large",
             f"header frame is {size} bytes, above "

@@ -14,8 +14,8 @@ viewer counts what it lost (`Subscriber.dropped`).
 from __future__ import annotations
 
 import logging
-import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -23,8 +23,11 @@ import numpy as np
 import zmq
 
 from service.config import PublishSettings
+from service.events import EVENT_TOPIC, Event, ScanEnded, SliceHeader
 from service.metrics import Metrics
 from service.security import ServerKeys
+from service.sinks import ScanDescription, SliceBatch
+from service.stage import StageThread
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +36,9 @@ _STOP = b"\x00stop"
 _INPROC = "inproc://tomocast-publisher-{}"
 
 
-class Publisher:
-    """Owns the XPUB socket and its forwarding thread. `start`/`stop` from the owner's thread;
-    `channel()` from each producer thread (one channel per thread)."""
+class Publisher(StageThread):
+    """Owns the XPUB socket and its forwarding thread. `bind`/`start`/`stop`/`join` from the
+    owner's thread; `channel()` for each producer thread (one channel per thread)."""
 
     def __init__(
         self,
@@ -45,18 +48,18 @@ class Publisher:
         service_info: dict[str, Any],
         curve: ServerKeys | None = None,
     ) -> None:
+        super().__init__("publish", metrics)
         self.settings = settings
         self.context = context
-        self.metrics = metrics
         self.service_info = service_info
         self.curve = curve
         self._inproc = _INPROC.format(id(self))
         self._xpub: zmq.Socket | None = None
         self._pull: zmq.Socket | None = None
-        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
         self.endpoint = settings.endpoint
 
-    def start(self) -> None:
+    def bind(self) -> None:
+        """Bind the XPUB socket (`endpoint` then says where) and the producers' inproc one."""
         self._xpub = self.context.socket(zmq.XPUB)
         self._xpub.setsockopt(zmq.SNDHWM, self.settings.sndhwm)
         self._xpub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every hello subscription reaches us
@@ -68,25 +71,32 @@ class Publisher:
         self._pull = self.context.socket(zmq.PULL)
         self._pull.setsockopt(zmq.RCVHWM, 1000)
         self._pull.bind(self._inproc)
-        self._thread.start()
-        log.info("publishing on %s", self.endpoint)
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+    def start(self) -> None:
+        if self._xpub is None:
+            self.bind()
+        super().start()
+        log.info("publishing on %s", self.endpoint)
 
     def channel(self) -> PublishChannel:
         return PublishChannel(self.context, self._inproc, self.metrics)
 
     def stop(self) -> None:
-        """Forward everything already queued, then close the sockets."""
-        if not self._thread.is_alive():
+        """The thread forwards everything already queued, then closes the sockets (`join`
+        waits for that). Bound but never started: the sockets are closed here."""
+        if not self.started:
+            for socket in (self._pull, self._xpub):
+                if socket is not None:
+                    socket.close(linger=0)
             return
-        push = self.context.socket(zmq.PUSH)
-        push.connect(self._inproc)
-        push.send(_STOP)
-        push.close(linger=-1)
-        self._thread.join()
+        super().stop()
+
+    def _signal_stop(self) -> None:
+        if self.alive:
+            push = self.context.socket(zmq.PUSH)
+            push.connect(self._inproc)
+            push.send(_STOP)
+            push.close(linger=-1)
 
     def _run(self) -> None:
         assert self._xpub is not None and self._pull is not None
@@ -126,45 +136,66 @@ class Publisher:
         header["pub_seq"] = sequence[topic] = sequence.get(topic, -1) + 1
         try:
             self._xpub.send_multipart([topic, msgpack.packb(header), *frames[2:]], copy=False)
-        except zmq.ZMQError:  # one message lost, never the publisher
-            log.exception("could not publish a %s message", topic[:16])
-            self.metrics.errors.labels("publish").inc()
+        except zmq.ZMQError as exc:  # one message lost, never the publisher
+            self.error(f"a {topic[:16]!r} message", exc)
 
 
 class PublishChannel:
-    """A producer's handle on the publisher. Owned by one thread; not thread-safe."""
+    """A producer's handle on the publisher. Owned by one thread at a time; not thread-safe.
+
+    Also the publisher's `SliceSink` (`service.sinks`): each scan's slices go out one message a
+    slice under the scan's `SliceHeader`, then its outcome as an event.
+    """
 
     def __init__(self, context: zmq.Context, inproc: str, metrics: Metrics) -> None:
         self._push = context.socket(zmq.PUSH)
         self._push.setsockopt(zmq.SNDHWM, 1000)  # blocks the producer if the forwarder lags
         self._push.connect(inproc)
         self.metrics = metrics
+        self._headers: dict[str, SliceHeader] = {}  # by scan_id, between begin and end
 
-    def send_slice(self, topic: str, header: dict[str, Any], data: np.ndarray) -> None:
-        """Publish one slice; stamps `t_published` and the `end_to_end` timing."""
+    # ---- SliceSink ------------------------------------------------------------------------
+
+    def begin(self, scan: ScanDescription) -> None:
+        self._headers[scan.scan_id] = SliceHeader(
+            scan.scan_id, scan.rows, scan.model, scan.t_last_projection, 0, {}
+        )
+
+    def write(self, batch: SliceBatch) -> None:
+        header, timing = self._headers[batch.scan_id], batch.timing.as_dict()
+        for i, data in enumerate(batch.slices):
+            self.send_slice(
+                batch.topic, replace(header, index=batch.first + i, timing=timing), data
+            )
+
+    def end(self, outcome: ScanEnded) -> None:
+        self._headers.pop(outcome.scan_id, None)
+        self.send_event(outcome)
+
+    # ---- messages -------------------------------------------------------------------------
+
+    def send_slice(self, topic: str, header: SliceHeader, data: np.ndarray) -> None:
+        """Publish one slice; stamps `shape`, `t_published` and the `end_to_end` timing."""
         data = np.ascontiguousarray(data, dtype=np.float32)
         now = time.time()
-        header = {
-            **header,
-            "v": 1,
-            "shape": list(data.shape),
-            "dtype": "float32",
-            "t_published": now,
-        }
-        timing = dict(header.get("timing", {}))
-        if "t_last_projection" in header:
-            timing["end_to_end"] = now - header["t_last_projection"]
-            if topic == "slice":
-                self.metrics.stage_seconds.labels("end_to_end").observe(timing["end_to_end"])
-        header["timing"] = timing
+        timing = {**header.timing, "end_to_end": now - header.t_last_projection}
+        if topic == "slice":
+            self.metrics.stage_seconds.labels("end_to_end").observe(timing["end_to_end"])
+        stamped = replace(header, shape=data.shape, dtype="float32", t_published=now, timing=timing)
         self.metrics.queue_depth.labels("publish").inc()
-        self._push.send_multipart([topic.encode(), msgpack.packb(header), data], copy=False)
+        self._push.send_multipart(
+            [topic.encode(), msgpack.packb(stamped.encode()), data], copy=False
+        )
         self.metrics.slices.labels(topic).inc()
 
-    def send_event(self, header: dict[str, Any]) -> None:
-        header = {"v": 1, "t_published": time.time(), **header}
+    def send_event(self, event: Event) -> None:
+        """Publish a scan event. Every scan's outcome is announced here exactly once, so this
+        is where it is counted (`tomocast_scans_total`)."""
+        if isinstance(event, ScanEnded):
+            self.metrics.scan_ended(event)
+        header = {"v": 1, "t_published": time.time(), **event.encode()}
         self.metrics.queue_depth.labels("publish").inc()
-        self._push.send_multipart([b"event", msgpack.packb(header, default=_plain)])
+        self._push.send_multipart([EVENT_TOPIC.encode(), msgpack.packb(header, default=_plain)])
 
     def close(self) -> None:
         self._push.close(linger=-1)

@@ -3,8 +3,13 @@
 Projections may arrive in any chunk size and order, and before the darks/flats are complete (they
 wait, raw, until the references are). Duplicates and gaps are detected from `seq` and `index`.
 A scan is complete at `scan_end`; if projections are missing then, it is reconstructed with the
-angles present (the `scan_completed` event says how many were missing), unless fewer than
+angles present (its `ScanCompleted` event says how many were missing), unless fewer than
 `MIN_ANGLES` arrived, in which case it fails.
+
+The assembler does nothing beyond its own state: each call returns what came of it, as
+outcomes (`Started`, `Completed`, `Failed`, `Clipped`), and its owner (`service.ingest`)
+dispatches them: the queue to the reconstruct loop, events to the publisher, the geometry
+preparer, metrics.
 """
 
 from __future__ import annotations
@@ -12,15 +17,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
 from service.errors import ProtocolError
-from service.protocol import FrameChunk, Message, ScanEnd, ScanStart
+from service.events import ScanFailed, ScanStarted
+from service.protocol import FrameChunk, Limits, Message, ScanEnd, ScanStart
 from workers.preprocess import normalize
 
 log = logging.getLogger(__name__)
@@ -60,12 +64,6 @@ class CompletedScan:
     rejected: int  # messages of this scan that were rejected
     t_first_message: float  # unix seconds
     t_last_projection: float  # unix seconds
-
-
-@dataclass
-class FailedScan:
-    scan_id: str
-    reason: str
 
 
 @dataclass
@@ -183,146 +181,135 @@ class _Scan:
         self.darks.total = self.flats.total = None
 
 
+# ---- outcomes ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Started:
+    """A `scan_start` was accepted: the scan is announced and its geometry can be prepared."""
+
+    start: ScanStart
+
+    @property
+    def event(self) -> ScanStarted:
+        start = self.start
+        return ScanStarted(start.scan_id, start.rows, start.cols, start.n_angles, start.meta)
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A scan is complete: it goes to the reconstruct loop (and may wait for it there)."""
+
+    scan: CompletedScan
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A scan ends without slices, for `reason`; its geometry is no longer wanted."""
+
+    start: ScanStart
+    reason: str
+
+    @property
+    def event(self) -> ScanFailed:
+        return ScanFailed(self.start.scan_id, self.reason)
+
+
+@dataclass(frozen=True)
+class Clipped:
+    """Pixels whose flat-field ratio was not positive, clipped before -log."""
+
+    pixels: int
+
+
+Outcome = Started | Completed | Failed | Clipped
+
+
 class ScanAssembler:
     """Turns validated messages into complete scans. Owned by the ingest thread.
 
-    `on_complete` receives each complete scan and may block (that is the backpressure path);
-    `on_event` receives lifecycle events (`scan_started`, `scan_failed`) as dicts; `on_start`
-    receives each accepted `scan_start` (to prepare the scan's geometry) and `on_failed` the
-    `scan_start` of each scan that fails (its geometry is no longer wanted); neither may block.
+    `handle`, `expire` and `drop_all` return outcomes, in the order they happened, for the
+    owner to dispatch; none of them blocks. `limits` gives `max_live_scans` and
+    `max_live_bytes`; `storage` the sinogram dtype (`ingest.sinogram_dtype`).
     """
 
     def __init__(
         self,
         device: torch.device,
-        max_live_scans: int,
-        on_complete: Callable[[CompletedScan], None],
-        on_event: Callable[[dict[str, Any]], None],
-        on_clipped: Callable[[int], None] = lambda n: None,
-        max_live_bytes: int = 8 << 30,
-        on_start: Callable[[ScanStart], None] = lambda start: None,
-        on_failed: Callable[[ScanStart], None] = lambda start: None,
+        limits: Limits | None = None,
         storage: torch.dtype = torch.float32,
     ) -> None:
         self.device = device
         self.storage = storage
-        self.max_live_scans = max_live_scans
-        self.max_live_bytes = max_live_bytes
-        self.on_complete = on_complete
-        self.on_event = on_event
-        self.on_clipped = on_clipped
-        self.on_start = on_start
-        self.on_failed = on_failed
+        self.limits = limits if limits is not None else Limits()
         self.scans: dict[str, _Scan] = {}
 
     @property
     def live_scans(self) -> int:
         return len(self.scans)
 
-    def handle(self, message: Message) -> None:
+    def handle(self, message: Message) -> list[Outcome]:
         """Apply one message. Raises ProtocolError when the message is rejected; the scan's
         state is then unchanged except for its rejection count."""
         if isinstance(message, ScanStart):
-            self._start(message)
-            return
+            return self._start(message)
         scan = self.scans.get(message.scan_id)
         if scan is None:
-            raise ProtocolError(
+            raise refused(
+                message,
                 "unknown_scan",
                 f"no live scan {message.scan_id!r} (send "
                 "scan_start first, or the scan already ended)",
-                message.scan_id,
-                message.seq,
             )
         try:
             self._check_seq(scan, message)
             if isinstance(message, ScanEnd):
-                self._end(scan, message)
+                outcomes = self._end(scan, message)
             else:
-                self._frames(scan, message)
+                outcomes = self._frames(scan, message)
         except ProtocolError:
             scan.rejected += 1
             raise
         scan.seqs.add(message.seq)
         scan.max_seq = max(scan.max_seq, message.seq)
         scan.t_last_message = time.monotonic()
+        return outcomes
 
-    def expire(self, timeout_s: float) -> list[str]:
-        """Fail and release scans idle for longer than `timeout_s`; returns their ids.
+    def expire(self, timeout_s: float) -> list[Failed]:
+        """Fail and release scans idle for longer than `timeout_s`.
 
         A scan without `scan_end` means the DAQ stopped mid-scan: its slices would be built from
         an unknown subset of the data, so none are published."""
-        now = time.monotonic()
-        stale = [sid for sid, s in self.scans.items() if now - s.t_last_message > timeout_s]
-        for scan_id in stale:
-            scan = self.scans[scan_id]
+        now, failed = time.monotonic(), []
+        for scan in [s for s in self.scans.values() if now - s.t_last_message > timeout_s]:
             log.warning(
                 "scan_id=%s seq=%d timed out after %.1f s without a message",
-                scan_id,
-                scan.max_seq,
-                timeout_s,
+                *(scan.start.scan_id, scan.max_seq, timeout_s),
             )
-            self._fail(
-                scan,
-                f"no message for {timeout_s:g} s (ingest.scan_timeout_s); "
-                f"{int(scan.received.sum())} of {scan.start.n_angles} projections had "
-                "arrived",
-            )
-        return stale
+            received = f"{int(scan.received.sum())} of {scan.start.n_angles} projections"
+            why = f"no message for {timeout_s:g} s (ingest.scan_timeout_s); {received} had arrived"
+            failed.append(self._fail(scan, why))
+        return failed
 
     def extend_deadlines(self, seconds: float) -> None:
         """Credit every live scan with `seconds` of silence that was not the DAQ's doing."""
         for scan in self.scans.values():
             scan.t_last_message += seconds
 
-    def drop_all(self, reason: str) -> None:
-        for scan in list(self.scans.values()):
-            self._fail(scan, reason)
+    def drop_all(self, reason: str) -> list[Failed]:
+        return [self._fail(scan, reason) for scan in list(self.scans.values())]
 
     # ---- message kinds ---------------------------------------------------------------------
 
-    def _start(self, start: ScanStart) -> None:
-        if start.scan_id in self.scans:
-            raise ProtocolError(
-                "scan_exists",
-                f"scan {start.scan_id!r} is already live; end it or use a new scan_id",
-                start.scan_id,
-                start.seq,
-            )
-        if not start.normalized and start.n_flat == 0:
-            raise ProtocolError(
-                "no_flats",
-                "a raw scan needs flat fields (n_flat >= 1), or send "
-                "line integrals with normalized=true",
-                start.scan_id,
-                start.seq,
-            )
-        if len(self.scans) >= self.max_live_scans:
-            raise ProtocolError(
-                "too_many_scans",
-                f"{len(self.scans)} scans are live (ingest.max_live_scans={self.max_live_scans})",
-                start.scan_id,
-                start.seq,
-            )
-        itemsize = storage_for(start, self.storage)[0].itemsize
-        need = start.rows * start.n_angles * start.cols * itemsize
-        held = sum(s.nbytes for s in self.scans.values())
-        if held + need > self.max_live_bytes:
-            raise ProtocolError(
-                "too_many_scans",
-                f"this scan needs {need} bytes and live scans "
-                f"hold {held}: over ingest.max_live_bytes={self.max_live_bytes}",
-                start.scan_id,
-                start.seq,
-            )
+    def _start(self, start: ScanStart) -> list[Outcome]:
+        self._check_room(start)
         try:
             scan = _Scan(start, self.device, self.storage)
         except torch.cuda.OutOfMemoryError:
-            raise ProtocolError(
+            raise refused(
+                start,
                 "too_large",
-                f"the device has no room for {need} bytes of sinogram",
-                start.scan_id,
-                start.seq,
+                f"the device has no room for {self._bytes(start)} bytes of sinogram",
             ) from None
         if scan.references_ready:
             scan.finalise_references()
@@ -336,23 +323,48 @@ class ScanAssembler:
             start.n_angles,
             start.dtype,
         )
-        self.on_event(
-            {
-                "event": "scan_started",
-                "scan_id": start.scan_id,
-                "rows": start.rows,
-                "cols": start.cols,
-                "n_angles": start.n_angles,
-                "meta": start.meta,
-            }
-        )
-        self.on_start(start)
+        return [Started(start)]
+
+    def _bytes(self, start: ScanStart) -> int:
+        """The sinogram bytes scan `start` holds while it is assembled."""
+        itemsize = storage_for(start, self.storage)[0].itemsize
+        return start.rows * start.n_angles * start.cols * itemsize
+
+    def _check_room(self, start: ScanStart) -> None:
+        """Refuse a start that is not new, cannot be flat-field corrected, or does not fit."""
+        if start.scan_id in self.scans:
+            raise refused(
+                start,
+                "scan_exists",
+                f"scan {start.scan_id!r} is already live; end it or use a new scan_id",
+            )
+        if not start.normalized and start.n_flat == 0:
+            raise refused(
+                start,
+                "no_flats",
+                "a raw scan needs flat fields (n_flat >= 1), or send "
+                "line integrals with normalized=true",
+            )
+        limit = self.limits.max_live_scans
+        if len(self.scans) >= limit:
+            raise refused(
+                start,
+                "too_many_scans",
+                f"{len(self.scans)} scans are live (ingest.max_live_scans={limit})",
+            )
+        need = self._bytes(start)
+        held = sum(s.nbytes for s in self.scans.values())
+        if held + need > self.limits.max_live_bytes:
+            raise refused(
+                start,
+                "too_many_scans",
+                f"this scan needs {need} bytes and live scans "
+                f"hold {held}: over ingest.max_live_bytes={self.limits.max_live_bytes}",
+            )
 
     def _check_seq(self, scan: _Scan, message: FrameChunk | ScanEnd) -> None:
         if message.seq in scan.seqs:
-            raise ProtocolError(
-                "duplicate", f"seq {message.seq} was already received", message.scan_id, message.seq
-            )
+            raise refused(message, "duplicate", f"seq {message.seq} was already received")
         if message.seq > scan.max_seq + 1:
             log.warning(
                 "scan_id=%s seq=%d gap: messages %d..%d not (yet) received",
@@ -362,63 +374,59 @@ class ScanAssembler:
                 message.seq - 1,
             )
 
-    def _frames(self, scan: _Scan, chunk: FrameChunk) -> None:
+    def _frames(self, scan: _Scan, chunk: FrameChunk) -> list[Outcome]:
         start = scan.start
         if start.normalized and chunk.kind != "projections":
-            raise ProtocolError(
+            raise refused(
+                chunk,
                 "bad_value",
                 f"{chunk.kind} frames sent for a normalized scan",
-                chunk.scan_id,
-                chunk.seq,
             )
         declared = {"dark": start.n_dark, "flat": start.n_flat, "projections": start.n_angles}[
             chunk.kind
         ]
         if chunk.index + chunk.count > declared:
-            raise ProtocolError(
+            raise refused(
+                chunk,
                 "index_out_of_range",
                 f"{chunk.kind} index {chunk.index}+count "
                 f"{chunk.count} exceeds the {declared} declared at scan_start",
-                chunk.scan_id,
-                chunk.seq,
             )
         data = chunk.to_array(start)
         span = range(chunk.index, chunk.index + chunk.count)
         if chunk.kind == "projections":
             if scan.received[chunk.index : chunk.index + chunk.count].any():
-                raise ProtocolError(
+                raise refused(
+                    chunk,
                     "duplicate",
                     f"projections {span.start}..{span.stop - 1} overlap ones already received",
-                    chunk.scan_id,
-                    chunk.seq,
                 )
-            self.on_clipped(scan.store(chunk.index, data))
+            clipped = scan.store(chunk.index, data)
             scan.t_last_projection = time.time()
-            return
+            return _clipped(clipped)
         refs = scan.darks if chunk.kind == "dark" else scan.flats
         if refs.seen.intersection(span):
-            raise ProtocolError(
+            raise refused(
+                chunk,
                 "duplicate",
                 f"{chunk.kind} frames {span.start}..{span.stop - 1} overlap ones already received",
-                chunk.scan_id,
-                chunk.seq,
             )
         if scan.dark is not None:
-            raise ProtocolError(
+            raise refused(
+                chunk,
                 "bad_value",
                 f"{chunk.kind} frames after the references were complete",
-                chunk.scan_id,
-                chunk.seq,
             )
         refs.add(chunk.index, torch.from_numpy(np.array(data, copy=True)).to(scan.device))
         if scan.references_ready:
-            self._apply_references(scan)
+            return self._apply_references(scan)
+        return []
 
-    def _apply_references(self, scan: _Scan) -> None:
+    def _apply_references(self, scan: _Scan) -> list[Outcome]:
         scan.finalise_references()
-        self.on_clipped(scan.normalise_raw())
+        return _clipped(scan.normalise_raw())
 
-    def _end(self, scan: _Scan, end: ScanEnd) -> None:
+    def _end(self, scan: _Scan, end: ScanEnd) -> list[Outcome]:
         received = int(scan.received.sum())
         if end.count != received:
             log.warning(
@@ -428,10 +436,11 @@ class ScanAssembler:
                 end.count,
                 received,
             )
-        self._finish(scan)
+        return self._finish(scan)
 
-    def _finish(self, scan: _Scan) -> None:
+    def _finish(self, scan: _Scan) -> list[Outcome]:
         received = int(scan.received.sum())
+        outcomes: list[Outcome] = []
         if scan.dark is None:
             if scan.flats.seen:
                 log.warning(
@@ -443,13 +452,11 @@ class ScanAssembler:
                     len(scan.flats.seen),
                     scan.flats.declared,
                 )
-                self._apply_references(scan)
+                outcomes += self._apply_references(scan)
             else:
-                self._fail(scan, "no flat field frames arrived")
-                return
+                return [self._fail(scan, "no flat field frames arrived")]
         if received < MIN_ANGLES:
-            self._fail(scan, f"only {received} projections arrived")
-            return
+            return [*outcomes, self._fail(scan, f"only {received} projections arrived")]
         del self.scans[scan.start.scan_id]
         keep = np.flatnonzero(scan.received)
         sinogram = scan.sinogram
@@ -461,7 +468,7 @@ class ScanAssembler:
                 scan.start.n_angles,
             )
             sinogram = sinogram[:, torch.as_tensor(keep, device=sinogram.device), :].contiguous()
-        self.on_complete(
+        completed = Completed(
             CompletedScan(
                 start=scan.start,
                 sinogram=sinogram,
@@ -474,9 +481,18 @@ class ScanAssembler:
                 t_last_projection=scan.t_last_projection,
             )
         )
+        return [*outcomes, completed]
 
-    def _fail(self, scan: _Scan, reason: str) -> None:
+    def _fail(self, scan: _Scan, reason: str) -> Failed:
         self.scans.pop(scan.start.scan_id, None)
         log.error("scan_id=%s failed: %s", scan.start.scan_id, reason)
-        self.on_failed(scan.start)
-        self.on_event({"event": "scan_failed", "scan_id": scan.start.scan_id, "reason": reason})
+        return Failed(scan.start, reason)
+
+
+def refused(message: Message, reason: str, detail: str) -> ProtocolError:
+    """The rejection of `message` for `reason` (a `REJECT_REASONS` label)."""
+    return ProtocolError(reason, detail, message.scan_id, message.seq)
+
+
+def _clipped(pixels: int) -> list[Outcome]:
+    return [Clipped(pixels)] if pixels else []

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -19,21 +18,23 @@ import h5py
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from service.events import SliceHeader
 from service.protocol import SCAN_ID
 
 log = logging.getLogger(__name__)
 
 WINDOW_PERCENTILES = (0.5, 99.5)
-# Publisher topic -> (slices, received flags) in a scan's HDF5 group. A header without a
-# "topic" is a denoised slice.
+# Publisher topic -> (slices, received flags) in a scan's HDF5 group.
 TOPIC_DATASETS = {"slice": ("data", "received"), "recon": ("recon", "recon_received")}
 
 
 @runtime_checkable
 class SliceSink(Protocol):
-    """Where a viewer puts received slices."""
+    """Where a viewer puts received slices: each with its published header and topic
+    (`slice`: denoised, `recon`: plain FBP). Viewer side; the service's own outputs are
+    `service.sinks.SliceSink`."""
 
-    def write(self, header: Mapping[str, Any], data: np.ndarray) -> None: ...
+    def write(self, header: SliceHeader, data: np.ndarray, topic: str = "slice") -> None: ...
 
     def close(self) -> None: ...
 
@@ -42,8 +43,8 @@ class HDF5SliceSink:
     """All slices of one viewer run in one HDF5 file, one group per scan.
 
     `/<scan_id>/data` (rows, h, w) float32 (NaN where no slice arrived), `/<scan_id>/received`
-    (rows,) bool, attrs `model` and a timing summary; plain FBP slices (header["topic"] ==
-    "recon") go to `recon` and `recon_received` beside them. The file is written as `<path>.partial`
+    (rows,) bool, attrs `model` and a timing summary; plain FBP slices (topic `recon`) go to
+    `recon` and `recon_received` beside them. The file is written as `<path>.partial`
     and renamed to `<path>` by `close()`, so a crashed run never leaves a file that looks
     complete. Owned by one thread.
     """
@@ -56,10 +57,10 @@ class HDF5SliceSink:
         self._file: h5py.File | None = h5py.File(self.partial, "w")
         self._file.attrs["content"] = "tomocast slices, one group per scan"
 
-    def write(self, header: Mapping[str, Any], data: np.ndarray) -> None:
+    def write(self, header: SliceHeader, data: np.ndarray, topic: str = "slice") -> None:
         if self._file is None:
             raise ValueError(f"{self.path}: write after close")
-        checked = _check(header, data)
+        checked = _check(header, data, topic)
         if checked is None:
             return
         scan_id, index, rows, topic = checked
@@ -75,7 +76,7 @@ class HDF5SliceSink:
             )
             group.create_dataset(received_name, shape=(rows,), dtype=bool, fillvalue=False)
             if topic == "slice":
-                group.attrs["model"] = str(header.get("model", ""))
+                group.attrs["model"] = header.model
         stored = group[data_name]
         if stored.shape != (rows, *np.shape(data)):
             log.warning(
@@ -129,8 +130,8 @@ class PNGSliceSink:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
 
-    def write(self, header: Mapping[str, Any], data: np.ndarray) -> None:
-        checked = _check(header, data)
+    def write(self, header: SliceHeader, data: np.ndarray, topic: str = "slice") -> None:
+        checked = _check(header, data, topic)
         if checked is None:
             return
         scan_id, index, _, topic = checked
@@ -160,31 +161,27 @@ class ScanProgress:
         self._delivery: list[float] = []
         self._stages: dict[str, list[float]] = {}
 
-    def add(self, header: Mapping[str, Any], received_at: float | None = None) -> bool:
+    def add(self, header: SliceHeader, received_at: float | None = None) -> bool:
         """Count one slice; False for a duplicate index. `received_at` (unix seconds, this
         host's clock) adds a `delivery` sample: received_at - t_published."""
-        rows = header.get("rows")
-        if self.rows is None and isinstance(rows, int) and not isinstance(rows, bool):
-            self.rows = rows
-        index = header.get("index")
-        if index in self._received:
+        if self.rows is None:
+            self.rows = header.rows
+        if header.index in self._received:
             self.duplicates += 1
             return False
-        if isinstance(index, int):
-            self._received.add(index)
-        self.model = str(header.get("model", self.model or ""))
-        published = _seconds(header.get("t_published"))
-        last_projection = _seconds(header.get("t_last_projection"))
+        self._received.add(header.index)
+        self.model = header.model
+        published = _seconds(header.t_published)
+        last_projection = _seconds(header.t_last_projection)
         if published is not None and last_projection is not None:
             self._end_to_end.append(published - last_projection)
         if published is not None and received_at is not None:
             self._delivery.append(received_at - published)
-        timing = header.get("timing")
-        for stage, value in timing.items() if isinstance(timing, Mapping) else ():
+        for stage, value in header.timing.items():
             seconds = _seconds(value)
             # end_to_end is derived above from the two timestamps; don't list it twice.
             if seconds is not None and stage != "end_to_end":
-                self._stages.setdefault(str(stage), []).append(seconds)
+                self._stages.setdefault(stage, []).append(seconds)
         return True
 
     @property
@@ -289,23 +286,21 @@ def save_comparison_png(path: str | Path, panels: list[tuple[str, np.ndarray]]) 
     canvas.save(path, format="PNG")
 
 
-def _check(header: Mapping[str, Any], data: np.ndarray) -> tuple[str, int, int, str] | None:
+def _check(header: SliceHeader, data: np.ndarray, topic: str) -> tuple[str, int, int, str] | None:
     """(scan_id, index, rows, topic) of a well-formed slice, else None after one log line."""
-    scan_id: Any = header.get("scan_id")
-    index: Any = header.get("index")
-    rows: Any = header.get("rows")
-    topic: Any = header.get("topic", "slice")
+    scan_id, index, rows = header.scan_id, header.index, header.rows
+    shape = [] if header.shape is None else list(header.shape)
     problem = None
     if topic not in TOPIC_DATASETS:
         problem = f"topic={topic!r} is not one of {', '.join(TOPIC_DATASETS)}"
-    elif not isinstance(scan_id, str) or not SCAN_ID.match(scan_id) or scan_id in (".", ".."):
+    elif not SCAN_ID.match(scan_id) or scan_id in (".", ".."):
         problem = f"scan_id={scan_id!r} is not a usable name"
-    elif not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
+    elif rows < 1:
         problem = f"rows={rows!r} must be a positive integer"
-    elif not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < rows:
+    elif not 0 <= index < rows:
         problem = f"index={index!r} is outside [0, rows={rows})"
-    elif np.ndim(data) != 2 or list(np.shape(data)) != list(header.get("shape", [])):
-        problem = f"data shape {np.shape(data)} does not match header shape {header.get('shape')!r}"
+    elif np.ndim(data) != 2 or list(np.shape(data)) != shape:
+        problem = f"data shape {np.shape(data)} does not match header shape {header.shape!r}"
     if problem is not None:
         log.warning("slice dropped by the sink: %s", problem)
         return None

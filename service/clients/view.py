@@ -12,6 +12,7 @@ from tqdm import tqdm
 from service.cli import client_keys
 from service.client import Published, Subscriber
 from service.clients.sinks import HDF5SliceSink, PNGSliceSink, ScanProgress, SliceSink
+from service.events import Event, ScanEnded, ScanFailed
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,18 @@ def receive(
             log.warning("nothing received for %.0f s: stopping", timeout)
             return
         yield message
-        if message.topic == "event" and message.header.get("event") in (
-            "scan_completed",
-            "scan_failed",
-        ):
+        if isinstance(scan_event(message), ScanEnded):
             ended += 1
+
+
+def scan_event(message: Published) -> Event | None:
+    """The scan event `message` carries; None for a slice, and for an event this version
+    does not know (one log line)."""
+    try:
+        return message.event()
+    except ValueError as exc:
+        log.warning("event not understood, ignored: %s", exc)
+        return None
 
 
 def run_view(args: argparse.Namespace) -> int:
@@ -55,38 +63,48 @@ def run_view(args: argparse.Namespace) -> int:
         sys.stderr.write(f"connected to {args.connect}: {info}\n")
         try:
             for message in receive(subscriber, args.scans, args.timeout):
-                header = message.header
-                scan_id = header.get("scan_id", "?")
-                if message.topic == "event":
-                    event = header.get("event")
-                    if event in ("scan_completed", "scan_failed"):
-                        if scan_id in bars:
-                            bars.pop(scan_id).close()
-                        if event == "scan_failed":
-                            sys.stdout.write(f"scan {scan_id} failed: {header.get('reason')}\n")
-                        elif scan_id in progress:
-                            sys.stdout.write(progress[scan_id].format_summary() + "\n")
-                        if subscriber.dropped:
-                            sys.stdout.write(
-                                f"this viewer fell behind and lost messages "
-                                f"(per topic): {subscriber.dropped}\n"
-                            )
+                if message.data is None:
+                    event = scan_event(message)
+                    if isinstance(event, ScanEnded):
+                        _ended(event, subscriber, progress, bars)
                     continue
-                assert message.data is not None
+                try:
+                    header = message.slice_header()
+                except ValueError as exc:
+                    log.warning("slice dropped: %s", exc)
+                    continue
                 for sink in sinks:
-                    sink.write({**header, "topic": message.topic}, message.data)
+                    sink.write(header, message.data, message.topic)
                 if message.topic != "slice":
                     continue
-                tracker = progress.setdefault(scan_id, ScanProgress(scan_id))
-                tracker.add(header)
-                if scan_id not in bars:
-                    bars[scan_id] = tqdm(
-                        total=header["rows"], desc=scan_id, unit="slice", file=sys.stderr
+                progress.setdefault(header.scan_id, ScanProgress(header.scan_id)).add(header)
+                if header.scan_id not in bars:
+                    bars[header.scan_id] = tqdm(
+                        total=header.rows, desc=header.scan_id, unit="slice", file=sys.stderr
                     )
-                bars[scan_id].update(1)
+                bars[header.scan_id].update(1)
         finally:
             for bar in bars.values():
                 bar.close()
             for sink in sinks:
                 sink.close()
     return 0
+
+
+def _ended(
+    event: ScanEnded,
+    subscriber: Subscriber,
+    progress: dict[str, ScanProgress],
+    bars: dict[str, tqdm],
+) -> None:
+    """A scan's last event: close its progress bar, print its summary or why it failed."""
+    if event.scan_id in bars:
+        bars.pop(event.scan_id).close()
+    if isinstance(event, ScanFailed):
+        sys.stdout.write(f"scan {event.scan_id} failed: {event.reason}\n")
+    elif event.scan_id in progress:
+        sys.stdout.write(progress[event.scan_id].format_summary() + "\n")
+    if subscriber.dropped:
+        sys.stdout.write(
+            f"this viewer fell behind and lost messages (per topic): {subscriber.dropped}\n"
+        )

@@ -20,8 +20,9 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from service.app import Service
 from service.client import Detector, Subscriber
 from service.clients.sinks import ScanProgress, save_comparison_png
-from service.clients.view import receive
+from service.clients.view import receive, scan_event
 from service.config import load_settings
+from service.events import ScanEnded, ScanFailed
 from service.sim.simulate import simulate_scan
 
 
@@ -65,12 +66,12 @@ def run_demo(args: argparse.Namespace) -> int:
             sender = threading.Thread(target=_send, args=(endpoints.ingest, scan), daemon=True)
             t_send = time.monotonic()
             sender.start()
-            volumes, progress, completed = _collect(viewer, args.rows, args.cols)
+            volumes, progress, ended = _collect(viewer, args.rows, args.cols)
             sender.join()
             elapsed = time.monotonic() - t_send
     finally:
         service.stop()
-    say(_summary(info, scan.truth, volumes, progress, completed, elapsed, out))
+    say(_summary(info, scan.truth, volumes, progress, ended, elapsed, out))
     return 0
 
 
@@ -85,22 +86,23 @@ def _collect(
     viewer: Subscriber,
     rows: int,
     cols: int,
-) -> tuple[dict[str, np.ndarray], ScanProgress, dict[str, Any]]:
+) -> tuple[dict[str, np.ndarray], ScanProgress, ScanEnded | None]:
     volumes = {
         topic: np.full((rows, cols, cols), np.nan, np.float32) for topic in ("recon", "slice")
     }
     progress = ScanProgress("demo")
-    completed: dict[str, Any] = {}
+    ended: ScanEnded | None = None
     for message in receive(viewer, scans=1, timeout=600.0):
-        if message.topic == "event":
-            if message.header["event"] in ("scan_completed", "scan_failed"):
-                completed = message.header
+        if message.data is None:
+            event = scan_event(message)
+            if isinstance(event, ScanEnded):
+                ended = event
             continue
-        assert message.data is not None
-        volumes[message.topic][message.header["index"]] = message.data
+        header = message.slice_header()
+        volumes[message.topic][header.index] = message.data
         if message.topic == "slice":
-            progress.add(message.header)
-    return volumes, progress, completed
+            progress.add(header)
+    return volumes, progress, ended
 
 
 def _quality(truth: np.ndarray, volume: np.ndarray) -> tuple[float, float]:
@@ -122,7 +124,7 @@ def _summary(
     truth: np.ndarray,
     volumes: dict[str, np.ndarray],
     progress: ScanProgress,
-    completed: dict[str, Any],
+    ended: ScanEnded | None,
     elapsed: float,
     out: Path,
 ) -> str:
@@ -136,8 +138,8 @@ def _summary(
     else:
         lines.append(f"model: {model}")
     lines.append(f"device: {info.get('device')}   scan sent and processed in {elapsed:.1f} s")
-    if completed.get("event") == "scan_failed":
-        lines.append(f"SCAN FAILED: {completed.get('reason')}")
+    if isinstance(ended, ScanFailed):
+        lines.append(f"SCAN FAILED: {ended.reason}")
         return "\n".join(lines) + "\n"
     lines.append(progress.format_summary())
     received = {topic: int(np.isfinite(v[:, 0, 0]).sum()) for topic, v in volumes.items()}

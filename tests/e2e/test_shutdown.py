@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 
 from service.client import Detector, Subscriber
+from service.events import Event, ScanCompleted, ScanEnded, ScanFailed, ScanStarted
 from tests.e2e.test_cli import Process
 from tests.support.helpers import tally
 
@@ -43,18 +44,18 @@ def test_sigterm_mid_scan_keeps_every_promise(tmp_path: Path) -> None:
             detector.send_frames("flat", "partial", 0, FLATS)
             detector.send_frames("projections", "partial", 0, PROJECTIONS[:20])
             slices: set[tuple[str, int]] = set()
-            events: dict[str, dict] = {}
+            events: dict[str, ScanEnded] = {}
 
-            def take() -> dict:
+            def take() -> Event | None:
                 message = viewer.recv(timeout=60.0)
                 tally(message, slices, events)
-                return message.header
+                return message.event()
 
             # Messages are read in order: once 'partial' has started, 'whole' was fully read
             # (its slices may already be out: they are kept).
             while True:
-                header = take()
-                if header.get("event") == "scan_started" and header["scan_id"] == "partial":
+                event = take()
+                if isinstance(event, ScanStarted) and event.scan_id == "partial":
                     break
             serve.proc.send_signal(signal.SIGTERM)
             while len(events) < 2:
@@ -63,10 +64,10 @@ def test_sigterm_mid_scan_keeps_every_promise(tmp_path: Path) -> None:
     finally:
         serve.close()
     assert code == 0, stderr
-    assert events["whole"]["event"] == "scan_completed"
+    assert isinstance(events["whole"], ScanCompleted)
     assert slices == {("whole", i) for i in range(ROWS)}
-    assert events["partial"]["event"] == "scan_failed"
-    assert "stopping" in events["partial"]["reason"]
+    partial = events["partial"]
+    assert isinstance(partial, ScanFailed) and "stopping" in partial.reason
     with h5py.File(tmp_path / "whole.h5") as f:
         assert f["exchange/received"][()].all()
     assert not list(tmp_path.glob("*.partial"))

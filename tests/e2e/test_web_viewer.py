@@ -28,6 +28,7 @@ from service.clients.sinks import robust_window, to_uint8
 from service.clients.web.frames import decode_frame
 from service.clients.web.server import WebSettings, WebViewer
 from service.config import load_settings
+from service.events import ScanCompleted, ScanFailed, ScanLatency, SliceHeader
 from service.metrics import Metrics
 from service.publish import Publisher
 from service.sim.simulate import simulate_scan
@@ -72,8 +73,9 @@ def _collect(subscriber: Subscriber) -> tuple[dict[tuple[str, int], np.ndarray],
         message = subscriber.recv(timeout=120)
         assert message is not None, "the service published nothing for 120 s"
         if message.topic == "event":
-            assert message.header["event"] != "scan_failed", message.header
-            if message.header["event"] == "scan_completed":
+            event = message.event()
+            assert not isinstance(event, ScanFailed), event
+            if isinstance(event, ScanCompleted):
                 return published, order
             continue
         assert message.data is not None
@@ -263,18 +265,12 @@ def test_a_slow_browser_loses_slices_for_itself_only() -> None:
                 got = []
                 for index in range(slices):  # in step with the fast browser: it keeps up
                     channel.send_slice(
-                        "slice",
-                        {
-                            "scan_id": "fanout",
-                            "index": index,
-                            "rows": slices,
-                            "t_last_projection": time.time(),
-                        },
-                        data,
+                        "slice", SliceHeader("fanout", slices, "test", time.time(), index, {}), data
                     )
                     got += _read_until(fast, "frame", index=index)
-                channel.send_event({"event": "scan_completed", "scan_id": "fanout"})
-                got += _read_until(fast, "event", event="scan_completed")
+                done = ScanCompleted("fanout", slices, 0, 0, 0, "test", ScanLatency(0.0, 0.0, None))
+                channel.send_event(done)
+                got += _read_until(fast, "event", event=done.type)
                 with urllib.request.urlopen(viewer.url + "api/status", timeout=30) as reply:
                     status = json.load(reply)
                 assert [h["index"] for h in got if h["kind"] == "frame"] == list(range(slices))
@@ -287,4 +283,5 @@ def test_a_slow_browser_loses_slices_for_itself_only() -> None:
     finally:
         channel.close()
         publisher.stop()
+        assert publisher.join(30)
         context.term()

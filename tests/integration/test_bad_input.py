@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from service.client import Detector, Subscriber
+from service.events import Event, ScanCompleted, ScanEnded, ScanFailed
 from service.protocol import FrameChunk
 
 ROWS, COLS, ANGLES = 4, 32, 24
@@ -149,10 +150,10 @@ def test_bad_message_costs_only_itself(start_service: Any, case: str) -> None:
                 continue
             if message.topic == "slice":
                 indices.append(message.header["index"])
-            elif message.header["event"] in ("scan_completed", "scan_failed"):
+            elif isinstance(ended := message.event(), ScanEnded):
                 break
-    assert message.header["event"] == "scan_completed"
-    assert message.header["missing_projections"] == 0
+    assert isinstance(ended, ScanCompleted)
+    assert ended.missing_projections == 0
     assert sorted(indices) == list(range(ROWS))
     assert counter("tomocast_rejected_messages_total", {"reason": reason}) == before + 1
 
@@ -167,12 +168,12 @@ def test_a_scan_that_never_ends_times_out_and_is_released(start_service: Any) ->
         start_other(detector, "abandoned")
         detector.send_frames("flat", "abandoned", 0, FLATS[:1])
         detector.send_frames("projections", "abandoned", 0, PROJECTIONS[:5])
-        events = []
-        while not events or events[-1]["event"] != "scan_failed":
+        events: list[Event | None] = []
+        while not events or not isinstance(events[-1], ScanFailed):
             message = viewer.recv(timeout=30.0)
             assert message is not None, "the abandoned scan was never timed out"
-            events.append(message.header)
-    assert "no message for" in events[-1]["reason"]
+            events.append(message.event())
+    assert isinstance(events[-1], ScanFailed) and "no message for" in events[-1].reason
     assert service.metrics.registry.get_sample_value("tomocast_scans_in_flight") == 0
     assert (
         service.metrics.registry.get_sample_value("tomocast_scans_total", {"outcome": "failed"})

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from service.bench import pipeline as bench_pipeline
+from service.events import ScanCompleted
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -118,7 +119,7 @@ def test_cuda_conveyor_publishes_what_the_cpu_computes(start_service: Any) -> No
         while True:
             message = viewer.recv(timeout=120)
             assert message is not None
-            if message.topic == "event" and message.header["event"] == "scan_completed":
+            if isinstance(message.event(), ScanCompleted):
                 break
             if message.topic != "event":
                 key = (message.topic, message.header["index"])

@@ -12,11 +12,12 @@ import torch
 
 from service.app import Service
 from service.client import Detector, Published, Subscriber
+from service.events import ScanCompleted, ScanEnded, ScanFailed
 from service.protocol import ScanStart
-from service.reconstruct import theta_tensor
 from tests.support.helpers import GatedGridding, wait_for
 from workers.geometry_cache import geometry_key
 from workers.gridding import GriddingFBP
+from workers.rows import theta_tensor
 
 ROWS, COLS, ANGLES = 4, 64, 96
 rng = np.random.default_rng(17)
@@ -36,10 +37,7 @@ def until_ended(viewer: Subscriber) -> list[Published]:
         message = viewer.recv(timeout=60.0)
         assert message is not None, "nothing published for 60 s"
         messages.append(message)
-        if message.topic == "event" and message.header["event"] in (
-            "scan_completed",
-            "scan_failed",
-        ):
+        if isinstance(message.event(), ScanEnded):
             return messages
 
 
@@ -85,7 +83,8 @@ def test_the_geometry_is_built_before_the_data_arrive_and_not_again(
         detector.start_scan("again", ROWS, COLS, ANGLES, "uint16", center=COLS / 2 + 0.5, n_flat=1)
         send_data(detector, "again")
         again = until_ended(viewer)
-    assert messages[-1].header["event"] == again[-1].header["event"] == "scan_completed"
+    assert isinstance(messages[-1].event(), ScanCompleted)
+    assert isinstance(again[-1].event(), ScanCompleted)
     assert slices(messages) == slices(again) == list(range(ROWS))
     assert reconstructor.geometries.builds == builds + 1  # the worker found it, built nothing
     assert metric(service, "tomocast_errors_total", {"stage": "prepare"}) == 0
@@ -116,7 +115,7 @@ def test_a_failed_prepare_is_counted_and_the_worker_builds_as_before(start_servi
             "the failed prepare to be counted",
             lambda: metric(service, "tomocast_errors_total", {"stage": "prepare"}) == 1,
         )
-    assert messages[-1].header["event"] == "scan_completed"
+    assert isinstance(messages[-1].event(), ScanCompleted)
     assert slices(messages) == list(range(ROWS))
     assert reconstructor.geometries.builds == builds + 1  # built by the worker instead
     assert metric(service, "tomocast_errors_total", {"stage": "worker"}) == 0
@@ -181,10 +180,9 @@ def test_prepared_geometries_evict_finished_ones_not_each_other(start_service: A
             assert all(key(start) in reconstructor.geometries for start in starts)
             for start in starts:
                 send_data(detector, start.scan_id)
-            ended = [until_ended(viewer)[-1].header for _ in starts]
-            assert [e["event"] for e in ended] == [
-                "scan_failed" if center == FAILING_CENTER else "scan_completed"
-                for center in centers
+            ended = [type(until_ended(viewer)[-1].event()) for _ in starts]
+            assert ended == [
+                ScanFailed if center == FAILING_CENTER else ScanCompleted for center in centers
             ]
             builds += 2
             assert reconstructor.geometries.builds == builds  # the worker built none
@@ -203,7 +201,7 @@ def test_a_scan_that_fails_before_its_turn_is_not_prepared(start_service: Any) -
         wait_for("the busy scan's build to start", lambda: busy in reconstructor.built)
         detector.start_scan("doomed", ROWS, COLS, ANGLES, "uint16", center=doomed, n_flat=1)
         detector.end_scan("doomed", 0)  # no flats, no projections: it fails now
-        assert until_ended(viewer)[-1].header["event"] == "scan_failed"
+        assert isinstance(until_ended(viewer)[-1].event(), ScanFailed)
         start = detector.start_scan("after", ROWS, COLS, ANGLES, "uint16", center=after, n_flat=1)
         reconstructor.gate.set()
         wait_for("the next scan's geometry", lambda: key(start) in reconstructor.geometries)

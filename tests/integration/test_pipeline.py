@@ -13,6 +13,7 @@ import pytest
 
 from service.app import Service
 from service.client import Detector, Published, Subscriber
+from service.events import Event, ScanCompleted, ScanEnded, ScanStarted
 from service.sim.simulate import SimulatedScan, simulate_scan
 from workers.recon import recon
 
@@ -34,17 +35,16 @@ def offline_line_integrals(scan: SimulatedScan) -> np.ndarray:
     return (-np.log(np.clip(ratio, 1e-6, None))).astype(np.float32)
 
 
-def collect(viewer: Subscriber, until_events: int = 1) -> tuple[list[Published], list[dict]]:
+def collect(viewer: Subscriber, until_events: int = 1) -> tuple[list[Published], list[Event]]:
     """Everything published until `until_events` scans have ended."""
     messages: list[Published] = []
-    events: list[dict[str, Any]] = []
-    while (
-        len([e for e in events if e["event"] in ("scan_completed", "scan_failed")]) < until_events
-    ):
+    events: list[Event] = []
+    while len([e for e in events if isinstance(e, ScanEnded)]) < until_events:
         message = viewer.recv(timeout=60.0)
         assert message is not None, "the service published nothing for 60 s"
-        if message.topic == "event":
-            events.append(message.header)
+        event = message.event()
+        if event is not None:
+            events.append(event)
         else:
             messages.append(message)
     return messages, events
@@ -74,8 +74,10 @@ def test_every_slice_once_and_recon_matches_offline(
     assert sorted(counts) == sorted((t, i) for t in ("slice", "recon") for i in range(ROWS))
     assert set(counts.values()) == {1}
     assert all(m.data is not None and m.data.shape == (COLS, COLS) for m in messages)
-    assert [e["event"] for e in events] == ["scan_started", "scan_completed"]
-    assert events[1]["slices"] == ROWS and events[1]["missing_projections"] == 0
+    assert [type(e) for e in events] == [ScanStarted, ScanCompleted]
+    completed = events[1]
+    assert isinstance(completed, ScanCompleted)
+    assert completed.slices == ROWS and completed.missing_projections == 0
 
     reference = recon(
         offline_line_integrals(scan), scan.theta, center=COLS / 2, device="cpu", method=method
@@ -118,8 +120,9 @@ def test_malformed_messages_mid_scan_cost_only_themselves(
         detector.end_scan("it-scan", ANGLES)
         messages, events = collect(viewer)
     assert sorted(m.header["index"] for m in messages) == list(range(ROWS))
-    assert events[-1]["event"] == "scan_completed"
-    assert events[-1]["missing_projections"] == 0 and events[-1]["rejected_messages"] == 1
+    completed = events[-1]
+    assert isinstance(completed, ScanCompleted)
+    assert completed.missing_projections == 0 and completed.rejected_messages == 1
     assert rejected(service, "not_msgpack") == 2
     assert rejected(service, "payload_size") == 1
 
@@ -172,8 +175,8 @@ def test_missing_projections_reconstruct_with_the_angles_present(
             )
         detector.end_scan("it-scan", ANGLES)
         messages, events = collect(viewer)
-    assert events[-1]["event"] == "scan_completed"
-    assert events[-1]["missing_projections"] == 10
+    completed = events[-1]
+    assert isinstance(completed, ScanCompleted) and completed.missing_projections == 10
     present = np.concatenate([np.arange(i, i + 10) for i in keep])
     reference = recon(
         offline_line_integrals(scan)[present],
@@ -215,7 +218,7 @@ def test_float16_sinogram_storage_reconstructs_as_well(
         viewer.wait_ready()
         detector.send_scan("it-scan", scan.projections, darks=scan.darks, flats=scan.flats, chunk=7)
         messages, events = collect(viewer)
-    assert events[-1]["event"] == "scan_completed"
+    assert isinstance(events[-1], ScanCompleted)
     got = np.stack([m.data for m in sorted(messages, key=lambda m: m.header["index"])])
     reference = recon(offline_line_integrals(scan), scan.theta, center=COLS / 2, device="cpu")
     # float16 rounds each line integral by at most 2^-11 relative, far below the photon noise:

@@ -36,6 +36,7 @@ import pytest
 import yaml
 
 from service.client import Detector, Subscriber
+from service.events import ScanCompleted, ScanEnded
 from service.sim.simulate import simulate_scan
 
 REPO = Path(__file__).resolve().parents[2]
@@ -364,8 +365,8 @@ def test_dashboard_and_alert_queries_return_data(
         detector.send_raw(
             [msgpack.packb({"v": 2, "type": "scan_start", "scan_id": "bad", "seq": 0})]
         )
-        event = poll("scan_completed", lambda: _ended(viewer), timeout=120, every=0)
-    assert event["event"] == "scan_completed", event
+        event = poll("the scan to end", lambda: _ended(viewer), timeout=120, every=0)
+    assert isinstance(event, ScanCompleted), event
     poll(
         "Prometheus to see the scan and the rejected message",
         lambda: (
@@ -435,8 +436,7 @@ def test_dashboard_and_alert_queries_return_data(
     assert linted.returncode == 0, (linted.stdout + linted.stderr).decode()
 
 
-def _ended(viewer: Subscriber) -> dict[str, Any] | None:
+def _ended(viewer: Subscriber) -> ScanEnded | None:
     message = viewer.recv(timeout=1.0)
-    if message is None or message.header.get("event") not in ("scan_completed", "scan_failed"):
-        return None
-    return message.header
+    event = None if message is None else message.event()
+    return event if isinstance(event, ScanEnded) else None

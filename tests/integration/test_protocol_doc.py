@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from service.client import Subscriber
+from service.events import ScanCompleted
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 
@@ -46,7 +47,7 @@ def test_doc_sender_example_gets_every_slice_in_physical_units(
         while True:
             message = viewer.recv(timeout=60.0)
             assert message is not None
-            if message.topic == "event" and message.header["event"] == "scan_completed":
+            if isinstance(message.event(), ScanCompleted):
                 break
             if message.topic == "recon":
                 assert message.data is not None

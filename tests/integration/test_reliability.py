@@ -13,6 +13,7 @@ import torch
 import zmq
 
 from service.client import Detector, Published, Subscriber
+from service.events import ScanCompleted, ScanEnded, ScanFailed
 from service.protocol import FrameChunk, ScanEnd, ScanStart
 from workers.fbp import FBP
 
@@ -34,10 +35,7 @@ def until_completed(viewer: Subscriber, scans: int) -> list[Published]:
         message = viewer.recv(timeout=60.0)
         assert message is not None, "nothing published for 60 s"
         messages.append(message)
-        if message.topic == "event" and message.header["event"] in (
-            "scan_completed",
-            "scan_failed",
-        ):
+        if isinstance(message.event(), ScanEnded):
             done += 1
     return messages
 
@@ -157,10 +155,8 @@ def test_a_stalled_worker_blocks_the_daq_and_nothing_is_lost(start_service: Any)
         for message in messages[blocked_at:]:
             detector.send(message)
         published = until_completed(viewer, len(scans))
-    events = [
-        m.header for m in published if m.topic == "event" and m.header["event"] != "scan_started"
-    ]
-    assert {e["event"] for e in events} == {"scan_completed"}
+    ended = [e for m in published if isinstance(e := m.event(), ScanEnded)]
+    assert {type(e) for e in ended} == {ScanCompleted}
     slices = {(m.header["scan_id"], m.header["index"]) for m in published if m.topic == "slice"}
     assert slices == {(s, i) for s in scans for i in range(16)}
     assert service.metrics.registry.get_sample_value("tomocast_projections_total") == 128 * len(
@@ -215,13 +211,9 @@ def test_an_error_in_the_worker_costs_one_scan(start_service: Any) -> None:
         detector.send_scan("breaks", PROJECTIONS[..., :40], flats=FLATS[..., :40])
         send_scan(detector, "after")
         messages = until_completed(viewer, 2)
-    events = {
-        m.header["scan_id"]: m.header
-        for m in messages
-        if m.topic == "event" and m.header["event"] != "scan_started"
-    }
-    assert events["breaks"]["event"] == "scan_failed"
-    assert events["after"]["event"] == "scan_completed"
+    events = {e.scan_id: e for m in messages if isinstance(e := m.event(), ScanEnded)}
+    assert isinstance(events["breaks"], ScanFailed)
+    assert isinstance(events["after"], ScanCompleted)
     assert sorted(m.header["index"] for m in messages if m.topic == "slice") == list(range(ROWS))
     value = service.metrics.registry.get_sample_value
     assert value("tomocast_errors_total", {"stage": "worker"}) == 1

@@ -14,6 +14,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from service.client import Detector, Subscriber
 from service.errors import ConfigError
+from service.events import ScanCompleted
 from service.protocol import ScanStart, encode
 from service.security import ClientKeys, generate_keys
 
@@ -98,7 +99,7 @@ def test_unknown_clients_get_nothing_in_and_nothing_out(
         viewer.wait_ready()
         detector.send_scan("genuine", PROJECTIONS, flats=FLATS)
         seen = []
-        while not seen or seen[-1].header.get("event") != "scan_completed":
+        while not seen or not isinstance(seen[-1].event(), ScanCompleted):
             message = viewer.recv(timeout=60.0)
             assert message is not None
             seen.append(message)

@@ -13,6 +13,7 @@ import torch
 from service.app import Service
 from service.client import Detector, Subscriber
 from service.config import load_settings
+from service.events import ScanCompleted, ScanEnded, ScanFailed
 from tests.support.helpers import GatedGridding, tally, wait_for
 from workers.gridding import GriddingFBP
 
@@ -33,7 +34,7 @@ def test_stop_leaves_behind_a_geometry_build_for_a_scan_that_fails(start_service
     )
     reconstructor.gate.clear()
     slices: set[tuple[str, int]] = set()
-    events: dict[str, dict[str, Any]] = {}
+    events: dict[str, ScanEnded] = {}
     try:
         with Subscriber(endpoints.publish) as viewer, Detector(endpoints.ingest) as detector:
             viewer.wait_ready()
@@ -55,10 +56,10 @@ def test_stop_leaves_behind_a_geometry_build_for_a_scan_that_fails(start_service
     finally:
         reconstructor.gate.set()
     assert drained and stopped_in < DRAIN_TIMEOUT_S / 4, stopped_in
-    assert events["whole"]["event"] == "scan_completed"
+    assert isinstance(events["whole"], ScanCompleted)
     assert slices == {("whole", i) for i in range(ROWS)}
-    assert events["partial"]["event"] == "scan_failed"
-    assert "stopping" in events["partial"]["reason"]
+    partial = events["partial"]
+    assert isinstance(partial, ScanFailed) and "stopping" in partial.reason
     assert service.preparer.join(60)  # the build it left ends on its own
 
 

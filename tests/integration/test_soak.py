@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from service.client import Detector, Subscriber
+from service.events import ScanCompleted, ScanEnded
 
 SCANS = int(os.environ.get("TOMOCAST_SOAK_SCANS", "40"))
 WARM_UP = 5
@@ -63,9 +64,9 @@ def test_scans_back_to_back_with_bad_input_memory_flat(start_service: Any) -> No
                     received.setdefault(message.header["scan_id"], set()).add(
                         message.header["index"]
                     )
-                elif message.header["event"] in ("scan_completed", "scan_failed"):
-                    completed = message.header
-            assert completed["event"] == "scan_completed", completed
+                elif isinstance(event := message.event(), ScanEnded):
+                    completed = event
+            assert isinstance(completed, ScanCompleted), completed
             if i >= WARM_UP:
                 rss.append(resident_bytes())
     assert received == {f"soak-{i:04d}": set(range(ROWS)) for i in range(SCANS)}

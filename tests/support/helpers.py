@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from service.events import ScanEnded
 from workers.gridding import GriddingFBP
 
 
@@ -73,11 +74,11 @@ def cudnn_flags(path: Path) -> set[tuple[str, ...]]:
     return found
 
 
-def tally(message: Any, slices: set[tuple[str, int]], events: dict[str, dict[str, Any]]) -> None:
+def tally(message: Any, slices: set[tuple[str, int]], events: dict[str, ScanEnded]) -> None:
     """File a published message (`service.client.Published`): a slice's (scan_id, index) into
-    `slices`, a scan's ending event into `events` by scan_id (`scan_started` is skipped)."""
+    `slices`, a scan's ending event into `events` by scan_id (`ScanStarted` is skipped)."""
     assert message is not None, "the service went quiet before finishing"
     if message.topic == "slice":
         slices.add((message.header["scan_id"], message.header["index"]))
-    elif message.header["event"] != "scan_started":
-        events[message.header["scan_id"]] = message.header
+    elif isinstance(event := message.event(), ScanEnded):
+        events[event.scan_id] = event

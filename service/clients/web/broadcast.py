@@ -11,10 +11,12 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from service.clients.web.frames import dumps
+from service.events import Event, ScanCompleted, ScanEnded, ScanStarted
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +121,9 @@ class ScanStore:
 
     scan_id: str | None = None
     rows: int = 0
-    info: dict[str, Any] = field(default_factory=dict)  # the scan_started event
+    info: dict[str, Any] = field(default_factory=dict)  # the ScanStarted event, as published
     status: str = "idle"  # idle | running | completed | failed
-    ended: dict[str, Any] | None = None  # the scan_completed / scan_failed event
+    ended: dict[str, Any] | None = None  # the ScanCompleted / ScanFailed event
     frames: dict[tuple[str, int], bytes] = field(default_factory=dict)
     latency: dict[int, float] = field(default_factory=dict)  # index -> end to end (s), denoised
     latest: int | None = None  # index of the newest denoised slice
@@ -200,15 +202,17 @@ class Broadcaster:
         self.publisher.update(connected=connected, info=info)
         self._to_all(dumps({"kind": "publisher", **self.publisher}))
 
-    def on_event(self, header: dict[str, Any]) -> None:
-        event, scan_id = header.get("event"), header.get("scan_id")
+    def on_event(self, event: Event, header: Mapping[str, Any] | None = None) -> None:
+        """A scan event; `header` is the map it was published as (with `t_published`,
+        `pub_seq`), which the browsers get, or else the event's own encoding."""
+        published = dict(header if header is not None else event.encode())
         store = self.store
-        if event == "scan_started" and isinstance(scan_id, str):
-            store.begin(scan_id, int(header.get("rows", 0)), header)
-        elif event in ("scan_completed", "scan_failed") and scan_id == store.scan_id:
-            store.status = "completed" if event == "scan_completed" else "failed"
-            store.ended = header
-        self._to_all(dumps({"kind": "event", **header}))
+        if isinstance(event, ScanStarted):
+            store.begin(event.scan_id, event.rows, published)
+        elif isinstance(event, ScanEnded) and event.scan_id == store.scan_id:
+            store.status = "completed" if isinstance(event, ScanCompleted) else "failed"
+            store.ended = published
+        self._to_all(dumps({"kind": "event", **published}))
 
     def on_frame(self, frame: SliceFrame) -> None:
         self.frames_received += 1

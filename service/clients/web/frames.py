@@ -6,9 +6,9 @@
     0..3 bytes padding   so the payload starts on a 4-byte boundary (a Float32Array view)
     h*w*4      payload   float32 little-endian, row-major: the published slice, binned by `bin`
 
-Raw float32 rather than 8-bit PNG was chosen by measurement (docs/viewer.md): encoding costs
-next to nothing where PNG costs tens to hundreds of milliseconds a slice, the browser windows
-and colours a 1024 px slice in under 20 ms, and contrast changes need no round trip.
+Raw float32 rather than 8-bit PNG was chosen by measurement (docs/viewer.md has the figures and
+their commands): encoding costs next to nothing where PNG's costs more than the bytes it saves,
+the browser windows and colours the slice itself, and contrast changes need no round trip.
 Slices wider than the display size are averaged over bin x bin blocks first, which bounds both
 the bandwidth and the viewer's memory.
 """

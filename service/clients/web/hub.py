@@ -124,9 +124,15 @@ class SliceHub:
         return None
 
     def _forward(self, message: Published) -> None:
-        if message.topic == "event":
-            self._hand_over(self.broadcaster.on_event, message.header)
-        elif message.topic in ("slice", "recon") and message.data is not None:
+        if message.data is None:
+            try:
+                event = message.event()
+            except ValueError as exc:
+                log.warning("event not shown: %s", exc)
+                return
+            if event is not None:
+                self._hand_over(self.broadcaster.on_event, event, message.header)
+        elif message.topic in ("slice", "recon"):
             try:
                 frame = self.encode(message, received=time.time())
             except (KeyError, TypeError, ValueError) as exc:
@@ -145,9 +151,10 @@ class SliceHub:
         `received` (unix seconds) is when it arrived here."""
         assert message.data is not None
         header, data = message.header, message.data
+        typed = message.slice_header()
         if data.ndim != 2:
             raise ValueError(f"slice shape {data.shape} is not (h, w)")
-        rows = int(header["rows"])
+        rows = typed.rows
         live_bin = display_bin(data.shape, self.max_size)
         kept_bin = store_bin(rows, data.shape, 2, self.cache_bytes, at_least=live_bin)
         live_data = bin_slice(data, live_bin)
@@ -160,16 +167,15 @@ class SliceHub:
             stored = encode_frame(
                 frame_header(message.topic, header, kept_data.shape, kept_bin), kept_data
             )
-        end_to_end = header.get("timing", {}).get("end_to_end")
         return SliceFrame(
             topic=message.topic,
-            scan_id=str(header["scan_id"]),
-            index=int(header["index"]),
+            scan_id=typed.scan_id,
+            index=typed.index,
             rows=rows,
             live=live,
             stored=stored,
             meta=dumps({**live_header, "kind": "meta"}),
-            end_to_end=end_to_end if isinstance(end_to_end, float) else None,
+            end_to_end=typed.end_to_end,
         )
 
     def _hand_over(self, method: Any, *args: Any) -> None:

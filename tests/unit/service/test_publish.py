@@ -8,6 +8,7 @@ import zmq
 
 from service.client import Subscriber
 from service.config import PublishSettings
+from service.events import ScanFailed
 from service.metrics import Metrics
 from service.publish import Publisher
 
@@ -28,19 +29,20 @@ def test_stop_forwards_every_queued_message_in_order() -> None:
         def produce() -> None:
             channel = publisher.channel()
             for i in range(count):
-                channel.send_event({"event": "tick", "i": i})
+                channel.send_event(ScanFailed(f"s{i}", "tick"))
             channel.close()
 
         producer = threading.Thread(target=produce)
         producer.start()
         producer.join()
         publisher.stop()
+        assert publisher.join(30)
         got = []
         while (message := viewer.recv(timeout=10.0)) is not None and len(got) < count:
             got.append(message.header)
             if len(got) == count:
                 break
     context.term()
-    assert [h["i"] for h in got] == list(range(count))
+    assert [h["scan_id"] for h in got] == [f"s{i}" for i in range(count)]
     assert [h["pub_seq"] for h in got] == list(range(count))
     assert viewer.dropped == {}

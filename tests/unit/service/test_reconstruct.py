@@ -18,10 +18,11 @@ import zmq
 from service.config import PublishSettings, WorkerSettings
 from service.metrics import Metrics
 from service.protocol import ScanStart
-from service.publish import PublishChannel, Publisher
-from service.reconstruct import RowWindow, Worker
+from service.publish import PublishChannel
+from service.reconstruct import Worker
 from service.scan import CompletedScan
 from workers.denoise import adjacent_stack
+from workers.rows import RowWindow
 
 # slices over pyzmq's copy threshold (64 KiB), so sends really are zero-copy
 COLS, ANGLES = 132, 5
@@ -118,18 +119,17 @@ def run_scan(
     scan = CompletedScan(
         start, sinogram, np.linspace(0, np.pi, ANGLES, endpoint=False), COLS / 2, 0, 0, 0, 0.0, 0.0
     )
-    publisher = Publisher(PublishSettings(), context, metrics, {})
+    channel = PublishChannel(context, "inproc://test-worker", metrics)
     worker = Worker(
         WorkerSettings(device="cpu", batch_rows=batch),
         PublishSettings(recon=publish_recon),
         queue.Queue(),
         ReusingReconstructor(device),
         None if depth is None else WeighingDenoiser(depth, device),
-        publisher,
+        [channel],
         metrics,
     )
-    channel = PublishChannel(context, "inproc://test-worker", metrics)
-    worker.process(scan, channel)
+    worker.process(scan)
     channel.close()
     # the point of the window: a few rows on the device, never the whole volume (none at all
     # without a denoiser: nothing reads a reconstructed row twice)

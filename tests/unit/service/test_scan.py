@@ -9,26 +9,47 @@ import pytest
 import torch
 
 from service.errors import ProtocolError
-from service.protocol import FrameChunk, ScanEnd, ScanStart
-from service.scan import CompletedScan, ScanAssembler
+from service.events import Event, ScanFailed, ScanStarted
+from service.protocol import FrameChunk, Limits, ScanEnd, ScanStart
+from service.scan import (
+    Clipped,
+    Completed,
+    CompletedScan,
+    Failed,
+    Outcome,
+    ScanAssembler,
+    Started,
+)
 
 ROWS, COLS, ANGLES = 3, 5, 6
 
 
 class Recorder:
-    def __init__(self) -> None:
-        self.completed: list[CompletedScan] = []
-        self.events: list[dict[str, Any]] = []
-        self.starts: list[ScanStart] = []
+    """An assembler whose outcomes are filed as the ingest dispatches them."""
 
-    def assembler(self, max_live_scans: int = 2) -> ScanAssembler:
-        return ScanAssembler(
-            torch.device("cpu"),
-            max_live_scans,
-            self.completed.append,
-            self.events.append,
-            on_start=self.starts.append,
+    def __init__(self, max_live_scans: int = 2, **options: Any) -> None:
+        self.assembler = ScanAssembler(
+            torch.device("cpu"), Limits(max_live_scans=max_live_scans, **options)
         )
+        self.completed: list[CompletedScan] = []
+        self.events: list[Event] = []
+        self.starts: list[ScanStart] = []
+        self.clipped = 0
+
+    def handle(self, message: Any) -> None:
+        self.file(self.assembler.handle(message))
+
+    def file(self, outcomes: list[Outcome] | list[Failed]) -> None:
+        for outcome in outcomes:
+            if isinstance(outcome, Started):
+                self.events.append(outcome.event)
+                self.starts.append(outcome.start)
+            elif isinstance(outcome, Completed):
+                self.completed.append(outcome.scan)
+            elif isinstance(outcome, Failed):
+                self.events.append(outcome.event)
+            else:
+                self.clipped += outcome.pixels
 
 
 def frames(kind: str, seq: int, index: int, data: np.ndarray, scan_id: str = "s") -> FrameChunk:
@@ -53,28 +74,28 @@ def data() -> dict[str, np.ndarray]:
 
 def test_sinogram_is_flat_field_corrected_and_transposed(data: dict[str, np.ndarray]) -> None:
     rec = Recorder()
-    assembler = rec.assembler()
-    assembler.handle(ScanStart("s", 0, ROWS, COLS, ANGLES, "uint16", n_dark=2, n_flat=3))
-    assembler.handle(frames("projections", 1, 3, data["projections"][3:]))  # before references
-    assembler.handle(frames("dark", 2, 0, data["darks"]))
-    assembler.handle(frames("flat", 3, 1, data["flats"][1:]))
-    assembler.handle(frames("flat", 4, 0, data["flats"][:1]))
-    assembler.handle(frames("projections", 5, 0, data["projections"][:3]))
-    assembler.handle(ScanEnd("s", 6, ANGLES))
+    assembler = rec.assembler
+    rec.handle(ScanStart("s", 0, ROWS, COLS, ANGLES, "uint16", n_dark=2, n_flat=3))
+    rec.handle(frames("projections", 1, 3, data["projections"][3:]))  # before references
+    rec.handle(frames("dark", 2, 0, data["darks"]))
+    rec.handle(frames("flat", 3, 1, data["flats"][1:]))
+    rec.handle(frames("flat", 4, 0, data["flats"][:1]))
+    rec.handle(frames("projections", 5, 0, data["projections"][:3]))
+    rec.handle(ScanEnd("s", 6, ANGLES))
     (scan,) = rec.completed
     dark = data["darks"].mean(axis=0)
     flat = data["flats"].mean(axis=0)
     expected = -np.log((data["projections"] - dark) / (flat - dark))
     np.testing.assert_allclose(scan.sinogram.numpy(), expected.transpose(1, 0, 2), rtol=1e-5)
     assert scan.missing == 0 and assembler.live_scans == 0
-    assert rec.events[0]["event"] == "scan_started"
+    assert isinstance(rec.events[0], ScanStarted)
 
 
 def test_stateful_rejections_leave_the_scan_intact(data: dict[str, np.ndarray]) -> None:
-    rec = Recorder()
-    assembler = rec.assembler(max_live_scans=1)
+    rec = Recorder(max_live_scans=1)
+    assembler = rec.assembler
     start = ScanStart("s", 0, ROWS, COLS, ANGLES, "uint16", n_flat=3)
-    assembler.handle(start)
+    rec.handle(start)
     assert reason(assembler, start) == "scan_exists"
     assert (
         reason(assembler, ScanStart("t", 0, ROWS, COLS, ANGLES, "uint16", n_flat=1))
@@ -93,31 +114,30 @@ def test_stateful_rejections_leave_the_scan_intact(data: dict[str, np.ndarray]) 
         reason(assembler, frames("flat", 1, 0, data["flats"][:4].repeat(2, 0)[:4]))
         == "index_out_of_range"
     )
-    assembler.handle(frames("flat", 1, 0, data["flats"]))
+    rec.handle(frames("flat", 1, 0, data["flats"]))
     assert (
         reason(assembler, frames("projections", 1, 0, data["projections"][:1])) == "duplicate"
     )  # seq 1 again
-    assembler.handle(frames("projections", 2, 0, data["projections"][:2]))
+    rec.handle(frames("projections", 2, 0, data["projections"][:2]))
     assert (
         reason(assembler, frames("projections", 3, 1, data["projections"][:2])) == "duplicate"
     )  # overlaps projection 1
-    assembler.handle(frames("projections", 4, 2, data["projections"][2:]))
-    assembler.handle(ScanEnd("s", 5, ANGLES))
+    rec.handle(frames("projections", 4, 2, data["projections"][2:]))
+    rec.handle(ScanEnd("s", 5, ANGLES))
     assert len(rec.completed) == 1 and rec.completed[0].rejected == 4
 
 
 def test_raw_scan_without_flats_is_refused() -> None:
     rec = Recorder()
-    assert reason(rec.assembler(), ScanStart("s", 0, 1, 1, 2, "uint8")) == "no_flats"
+    assert reason(rec.assembler, ScanStart("s", 0, 1, 1, 2, "uint8")) == "no_flats"
 
 
 def test_normalized_scan_stores_line_integrals_as_sent() -> None:
     rec = Recorder()
-    assembler = rec.assembler()
     line_integrals = np.random.default_rng(2).random((ANGLES, ROWS, COLS), dtype=np.float32)
-    assembler.handle(ScanStart("s", 0, ROWS, COLS, ANGLES, "float32", normalized=True))
-    assembler.handle(frames("projections", 1, 0, line_integrals))
-    assembler.handle(ScanEnd("s", 2, ANGLES))
+    rec.handle(ScanStart("s", 0, ROWS, COLS, ANGLES, "float32", normalized=True))
+    rec.handle(frames("projections", 1, 0, line_integrals))
+    rec.handle(ScanEnd("s", 2, ANGLES))
     np.testing.assert_array_equal(
         rec.completed[0].sinogram.numpy(), line_integrals.transpose(1, 0, 2)
     )
@@ -125,38 +145,39 @@ def test_normalized_scan_stores_line_integrals_as_sent() -> None:
 
 def test_idle_scan_times_out_and_is_released(data: dict[str, np.ndarray]) -> None:
     rec = Recorder()
-    assembler = rec.assembler()
-    assembler.handle(ScanStart("s", 0, ROWS, COLS, ANGLES, "uint16", n_flat=3))
-    assembler.handle(frames("flat", 1, 0, data["flats"]))
-    assembler.handle(frames("projections", 2, 0, data["projections"][:1]))
+    assembler = rec.assembler
+    rec.handle(ScanStart("s", 0, ROWS, COLS, ANGLES, "uint16", n_flat=3))
+    rec.handle(frames("flat", 1, 0, data["flats"]))
+    rec.handle(frames("projections", 2, 0, data["projections"][:1]))
     assert assembler.expire(timeout_s=3600) == []
-    assert assembler.expire(timeout_s=0) == ["s"]
+    failed = assembler.expire(timeout_s=0)
+    assert [f.start.scan_id for f in failed] == ["s"]
+    rec.file(failed)
     assert assembler.live_scans == 0 and not rec.completed
-    assert rec.events[-1]["event"] == "scan_failed" and "no message" in rec.events[-1]["reason"]
+    failed = rec.events[-1]
+    assert isinstance(failed, ScanFailed) and "no message" in failed.reason
 
 
 def test_time_blocked_on_our_own_backpressure_does_not_time_scans_out(
     data: dict[str, np.ndarray],
 ) -> None:
     rec = Recorder()
-    assembler = rec.assembler()
-    assembler.handle(ScanStart("s", 0, ROWS, COLS, ANGLES, "uint16", n_flat=3))
+    assembler = rec.assembler
+    rec.handle(ScanStart("s", 0, ROWS, COLS, ANGLES, "uint16", n_flat=3))
     scan = assembler.scans["s"]
     scan.t_last_message -= 100.0  # silent for 100 s ...
     assembler.extend_deadlines(100.0)  # ... all of it spent blocked handing over another scan
     assert assembler.expire(timeout_s=50) == []
     scan.t_last_message -= 100.0
-    assert assembler.expire(timeout_s=50) == ["s"]
+    assert [f.start.scan_id for f in assembler.expire(timeout_s=50)] == ["s"]
 
 
 def test_live_scans_share_a_memory_budget() -> None:
-    rec = Recorder()
     need = ROWS * ANGLES * COLS * 4
-    assembler = ScanAssembler(
-        torch.device("cpu"), 8, rec.completed.append, rec.events.append, max_live_bytes=2 * need
-    )
-    assembler.handle(ScanStart("a", 0, ROWS, COLS, ANGLES, "uint16", n_flat=1))
-    assembler.handle(ScanStart("b", 0, ROWS, COLS, ANGLES, "uint16", n_flat=1))
+    rec = Recorder(max_live_scans=8, max_live_bytes=2 * need)
+    assembler = rec.assembler
+    rec.handle(ScanStart("a", 0, ROWS, COLS, ANGLES, "uint16", n_flat=1))
+    rec.handle(ScanStart("b", 0, ROWS, COLS, ANGLES, "uint16", n_flat=1))
     assert (
         reason(assembler, ScanStart("c", 0, ROWS, COLS, ANGLES, "uint16", n_flat=1))
         == "too_many_scans"
@@ -165,8 +186,8 @@ def test_live_scans_share_a_memory_budget() -> None:
 
 def test_references_for_a_normalized_scan_are_a_bad_value() -> None:
     rec = Recorder()
-    assembler = rec.assembler()
-    assembler.handle(ScanStart("s", 0, ROWS, COLS, ANGLES, "float32", normalized=True))
+    assembler = rec.assembler
+    rec.handle(ScanStart("s", 0, ROWS, COLS, ANGLES, "float32", normalized=True))
     darks = np.zeros((1, ROWS, COLS), np.float32)
     assert reason(assembler, frames("dark", 1, 0, darks)) == "bad_value"
 
@@ -176,12 +197,10 @@ def test_references_for_a_normalized_scan_are_a_bad_value() -> None:
 
 def _assemble(storage: torch.dtype, start: ScanStart, messages: list[Any]) -> CompletedScan:
     rec = Recorder()
-    assembler = ScanAssembler(
-        torch.device("cpu"), 2, rec.completed.append, rec.events.append, storage=storage
-    )
-    assembler.handle(start)
+    rec.assembler = ScanAssembler(torch.device("cpu"), Limits(max_live_scans=2), storage)
+    rec.handle(start)
     for message in messages:
-        assembler.handle(message)
+        rec.handle(message)
     (scan,) = rec.completed
     return scan
 
@@ -246,12 +265,7 @@ def test_float16_budget_holds_twice_the_scans() -> None:
     one_fp32 = ROWS * ANGLES * COLS * 4
     for storage, live in ((torch.float32, 1), (torch.float16, 2)):
         assembler = ScanAssembler(
-            torch.device("cpu"),
-            4,
-            lambda scan: None,
-            lambda event: None,
-            max_live_bytes=one_fp32,
-            storage=storage,
+            torch.device("cpu"), Limits(max_live_scans=4, max_live_bytes=one_fp32), storage
         )
         starts = [ScanStart(f"s{i}", 0, ROWS, COLS, ANGLES, "uint16", n_flat=1) for i in range(3)]
         for start in starts[:live]:
@@ -275,3 +289,20 @@ def test_raw_float32_scans_keep_float32_storage() -> None:
     )
     assert scan.sinogram.dtype == torch.float32
     np.testing.assert_allclose(scan.sinogram.numpy(), np.log(2), rtol=1e-6)
+
+
+def test_outcomes_say_what_each_message_led_to(data: dict[str, np.ndarray]) -> None:
+    assembler = ScanAssembler(torch.device("cpu"))
+    start = ScanStart("s", 0, ROWS, COLS, ANGLES, "uint16", n_flat=3)
+    assert assembler.handle(start) == [Started(start)]
+    assert Started(start).event == ScanStarted("s", ROWS, COLS, ANGLES, {})
+    dark_pixels = np.zeros((1, ROWS, COLS), np.uint16)  # a transmission of 0: clipped
+    clipped = assembler.handle(frames("projections", 1, 0, dark_pixels))
+    assert clipped == []  # raw counts wait for the flats
+    assert assembler.handle(frames("flat", 2, 0, data["flats"])) == [Clipped(ROWS * COLS)]
+    (failed,) = assembler.handle(ScanEnd("s", 3, 1))  # one projection: too few to reconstruct
+    assert isinstance(failed, Failed) and failed.start is start
+    assert failed.event == ScanFailed("s", "only 1 projections arrived")
+    assert assembler.live_scans == 0
+    assembler.handle(ScanStart("t", 0, ROWS, COLS, ANGLES, "uint16", n_flat=3))
+    assert [f.event for f in assembler.drop_all("stopping")] == [ScanFailed("t", "stopping")]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
@@ -19,6 +18,7 @@ from service.clients.sinks import (
     SliceSink,
     save_comparison_png,
 )
+from service.events import SliceHeader
 
 
 def _header(
@@ -27,21 +27,21 @@ def _header(
     rows: int = 4,
     shape: tuple[int, int] = (6, 5),
     latency: float = 0.05,
-    **extra: Any,
-) -> dict[str, Any]:
-    return {
-        "v": 1,
-        "scan_id": scan_id,
-        "index": index,
-        "rows": rows,
-        "shape": list(shape),
-        "dtype": "float32",
-        "model": "tomogan-test",
-        "t_last_projection": 1000.0,
-        "t_published": 1000.0 + latency,
-        "timing": {"fbp": 0.010, "denoise": 0.020},
-        **extra,
-    }
+) -> SliceHeader:
+    return SliceHeader.decode(
+        {
+            "v": 1,
+            "scan_id": scan_id,
+            "index": index,
+            "rows": rows,
+            "shape": list(shape),
+            "dtype": "float32",
+            "model": "tomogan-test",
+            "t_last_projection": 1000.0,
+            "t_published": 1000.0 + latency,
+            "timing": {"fbp": 0.010, "denoise": 0.020},
+        }
+    )
 
 
 def _slice(value: float, shape: tuple[int, int] = (6, 5)) -> np.ndarray:
@@ -62,7 +62,7 @@ def test_hdf5_sink_writes_scans_and_renames_on_close(tmp_path: Path) -> None:
         sink.write(_header("scan-a", index, latency=0.01 * (index + 1)), _slice(index))
     sink.write(_header("scan-a", 2), _slice(20))  # a duplicate: the newer slice wins
     sink.write(_header("scan-b", 0, rows=2, shape=(3, 3)), np.ones((3, 3), np.float32))
-    sink.write(_header("scan-a", 1, topic="recon"), _slice(-1))
+    sink.write(_header("scan-a", 1), _slice(-1), "recon")
     assert not path.exists() and sink.partial.exists()  # a crash now leaves only .partial
     sink.close()
     sink.close()  # idempotent
@@ -94,7 +94,7 @@ def test_bad_slices_cost_one_slice(tmp_path: Path, caplog: pytest.LogCaptureFixt
         sink.write(_header("ok", 1), np.ones((6, 4), np.float32))  # data != header shape
         sink.write(_header("ok", 1, shape=(7, 5)), _slice(1, (7, 5)))  # scan's shape changed
         sink.write(_header("..", 0), _slice(1))  # would escape the PNG folder
-        sink.write(_header("ok", 1, topic="event"), _slice(1))
+        sink.write(_header("ok", 1), _slice(1), "event")
         sink.write(_header("ok", 1), _slice(5))
     assert caplog.text.count("dropped by the sink") == 4 and "differs" in caplog.text
     with h5py.File(tmp_path / "s.h5", "r") as f:
@@ -108,7 +108,7 @@ def test_png_sink_writes_windowed_8bit_slices(tmp_path: Path) -> None:
     ramp[0, 0], ramp[-1, -1] = -50.0, 50.0  # outliers the robust window ignores
     ramp[5, 5] = np.nan
     sink.write(_header("scan-p", 12, rows=20, shape=(200, 100)), ramp)
-    sink.write(_header("scan-p", 3, rows=20, shape=(200, 100), topic="recon"), ramp)
+    sink.write(_header("scan-p", 3, rows=20, shape=(200, 100)), ramp, "recon")
     sink.close()
     path = tmp_path / "png" / "scan-p" / "slice_00012.png"
     assert sorted(p.name for p in path.parent.iterdir()) == ["recon_00003.png", "slice_00012.png"]

@@ -19,6 +19,7 @@ from service.clients.web.frames import (
     frame_header,
     store_bin,
 )
+from service.events import ScanCompleted, ScanLatency, ScanStarted, decode_event
 
 
 def _frame(index: int, scan_id: str = "s1", topic: str = "slice", rows: int = 64) -> SliceFrame:
@@ -58,18 +59,18 @@ def test_a_slow_browser_drops_its_oldest_slices_and_no_one_elses() -> None:
     _drain(fast)
     _drain(slow)
     received = []
-    hub.on_event({"event": "scan_started", "scan_id": "s1", "rows": 64})
+    hub.on_event(ScanStarted("s1", 64, 4, 10))
     for index in range(20):
         hub.on_frame(_frame(index))
         received += _indices(_drain(fast))  # the fast browser keeps up
-    hub.on_event({"event": "scan_completed", "scan_id": "s1"})
+    hub.on_event(ScanCompleted("s1", 64, 0, 0, 0, "test", ScanLatency(1.0, 2.0, None)))
     received += _indices(_drain(fast))
     assert received == list(range(20)) and fast.dropped == 0
     backlog = _drain(slow)
     assert _indices(backlog) == [16, 17, 18, 19]  # the newest survive
     assert slow.dropped == 16
-    events = [json.loads(m)["event"] for m in backlog if isinstance(m, str)]
-    assert events == ["scan_started", "scan_completed"]  # events are never dropped
+    events = [type(decode_event(json.loads(m))) for m in backlog if isinstance(m, str)]
+    assert events == [ScanStarted, ScanCompleted]  # events are never dropped
 
 
 def test_replies_replace_each_other_and_pongs_go_first() -> None:
@@ -101,7 +102,7 @@ def test_a_browser_not_following_gets_headers_without_pixels() -> None:
 def test_a_browser_that_joins_late_gets_the_scan_and_its_newest_slice() -> None:
     hub = Broadcaster("tcp://127.0.0.1:1", max_bytes=1 << 20)
     hub.on_publisher(True, {"model": "m"})
-    hub.on_event({"event": "scan_started", "scan_id": "s1", "rows": 64})
+    hub.on_event(ScanStarted("s1", 64, 4, 10))
     for index in (0, 1, 2):
         hub.on_frame(_frame(index, topic="recon"))
         hub.on_frame(_frame(index))

@@ -1,0 +1,283 @@
+"""What the service publishes, as types: the scan events and the slice header.
+
+Each type is defined once here, with `encode` (the exact map the publisher sends, keys in the
+order they have always had on the wire) and `decode` (a received map, typed; it raises
+`UnknownEvent` or `ValueError` on what it cannot read). docs/protocol.md, "What the service
+publishes", describes the same maps for people; nothing outside this module names an event.
+
+Every published message also carries what the publisher adds on its way out: `v` and
+`t_published` (`PublishChannel`), `pub_seq` (the forwarding thread). `decode` reads past them
+for events; `SliceHeader` keeps them, since viewers time slices with them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+EVENT_TOPIC = "event"  # the publisher's topic of every scan event
+
+
+class UnknownEvent(ValueError):
+    """An `event` message whose name this version does not know."""
+
+
+@dataclass(frozen=True)
+class ScanStarted:
+    """A `scan_start` was accepted: the scan is being assembled."""
+
+    scan_id: str
+    rows: int
+    cols: int
+    n_angles: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    type: Literal["scan_started"] = field(default="scan_started", init=False)
+
+    def encode(self) -> dict[str, Any]:
+        return {
+            "event": self.type,
+            "scan_id": self.scan_id,
+            "rows": self.rows,
+            "cols": self.cols,
+            "n_angles": self.n_angles,
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def decode(cls, header: Mapping[str, Any]) -> ScanStarted:
+        _expect(header, "scan_started")
+        return cls(
+            _str(header, "scan_id"),
+            _int(header, "rows"),
+            _int(header, "cols"),
+            _int(header, "n_angles"),
+            dict(header.get("meta") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class ScanLatency:
+    """How long a completed scan took: last projection -> last slice published (seconds), and
+    the mean FBP and denoise time per slice (milliseconds; denoise None without a denoiser)."""
+
+    tail_s: float
+    fbp_ms_per_slice: float
+    denoise_ms_per_slice: float | None
+
+    def encode(self) -> dict[str, Any]:
+        return {
+            "tail_s": self.tail_s,
+            "fbp_ms_per_slice": self.fbp_ms_per_slice,
+            "denoise_ms_per_slice": self.denoise_ms_per_slice,
+        }
+
+    @classmethod
+    def decode(cls, latency: Mapping[str, Any]) -> ScanLatency:
+        denoise = latency.get("denoise_ms_per_slice")
+        return cls(
+            _float(latency, "tail_s"),
+            _float(latency, "fbp_ms_per_slice"),
+            None if denoise is None else _float(latency, "denoise_ms_per_slice"),
+        )
+
+
+@dataclass(frozen=True)
+class ScanCompleted:
+    """Every slice of the scan has been published (it comes after the last one)."""
+
+    scan_id: str
+    slices: int
+    missing_projections: int
+    rejected_messages: int
+    clipped_pixels: int
+    model: str
+    latency: ScanLatency
+    type: Literal["scan_completed"] = field(default="scan_completed", init=False)
+
+    def encode(self) -> dict[str, Any]:
+        return {
+            "event": self.type,
+            "scan_id": self.scan_id,
+            "slices": self.slices,
+            "missing_projections": self.missing_projections,
+            "rejected_messages": self.rejected_messages,
+            "clipped_pixels": self.clipped_pixels,
+            "model": self.model,
+            "latency": self.latency.encode(),
+        }
+
+    @classmethod
+    def decode(cls, header: Mapping[str, Any]) -> ScanCompleted:
+        _expect(header, "scan_completed")
+        latency = header.get("latency")
+        if not isinstance(latency, Mapping):
+            raise ValueError(f"scan_completed: latency={latency!r} is not a map")
+        return cls(
+            _str(header, "scan_id"),
+            _int(header, "slices"),
+            _int(header, "missing_projections"),
+            _int(header, "rejected_messages"),
+            _int(header, "clipped_pixels"),
+            _str(header, "model"),
+            ScanLatency.decode(latency),
+        )
+
+
+@dataclass(frozen=True)
+class ScanFailed:
+    """The scan ends without (all of) its slices: `reason` says why, for the operator."""
+
+    scan_id: str
+    reason: str
+    type: Literal["scan_failed"] = field(default="scan_failed", init=False)
+
+    def encode(self) -> dict[str, Any]:
+        return {"event": self.type, "scan_id": self.scan_id, "reason": self.reason}
+
+    @classmethod
+    def decode(cls, header: Mapping[str, Any]) -> ScanFailed:
+        _expect(header, "scan_failed")
+        return cls(_str(header, "scan_id"), _str(header, "reason"))
+
+
+Event = ScanStarted | ScanCompleted | ScanFailed
+ScanEnded = ScanCompleted | ScanFailed  # a scan's last event: isinstance(event, ScanEnded)
+SCAN_EVENTS: dict[str, type[ScanStarted] | type[ScanCompleted] | type[ScanFailed]] = {
+    "scan_started": ScanStarted,
+    "scan_completed": ScanCompleted,
+    "scan_failed": ScanFailed,
+}
+
+
+def decode_event(header: Mapping[str, Any]) -> Event:
+    """The typed event of a published `event` map; `UnknownEvent` for a name not in
+    `SCAN_EVENTS`, `ValueError` for a known one with missing or mistyped keys."""
+    name = header.get("event")
+    kind = SCAN_EVENTS.get(name) if isinstance(name, str) else None
+    if kind is None:
+        raise UnknownEvent(f"event={name!r} is not one of {', '.join(SCAN_EVENTS)}")
+    return kind.decode(header)
+
+
+# ---- slices ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """The header of one published slice (topics `slice` and `recon`).
+
+    The reconstruct loop fills the scan's part (`scan_id` .. `timing`: stage -> seconds per
+    slice, `wait`, `fbp` and, with a denoiser, `denoise`); `PublishChannel` stamps the rest
+    as it sends (`shape`, `dtype`, `t_published`, and `end_to_end` into `timing`), the
+    publisher's thread `pub_seq`. A received header has them all.
+    """
+
+    scan_id: str
+    rows: int  # slices in the scan
+    model: str
+    t_last_projection: float  # unix seconds
+    index: int  # the detector row
+    timing: dict[str, float]
+    v: int = 1
+    shape: tuple[int, ...] | None = None
+    dtype: str = "float32"
+    t_published: float | None = None  # unix seconds
+    pub_seq: int | None = None
+
+    def encode(self) -> dict[str, Any]:
+        header: dict[str, Any] = {
+            "scan_id": self.scan_id,
+            "rows": self.rows,
+            "model": self.model,
+            "t_last_projection": self.t_last_projection,
+            "index": self.index,
+            "timing": dict(self.timing),
+        }
+        if self.t_published is not None:  # stamped: the whole published header
+            header.update(
+                v=self.v,
+                shape=None if self.shape is None else list(self.shape),
+                dtype=self.dtype,
+                t_published=self.t_published,
+            )
+        if self.pub_seq is not None:
+            header["pub_seq"] = self.pub_seq
+        return header
+
+    @classmethod
+    def decode(cls, header: Mapping[str, Any]) -> SliceHeader:
+        """Raises ValueError naming the first key that is missing or of the wrong type."""
+        timing = header.get("timing", {})
+        if not isinstance(timing, Mapping):
+            raise ValueError(f"timing={timing!r} is not a map")
+        shape = header.get("shape")
+        if shape is not None and not (
+            isinstance(shape, (list, tuple)) and all(_is_int(n) for n in shape)
+        ):
+            raise ValueError(f"shape={shape!r} is not a list of integers")
+        published = header.get("t_published")
+        pub_seq = header.get("pub_seq")
+        return cls(
+            scan_id=_str(header, "scan_id"),
+            rows=_int(header, "rows"),
+            model=str(header.get("model", "")),
+            t_last_projection=_float(header, "t_last_projection"),
+            index=_int(header, "index"),
+            timing={str(k): float(v) for k, v in timing.items() if _is_number(v)},
+            v=_int(header, "v") if "v" in header else 1,
+            shape=None if shape is None else tuple(shape),
+            dtype=str(header.get("dtype", "float32")),
+            t_published=None if published is None else _float(header, "t_published"),
+            pub_seq=pub_seq if _is_int(pub_seq) else None,
+        )
+
+    @property
+    def end_to_end(self) -> float | None:
+        """Last projection -> this slice published (s), as the service measured it."""
+        value = self.timing.get("end_to_end")
+        return value if value is not None and math.isfinite(value) else None
+
+
+# ---- checked access to received maps -----------------------------------------------------------
+
+
+def _expect(header: Mapping[str, Any], name: str) -> None:
+    if header.get("event") != name:
+        raise ValueError(f"event={header.get('event')!r}, expected {name!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _present(header: Mapping[str, Any], key: str) -> Any:
+    if key not in header:
+        raise ValueError(f"no {key!r} in {header.get('event', 'slice')!r} header")
+    return header[key]
+
+
+def _str(header: Mapping[str, Any], key: str) -> str:
+    value = _present(header, key)
+    if not isinstance(value, str):
+        raise ValueError(f"{key}={value!r} is not a string")
+    return value
+
+
+def _int(header: Mapping[str, Any], key: str) -> int:
+    value = _present(header, key)
+    if not _is_int(value):
+        raise ValueError(f"{key}={value!r} is not an integer")
+    return int(value)
+
+
+def _float(header: Mapping[str, Any], key: str) -> float:
+    value = _present(header, key)
+    if not _is_number(value):
+        raise ValueError(f"{key}={value!r} is not a number")
+    return float(value)
