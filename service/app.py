@@ -151,8 +151,8 @@ class Service:
         denoiser = load_denoiser(
             self.settings.model.path,
             self.device,
-            precision=self.settings.worker.denoise_precision,
-            memory_limit_bytes=self.settings.worker.denoise_memory_bytes,
+            precision=self.settings.model.precision,
+            memory_limit_bytes=self.settings.model.memory_bytes,
             field_width=self.settings.model.field_width,
         )
         meta = denoiser.metadata

@@ -32,7 +32,7 @@ class Detector:
         self,
         endpoint: str,
         *,
-        context: zmq.Context | None = None,
+        context: zmq.Context[Any] | None = None,
         sndhwm: int = 64,
         send_timeout_s: float | None = None,
         linger_s: float = 60.0,
@@ -180,7 +180,7 @@ class Subscriber:
         endpoint: str,
         topics: tuple[str, ...] = ("slice", "event"),
         *,
-        context: zmq.Context | None = None,
+        context: zmq.Context[Any] | None = None,
         rcvhwm: int = 100_000,
         curve: ClientKeys | None = None,
     ) -> None:

@@ -7,6 +7,7 @@ Environment variables name nested settings with a double underscore:
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,8 @@ from pydantic_settings import (
 
 from service.errors import ConfigError
 from service.protocol import Limits
+
+log = logging.getLogger(__name__)
 
 
 class _Section(BaseModel):
@@ -122,17 +125,6 @@ class WorkerSettings(_Section):
         description="build each scan's FBP geometry when the scan starts, while its "
         "projections arrive, not in its first batch (docs/benchmarks.md)",
     )
-    denoise_precision: Literal["artifact", "auto", "fp32", "fp16", "bf16", "int8"] = Field(
-        "auto",
-        description="denoiser arithmetic: auto = fp16 on CUDA, bf16 on CPUs with "
-        "native bf16, else int8 if it matches fp32 at load (docs/benchmarks.md), else fp32",
-    )
-    denoise_memory_bytes: int | None = Field(
-        None,
-        ge=1 << 20,
-        description="activation memory per denoiser call; larger slices "
-        "are denoised in overlapping tiles (default: no limit)",
-    )
     queue_scans: int = Field(2, ge=1, description="complete scans waiting for the worker")
     drain_timeout_s: float = Field(
         120.0, ge=0, description="on SIGTERM/SIGINT, time allowed to finish complete scans"
@@ -149,8 +141,21 @@ class WorkerSettings(_Section):
 
 
 class ModelSettings(_Section):
+    """The denoiser: which artifact, and how it runs."""
+
     path: Path | None = Field(None, description="denoiser artifact; default: the shipped model")
     enabled: bool = Field(True, description="denoise slices (off: topic 'slice' carries FBP)")
+    precision: Literal["artifact", "auto", "fp32", "fp16", "bf16", "int8"] = Field(
+        "auto",
+        description="denoiser arithmetic: auto = fp16 on CUDA, bf16 on CPUs with "
+        "native bf16, else int8 if it matches fp32 at load (docs/benchmarks.md), else fp32",
+    )
+    memory_bytes: int | None = Field(
+        None,
+        ge=1 << 20,
+        description="activation memory per denoiser call; larger slices "
+        "are denoised in overlapping tiles (default: no limit)",
+    )
     field_width: int | None = Field(
         None,
         ge=1,
@@ -194,6 +199,14 @@ class MetricsSettings(_Section):
     port: int = Field(9876, ge=0, le=65535, description="HTTP port (0: pick a free one)")
 
 
+# Settings that moved: old (section, name) -> new (section, name). Old keys are accepted, with a
+# warning, until the next minor version.
+MOVED_SETTINGS: dict[tuple[str, str], tuple[str, str]] = {
+    ("worker", "denoise_precision"): ("model", "precision"),
+    ("worker", "denoise_memory_bytes"): ("model", "memory_bytes"),
+}
+
+
 class Settings(BaseSettings):
     """The whole configuration. Immutable once loaded."""
 
@@ -209,6 +222,35 @@ class Settings(BaseSettings):
     security: SecuritySettings = SecuritySettings()
     metrics: MetricsSettings = MetricsSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        """Settings that moved keep working for now, with a warning naming the new key."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for (old_section, old_name), (new_section, new_name) in MOVED_SETTINGS.items():
+            section = data.get(old_section)
+            if not isinstance(section, dict) or old_name not in section:
+                continue
+            section = dict(section)
+            value = section.pop(old_name)
+            target = data.get(new_section) or {}
+            target = dict(target.model_dump() if isinstance(target, BaseModel) else target)
+            old, new = f"{old_section}.{old_name}", f"{new_section}.{new_name}"
+            if new_name in target:
+                raise ValueError(f"{old} and {new} are both set: keep {new} ({old} is deprecated)")
+            target[new_name] = value
+            data[old_section], data[new_section] = section, target
+            log.warning(
+                "setting %s is deprecated: use %s (TOMOCAST_%s__%s)",
+                old,
+                new,
+                new_section.upper(),
+                new_name.upper(),
+            )
+        return data
 
     @classmethod
     def settings_customise_sources(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
+from typing import Any
 
 import torch
 import zmq
@@ -60,7 +61,7 @@ class Ingest(StageThread):
     def __init__(
         self,
         settings: IngestSettings,
-        context: zmq.Context,
+        context: zmq.Context[Any],
         device: torch.device,
         scans: queue.Queue[CompletedScan | None],
         publisher: Publisher,
@@ -77,7 +78,7 @@ class Ingest(StageThread):
         self.limits = settings.limits()
         self.curve = curve
         self.preparer = preparer
-        self._socket: zmq.Socket | None = None
+        self._socket: zmq.Socket[Any] | None = None
         self.endpoint = settings.endpoint
         self.assembler: ScanAssembler | None = None
         self._channel: PublishChannel | None = None

@@ -218,8 +218,11 @@ def encode(message: Message) -> list[bytes | memoryview]:
 
 def _frame_bytes(frame: Any) -> bytes | memoryview:
     # zmq.Frame (copy=False receive) exposes .buffer; bytes come through as they are.
-    buffer = getattr(frame, "buffer", None)
-    return buffer if buffer is not None else frame
+    buffer: bytes | memoryview | None = getattr(frame, "buffer", None)
+    if buffer is not None:
+        return buffer
+    whole: bytes | memoryview = frame
+    return whole
 
 
 def decode(frames: Sequence[Any], limits: Limits) -> Message:

@@ -43,7 +43,7 @@ class Publisher(StageThread):
     def __init__(
         self,
         settings: PublishSettings,
-        context: zmq.Context,
+        context: zmq.Context[Any],
         metrics: Metrics,
         service_info: dict[str, Any],
         curve: ServerKeys | None = None,
@@ -54,8 +54,8 @@ class Publisher(StageThread):
         self.service_info = service_info
         self.curve = curve
         self._inproc = _INPROC.format(id(self))
-        self._xpub: zmq.Socket | None = None
-        self._pull: zmq.Socket | None = None
+        self._xpub: zmq.Socket[Any] | None = None
+        self._pull: zmq.Socket[Any] | None = None
         self.endpoint = settings.endpoint
 
     def bind(self) -> None:
@@ -147,7 +147,7 @@ class PublishChannel:
     slice under the scan's `SliceHeader`, then its outcome as an event.
     """
 
-    def __init__(self, context: zmq.Context, inproc: str, metrics: Metrics) -> None:
+    def __init__(self, context: zmq.Context[Any], inproc: str, metrics: Metrics) -> None:
         self._push = context.socket(zmq.PUSH)
         self._push.setsockopt(zmq.SNDHWM, 1000)  # blocks the producer if the forwarder lags
         self._push.connect(inproc)

@@ -66,8 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision",
         default=None,
-        help="worker.denoise_precision (auto, artifact, "
-        "fp32, int8, ...; default: the service's setting)",
+        help="model.precision (auto, artifact, fp32, int8, ...; default: the service's setting)",
     )
     parser.add_argument(
         "--timeout", type=float, default=600.0, help="give up after this many seconds"
@@ -137,7 +136,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "model": {"enabled": not args.no_denoise, "path": args.model},
     }
     if args.precision is not None:
-        overrides["worker"]["denoise_precision"] = args.precision
+        overrides["model"]["precision"] = args.precision
     return overrides
 
 

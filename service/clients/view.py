@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from service.cli import client_keys
 from service.client import Published, Subscriber
-from service.clients.sinks import HDF5SliceSink, PNGSliceSink, ScanProgress, SliceSink
+from service.clients.writers import HDF5SliceFile, PNGSliceFiles, ScanProgress, SliceWriter
 from service.events import Event, ScanEnded, ScanFailed
 
 log = logging.getLogger(__name__)
@@ -51,11 +51,11 @@ def run_view(args: argparse.Namespace) -> int:
 
         return run_web(args)
     topics = ("slice", "event", "recon") if args.recon else ("slice", "event")
-    sinks: list[SliceSink] = []
+    sinks: list[SliceWriter] = []
     if args.out is not None:
-        sinks.append(HDF5SliceSink(args.out))
+        sinks.append(HDF5SliceFile(args.out))
     if args.png is not None:
-        sinks.append(PNGSliceSink(args.png))
+        sinks.append(PNGSliceFiles(args.png))
     progress: dict[str, ScanProgress] = {}
     bars: dict[str, tqdm] = {}
     with Subscriber(args.connect, topics, curve=client_keys(args)) as subscriber:

@@ -19,8 +19,8 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from service.app import Service
 from service.client import Detector, Subscriber
-from service.clients.sinks import ScanProgress, save_comparison_png
 from service.clients.view import receive, scan_event
+from service.clients.writers import ScanProgress, save_comparison_png
 from service.config import load_settings
 from service.events import ScanEnded, ScanFailed
 from service.sim.simulate import simulate_scan

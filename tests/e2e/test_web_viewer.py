@@ -24,9 +24,9 @@ import zmq
 from websockets.sync.client import ClientConnection, connect
 
 from service.client import Detector, Subscriber
-from service.clients.sinks import robust_window, to_uint8
 from service.clients.web.frames import decode_frame
 from service.clients.web.server import WebSettings, WebViewer
+from service.clients.writers import robust_window, to_uint8
 from service.config import load_settings
 from service.events import ScanCompleted, ScanFailed, ScanLatency, SliceHeader
 from service.metrics import Metrics

@@ -81,3 +81,26 @@ def test_serve_help_shows_every_setting_with_its_default(
             assert f"(default: {sub.default})" in text
     for flag in ("--ingest", "--publish", "--metrics-port", "--model", "--device"):
         assert f"{flag} " in text
+
+
+def test_denoiser_settings_moved_to_model_and_old_keys_still_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = write_toml(tmp_path, "[worker]\ndenoise_precision = 'fp32'\n")
+    monkeypatch.setenv("TOMOCAST_WORKER__DENOISE_MEMORY_BYTES", str(64 << 20))
+    with caplog.at_level("WARNING", logger="service.config"):
+        settings = load_settings(config)
+    assert (settings.model.precision, settings.model.memory_bytes) == ("fp32", 64 << 20)
+    assert not hasattr(settings.worker, "denoise_precision")
+    warned = caplog.text
+    assert "worker.denoise_precision is deprecated: use model.precision" in warned
+    assert "TOMOCAST_MODEL__MEMORY_BYTES" in warned
+    assert load_settings(None, {"model": {"precision": "int8"}}).model.precision == "int8"
+
+
+def test_a_moved_key_set_twice_is_refused(tmp_path: Path) -> None:
+    config = write_toml(
+        tmp_path, "[worker]\ndenoise_precision = 'fp32'\n[model]\nprecision = 'int8'\n"
+    )
+    with pytest.raises(ConfigError, match=r"both set: keep model\.precision"):
+        load_settings(config)

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.clients.sinks import (
-    HDF5SliceSink,
-    PNGSliceSink,
+from service.clients.writers import (
+    HDF5SliceFile,
+    PNGSliceFiles,
     ScanProgress,
-    SliceSink,
+    SliceWriter,
     save_comparison_png,
 )
 from service.events import SliceHeader
@@ -49,15 +49,15 @@ def _slice(value: float, shape: tuple[int, int] = (6, 5)) -> np.ndarray:
 
 
 def test_sinks_satisfy_the_protocol(tmp_path: Path) -> None:
-    hdf5 = HDF5SliceSink(tmp_path / "slices.h5")
-    assert isinstance(hdf5, SliceSink)
-    assert isinstance(PNGSliceSink(tmp_path / "png"), SliceSink)
+    hdf5 = HDF5SliceFile(tmp_path / "slices.h5")
+    assert isinstance(hdf5, SliceWriter)
+    assert isinstance(PNGSliceFiles(tmp_path / "png"), SliceWriter)
     hdf5.close()
 
 
 def test_hdf5_sink_writes_scans_and_renames_on_close(tmp_path: Path) -> None:
     path = tmp_path / "out" / "slices.h5"
-    sink = HDF5SliceSink(path)
+    sink = HDF5SliceFile(path)
     for index in (2, 0, 3):
         sink.write(_header("scan-a", index, latency=0.01 * (index + 1)), _slice(index))
     sink.write(_header("scan-a", 2), _slice(20))  # a duplicate: the newer slice wins
@@ -88,7 +88,7 @@ def test_hdf5_sink_writes_scans_and_renames_on_close(tmp_path: Path) -> None:
 
 
 def test_bad_slices_cost_one_slice(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with HDF5SliceSink(tmp_path / "s.h5") as sink, caplog.at_level(logging.WARNING):
+    with HDF5SliceFile(tmp_path / "s.h5") as sink, caplog.at_level(logging.WARNING):
         sink.write(_header("ok", 0), _slice(1))
         sink.write(_header("ok", 4), _slice(1))  # index >= rows
         sink.write(_header("ok", 1), np.ones((6, 4), np.float32))  # data != header shape
@@ -103,7 +103,7 @@ def test_bad_slices_cost_one_slice(tmp_path: Path, caplog: pytest.LogCaptureFixt
 
 
 def test_png_sink_writes_windowed_8bit_slices(tmp_path: Path) -> None:
-    sink = PNGSliceSink(tmp_path / "png")
+    sink = PNGSliceFiles(tmp_path / "png")
     ramp = np.linspace(0, 1, 200 * 100, dtype=np.float32).reshape(200, 100)
     ramp[0, 0], ramp[-1, -1] = -50.0, 50.0  # outliers the robust window ignores
     ramp[5, 5] = np.nan

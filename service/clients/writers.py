@@ -1,8 +1,8 @@
 """Viewer-side writers of received slices (HDF5, PNG), per-scan progress, comparison figures.
 
-A sink gets each published slice as (header, data): the publisher's slice header (docs/DESIGN,
+A writer gets each published slice as (header, data): the publisher's slice header (docs/DESIGN,
 "Publisher") and a float32 (h, w) array. A bad slice costs that slice (one log line), never the
-viewer. Sinks are owned by the one thread that receives slices; none of them is thread-safe.
+viewer. Writers are owned by the one thread that receives slices; none of them is thread-safe.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ TOPIC_DATASETS = {"slice": ("data", "received"), "recon": ("recon", "recon_recei
 
 
 @runtime_checkable
-class SliceSink(Protocol):
+class SliceWriter(Protocol):
     """Where a viewer puts received slices: each with its published header and topic
     (`slice`: denoised, `recon`: plain FBP). Viewer side; the service's own outputs are
     `service.sinks.SliceSink`."""
@@ -39,7 +39,7 @@ class SliceSink(Protocol):
     def close(self) -> None: ...
 
 
-class HDF5SliceSink:
+class HDF5SliceFile:
     """All slices of one viewer run in one HDF5 file, one group per scan.
 
     `/<scan_id>/data` (rows, h, w) float32 (NaN where no slice arrived), `/<scan_id>/received`
@@ -114,14 +114,14 @@ class HDF5SliceSink:
         os.replace(self.partial, self.path)
         log.info("wrote %s (%d scans)", self.path, len(self.progress))
 
-    def __enter__(self) -> HDF5SliceSink:
+    def __enter__(self) -> HDF5SliceFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-class PNGSliceSink:
+class PNGSliceFiles:
     """Each slice as an 8-bit PNG, `<directory>/<scan_id>/slice_00012.png` (`recon_00012.png`
     for plain FBP slices), windowed to its own 0.5/99.5 percentiles. Files appear whole
     (written aside, then renamed). Owned by one thread."""
