@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from service.clients.writers import robust_window, to_uint8
 from service.clients.web.frames import encode_frame, frame_header
 from service.clients.web.server import WebSettings, WebViewer
+from service.clients.writers import robust_window, to_uint8
 from service.sim.simulate import simulate_scan
 from tests.support.headless import find_chromium, launch
 from workers.recon import recon
