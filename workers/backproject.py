@@ -13,7 +13,8 @@ Linear interpolation along u: per pixel a sum of 2 * angles weighted rows of a
 fused, multithreaded and exist on CPU and CUDA, so we get a gather-and-reduce without
 materialising (pixels x angles x batch) temporaries. Regular angle sets are folded onto
 [0, pi/4] by the square grid's symmetries, so one index computation serves 4 (or 8) angles and
-each gather moves 4 (or 8) batches at once: 2.5-3x faster on CPU, same result.
+each gather moves 4 (or 8) batches at once: faster on the CPU, same result (docs/benchmarks.md,
+"Figures behind design choices").
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 # Pixel x angle pairs per gather on CPU: about 16 MB of index and weight, so a chunk's working
-# set stays in the last-level cache (several times faster than 8x larger chunks on 2 cores), and
-# at most this many bytes of output rows per chunk (measured on a 2-core EPYC: 1-4 MB is flat
-# for narrow rows, wide rows (batch 64 x 4 symmetry classes) want the 4).
+# set stays in the last-level cache, and at most this many bytes of output rows per chunk (wide
+# rows, batch 64 x 4 symmetry classes, want the larger end of the flat range; docs/benchmarks.md,
+# "Figures behind design choices").
 _CPU_CHUNK_PAIRS = 1 << 21
 _CPU_CHUNK_OUT_BYTES = 4 << 20
 

@@ -86,9 +86,9 @@ class GriddingFBP(CachedGeometryFBP[_GriddingGeometry]):
     Threading: an instance is owned by one worker thread, which calls `reconstruct` and alone
     touches the work buffers; `prepare` may be called from any other thread at the same time
     (it only fills the geometry cache, `geometries`, which is thread-safe). The cache holds the
-    spreading matrices of two (theta, center, cols) (`matrix_bytes` each: 170 MB at 512 columns
-    x 768 angles, 630 MB at 1024 x 1536; building one takes about 1.5 s and 8 s on one CPU core,
-    and about twice the matrix's memory while it runs), plus one being built per thread. The
+    spreading matrices of two (theta, center, cols) (`matrix_bytes` each; building one takes
+    seconds on a CPU core and about twice the matrix's memory while it runs: docs/benchmarks.md,
+    "Figures behind design choices"), plus one being built per thread. The
     least recently used (reconstructed or prepared) goes first, never the one the scan in
     progress uses: that stays pinned until the owner calls `release` at the scan's end. So while
     a scan runs, one prepared geometry fits beside its own: `prepare` the next scan's while its

@@ -7,8 +7,8 @@ staging buffers allocated once per scan geometry; `host_transfer` is the CPU's, 
 branches on the device.
 
 Staging slots are reused, but the publisher sends zero-copy and the archive queues arrays, so
-each batch is copied out of its slot into its own array when it is handed over (host memory
-bandwidth: ~0.1 ms per 512 x 512 slice, against the device copy it lets overlap).
+each batch is copied out of its slot into its own array when it is handed over (a host memory
+copy, small against the device copy it lets overlap).
 """
 
 from __future__ import annotations
