@@ -1,26 +1,49 @@
-"""`tomocast evaluate`: the model card's quality table, on held-out foam phantoms.
+"""`tomocast evaluate`: how a denoiser does on samples it never saw, against classical filters
+computed in the same run.
 
-For each phantom seed (default: EVALUATION_SEED onwards, which `tomocast dataset` refuses to
-use) the phantom is projected at `angles` views and reconstructed by FBP under each low-dose
-condition, with the same noise model as the training data (`models.training.synthesize`). Each
-slice is scored against the voxelised phantom, data range = the phantom's (its attenuation mu):
-plain FBP, and FBP + each denoiser (run as the service runs it, `workers.denoise.DenoiseEngine`
-on adjacent slices). Scores are means over all slices of all phantoms.
+The matrix: phantom family (`workers.phantoms.FAMILIES`, the held-out one marked) x attenuation
+(multiples of each family's default) x low-dose condition (sparse views, photon counts). For each
+(family, attenuation) a phantom per seed (default: EVALUATION_SEED, which no training data set
+reaches) is projected exactly at `angles` views and reconstructed by FBP under each condition
+(`workers.lowdose.render`). Each scored slice is compared with the voxelised phantom, data range
+= that phantom's (PSNR and SSIM of `models.training.metrics`, scikit-image's definitions):
+
+- plain FBP;
+- each classical filter (`models.training.baselines`), its parameter tuned per case on a
+  validation phantom (seed + VALIDATION_OFFSET, same family, attenuation and condition), never on
+  the scored slices;
+- each model, run as the service runs it (`workers.denoise.load_denoiser`, adjacent slices,
+  `models.training.infer.denoise_volumes`).
+
+A case counts "no worse than FBP" when the denoised slice's mean PSNR and SSIM are both >= FBP's,
+and "beats the best classical" when its PSNR is >= the best classical method's (FBP included; the
+best picked by scored PSNR, a bar no lower than any tuned filter) + 1 dB.
+
+`evaluate()` keeps the original foam-only table (condition x model) for its callers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
+from models.training.baselines import DEFAULT_BASELINES, filter_slices, resolve, tune
 from models.training.metrics import psnr, ssim
 from workers.lowdose import EVALUATION_SEED, Condition, render
+from workers.phantoms import FAMILIES, HELD_OUT
 
 DEFAULT_SEEDS = (EVALUATION_SEED, EVALUATION_SEED + 1, EVALUATION_SEED + 2)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -106,3 +129,419 @@ def format_table(rows: Sequence[Row]) -> str:
         for r in rows
     ]
     return "\n".join(lines) + "\n"
+
+
+# --- the generalisation matrix ----------------------------------------------------------------
+
+DEFAULT_ATTENUATIONS = (0.3, 1.0, 3.0)
+VALIDATION_OFFSET = 500_000  # validation phantom = scored seed + this: still evaluation-only
+MARGIN_DB = 1.0  # "beats the best classical" by at least this much PSNR
+
+
+@dataclass(frozen=True)
+class Score:
+    """One method on one case: mean PSNR (dB) and SSIM over the scored slices; `parameter` the
+    tuned value of a classical filter, as the table shows it."""
+
+    method: str
+    psnr: float
+    ssim: float
+    parameter: str | None = None
+
+
+@dataclass(frozen=True)
+class Case:
+    """Family x attenuation x condition: FBP, the tuned classical filters, the models."""
+
+    family: str
+    held_out: bool
+    attenuation: float
+    condition: str
+    seeds: tuple[int, ...]
+    validation_seeds: tuple[int, ...]
+    fbp: Score
+    classical: tuple[Score, ...]
+    models: tuple[Score, ...]
+
+    @property
+    def best_classical(self) -> Score:
+        """The best PSNR among FBP and the tuned filters."""
+        return max((self.fbp, *self.classical), key=lambda score: score.psnr)
+
+    def model(self, name: str) -> Score:
+        return next(score for score in self.models if score.method == name)
+
+    def no_worse_than_fbp(self, name: str) -> bool:
+        score = self.model(name)
+        return score.psnr >= self.fbp.psnr and score.ssim >= self.fbp.ssim
+
+    def beats_best_classical(self, name: str, margin: float = MARGIN_DB) -> bool:
+        return self.model(name).psnr >= self.best_classical.psnr + margin
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A model's counts over the matrix (and over its held-out family's cases)."""
+
+    model: str
+    cases: int
+    no_worse_than_fbp: int
+    beats_best_classical: int
+    held_out_cases: int
+    held_out_no_worse_than_fbp: int
+    held_out_beats_best_classical: int
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """The evaluation's cases, the settings that produced them, and notes (skipped baselines)."""
+
+    cases: tuple[Case, ...]
+    settings: dict[str, object]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def model_names(self) -> list[str]:
+        return [score.method for score in self.cases[0].models] if self.cases else []
+
+    def summary(self) -> list[Summary]:
+        out = []
+        for name in self.model_names:
+            held = [case for case in self.cases if case.held_out]
+            out.append(
+                Summary(
+                    name,
+                    len(self.cases),
+                    sum(case.no_worse_than_fbp(name) for case in self.cases),
+                    sum(case.beats_best_classical(name) for case in self.cases),
+                    len(held),
+                    sum(case.no_worse_than_fbp(name) for case in held),
+                    sum(case.beats_best_classical(name) for case in held),
+                )
+            )
+        return out
+
+
+def _mean_scores(images: Sequence[np.ndarray], truths: Sequence[np.ndarray]) -> tuple[float, float]:
+    """Mean PSNR and SSIM over all slices of all volumes, each volume's truth its data range."""
+    psnrs: list[float] = []
+    ssims: list[float] = []
+    for image, truth in zip(images, truths, strict=True):
+        p, s = _scores(np.ascontiguousarray(image), np.ascontiguousarray(truth))
+        psnrs += p
+        ssims += s
+    return float(np.mean(psnrs)), float(np.mean(ssims))
+
+
+def evaluate_matrix(
+    models: Sequence[str | Path | None] = (None,),
+    families: Sequence[str] | None = None,
+    attenuations: Sequence[float] = DEFAULT_ATTENUATIONS,
+    sparse: Sequence[int] = (8, 16),
+    photons: Sequence[float] = (1000.0, 200.0),
+    seeds: Sequence[int] = (EVALUATION_SEED,),
+    rows: int = 4,
+    size: int = 256,
+    angles: int = 360,
+    validation_rows: int = 1,
+    baselines: Sequence[str] = DEFAULT_BASELINES,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Matrix:
+    """Score FBP, the tuned `baselines` and `models` (None: the service's default artifact) on
+    every family x attenuation x condition. Raises ValueError for an unknown family or
+    baseline, or a seed below EVALUATION_SEED."""
+    from tqdm import tqdm
+
+    from models.training.infer import denoise_volumes
+    from workers.denoise import load_denoiser
+
+    families = list(FAMILIES) if families is None else list(families)
+    for family in families:
+        if family not in FAMILIES:
+            raise ValueError(f"family={family!r}: choose from {', '.join(FAMILIES)}")
+    early = [seed for seed in seeds if seed < EVALUATION_SEED]
+    if early:
+        raise ValueError(f"seed {early[0]} may be in training data: use {EVALUATION_SEED} on")
+    chosen_baselines, notes = resolve(baselines)
+    chosen = [Condition(sparse=k) for k in sparse] + [Condition(photons=float(p)) for p in photons]
+    engines = [load_denoiser(path, device) for path in models]
+    validation_seeds = tuple(seed + VALIDATION_OFFSET for seed in seeds)
+    cases: list[Case] = []
+    total = len(families) * len(attenuations) * len(chosen)
+    with tqdm(total=total, desc="evaluate", unit="case", disable=not progress) as bar:
+        for family in families:
+            for attenuation in attenuations:
+                bar.set_postfix_str(f"{family} x{attenuation:g}")
+
+                make = partial(
+                    render, size=size, angles=angles, chosen=chosen, device=device,
+                    family=family, attenuation=attenuation,
+                )  # fmt: skip
+                scored = [make(seed, rows) for seed in seeds]
+                validation = [make(seed, validation_rows) for seed in validation_seeds]
+                for index, condition in enumerate(chosen):
+                    noisy = [per_seed[index].noisy for per_seed in scored]
+                    truth = [per_seed[index].target for per_seed in scored]
+                    check_noisy = np.concatenate([v[index].noisy for v in validation])
+                    check_truth = np.concatenate([v[index].target for v in validation])
+                    classical = []
+                    for baseline in chosen_baselines:
+                        tuned = tune(baseline, check_noisy, check_truth)
+                        filtered = [filter_slices(baseline, n, tuned.value) for n in noisy]
+                        p, s = _mean_scores(filtered, truth)
+                        classical.append(Score(baseline.name, p, s, tuned.described))
+                    denoised = []
+                    for engine in engines:
+                        outputs = [
+                            denoise_volumes(engine, n, (len(n),), progress=False) for n in noisy
+                        ]
+                        denoised.append(Score(engine.name, *_mean_scores(outputs, truth)))
+                    cases.append(
+                        Case(
+                            family,
+                            family == HELD_OUT,
+                            float(attenuation),
+                            condition.label,
+                            tuple(seeds),
+                            validation_seeds,
+                            Score("fbp", *_mean_scores(noisy, truth)),
+                            tuple(classical),
+                            tuple(denoised),
+                        )
+                    )
+                    bar.update()
+    settings: dict[str, object] = {
+        "families": families,
+        "held_out": HELD_OUT,
+        "attenuations": [float(a) for a in attenuations],
+        "conditions": [c.label for c in chosen],
+        "seeds": list(seeds),
+        "validation_seeds": list(validation_seeds),
+        "rows": rows,
+        "validation_rows": validation_rows,
+        "size": size,
+        "angles": angles,
+        "baselines": [b.name for b in chosen_baselines],
+        "models": [e.name for e in engines],
+        "device": device,
+    }
+    return Matrix(tuple(cases), settings, tuple(notes))
+
+
+def _cell(score: Score) -> str:
+    text = f"{score.psnr:.2f} / {score.ssim:.3f}"
+    return f"{text} ({score.parameter})" if score.parameter else text
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "**no**"
+
+
+def format_matrix(matrix: Matrix) -> str:
+    """Markdown: the per-case table, the per-model counts and per-family means."""
+    if not matrix.cases:
+        return "no cases\n"
+    names = matrix.model_names
+    classical = [score.method for score in matrix.cases[0].classical]
+    header = ["family", "atten.", "condition", "FBP", *classical, *names]
+    header += [f"{name}: >= FBP / >= best + {MARGIN_DB:g} dB" for name in names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
+    for case in matrix.cases:
+        family = f"{case.family} (held out)" if case.held_out else case.family
+        cells = [family, f"{case.attenuation:g}x", case.condition, _cell(case.fbp)]
+        cells += [_cell(score) for score in case.classical]
+        cells += [_cell(score) for score in case.models]
+        cells += [
+            f"{_yes(case.no_worse_than_fbp(n))} / {_yes(case.beats_best_classical(n))}"
+            for n in names
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    settings = matrix.settings
+    lines += [
+        "",
+        f"PSNR (dB) / SSIM against the voxelised phantom, means over {settings['rows']} slices "
+        f"x {len(matrix.cases[0].seeds)} seed(s) of {settings['size']} px; {settings['angles']} "
+        "views at full dose. Classical parameters tuned per case on a validation phantom "
+        f"({settings['validation_rows']} slices, seeds {matrix.cases[0].validation_seeds}); "
+        "sigma in px, `s` = the slice's own noise estimate.",
+        "",
+        f"| model | cases | >= FBP in PSNR and SSIM | PSNR >= best classical + {MARGIN_DB:g} dB "
+        f"| {HELD_OUT} (held out): >= FBP | {HELD_OUT}: >= best + {MARGIN_DB:g} dB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for s in matrix.summary():
+        lines.append(
+            f"| {s.model} | {s.cases} | {s.no_worse_than_fbp} | {s.beats_best_classical} "
+            f"| {s.held_out_no_worse_than_fbp} / {s.held_out_cases} "
+            f"| {s.held_out_beats_best_classical} / {s.held_out_cases} |"
+        )
+    lines += [
+        "",
+        "| family | FBP PSNR | best classical PSNR | "
+        + " | ".join(f"{name} PSNR" for name in names)
+        + " |",
+        "|---|---:|---:|" + "---:|" * len(names),
+    ]
+    for family in dict.fromkeys(case.family for case in matrix.cases):
+        group = [case for case in matrix.cases if case.family == family]
+        means = [
+            np.mean([case.fbp.psnr for case in group]),
+            np.mean([case.best_classical.psnr for case in group]),
+            *(np.mean([case.model(name).psnr for case in group]) for name in names),
+        ]
+        lines.append(f"| {family} | " + " | ".join(f"{m:.2f}" for m in means) + " |")
+    lines += ["", "(per family: means over attenuations and conditions)"]
+    lines += [f"Note: {note}" for note in matrix.notes]
+    return "\n".join(lines) + "\n"
+
+
+def matrix_json(matrix: Matrix) -> dict[str, object]:
+    """The matrix as plain JSON types: settings, cases (with the per-model verdicts), summary."""
+    cases = []
+    for case in matrix.cases:
+        record = asdict(case)
+        record["best_classical"] = case.best_classical.method
+        record["verdicts"] = {
+            name: {
+                "no_worse_than_fbp": case.no_worse_than_fbp(name),
+                "beats_best_classical": case.beats_best_classical(name),
+            }
+            for name in matrix.model_names
+        }
+        cases.append(record)
+    return {
+        "settings": matrix.settings,
+        "margin_db": MARGIN_DB,
+        "cases": cases,
+        "summary": [asdict(s) for s in matrix.summary()],
+        "notes": list(matrix.notes),
+    }
+
+
+# --- command line (`tomocast evaluate`, or `python -m models.training.evaluate`) ---------------
+
+
+def _listed(kind: Callable[[str], T]) -> Callable[[str], list[T]]:
+    def parse(text: str) -> list[T]:
+        try:
+            return [kind(part.strip()) for part in text.split(",") if part.strip()]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list") from exc
+
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The evaluation's flags (a superset of the foam-only table's)."""
+    parser.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        default=None,
+        help="artifact(s) to score (repeat; default: the service's)",
+    )
+    parser.add_argument(
+        "--families",
+        type=_listed(str),
+        default=None,
+        metavar="F,F,...",
+        help=f"phantom families (default: all: {', '.join(FAMILIES)}; {HELD_OUT} is held out "
+        "of training)",
+    )
+    parser.add_argument(
+        "--attenuations",
+        type=_listed(float),
+        default=list(DEFAULT_ATTENUATIONS),
+        metavar="A,A,...",
+        help="multiples of each family's default attenuation (default: 0.3,1,3)",
+    )
+    parser.add_argument("--sparse", type=_listed(int), default=[8, 16], metavar="K,K,...")
+    parser.add_argument("--photons", type=_listed(float), default=[1000.0, 200.0], metavar="N,...")
+    parser.add_argument(
+        "--seeds",
+        type=_listed(int),
+        default=[EVALUATION_SEED],
+        metavar="S,S,...",
+        help=f"scored phantom seeds, {EVALUATION_SEED} on (default: {EVALUATION_SEED}); the "
+        f"validation phantoms take seed + {VALIDATION_OFFSET}",
+    )
+    parser.add_argument("--rows", type=int, default=4, help="scored slices per phantom")
+    parser.add_argument("--validation-rows", type=int, default=1, help="tuning slices per case")
+    parser.add_argument("--size", type=int, default=256, help="slice width, pixels")
+    parser.add_argument("--angles", type=int, default=360, help="views at full dose")
+    parser.add_argument(
+        "--baselines",
+        type=_listed(str),
+        default=list(DEFAULT_BASELINES),
+        metavar="B,B,...",
+        help="classical filters: gaussian, tv, nlm, bm3d (slow), all, or none "
+        f"(default: {','.join(DEFAULT_BASELINES)})",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=None, help="also write the tables here")
+    parser.add_argument("--json", type=Path, default=None, help="write every score as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the matrix from parsed `add_arguments` flags; print the tables. ConfigError for
+    flags that name no family, baseline or valid seed."""
+    from service.errors import ConfigError
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    baselines = [] if args.baselines == ["none"] else args.baselines
+    started = time.perf_counter()
+    try:
+        matrix = evaluate_matrix(
+            args.model or [None],
+            families=args.families,
+            attenuations=args.attenuations,
+            sparse=args.sparse,
+            photons=args.photons,
+            seeds=args.seeds,
+            rows=args.rows,
+            size=args.size,
+            angles=args.angles,
+            validation_rows=args.validation_rows,
+            baselines=baselines,
+            device=device,
+            progress=not args.no_progress,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    table = format_matrix(matrix)
+    table += f"\n({len(matrix.cases)} cases in {time.perf_counter() - started:.0f} s)\n"
+    sys.stdout.write(table)
+    if args.out is not None:
+        args.out.write_text(table)
+    if args.json is not None:
+        args.json.write_text(json.dumps(matrix_json(matrix), indent=1) + "\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m models.training.evaluate`: the same as `tomocast evaluate`."""
+    from service.errors import TomocastError
+
+    parser = argparse.ArgumentParser(
+        prog="python -m models.training.evaluate",
+        description="score denoisers and tuned classical filters on phantom families "
+        "x attenuations x low-dose conditions",
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except TomocastError as exc:
+        sys.stderr.write(f"evaluate: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
