@@ -12,19 +12,11 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-import models.training.evaluate as evaluate_module
+import models.training.matrix as matrix_module
 from models.training.baselines import BASELINES, filter_slices
-from models.training.evaluate import (
-    VALIDATION_OFFSET,
-    Case,
-    Matrix,
-    Score,
-    evaluate_matrix,
-    format_matrix,
-    main,
-    matrix_json,
-)
+from models.training.evaluate import format_matrix, main, matrix_json
 from models.training.infer import denoise_volumes
+from models.training.matrix import VALIDATION_OFFSET, Case, Matrix, Score, evaluate_matrix
 from workers.denoise import load_denoiser, placeholder_artifact_path
 from workers.lowdose import EVALUATION_SEED, Condition, render
 from workers.phantoms import HELD_OUT
@@ -56,14 +48,14 @@ def tiny() -> tuple[Matrix, list[tuple[np.ndarray, np.ndarray]]]:
     """The tiny matrix, with the (noisy, truth) arrays of the scored and the validation phantoms
     that tune() was handed, recorded as it ran."""
     handed: list[tuple[np.ndarray, np.ndarray]] = []
-    real_tune = evaluate_module.tune
+    real_tune = matrix_module.tune
 
     def recording_tune(baseline: Any, noisy: np.ndarray, truth: np.ndarray) -> Any:
         handed.append((noisy.copy(), truth.copy()))
         return real_tune(baseline, noisy, truth)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(evaluate_module, "tune", recording_tune)
+        patch.setattr(matrix_module, "tune", recording_tune)
         matrix = evaluate_matrix([placeholder_artifact_path()], **TINY)
     return matrix, handed
 
