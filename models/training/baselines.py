@@ -109,7 +109,7 @@ BASELINES = MappingProxyType(
                 "gaussian", "sigma {:g}", (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0), gaussian_blur
             ),
             Baseline("tv", "w {:g}s", (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0), _tv, "skimage"),
-            Baseline("nlm", "h {:g}s", (0.6, 1.0, 1.6, 2.5, 4.0, 6.4), _nlm, "skimage"),
+            Baseline("nlm", "h {:g}s", (0.6, 1.0, 1.6, 2.5, 4.0, 6.4, 10.0, 16.0), _nlm, "skimage"),
             Baseline("bm3d", "sigma {:g}s", (1.0, 2.0, 4.0), _bm3d, "bm3d"),
         )
     }
