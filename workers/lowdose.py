@@ -1,11 +1,12 @@
 """Low-dose acquisitions of analytic phantoms: the (noisy FBP, truth) volumes that training,
 evaluation and int8 calibration share.
 
-A phantom (`workers.phantom`) is projected exactly at `angles` views over [0, pi); each
-`Condition` keeps every k-th view and/or draws Poisson counts at `photons` per detector pixel
-(back to line integrals by -log(max(counts, 1) / photons)), and is reconstructed with
-`workers.recon.recon`. Seeds from `EVALUATION_SEED` on are kept for evaluation: no default
-training data set reaches them.
+A phantom of one of `workers.phantoms.FAMILIES` (default: the foam, `workers.phantom`) at an
+attenuation scale (default 1, the family's own) is projected exactly at `angles` views over
+[0, pi); each `Condition` keeps every k-th view and/or draws Poisson counts at `photons` per
+detector pixel (back to line integrals by -log(max(counts, 1) / photons)), and is reconstructed with
+`workers.recon.recon`. Seeds from `EVALUATION_SEED` on, and the family `HELD_OUT`, are kept for
+evaluation: training data must reach neither (`check_training`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workers.phantom import FoamPhantom
+from workers.phantoms import FAMILIES, HELD_OUT, make_phantom
 
 EVALUATION_SEED = 1_000_000
+
+
+def check_training(family: str, seeds: range | Sequence[int]) -> None:
+    """ValueError when training data would use the held-out family or an evaluation seed."""
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r}: choose one of {', '.join(FAMILIES)}")
+    if family == HELD_OUT:
+        raise ValueError(f"family={family!r} is held out of training: evaluation scores it")
+    late = [seed for seed in seeds if seed >= EVALUATION_SEED]
+    if late:
+        raise ValueError(
+            f"seed {late[0]} is in the evaluation range ({EVALUATION_SEED} on): pick lower seeds"
+        )
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,8 @@ class Volume:
     target: np.ndarray
     seed: int
     condition: Condition
+    family: str = "foam"
+    attenuation: float = 1.0
 
 
 def render(
@@ -78,11 +94,14 @@ def render(
     chosen: Sequence[Condition],
     target: str = "phantom",
     device: str | None = "cpu",
+    family: str = "foam",
+    attenuation: float = 1.0,
 ) -> list[Volume]:
-    """The volumes of one phantom (seed `seed`) under each of `chosen`."""
+    """The volumes of one phantom (`family`, seed `seed`, `attenuation` x the family's default)
+    under each of `chosen`."""
     from workers.recon import recon
 
-    phantom = FoamPhantom.random(rows, size, seed=seed)
+    phantom = make_phantom(family, rows, size, seed=seed, attenuation=attenuation)
     theta = np.linspace(0.0, np.pi, angles, endpoint=False)
     line_integrals = phantom.project(theta)
     if target == "phantom":
@@ -100,6 +119,8 @@ def render(
             truth,
             seed,
             condition,
+            family,
+            attenuation,
         )
         for index, condition in enumerate(chosen)
     ]

@@ -58,22 +58,25 @@ class FoamPhantom:
         mu: float | None = None,
         seed: int = 0,
         cylinder_radius: float | None = None,
+        attenuation: float = 1.0,
     ) -> FoamPhantom:
         """A random foam of `rows` slices of `size` x `size` pixels.
 
-        Defaults: cylinder radius 0.42*size; `mu` = 1/cylinder_radius, so the longest chord
-        (the diameter) integrates to 2 (13.5% transmission); pore radii uniform in
-        (max(1.5, 0.02*size), max(3, 0.06*size)); enough pores for ~30% porosity, placed as far
-        as random sequential packing allows. An explicit `n_spheres` that does not fit raises
-        ValueError. Pores lie fully inside the cylinder radially and may be cut by the top and
-        bottom slices.
+        Defaults: cylinder radius 0.42*size; `mu` = `attenuation`/cylinder_radius, so at
+        attenuation 1 the longest chord (the diameter) integrates to 2 (13.5% transmission);
+        pore radii uniform in (max(1.5, 0.02*size), max(3, 0.06*size)); enough pores for ~30%
+        porosity, placed as far as random sequential packing allows. An explicit `n_spheres`
+        that does not fit raises ValueError. Pores lie fully inside the cylinder radially and
+        may be cut by the top and bottom slices.
         """
         if rows < 1 or size < 2:
             raise ValueError(f"rows={rows}, size={size}: need rows >= 1 and size >= 2")
         radius = CYLINDER_FRACTION * size if cylinder_radius is None else float(cylinder_radius)
         if not 0 < radius <= size / 2:
             raise ValueError(f"cylinder_radius={radius} must be in (0, size/2={size / 2}]")
-        mu = 1.0 / radius if mu is None else float(mu)
+        if not attenuation > 0:
+            raise ValueError(f"attenuation={attenuation} must be > 0 (1 is the default foam's)")
+        mu = attenuation / radius if mu is None else float(mu)
         if radius_range is None:
             low = max(1.5, 0.02 * size)
             radius_range = (low, max(3.0, 0.06 * size, low))
