@@ -188,7 +188,7 @@ def _chord_integral(t: np.ndarray, radius: float | np.ndarray) -> np.ndarray:
     radius = np.asarray(radius, dtype=t.dtype)
     u = t / np.maximum(radius, 1e-12)
     np.clip(u, -1.0, 1.0, out=u)
-    root = np.sqrt(1.0 - u * u)
+    root: np.ndarray = np.sqrt(1.0 - u * u)
     root *= u
     root += np.arcsin(u)
     root *= radius**2

@@ -114,7 +114,6 @@ BASELINES = MappingProxyType(
         )
     }
 )
-DEFAULT_BASELINES = ("gaussian", "tv", "nlm")  # bm3d: 2-6 s a 256 x 256 slice, ask for it
 
 
 def resolve(names: Sequence[str]) -> tuple[list[Baseline], list[str]]:

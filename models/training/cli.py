@@ -237,56 +237,22 @@ def _add_infer(command: Command) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-# -- evaluate: its command and its flags, together so they can be replaced as one ----------
+# -- evaluate: the generalisation matrix (models.training.evaluate owns its flags) -----------
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from models.training.evaluate import evaluate, format_table
+    from models.training.evaluate import run
 
-    rows = evaluate(
-        args.model,
-        seeds=args.seeds,
-        rows=args.rows,
-        size=args.size,
-        angles=args.angles,
-        sparse=args.sparse,
-        photons=args.photons,
-        device=resolve_device(args.device),
-        progress=not args.no_progress,
-    )
-    table = format_table(rows)
-    sys.stdout.write(table)
-    if args.out is not None:
-        args.out.write_text(table)
-    return 0
+    return run(args)
 
 
 def _add_evaluate(command: Command) -> None:
+    from models.training.evaluate import add_arguments
+
     p = command(
         "evaluate",
         cmd_evaluate,
-        "quality table on held-out foam phantoms: PSNR and "
-        "SSIM of FBP vs FBP + denoiser against the phantom",
+        "score denoisers against plain FBP and classical filters tuned per case, on phantom "
+        "families x attenuations x low-dose conditions that training never saw",
     )
-    p.add_argument(
-        "--model",
-        type=Path,
-        action="append",
-        default=None,
-        help="artifact(s) to score (repeat; default: the service's)",
-    )
-    p.add_argument(
-        "--seeds",
-        type=ints,
-        default=None,
-        metavar="S,S,...",
-        help="phantom seeds (default: 3 from the evaluation range)",
-    )
-    p.add_argument("--rows", type=int, default=8)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--angles", type=int, default=360)
-    p.add_argument("--sparse", type=ints, default=[8, 16], metavar="K,K,...")
-    p.add_argument("--photons", type=floats, default=[1000.0, 200.0], metavar="N,N,...")
-    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
-    p.add_argument("--out", type=Path, default=None, help="also write the table here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_arguments(p)

@@ -17,23 +17,21 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import torch
 
-from models.training.baselines import DEFAULT_BASELINES
-from models.training.matrix import (
+from models.training.matrix_defaults import (
     DEFAULT_ATTENUATIONS,
+    DEFAULT_BASELINES,
     MARGIN_DB,
     VALIDATION_OFFSET,
-    Matrix,
-    Score,
-    evaluate_matrix,
-    slice_scores,
 )
 from workers.lowdose import EVALUATION_SEED, Condition, render
 from workers.phantoms import FAMILIES, HELD_OUT
+
+if TYPE_CHECKING:
+    from models.training.matrix import Matrix, Score
 
 DEFAULT_SEEDS = (EVALUATION_SEED, EVALUATION_SEED + 1, EVALUATION_SEED + 2)
 T = TypeVar("T")
@@ -68,6 +66,7 @@ def evaluate(
     from tqdm import tqdm
 
     from models.training.infer import denoise_volumes
+    from models.training.matrix import slice_scores
     from workers.denoise import load_denoiser
 
     seeds = list(DEFAULT_SEEDS if seeds is None else seeds)
@@ -277,6 +276,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the matrix from parsed `add_arguments` flags; print the tables. ConfigError for
     flags that name no family, baseline or valid seed."""
+    import torch
+
+    from models.training.matrix import evaluate_matrix
     from service.errors import ConfigError
 
     if args.threads is not None:

@@ -30,14 +30,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.training.baselines import DEFAULT_BASELINES, filter_slices, resolve, tune
+from models.training.baselines import filter_slices, resolve, tune
+from models.training.matrix_defaults import (
+    DEFAULT_ATTENUATIONS,
+    DEFAULT_BASELINES,
+    MARGIN_DB,
+    VALIDATION_OFFSET,
+)
 from models.training.metrics import psnr, ssim
 from workers.lowdose import EVALUATION_SEED, Condition, render
 from workers.phantoms import FAMILIES, HELD_OUT
-
-DEFAULT_ATTENUATIONS = (0.3, 1.0, 3.0)
-VALIDATION_OFFSET = 500_000  # validation phantom = scored seed + this: still evaluation-only
-MARGIN_DB = 1.0  # "beats the best classical" by at least this much PSNR
 
 
 @dataclass(frozen=True)
