@@ -6,7 +6,8 @@ or numpy arrays (numpy in, numpy out), batched, with its source paper in its mod
 - `zingers`: bright outliers against their 3 x 3 median, before -log (`remove_zingers`);
 - `phase`: Paganin single-distance phase retrieval, before -log (`paganin_filter`);
 - `stripes`: ring artifacts, in sinograms (`remove_stripes`: Vo 2018, Münch 2009);
-- `center`: the rotation axis from the data (`find_center_vo`, `find_center_360`) and the
+- `center`: the rotation axis from the data (`find_center`: `find_center_vo` for a half-turn,
+  `find_center_360` for a full one) and the
   TomoPy pixel-index convention (`from_tomopy_center`, `to_tomopy_center`);
 - `halfacq`: 360-degree offset-axis scans stitched to 180 degrees;
 - `cost`: each step's time per slice next to FBP's.
@@ -17,6 +18,7 @@ half-acquisition scan).
 """
 
 from workers.preprocess.center import (
+    find_center,
     find_center_360,
     find_center_pair,
     find_center_vo,
@@ -40,6 +42,7 @@ __all__ = [
     "STRIPE_METHODS",
     "TRANSMISSION_FLOOR",
     "average_frames",
+    "find_center",
     "find_center_360",
     "find_center_pair",
     "find_center_vo",

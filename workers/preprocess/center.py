@@ -66,6 +66,33 @@ def to_tomopy_center(center: float) -> float:
     return float(center) - 0.5
 
 
+def find_center(
+    sinograms: np.ndarray | torch.Tensor, theta: np.ndarray | torch.Tensor | None = None
+) -> float:
+    """tomocast's `center` of a scan with evenly spaced angles `theta` (radians; default
+    evenly over [0, pi)): Vo's method for a half-turn, mirror registration for a full turn
+    (which also finds an axis near the detector's edge). `sinograms` as in `find_center_vo`."""
+    data = sinogram_batch(as_float_tensor(sinograms))
+    if theta is None:
+        return find_center_vo(data)
+    angles = np.asarray(torch.as_tensor(theta).detach().cpu(), dtype=np.float64).reshape(-1)
+    if len(angles) != data.shape[1] or len(angles) < 2:
+        raise ValueError(f"theta has {len(angles)} angles, the sinograms {data.shape[1]}")
+    steps = np.diff(angles)
+    step = float(np.median(steps))
+    if step <= 0 or np.abs(steps - step).max() > 0.01 * step:
+        raise ValueError("theta must be evenly spaced and increasing for a centre estimate")
+    turn = step * len(angles)
+    if abs(turn - math.pi) < 1.5 * step:
+        return find_center_vo(data)
+    if abs(turn - 2 * math.pi) < 1.5 * step:
+        return find_center_360(data)
+    raise ValueError(
+        f"theta covers {math.degrees(turn):.1f} degrees: the centre is estimated from a half "
+        "(180) or a full (360) turn"
+    )
+
+
 def find_center_vo(
     sinograms: np.ndarray | torch.Tensor,
     search_radius: float | None = None,

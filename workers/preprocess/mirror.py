@@ -3,16 +3,20 @@ half-turns, for 360-degree scans with the axis anywhere on the detector (half-ac
 
 The projection at theta + pi, flipped left-right, is the one at theta moved by d = 2c - (cols-1)
 pixels, c the axis' pixel index. `mirror_axis` finds d by least squares over the columns both
-see, normalised by their energy (a mismatch of 1 where the shared columns hold nothing, so a
-sliver of empty detector edge never passes for a perfect match; `min_overlap` bounds how little
-they may share). Whole pixels first, for every shift at once: the cross term is one FFT
-cross-correlation summed over all rows and angle pairs, the energies prefix sums. Then
-sub-pixel, in `1 / _STEPS` steps over the pixel either side: both halves are moved half the
-shift each way by linear interpolation, so both are smoothed alike whatever the fraction (moving
-only one biases the match towards whole pixels), and a parabola through the three best steps.
+see, normalised by their energy. Whole pixels first, for every shift at once: the cross term is
+one FFT cross-correlation summed over all rows and angle pairs, the energies prefix sums, and
+the mismatch (squared difference + b) / (energy + b), with b a small ballast per shared column,
+so that shared columns holding nothing (a sliver of empty detector edge) score 1, never a
+perfect match; `min_overlap` bounds how little the halves may share. Then sub-pixel, in
+`1 / _STEPS` steps over the pixel either side: both halves are smoothed (a Gaussian of
+`_SMOOTH` pixels) and moved half the shift each way by linear interpolation, so both are
+smoothed alike whatever the fraction (moving one alone, or not pre-smoothing noisy data, pulls
+the match towards particular fractions), and a parabola through the three best steps.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -21,6 +25,8 @@ import torch
 _STEPS = 8
 # Floor on the energy of the shared columns, as a part of the mean energy per column.
 _ENERGY_FLOOR = 1e-3
+# Gaussian (standard deviation in pixels) both halves are smoothed with before the refinement.
+_SMOOTH = 1.5
 # Angle pairs used by the sub-pixel refinement (evenly picked when there are more).
 _REFINE_PAIRS = 256
 
@@ -42,6 +48,10 @@ def mirror_axis(first: torch.Tensor, second: torch.Tensor, min_overlap: int | No
     flipped = second.to(torch.float64).flip(-1)
     floor = _ENERGY_FLOOR * float((first**2).sum() + (flipped**2).sum()) / cols
     shift = _whole_pixel_shift(first, flipped, overlap, floor)
+    # smoothed first: linear interpolation averages noise by an amount that depends on the
+    # fraction, which would pull the match towards some fractions; after a Gaussian of a
+    # pixel or two the noise is correlated over that width and interpolation barely changes it
+    first, flipped = _smooth(first, _SMOOTH), _smooth(flipped, _SMOOTH)
     pairs = first.shape[1]
     if pairs > _REFINE_PAIRS:
         pick = torch.linspace(0, pairs - 1, _REFINE_PAIRS, device=first.device).round().long()
@@ -82,23 +92,29 @@ def _whole_pixel_shift(
         + flip_energy[stop - shifts]
         - flip_energy[start - shifts]
     )
-    mismatch = (energy - 2 * correlation[shifts % padded]) / (energy + floor * (stop - start))
+    ballast = floor * (stop - start)
+    mismatch = (energy - 2 * correlation[shifts % padded] + ballast) / (energy + ballast)
     return float(shifts[int(np.argmin(mismatch))])
 
 
 def _mismatch(first: torch.Tensor, flipped: torch.Tensor, shift: float, floor: float) -> float:
     """Normalised mismatch of first(y + d/2) and flipped(y - d/2) over the integer y where both
-    lie on the detector, each linearly interpolated."""
+    lie on the detector (less the smoothing's reach at its edges), linearly interpolated."""
     cols = first.shape[-1]
     low = max(-shift / 2, shift / 2)
     high = min(cols - 1 - shift / 2, cols - 1 + shift / 2)
+    # leave out the columns the smoothing took from beyond a detector edge (replicated)
+    margin = min(math.ceil(3 * _SMOOTH), (high - low) / 4)
+    low, high = low + margin, high - margin
     y = torch.arange(np.ceil(low), np.floor(high) + 1, dtype=torch.float64, device=first.device)
     if y.numel() < 2:
         return 1.0
     a = _sample(first, y + shift / 2)
     b = _sample(flipped, y - shift / 2)
     energy = float((a**2).sum() + (b**2).sum())
-    return float(((a - b) ** 2).sum()) / (energy + floor * y.numel())
+    # no ballast here: the overlap is known to hold the sample, and a ballast that grows with
+    # the overlap's length would tilt the curve the parabola is fitted to
+    return float(((a - b) ** 2).sum()) / max(energy, floor)
 
 
 def _sample(data: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -108,3 +124,14 @@ def _sample(data: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     left = position.floor().clamp(max=cols - 2).long()
     fraction = position - left
     return data[..., left] * (1 - fraction) + data[..., left + 1] * fraction
+
+
+def _smooth(data: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian smoothing along the last axis (edges replicated)."""
+    half = math.ceil(3 * sigma)
+    offsets = torch.arange(-half, half + 1, dtype=data.dtype, device=data.device)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel /= kernel.sum()
+    flat = data.reshape(-1, 1, data.shape[-1])
+    padded = torch.nn.functional.pad(flat, (half, half), mode="replicate")
+    return torch.nn.functional.conv1d(padded, kernel[None, None]).reshape(data.shape)

@@ -11,6 +11,7 @@ import torch
 from tests.unit.workers.foam_scans import counts, foam_scan, minus_log, recon_error
 from workers.phantom import FoamPhantom
 from workers.preprocess.center import (
+    find_center,
     find_center_360,
     find_center_pair,
     find_center_vo,
@@ -107,3 +108,56 @@ def test_360_degree_scan_by_mirror_registration(offset: float) -> None:
     assert abs(find_center_pair(opposite[0][0], opposite[1][0]) - scan.center) < TOLERANCE
     with pytest.raises(ValueError, match="even number"):
         find_center_360(tomo[:-1].transpose(1, 0, 2))
+
+
+def test_find_center_picks_the_method_from_theta() -> None:
+    half = foam_scan(128, 128, rows=1, offset=-3.2, seed=7)
+    full = foam_scan(128, 256, rows=1, offset=9.7, turn=2 * np.pi, seed=7)
+    for scan in (half, full):
+        sinograms = scan.line_integrals.transpose(1, 0, 2)
+        assert abs(find_center(sinograms, scan.theta) - scan.center) < TOLERANCE
+    assert find_center(half.line_integrals.transpose(1, 0, 2)) == pytest.approx(
+        find_center_vo(half.line_integrals.transpose(1, 0, 2))
+    )
+    with pytest.raises(ValueError, match=r"covers 90\.0 degrees"):
+        find_center(half.line_integrals.transpose(1, 0, 2), half.theta / 2)
+    with pytest.raises(ValueError, match="evenly spaced"):
+        find_center(half.line_integrals.transpose(1, 0, 2), half.theta**2)
+
+
+@pytest.mark.gpu
+def test_cuda_gives_the_cpus_results() -> None:
+    """The same code on CUDA: every step against its CPU result."""
+    from workers.preprocess import (
+        paganin_filter,
+        remove_stripes,
+        remove_zingers,
+        stitch_half_acquisition,
+    )
+
+    scan = foam_scan(128, 128, rows=4, offset=2.5)
+    sinograms = torch.from_numpy(np.ascontiguousarray(scan.line_integrals.transpose(1, 0, 2)))
+    cuda = sinograms.cuda()
+    assert find_center_vo(cuda) == pytest.approx(find_center_vo(sinograms), abs=0.02)
+    full = torch.cat([sinograms, sinograms.flip(-1)], dim=1)  # a 360-degree scan, mirrored
+    assert find_center_360(full.cuda()) == pytest.approx(find_center_360(full), abs=0.02)
+    stitched_cpu, _ = stitch_half_acquisition(full, 100.0)
+    stitched_gpu, _ = stitch_half_acquisition(full.cuda(), 100.0)
+    np.testing.assert_allclose(stitched_gpu.cpu().numpy(), stitched_cpu.numpy(), atol=1e-5)
+    for method in ("auto", "sorting", "vo-all", "fourier-wavelet"):
+        np.testing.assert_allclose(
+            remove_stripes(cuda, method).cpu().numpy(),
+            remove_stripes(sinograms, method).numpy(),
+            atol=1e-4,
+        )
+    transmission = torch.exp(-torch.from_numpy(scan.line_integrals.copy()))
+    transmission[3, 1, 40] += 2.0
+    cleaned_cpu, count_cpu = remove_zingers(transmission)
+    cleaned_gpu, count_gpu = remove_zingers(transmission.cuda())
+    assert count_gpu == count_cpu >= 1
+    np.testing.assert_allclose(cleaned_gpu.cpu().numpy(), cleaned_cpu.numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        paganin_filter(transmission.cuda(), 20.0, 0.1, 1e-6, 300.0).cpu().numpy(),
+        paganin_filter(transmission, 20.0, 0.1, 1e-6, 300.0).numpy(),
+        atol=1e-5,
+    )
