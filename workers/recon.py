@@ -6,11 +6,19 @@ between the two FBP methods.
 "Geometry"); `project` is the matching forward projector for simulation. `make_reconstructor`
 gives the service its `Reconstructor`: direct (`workers.fbp`), gridding (`workers.gridding`) or
 "auto", which picks per geometry the one measured faster (docs/benchmarks.md).
+
+`recon` keeps its reconstructors, and with them their geometry caches, in a `ReconSession`: a
+user's loop over chunks of rows on one geometry builds the geometry (the gridding method's
+spreading matrix) once, in the first call, and every later call runs at the service's speed.
+The session `recon` uses unless handed another is `DEFAULT_SESSION`, an explicit module-level
+object (its `clear()` frees what it holds); nothing else here keeps state between calls.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import threading
+from collections import OrderedDict
 from types import MappingProxyType
 
 import numpy as np
@@ -19,11 +27,17 @@ import torch
 from workers.fbp import FBP
 from workers.filters import canonical_filter_name
 from workers.gridding import GriddingFBP
+from workers.preprocess.center import from_tomopy_center, to_tomopy_center
 from workers.project import project_tensor
 from workers.protocols import PreparableReconstructor
 
 ALGORITHMS = ("fbp", "gridrec")
 METHODS = ("auto", "direct", "gridding")
+# "tomocast": protocol v1's center (cols/2 = the detector's middle, TomoPy's fbp and ASTRA);
+# "tomopy": the axis' pixel index (TomoPy's find_center_vo and gridrec), center - 0.5.
+CENTER_CONVENTIONS = ("tomocast", "tomopy")
+# Reconstructors a session keeps (one per device, method, filter and mask in use).
+_SESSION_CAPACITY = 2
 # TomoPy's names for our filters (its gridrec only knows these spellings).
 _TOMOPY_FILTERS = MappingProxyType(
     {
@@ -39,10 +53,6 @@ _TOMOPY_FILTERS = MappingProxyType(
 # this many bytes of (rows, cols, cols) float32 output per call.
 _ROWS_PER_BATCH = 16
 _BATCH_BYTES = 256 << 20
-# recon(method="auto") grids only when rows x cols reaches this: below it, building the spreading
-# matrix costs more than the direct method spends on the whole stack (break-even measured on 2
-# cores at about 19 rows of 512, 45 of 256, 117 of 128 columns).
-_GRIDDING_MIN_ROW_PIXELS = 1 << 14
 
 
 def _rows_per_batch(n: int) -> int:
@@ -141,6 +151,105 @@ def _theta(theta: np.ndarray, angles: int) -> torch.Tensor:
     return torch.from_numpy(theta)
 
 
+def resolve_center(center: float | None, cols: int, convention: str = "tomocast") -> float:
+    """tomocast's `center` for a `center` given in `convention` ("tomocast": cols/2 is the
+    detector's middle; "tomopy": the axis' pixel index, (cols-1)/2 there); None is the middle
+    in either."""
+    if convention not in CENTER_CONVENTIONS:
+        raise ValueError(
+            f"center_convention={convention!r}: choose one of {', '.join(CENTER_CONVENTIONS)}"
+        )
+    if center is None:
+        return cols / 2
+    return from_tomopy_center(center) if convention == "tomopy" else float(center)
+
+
+class ReconSession:
+    """The reconstructors `recon` calls run on, kept between calls with their geometry caches.
+
+    Keyed by (device, method, filter, circle mask); the `capacity` most recently used are kept
+    (each holds a few geometries: the gridding method's spreading matrices are up to hundreds
+    of MB at 2k columns; `clear` frees them all). Threading: any thread may call `recon`; calls
+    run one at a time (a re-entrant lock), since a reconstructor belongs to one thread while it
+    works.
+    """
+
+    def __init__(self, capacity: int = _SESSION_CAPACITY) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity={capacity}: a session keeps at least one reconstructor")
+        self.capacity = capacity
+        self._lock = threading.RLock()
+        self._reconstructors: OrderedDict[
+            tuple[torch.device, str, str, bool], PreparableReconstructor
+        ] = OrderedDict()
+
+    def clear(self) -> None:
+        """Drop every reconstructor (and the geometries it holds)."""
+        with self._lock:
+            self._reconstructors.clear()
+
+    def reconstructor(
+        self, method: str, device: torch.device, filter_name: str, circle_mask: bool
+    ) -> PreparableReconstructor:
+        """The kept reconstructor for (method, device, canonical filter name, mask), made
+        if new; the most recently used."""
+        key = (device, method, filter_name, circle_mask)
+        with self._lock:
+            reconstructor = self._reconstructors.pop(key, None)
+            if reconstructor is None:
+                reconstructor = make_reconstructor(method, device, filter_name, circle_mask)
+            self._reconstructors[key] = reconstructor
+            while len(self._reconstructors) > self.capacity:
+                self._reconstructors.popitem(last=False)
+            return reconstructor
+
+    def recon(
+        self,
+        tomo: np.ndarray,
+        theta: np.ndarray,
+        center: float | None = None,
+        algorithm: str = "fbp",
+        filter_name: str = "ramp",
+        device: str | None = None,
+        circle_mask: bool = False,
+        method: str = "auto",
+        center_convention: str = "tomocast",
+    ) -> np.ndarray:
+        """`recon` (see there) on this session's reconstructors."""
+        tomo = np.asarray(tomo)
+        if tomo.ndim != 3:
+            raise ValueError(f"tomo must be (angles, rows, cols), got shape {tomo.shape}")
+        angles, rows, cols = tomo.shape
+        center = resolve_center(center, cols, center_convention)
+        name = canonical_filter_name(filter_name)
+        if algorithm == "gridrec":
+            return _tomopy_gridrec(tomo, theta, to_tomopy_center(center), name, circle_mask)
+        if algorithm != "fbp":
+            raise ValueError(f"algorithm={algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
+        if method not in METHODS:
+            raise ValueError(f"method={method!r}: choose one of {', '.join(METHODS)}")
+        theta_t = _theta(theta, angles)
+        out = np.empty((rows, cols, cols), dtype=np.float32)
+        step = _rows_per_batch(cols)
+        with self._lock:
+            reconstructor = self.reconstructor(method, _resolve(device), name, circle_mask)
+            try:
+                for r0 in range(0, rows, step):
+                    r1 = min(rows, r0 + step)
+                    sinograms = np.ascontiguousarray(
+                        tomo[:, r0:r1, :].transpose(1, 0, 2), dtype=np.float32
+                    )
+                    batch = torch.from_numpy(sinograms).to(reconstructor.device)
+                    out[r0:r1] = reconstructor.reconstruct(batch, theta_t, center).cpu().numpy()
+            finally:
+                reconstructor.release()  # the geometry stays cached, evictable as any other
+        return out
+
+
+# The session `recon` uses when handed none: explicit, so a caller can clear() it.
+DEFAULT_SESSION = ReconSession()
+
+
 def recon(
     tomo: np.ndarray,
     theta: np.ndarray,
@@ -150,38 +259,28 @@ def recon(
     device: str | None = None,
     circle_mask: bool = False,
     method: str = "auto",
+    center_convention: str = "tomocast",
+    session: ReconSession | None = None,
 ) -> np.ndarray:
     """Reconstruct every detector row of `tomo` (angles, rows, cols) line integrals.
 
-    Returns (rows, cols, cols) float32. `theta` is in radians, `center` the rotation axis in
-    TomoPy's convention (default cols / 2, the detector's middle), `device` "cpu", "cuda[:N]" or
-    None for CUDA when present. `method` picks the FBP method (`make_reconstructor`); "auto"
-    also keeps to direct for stacks too small to pay for gridding's set-up. algorithm="gridrec"
-    hands the call to TomoPy (installed separately); its output is TomoPy's, half a pixel and
-    ~1.19x off ours in scale (DESIGN.md).
+    Returns (rows, cols, cols) float32. `theta` is in radians, `center` the rotation axis,
+    default the detector's middle; `center_convention` says which meaning it has: "tomocast"
+    (protocol v1, TomoPy's `fbp`/ASTRA: cols/2 is the middle) or "tomopy" (the axis' pixel
+    index, as TomoPy's find_center_vo returns and gridrec takes: (cols-1)/2 is the middle).
+    `device` is "cpu", "cuda[:N]" or None for CUDA when present. `method` picks the FBP method
+    as the service does (`make_reconstructor`: "auto" grids on a CPU). The reconstructor and
+    its geometry are kept in `session` (default `DEFAULT_SESSION`), so calling again with the
+    same geometry (theta, center, cols) skips the set-up: a loop over chunks of rows runs at
+    the service's speed from its second call. For a one-off slice at each of many centres,
+    method="direct" builds less per centre. algorithm="gridrec" hands the call to TomoPy
+    (installed separately), with the axis in its pixel-index convention so it reconstructs
+    about the same axis; its scale stays TomoPy's (~1.19x ours, DESIGN.md).
     """
-    tomo = np.asarray(tomo)
-    if tomo.ndim != 3:
-        raise ValueError(f"tomo must be (angles, rows, cols), got shape {tomo.shape}")
-    angles, rows, cols = tomo.shape
-    center = cols / 2 if center is None else float(center)
-    name = canonical_filter_name(filter_name)
-    if algorithm == "gridrec":
-        return _tomopy_gridrec(tomo, theta, center, name, circle_mask)
-    if algorithm != "fbp":
-        raise ValueError(f"algorithm={algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
-    theta_t = _theta(theta, angles)
-    if method == "auto" and rows * cols < _GRIDDING_MIN_ROW_PIXELS:
-        method = "direct"
-    reconstructor = make_reconstructor(method, _resolve(device), name, circle_mask)
-    out = np.empty((rows, cols, cols), dtype=np.float32)
-    step = _rows_per_batch(cols)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        sinograms = np.ascontiguousarray(tomo[:, r0:r1, :].transpose(1, 0, 2), dtype=np.float32)
-        batch = torch.from_numpy(sinograms).to(reconstructor.device)
-        out[r0:r1] = reconstructor.reconstruct(batch, theta_t, center).cpu().numpy()
-    return out
+    chosen = DEFAULT_SESSION if session is None else session
+    return chosen.recon(
+        tomo, theta, center, algorithm, filter_name, device, circle_mask, method, center_convention
+    )
 
 
 def _tomopy_gridrec(

@@ -1,0 +1,86 @@
+"""Single-distance phase retrieval for a homogeneous object (D. Paganin, S. C. Mayo, T. E.
+Gureyev, P. R. Miller, S. W. Wilkins, "Simultaneous phase and amplitude extraction from a single
+defocused image of a homogeneous object", J. Microsc. 206(1):33-40, 2002).
+
+Free-space propagation over a distance z turns the sample's phase into edge fringes; for a
+single material (refractive index 1 - delta + i beta, so delta/beta is fixed) the transport of
+intensity equation inverts in closed form. Paganin's eq. (8):
+
+    T(r) = -1/mu ln( F^-1[ F[I(r)/I0] / (1 + z delta/mu |k|^2) ] ),   mu = 4 pi beta / lambda,
+
+with |k| = 2 pi |f| the angular spatial frequency. Since z delta/mu = z lambda (delta/beta)/(4 pi),
+the filter is 1 / (1 + pi lambda z (delta/beta) |f|^2), f in cycles per metre. `paganin_filter`
+applies it to flat-field-corrected transmission I/I0 and returns the filtered transmission, so
+the usual -log gives mu T, the line integral of the attenuation, ready for FBP (divide by mu,
+`attenuation_coefficient`, for a thickness in metres). lambda [m] = h c / E = 1.23984198e-9 m keV
+/ E [keV].
+
+Each projection is padded at its edges (replicated) before the 2D FFT, so the filter's tail does
+not wrap one side of the detector onto the other; `pad` pixels a side (default: four decay
+lengths of the filter's kernel, sqrt(lambda z (delta/beta) / (4 pi)) / pixel (the kernel is
+K0(r / that)), at least 8, at most the frame's own size).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from workers.preprocess.arrays import Array, as_float_tensor, restore
+
+# h c in metre keV.
+PLANCK_C_M_KEV = 1.23984198e-9
+
+
+def wavelength(energy_kev: float) -> float:
+    """X-ray wavelength in metres at `energy_kev`."""
+    if energy_kev <= 0:
+        raise ValueError(f"energy={energy_kev} keV must be positive")
+    return PLANCK_C_M_KEV / energy_kev
+
+
+def attenuation_coefficient(energy_kev: float, beta: float) -> float:
+    """mu = 4 pi beta / lambda in 1/m: -log(transmission) / mu is a thickness in metres."""
+    return 4 * math.pi * beta / wavelength(energy_kev)
+
+
+def paganin_filter(
+    transmission: Array,
+    energy_kev: float,
+    distance_m: float,
+    pixel_size_m: float,
+    delta_beta: float,
+    pad: int | None = None,
+) -> Array:
+    """(count, rows, cols) or (rows, cols) flat-field-corrected transmission I/I0 -> the same,
+    Paganin-filtered (see the module docstring); -log of it is mu x thickness."""
+    if distance_m < 0 or pixel_size_m <= 0 or delta_beta < 0:
+        raise ValueError(
+            f"distance={distance_m} m must be >= 0, pixel_size={pixel_size_m} m > 0 and "
+            f"delta_beta={delta_beta} >= 0"
+        )
+    data = as_float_tensor(transmission)
+    if data.ndim not in (2, 3):
+        raise ValueError(
+            f"transmission must be (rows, cols) or (count, rows, cols), got {tuple(data.shape)}"
+        )
+    frames = data.reshape(-1, *data.shape[-2:])
+    rows, cols = frames.shape[-2:]
+    strength = math.pi * wavelength(energy_kev) * distance_m * delta_beta  # m^2
+    if pad is None:
+        decay = math.sqrt(strength) / (2 * math.pi) / pixel_size_m  # kernel ~ K0(r / decay)
+        pad = max(8, math.ceil(4 * decay))
+    pad_rows, pad_cols = min(int(pad), rows), min(int(pad), cols)
+    padded = F.pad(frames[:, None], (pad_cols, pad_cols, pad_rows, pad_rows), mode="replicate")
+    padded = padded[:, 0]
+    height, width = padded.shape[-2:]
+    device = frames.device
+    fy = torch.fft.fftfreq(height, d=pixel_size_m, device=device, dtype=torch.float64)
+    fx = torch.fft.rfftfreq(width, d=pixel_size_m, device=device, dtype=torch.float64)
+    response = 1 / (1 + strength * (fy[:, None] ** 2 + fx[None, :] ** 2))
+    spectrum = torch.fft.rfft2(padded) * response.to(padded.dtype)
+    filtered = torch.fft.irfft2(spectrum, s=(height, width))
+    result = filtered[:, pad_rows : pad_rows + rows, pad_cols : pad_cols + cols]
+    return restore(result.reshape(data.shape).contiguous(), transmission)
