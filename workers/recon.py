@@ -71,9 +71,8 @@ def _resolve(device: str | torch.device | None) -> torch.device:
 class AutoFBP:
     """The FBP method measured faster for each geometry, satisfying `PreparableReconstructor`.
 
-    On a CPU that is gridding (per slice 1.4x faster than direct at 64 columns, 3x at 256, 5-11x
-    at 512 and up: docs/benchmarks.md) unless its spreading matrix would pass `max_matrix_bytes`
-    (default 4 GiB; it is 2.5 GB at 2048 columns x 3072 angles). On CUDA it is direct until
+    On a CPU that is gridding (faster than direct at every width measured: docs/benchmarks.md)
+    unless its spreading matrix would pass `max_matrix_bytes` (default 4 GiB). On CUDA it is direct until
     gridding is measured there (docs/benchmarks.md, "GPU"). Threading: owned by one worker
     thread, like both methods; it holds both, and each keeps its own geometry cache. `prepare`
     may be called from any thread, as on either method: it prepares the one `reconstruct` will
