@@ -32,6 +32,7 @@ BENCHES: MappingProxyType[str, str] = MappingProxyType(
         "recon": "service.bench.recon",
         "denoise": "service.bench.denoise",
         "pipeline": "service.bench.pipeline",
+        "preprocess": "service.bench.preprocess",
     }
 )
 
