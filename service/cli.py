@@ -163,7 +163,38 @@ def _add_simulate(command: Command) -> None:
         metavar="FILE.h5",
         help="keep the phantom volume in this HDF5 file",
     )
+    _add_fault_flags(sim)
     add_curve_flags(sim)
+
+
+def _add_fault_flags(sim: argparse.ArgumentParser) -> None:
+    faults = sim.add_argument_group("detector faults (service.sim.simulate.Faults; off by default)")
+    faults.add_argument(
+        "--center-offset",
+        type=float,
+        default=0.0,
+        metavar="PX",
+        help="rotation axis this many pixels off the detector's middle, no centre declared",
+    )
+    faults.add_argument(
+        "--rings",
+        type=float,
+        default=0.0,
+        metavar="SPREAD",
+        help="per-pixel gain spread the flats miss (e.g. 0.02): ring artifacts",
+    )
+    faults.add_argument(
+        "--zingers",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="fraction of projection pixels saturated by zingers (e.g. 0.0002)",
+    )
+    faults.add_argument(
+        "--half-acquisition",
+        action="store_true",
+        help="360-degree scan, axis near the detector's right edge, no centre declared",
+    )
 
 
 def _add_replay(command: Command) -> None:

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from service.cli import client_keys
 from service.client import Detector
 from service.sim.replay import iter_projection_chunks, read_dxchange
-from service.sim.simulate import ScanPacer, simulate_scan, write_truth
+from service.sim.simulate import Faults, ScanPacer, simulate_scan, write_truth
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -27,6 +27,12 @@ def run_simulate(args: argparse.Namespace) -> int:
                 photons=args.photons,
                 seed=args.seed + i,
                 center=args.center,
+                faults=Faults(
+                    center_offset=args.center_offset,
+                    rings=args.rings,
+                    zingers=args.zingers,
+                    half_acquisition=args.half_acquisition,
+                ),
             )
             if args.save_truth is not None:
                 path = args.save_truth if args.scans == 1 else _numbered(args.save_truth, i)
@@ -42,6 +48,7 @@ def run_simulate(args: argparse.Namespace) -> int:
                     pace=pacer.wait,
                     progress=bar.update,
                     center=scan.start.center,
+                    theta=None if scan.start.theta is None else list(scan.start.theta),
                     meta=scan.start.meta,
                 )
     return 0

@@ -29,6 +29,47 @@ BEAM_DIP = 0.1  # the beam's intensity falls by up to 10% towards the detector's
 DARK_SPREAD = 0.05  # pixel-to-pixel spread of the dark offset, relative
 
 
+@dataclass(frozen=True)
+class Faults:
+    """What a real detector adds that the flat-field correction does not remove; each off by
+    default. The service's preprocessing (`[preprocess]` settings, workers/preprocess) repairs
+    them, so a user can see each fault and its repair.
+
+    - `center_offset`: the rotation axis sits this many pixels right of the detector's middle
+      and scan_start declares no centre (the service must estimate it);
+    - `rings`: relative spread of a per-pixel gain that the flats do not capture (0.02-0.03 is
+      typical of a scintillator's defects): rings in every slice;
+    - `zingers`: the fraction of projection pixels hit by a stray photon (saturated);
+    - `half_acquisition`: a 360-degree scan with the axis near the detector's right edge
+      (offset-axis, to image a sample up to twice the detector's width); no centre declared.
+    """
+
+    center_offset: float = 0.0
+    rings: float = 0.0
+    zingers: float = 0.0
+    half_acquisition: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rings < 0 or not 0 <= self.zingers < 1:
+            raise ValueError(f"rings={self.rings} must be >= 0, zingers={self.zingers} in [0, 1)")
+
+    def geometry(
+        self, cols: int, n_angles: int, center: float | None
+    ) -> tuple[float, float | None, tuple[float, ...] | None, int]:
+        """(the axis the data are simulated with, the centre scan_start declares, theta (None:
+        the protocol's default half turn), the slice width of the phantom)."""
+        if not (self.center_offset or self.half_acquisition):
+            return (cols / 2 if center is None else center), center, None, cols
+        if center is not None:
+            raise ValueError("a simulated centre fault declares no centre: drop --center")
+        if self.half_acquisition:
+            overlap = max(8, cols // 8)  # columns seen from both sides of the axis
+            axis = float(cols - overlap) + self.center_offset
+            theta = tuple((np.arange(n_angles) * 2 * np.pi / n_angles).tolist())
+            return axis, None, theta, 2 * (cols - overlap)
+        return cols / 2 + self.center_offset, None, None, cols
+
+
 @dataclass
 class SimulatedScan:
     """One scan as a DAQ would send it, with the ground truth it was made from.
@@ -40,13 +81,14 @@ class SimulatedScan:
     darks: np.ndarray  # (n_dark, rows, cols) of start.dtype
     flats: np.ndarray  # (n_flat, rows, cols) of start.dtype
     projections: np.ndarray  # (n_angles, rows, cols) of start.dtype
-    truth: np.ndarray  # (rows, cols, cols) float32 attenuation per pixel
+    truth: np.ndarray  # (rows, N, N) float32 attenuation per pixel (N = cols, or wider
+    # for a half-acquisition scan)
     line_integrals: np.ndarray  # (n_angles, rows, cols) float32, noise-free
     phantom: FoamPhantom
 
     @property
     def theta(self) -> np.ndarray:
-        """Projection angles in radians, evenly spaced over [0, pi)."""
+        """Projection angles in radians (evenly spaced over [0, pi) unless a fault says so)."""
         return self.start.theta_array()
 
 
@@ -64,17 +106,22 @@ def simulate_scan(
     n_spheres: int | None = None,
     dtype: str = "uint16",
     meta: dict[str, Any] | None = None,
+    faults: Faults | None = None,
 ) -> SimulatedScan:
     """Simulate a scan of a random foam (`FoamPhantom.random(rows, cols, ...)`).
 
     `photons` is the mean open-beam count per pixel and frame, `dark_level` the mean dark
     offset. `center` (TomoPy's convention, default cols/2) is where the rotation axis lands on
-    the detector: the data are simulated off-centre by it, and ScanStart carries it.
+    the detector: the data are simulated off-centre by it, and ScanStart carries it. `faults`
+    adds what real detectors do (`Faults`); none by default, and then the scan is the same, bit
+    for bit, as without the argument.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
     if photons <= 0 or dark_level < 0:
         raise ValueError(f"photons={photons} must be > 0 and dark_level={dark_level} >= 0")
+    faults = faults or Faults()
+    axis, declared, theta, size = faults.geometry(cols, n_angles, center)
     start = ScanStart(
         scan_id=scan_id,
         seq=0,
@@ -82,23 +129,32 @@ def simulate_scan(
         cols=cols,
         n_angles=n_angles,
         dtype=dtype,
-        theta=None,
-        center=center,
+        theta=theta,
+        center=declared,
         n_dark=n_dark,
         n_flat=n_flat,
         meta=dict(meta or {}),
     )
     rng = np.random.default_rng(seed)
-    phantom = FoamPhantom.random(rows, cols, n_spheres=n_spheres, seed=seed)
-    line_integrals = phantom.project(start.theta_array(), cols=cols, center=center)
+    phantom = FoamPhantom.random(rows, size, n_spheres=n_spheres, seed=seed)
+    line_integrals = phantom.project(start.theta_array(), cols=cols, center=axis)
     open_beam = photons * _beam_profile(rows, cols)
     dark = dark_level * np.clip(1 + DARK_SPREAD * rng.standard_normal((rows, cols)), 0, None)
     darks = rng.poisson(dark, size=(n_dark, rows, cols))
     flats = rng.poisson(open_beam + dark, size=(n_flat, rows, cols))
     expected = np.exp(-line_integrals)
     expected *= open_beam
+    if faults.rings:
+        # a per-pixel gain the flats do not see (it appears only with the sample in the beam)
+        fault_rng = np.random.default_rng((seed, 1))
+        expected *= np.clip(1 + faults.rings * fault_rng.standard_normal((rows, cols)), 0, None)
     expected += dark
     projections = rng.poisson(expected)
+    if faults.zingers:
+        fault_rng = np.random.default_rng((seed, 2))
+        hit = fault_rng.random(projections.shape) < faults.zingers
+        top = np.iinfo(DTYPES[dtype]).max if DTYPES[dtype].kind != "f" else 65535
+        projections[hit] = top  # a zinger saturates the pixel it hits
     return SimulatedScan(
         start=start,
         darks=_to_dtype(darks, dtype),
