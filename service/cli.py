@@ -201,9 +201,13 @@ def _add_replay(command: Command) -> None:
     rep = command(
         "replay",
         cmd_replay,
-        "push a DXchange HDF5 file (/exchange/data, data_dark, data_white, theta) to the service",
+        "push a recorded scan to the service: DXchange (/exchange/data, data_dark, data_white, "
+        "theta) or NeXus NXtomo (compressed data sets need hdf5plugin)",
     )
     rep.add_argument("file", type=Path)
+    rep.add_argument(
+        "--entry", default=None, help="NXtomo: the entry to replay, when the file has several"
+    )
     rep.add_argument("--connect", default="tcp://127.0.0.1:5555", help="ingest endpoint")
     rep.add_argument("--scan-id", default=None, help="scan id (default: the file's stem)")
     rep.add_argument("--chunk", type=int, default=8, help="projections per message")

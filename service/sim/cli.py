@@ -11,6 +11,8 @@ from tqdm import tqdm
 
 from service.cli import client_keys
 from service.client import Detector
+from service.errors import DataError
+from service.sim.nxtomo import is_nxtomo, iter_nxtomo_chunks, read_nxtomo
 from service.sim.replay import iter_projection_chunks, read_dxchange
 from service.sim.simulate import Faults, ScanPacer, simulate_scan, write_truth
 
@@ -55,8 +57,15 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 def run_replay(args: argparse.Namespace) -> int:
-    """Stream a DXchange file chunk by chunk: memory stays at one chunk, whatever its size."""
-    scan = read_dxchange(args.file, load_projections=False)
+    """Stream a DXchange or NXtomo file chunk by chunk: memory stays at one chunk, whatever
+    its size."""
+    nexus = is_nxtomo(args.file)
+    if nexus:
+        scan = read_nxtomo(args.file, args.entry, load_projections=False)
+    elif args.entry is not None:
+        raise DataError(f"{args.file}: --entry is for NXtomo files; this one has no NXtomo entry")
+    else:
+        scan = read_dxchange(args.file, load_projections=False)
     scan_id = args.scan_id or scan.scan_id
     start = replace(scan.scan_start(), scan_id=scan_id)
     if args.center is not None:
@@ -82,7 +91,12 @@ def run_replay(args: argparse.Namespace) -> int:
         for kind, frames in (("dark", scan.darks), ("flat", scan.flats)):
             if len(frames) and not start.normalized:
                 detector.send_frames(kind, scan_id, 0, frames)  # type: ignore[arg-type]
-        for index, chunk in iter_projection_chunks(args.file, args.chunk, start.dtype):
+        chunks = (
+            iter_nxtomo_chunks(args.file, args.chunk, start.dtype, args.entry)
+            if nexus
+            else iter_projection_chunks(args.file, args.chunk, start.dtype)
+        )
+        for index, chunk in chunks:
             pacer.wait(len(chunk))
             detector.send_frames("projections", scan_id, index, chunk)
             bar.update(len(chunk))
