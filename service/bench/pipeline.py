@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from service.bench import add_common_arguments, command_line, emit, heading, machine, set_threads
+from service.events import Event, ScanEnded, ScanFailed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +80,7 @@ class _Seen:
     """What the viewer took and the DAQ did during a run."""
 
     headers: list[dict[str, Any]] = field(default_factory=list)  # slice headers
-    events: list[dict[str, Any]] = field(default_factory=list)  # scan lifecycle events
+    events: list[Event] = field(default_factory=list)  # scan lifecycle events
     sent: list[float] = field(default_factory=list)  # when each scan's first message went
     dropped: int = 0  # slices the viewer lost
 
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         service.stop()
     report = _report(args, angles, startup, seen, service, load_before)
     emit(args, report, _table(report))
-    return 0 if all(e["event"] != "scan_failed" for e in seen.events) else 1
+    return 0 if not any(isinstance(e, ScanFailed) for e in seen.events) else 1
 
 
 def _simulate(args: argparse.Namespace, angles: int) -> list[Any]:
@@ -167,12 +168,15 @@ def _stream(scans: list[Any], endpoints: Any, args: argparse.Namespace) -> _Seen
         sender = threading.Thread(target=daq, name="bench-daq", daemon=True)
         sender.start()
         deadline = time.monotonic() + args.timeout
-        ended = ("scan_completed", "scan_failed")
-        while sum(e["event"] in ended for e in seen.events) < len(scans):
+        while sum(isinstance(e, ScanEnded) for e in seen.events) < len(scans):
             message = viewer.recv(timeout=max(0.0, deadline - time.monotonic()))
             if message is None:
                 raise SystemExit(f"bench pipeline: no message for {args.timeout:g} s")
-            (seen.events if message.topic == "event" else seen.headers).append(message.header)
+            event = message.event()
+            if event is not None:
+                seen.events.append(event)
+            else:
+                seen.headers.append(message.header)
         sender.join()
         seen.dropped = sum(viewer.dropped.values())
     return seen
@@ -228,7 +232,7 @@ def _report(
         "startup_s": startup,
         "slices": len(headers),
         "dropped": seen.dropped,
-        "failed_scans": sum(e["event"] == "scan_failed" for e in events),
+        "failed_scans": sum(isinstance(e, ScanFailed) for e in events),
         "ms_per_slice": stages,
         "prepare_geometry": not args.no_prepare,
         "sinogram_dtype": args.sinogram_dtype,

@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from service.reconstruct import theta_tensor
 from tests.support.helpers import GatedGridding, in_thread, wait_for
 from workers.fbp import FBP
 from workers.geometry_cache import GeometryCache
 from workers.gridding import GriddingFBP
 from workers.protocols import PreparableReconstructor
 from workers.recon import AutoFBP
+from workers.rows import theta_tensor
 
 ANGLES, COLS = 96, 64
 CENTER = COLS / 2 + 0.3
-# float32, as the worker hands the angles over (service.reconstruct.theta_tensor)
+# float32, as the worker hands the angles over (workers.rows.theta_tensor)
 THETA = torch.arange(ANGLES, dtype=torch.float32) * (math.pi / ANGLES)
 SINOGRAMS = torch.from_numpy(np.random.default_rng(5).random((3, ANGLES, COLS), dtype=np.float32))
 
