@@ -144,17 +144,9 @@ def simulate_scan(
     flats = rng.poisson(open_beam + dark, size=(n_flat, rows, cols))
     expected = np.exp(-line_integrals)
     expected *= open_beam
-    if faults.rings:
-        # a per-pixel gain the flats do not see (it appears only with the sample in the beam)
-        fault_rng = np.random.default_rng((seed, 1))
-        expected *= np.clip(1 + faults.rings * fault_rng.standard_normal((rows, cols)), 0, None)
+    expected *= _ring_gain(faults.rings, rows, cols, seed)
     expected += dark
-    projections = rng.poisson(expected)
-    if faults.zingers:
-        fault_rng = np.random.default_rng((seed, 2))
-        hit = fault_rng.random(projections.shape) < faults.zingers
-        top = np.iinfo(DTYPES[dtype]).max if DTYPES[dtype].kind != "f" else 65535
-        projections[hit] = top  # a zinger saturates the pixel it hits
+    projections = _add_zingers(rng.poisson(expected), faults.zingers, dtype, seed)
     return SimulatedScan(
         start=start,
         darks=_to_dtype(darks, dtype),
@@ -164,6 +156,24 @@ def simulate_scan(
         line_integrals=line_integrals,
         phantom=phantom,
     )
+
+
+def _ring_gain(spread: float, rows: int, cols: int, seed: int) -> np.ndarray | float:
+    """A per-pixel gain the flats do not see (it appears only with the sample in the beam):
+    rings. 1.0 without the fault; its own random stream, so the rest of the scan is unchanged."""
+    if not spread:
+        return 1.0
+    rng = np.random.default_rng((seed, 1))
+    gain: np.ndarray = np.clip(1 + spread * rng.standard_normal((rows, cols)), 0, None)
+    return gain
+
+
+def _add_zingers(counts: np.ndarray, fraction: float, dtype: str, seed: int) -> np.ndarray:
+    """`fraction` of the projection pixels saturated, as a stray photon saturates a pixel."""
+    if fraction:
+        hit = np.random.default_rng((seed, 2)).random(counts.shape) < fraction
+        counts[hit] = np.iinfo(DTYPES[dtype]).max if DTYPES[dtype].kind != "f" else 65535
+    return counts
 
 
 def _beam_profile(rows: int, cols: int) -> np.ndarray:
