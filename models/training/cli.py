@@ -231,8 +231,8 @@ def _add_infer(command: Command) -> None:
         type=positive,
         default=None,
         metavar="PIXELS",
-        help="detector pixels across the full field of view, for slices cropped "
-        "from it (the model's input scale follows it); default: the slice width",
+        help="no longer used (kept for scripts): each volume's input scale follows its own "
+        "intensity level (workers.intensity)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -17,6 +17,7 @@ the target's centre slice.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,23 @@ class TrainingData:
         data in attenuation per pixel, whose values scale with the pixel size; None (absolute
         normalisation) for data in other or unknown units."""
         return int(self.train.shape[2]) if self.per_pixel_units else None
+
+    @property
+    def reference_level(self) -> float | None:
+        """The median intensity level (`workers.intensity`) of the training volumes' noisy
+        slices: the level the network is trained at (`ModelMetadata.reference_level`, which the
+        denoise engine maps each scan to); None when every volume is zero."""
+        import torch
+
+        from workers.intensity import intensity_level
+
+        starts = np.cumsum((0, *self.train.volume_rows))
+        levels = [
+            intensity_level(torch.from_numpy(self.train.noisy[first:last]))
+            for first, last in itertools.pairwise(starts)
+        ]
+        positive = [level for level in levels if level > 0]
+        return float(np.median(positive)) if positive else None
 
 
 def _open(path: Path) -> h5py.File:

@@ -176,6 +176,7 @@ class Trainer:
         self.val_inputs = torch.from_numpy(np.ascontiguousarray(val_inputs))
         self.val_targets = torch.from_numpy(np.ascontiguousarray(val_targets))
         self.offset, self.scale = data.input_offset, data.input_scale
+        self.reference_level = data.reference_level
         self.step_count = 0
         self.elapsed = 0.0
         self.history: list[dict[str, float]] = []
@@ -309,6 +310,7 @@ class Trainer:
             "input_offset": self.offset,
             "input_scale": self.scale,
             "reference_width": self.data.reference_width,
+            "reference_level": self.reference_level,
             "command": self.command,
             "hardware": describe_hardware(self.device),
             "history": self.history,

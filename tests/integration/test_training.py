@@ -198,8 +198,13 @@ def test_export_load_infer_matches_the_eager_model(
         assert engine.metadata.input_scale == pytest.approx(state["input_scale"])
         assert engine.metadata.reference_width == data.train.shape[2] == state["reference_width"]
         assert "pytest" in engine.metadata.training.command
+        assert engine.metadata.reference_level == pytest.approx(data.reference_level)
+        # Factor 1: the training level, where the trainer's fixed mapping applies.
         np.testing.assert_allclose(
-            engine.denoise(stack).numpy(), eager.numpy(), rtol=1e-4, atol=1e-6 * data.input_scale
+            engine.denoise(stack, scale=1.0).numpy(),
+            eager.numpy(),
+            rtol=1e-4,
+            atol=1e-6 * data.input_scale,
         )
     out = tmp_path / "dn.h5"
     assert (
@@ -222,8 +227,11 @@ def test_export_load_infer_matches_the_eager_model(
     with h5py.File(out) as file:
         np.testing.assert_array_equal(file["ns"][()], data.test.noisy)
         np.testing.assert_array_equal(file["gt"][()], data.test.target)
+        # infer maps each volume by its own factor: the trainer's mapping scaled by it.
+        factor = load_denoiser(written[2]).scale_for(volume)
+        expected = trainer.predict(stack / factor)[:, 0] * factor
         np.testing.assert_allclose(
-            file["dn"][:4], eager.numpy(), rtol=1e-4, atol=1e-6 * data.input_scale
+            file["dn"][:4], expected.numpy(), rtol=1e-4, atol=1e-6 * data.input_scale
         )
 
 
@@ -347,49 +355,28 @@ def test_export_reference_width_override(
     assert "--reference-width: -1 must be >= 0" in capsys.readouterr().err
 
 
-def test_infer_field_width_sets_the_input_scale(
-    tiny: Path, checkpoint: Path, tmp_path: Path
-) -> None:
-    # Slices cropped from a field of view twice as wide: scaled as 64-px slices, not 32.
+def test_infer_output_scales_with_its_input(tiny: Path, checkpoint: Path, tmp_path: Path) -> None:
+    # The same sample 4x as opaque (or imaged with pixels 4x as large): 4x the output.
     (artifact,) = export_checkpoint(checkpoint, tmp_path, name="tiny", formats=["fp32"])
-    from models.training.infer import denoise_volumes
-
+    assert load_denoiser(artifact).metadata.reference_level is not None
     data = load_one_file(tiny)
-    expected = {
-        width: denoise_volumes(
-            load_denoiser(artifact, field_width=width),
-            data.test.noisy,
-            data.test.volume_rows,
-            progress=False,
-        )
-        for width in (None, 64)
-    }
-    assert not np.allclose(expected[None], expected[64])
-    for width in (None, 64):
-        out = tmp_path / f"dn-{width}.h5"
-        flag = [] if width is None else ["--field-width", str(width)]
-        assert (
-            main(
-                [
-                    "infer",
-                    "--ld",
-                    str(tiny),
-                    "--model",
-                    str(artifact),
-                    "-o",
-                    str(out),
-                    "--no-progress",
-                    "--device",
-                    "cpu",
-                    *flag,
-                ]
-            )
-            == 0
-        )
+    brighter = tmp_path / "brighter.h5"
+    with h5py.File(tiny) as source, h5py.File(brighter, "w") as file:
+        for name in ("test_ns", "test_gt"):
+            file[name] = 4.0 * source[name][()]
+            file[name].attrs["volume_rows"] = source[name].attrs["volume_rows"]
+    outputs = []
+    for low_dose in (tiny, brighter):
+        out = tmp_path / f"dn-{low_dose.stem}.h5"
+        # --field-width is accepted for old scripts and changes nothing.
+        flags = ["--ld", str(low_dose), "--model", str(artifact), "-o", str(out)]
+        flags += ["--field-width", "64"]
+        assert main(["infer", *flags, "--no-progress", "--device", "cpu"]) == 0
         with h5py.File(out) as file:
-            np.testing.assert_allclose(
-                file["dn"][()], expected[width], rtol=1e-5, atol=1e-6 * data.input_scale
-            )
+            outputs.append(file["dn"][()])
+    np.testing.assert_allclose(
+        outputs[1], 4.0 * outputs[0], rtol=1e-4, atol=1e-5 * data.input_scale
+    )
 
 
 def test_init_starts_from_trained_weights(
