@@ -34,6 +34,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
         size=32,
         angles=48,
         progress=False,
+        families=("foam",),
     )
 
 
