@@ -106,6 +106,37 @@ class TrainingData:
         return float(np.median(positive)) if positive else None
 
 
+def level_normalised(data: TrainingData) -> TrainingData:
+    """`data` with each volume (noisy and target alike) divided by its factor, the volume's
+    intensity level over the training volumes' median (`TrainingData.reference_level`): what
+    the denoise engine does to each scan (`workers.denoise.DenoiseEngine.scale_for`), so that
+    a data set spanning decades of attenuation trains the network at one level. Offset and
+    scale are fitted again on the rescaled targets; `source` is kept (resuming checks it)."""
+    import torch
+
+    from workers.intensity import intensity_level
+
+    level = data.reference_level
+    if level is None:
+        return data
+
+    def rescaled(pairs: SlicePairs) -> SlicePairs:
+        noisy, target = pairs.noisy.copy(), pairs.target.copy()
+        starts = np.cumsum((0, *pairs.volume_rows))
+        for first, last in itertools.pairwise(starts):
+            measured = intensity_level(torch.from_numpy(noisy[first:last]))
+            if measured > 0:
+                noisy[first:last] *= level / measured
+                target[first:last] *= level / measured
+        return SlicePairs(noisy, target, pairs.volume_rows)
+
+    train = rescaled(data.train)
+    offset, scale = normalisation(train.target)
+    return TrainingData(
+        train, rescaled(data.test), data.source, offset, scale, data.per_pixel_units
+    )
+
+
 def _open(path: Path) -> h5py.File:
     if not path.exists():
         raise DataError(f"data file {path} does not exist")

@@ -94,6 +94,9 @@ class TrainConfig:
     val_slices: int = 8
     checkpoint_every: int = 500
     init: str | None = None  # generator weights to start from (models.training.warm_start)
+    # Scale each volume to one intensity level, as the engine scales each scan (data sets
+    # spanning decades of attenuation); off reproduces the shipped weights' runs.
+    level_per_volume: bool = False
 
     def __post_init__(self) -> None:
         if self.depth < 1 or self.depth % 2 == 0:
@@ -141,6 +144,10 @@ class Trainer:
         initialise: bool = True,
     ) -> None:
         """`initialise`: load `config.init`'s weights (False when a checkpoint's follow)."""
+        if config.level_per_volume:
+            from models.training.dataset import level_normalised
+
+            data = level_normalised(data)
         self.config, self.data, self.command = config, data, command
         self.device = torch.device(device)
         torch.manual_seed(config.seed)

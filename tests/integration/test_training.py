@@ -454,3 +454,69 @@ def test_evaluate_scores_fbp_and_the_denoiser(checkpoint: Path, tmp_path: Path) 
     ]
     assert all(np.isfinite([r.fbp_psnr, r.psnr, r.fbp_ssim, r.ssim]).all() for r in rows)
     assert "| 1/4 views | tiny |" in format_table(rows)
+
+
+def test_level_per_volume_trains_every_volume_at_one_level(tmp_path: Path) -> None:
+    import itertools
+
+    from models.training.dataset import level_normalised
+    from workers.intensity import intensity_level
+
+    path = synthesize(
+        tmp_path / "mixed.h5",
+        conditions(sparse=[4], photons=[1000]),
+        phantoms=2,
+        test_phantoms=1,
+        rows=4,
+        size=32,
+        angles=48,
+        progress=False,
+        families=("foam", "granular"),
+        attenuation=(0.1, 10.0),
+    )
+    data = load_one_file(path)
+    level = data.reference_level
+    assert level is not None
+    scaled = level_normalised(data)
+    assert scaled.source == data.source  # a resumed run still recognises its data
+    for pairs in (scaled.train, scaled.test):
+        starts = np.cumsum((0, *pairs.volume_rows))
+        for first, last in itertools.pairwise(starts):
+            volume = torch.from_numpy(pairs.noisy[first:last])
+            assert intensity_level(volume) == pytest.approx(level, rel=1e-4)
+    config = TrainConfig(steps=2, lambda_adv=0.0, level_per_volume=True, **TINY)
+    trainer = Trainer(config, data, "cpu", command="pytest")
+    trainer.step()
+    checkpoint = trainer.save(tmp_path / "run" / "checkpoint.pt")
+    resumed = resume(checkpoint, data, "cpu", steps=3)
+    assert resumed.config.level_per_volume and resumed.step_count == 1
+    resumed.step()
+    (artifact,) = export_checkpoint(
+        resumed.save(checkpoint), tmp_path / "out", name="mixed", formats=["fp32"]
+    )
+    assert load_denoiser(artifact).metadata.reference_level == pytest.approx(level, rel=1e-4)
+
+
+def test_the_retraining_recipe_runs(tmp_path: Path) -> None:
+    # docs/model-card.md "Retraining the default": the same commands at toy sizes.
+    data, run = tmp_path / "beamline.h5", tmp_path / "run"
+    dataset = ["dataset", "-o", str(data), "--phantoms", "5", "--test-phantoms", "1"]
+    dataset += ["--rows", "3", "--size", "32", "--angles", "48", "--sparse", "2,8,32"]
+    dataset += ["--photons", "200,3000", "--combined", "--attenuation", "0.1,10"]
+    dataset += ["--dark", "5", "--blur", "0.7", "--rings", "0.005", "--zingers", "0.0005"]
+    dataset += ["--center-error", "0.3", "--effects-alone", "--seed", "0", "--no-progress"]
+    assert main(dataset) == 0
+    common = ["--data", str(data), "--device", "cpu", "--threads", "1", "--out", str(run)]
+    common += ["--no-progress", "--val-every", "2", "--checkpoint-every", "2"]
+    train = ["train", *common, "--arch", "tomogan", "--depth", "3", "--patch", "16"]
+    train += ["--batch", "2", "--steps", "2", "--lr", "5e-4", "--lr-schedule", "cosine"]
+    train += ["--lambda-adv", "0", "--lambda-mse", "1", "--precision", "fp32", "--seed", "0"]
+    assert main([*train, "--level-per-volume"]) == 0
+    checkpoint = run / "checkpoint.pt"
+    assert torch.load(checkpoint, weights_only=True)["step"] == 2
+    assert main(["train", *common, "--resume", str(checkpoint), "--steps", "4"]) == 0
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["step"] == 4 and state["config"]["level_per_volume"]
+    out = tmp_path / "export"
+    assert main(["export", str(checkpoint), "-o", str(out), "--name", "beamline-d3"]) == 0
+    assert load_denoiser(out / "beamline-d3.pt").metadata.reference_level is not None
