@@ -13,15 +13,17 @@ convolution, so `torch.backends.cudnn.benchmark` at run time does not reach a `.
 traced with benchmark on (a CUDA run autotunes) and TF32 allowed (a CUDA "fp32" run computes
 convolutions in TF32). `.pt2` programs follow the run-time flags.
 
-Normalisation lives in the metadata, not in the graph: the network sees
-(x - input_offset) / input_scale and its output is mapped back with * input_scale + input_offset,
-so the pipeline feeds and receives physical units (line integral per pixel). Attenuation per pixel
-scales with the pixel size: the same sample on a detector twice as wide gives half the values.
-When `reference_width` is set (the slice width the normalisation was fitted at), offset and scale
-follow the slice width W as x reference_width / W (`ModelMetadata.normalisation`), so a model
-trained on 256-pixel slices sees the same values from a 2048-pixel detector imaging a sample of
-the same size relative to its field of view (a beamline sets energy and field of view so that it
-does).
+Normalisation lives in the metadata, not in the graph. The network was trained on inputs whose
+intensity level (`workers.intensity`) was `reference_level`, mapped by
+(x - input_offset) / input_scale. A scan at `factor` x that level (`factor` = its own level /
+`reference_level`, one per scan: `workers.denoise.DenoiseEngine.scale_for`) is mapped by
+(x - input_offset * factor) / (input_scale * factor) and the output back the same way
+(`ModelMetadata.scaled`), so the pipeline feeds and receives physical units (line integral per
+pixel) and the output scales with the input, whatever the material, energy or pixel size.
+Files written before `reference_level` take `input_offset + input_scale` (the training
+targets' high percentile that offset and scale were fitted to). `reference_width` (the slice
+width of the fixed mapping that per-scan levels replaced) is kept for the record and for
+`ModelMetadata.normalisation`.
 
 TorchScript is deprecated from PyTorch 2.13 on (`torch.jit.*` emit DeprecationWarning); tomocast
 keeps it until its `torch.export` migration and silences exactly those warnings here.
@@ -58,7 +60,7 @@ EXPORTED_SUFFIX = ".pt2"
 _EXPORTED_MARKER = "archive_format"
 FORMAT_VERSION: Final = 1
 # Fields format 1 gained later; a file without one gets the default.
-LATER_FIELDS: Final = frozenset({"reference_width"})
+LATER_FIELDS: Final = frozenset({"reference_width", "reference_level"})
 # Small enough to be cheap on any device, a multiple of 8 so every U-Net level divides evenly.
 PROBE_SIZE = 16
 # torch.jit does not declare it in its exports.
@@ -107,6 +109,9 @@ class ModelMetadata(BaseModel):
     input_scale: float = Field(gt=0.0, allow_inf_nan=False)
     # None: offset and scale are absolute (any width gets the same).
     reference_width: int | None = Field(default=None, ge=1)
+    # The intensity level (`workers.intensity.intensity_level`) of the training inputs, in the
+    # units input_offset and input_scale apply to. None (files written before it): `level`.
+    reference_level: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
     trained: bool
     training: TrainingRecord
     metrics: dict[str, float]
@@ -121,8 +126,28 @@ class ModelMetadata(BaseModel):
             raise ValueError(f"depth={depth} must be odd (the centre slice is the one predicted)")
         return depth
 
+    @property
+    def level(self) -> float:
+        """The intensity level the network was trained at: `reference_level`, or for files
+        without one the targets' high percentile that offset and scale were fitted to
+        (`models.training.dataset.normalisation`: offset + scale), the nearest the file says."""
+        if self.reference_level is not None:
+            return self.reference_level
+        fitted = self.input_offset + self.input_scale
+        return fitted if fitted > 0 else self.input_scale
+
+    def scaled(self, factor: float) -> tuple[float, float]:
+        """(offset, scale) for a scan `factor` x the training level: the network sees
+        (x - offset) / scale, so that factor x x maps where x mapped (offset proportional to
+        the factor: the mapping is scale-equivariant)."""
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"scale={factor} must be a positive finite factor")
+        return self.input_offset * factor, self.input_scale * factor
+
     def normalisation(self, width: int) -> tuple[float, float]:
-        """(offset, scale) for slices `width` pixels wide: the network sees (x - offset) / scale."""
+        """The fixed mapping the engine used before per-scan levels, for slices `width` pixels
+        wide (kept for tools that state inputs in network units): the network sees
+        (x - offset) / scale."""
         if width < 1:
             raise ValueError(f"width={width} must be at least 1 pixel")
         factor = 1.0 if self.reference_width is None else self.reference_width / width

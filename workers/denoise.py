@@ -8,11 +8,18 @@ chosen by `resolve_precision`) and the launch machinery (CUDA graphs on CUDA).
 Batches whose activations would exceed `memory_limit_bytes` are split into smaller batches, and a
 slice too large on its own is run in overlapping tiles (`workers.tiling`), which give the
 whole-slice result.
+
+Intensity: the engine maps each scan to the level its network was trained at with one factor
+(`scale_for`: the scan's level over the artifact's, `workers.intensity`) and maps the result
+back, so denoise(k x) = k denoise(x) for any k > 0. A scan passes one factor to every call
+(`denoise(stack, scale=...)`) so its slices never flicker; a call without one measures its
+own stack.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -23,6 +30,7 @@ from models.artifact import ModelMetadata, load_artifact
 from models.placeholder import PLACEHOLDER_FILE, shipped_weights_dir
 from service.errors import ModelError
 from workers.graphs import GraphCache
+from workers.intensity import intensity_level
 from workers.quantize import QuantizationError, quantizable, quantize_int8
 from workers.tiling import core_for_budget, receptive_radius, run_tiled
 
@@ -152,8 +160,12 @@ class DenoiseEngine:
             self._device = torch.device("cuda", torch.cuda.current_device())
         module, metadata = load_artifact(path, self._device)
         self._metadata: ModelMetadata = metadata
-        self._field_width = field_width
-        self._log_normalisation()
+        if field_width is not None:
+            log.info(
+                "%s: field_width=%d ignored: the input scale follows each scan's level",
+                metadata.name,
+                field_width,
+            )
         self._path = Path(path)
         self._precision = resolve_precision(precision, self._device, metadata)
         # Measured on the fp32 network on the CPU: fp16 would round far effects away, and on CUDA
@@ -174,18 +186,6 @@ class DenoiseEngine:
             self.warmup(warmup_shape or (1, DEFAULT_WARMUP_SIZE, DEFAULT_WARMUP_SIZE))
         elif warmup_shape is not None:
             self.warmup(warmup_shape)
-
-    def _log_normalisation(self) -> None:
-        """Say which width a model's input scale follows, when it follows one."""
-        if self._metadata.reference_width is not None:
-            log.info(
-                "%s: input scale fitted at %d px, follows %s",
-                self._metadata.name,
-                self._metadata.reference_width,
-                "each slice's width"
-                if self._field_width is None
-                else f"a {self._field_width}-px field of view",
-            )
 
     def _in_precision(self, module: torch.nn.Module, asked: str) -> torch.nn.Module:
         """`module` as it runs in `self._precision`, channels_last: quantized for int8 (which
@@ -271,9 +271,21 @@ class DenoiseEngine:
             if self._memory_limit is not None and batch * height * width > self._measured_pixels:
                 self._measure_memory(stack)
 
-    def denoise(self, stack: torch.Tensor) -> torch.Tensor:
+    def scale_for(self, slices: torch.Tensor) -> float:
+        """The factor mapping a scan to the level the network was trained at: the level of
+        `slices` (a volume (rows, H, W), a few central slices, or a batch of stacks; in physical
+        units, on any device) over the artifact's (`ModelMetadata.level`); 1.0 for all-zero
+        slices. Scale-equivariant: scale_for(k x) = k scale_for(x) for k > 0."""
+        measured = intensity_level(slices)
+        if not (math.isfinite(measured) and measured > 0):
+            return 1.0
+        return measured / self._metadata.level
+
+    def denoise(self, stack: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         """(batch, depth, H, W) float32 on `device` -> (batch, H, W) float32 on `device`, in the
-        input's physical units. Any H, W: padded (reflect) to multiples of 8 and cropped back."""
+        input's physical units. Any H, W: padded (reflect) to multiples of 8 and cropped back.
+        `scale`: the scan's factor (`scale_for`), the same for every call of one scan; None
+        measures this stack (one host sync), right for a stack that is a whole scan."""
         if stack.ndim != 4 or stack.shape[1] != self.depth:
             raise ValueError(
                 f"{self.name} expects (batch, depth={self.depth}, H, W) stacks, "
@@ -285,14 +297,15 @@ class DenoiseEngine:
                 f"on {stack.device}"
             )
         height, width = stack.shape[-2:]
-        offset, scale = self._metadata.normalisation(self._field_width or width)
+        factor = self.scale_for(stack) if scale is None else scale
+        offset, input_scale = self._metadata.scaled(factor)
         with torch.inference_mode():
             # Normalise in fp32 before any cast: physical units may not fit fp16's range.
-            padded = _pad_to_multiple((stack - offset) / scale)
+            padded = _pad_to_multiple((stack - offset) / input_scale)
             out = self._run_limited(padded)
         # Outside inference_mode on purpose: the result is then an ordinary tensor that callers
         # may modify in place (an inference tensor would refuse), at no extra copy.
-        return (out[:, 0, :height, :width] * scale + offset).contiguous()
+        return (out[:, 0, :height, :width] * input_scale + offset).contiguous()
 
     def _run_limited(self, padded: torch.Tensor) -> torch.Tensor:
         """The network on `padded`, in batches (or tiles) that keep within the memory limit."""

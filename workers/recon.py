@@ -72,11 +72,11 @@ class AutoFBP:
     """The FBP method measured faster for each geometry, satisfying `PreparableReconstructor`.
 
     On a CPU that is gridding (faster than direct at every width measured: docs/benchmarks.md)
-    unless its spreading matrix would pass `max_matrix_bytes` (default 4 GiB). On CUDA it is direct until
-    gridding is measured there (docs/benchmarks.md, "GPU"). Threading: owned by one worker
-    thread, like both methods; it holds both, and each keeps its own geometry cache. `prepare`
-    may be called from any thread, as on either method: it prepares the one `reconstruct` will
-    use for that geometry.
+    unless its spreading matrix would pass `max_matrix_bytes` (default 4 GiB). On CUDA it is
+    direct until gridding is measured there (docs/benchmarks.md, "GPU"). Threading: owned by one
+    worker thread, like both methods; it holds both, and each keeps its own geometry cache.
+    `prepare` may be called from any thread, as on either method: it prepares the one
+    `reconstruct` will use for that geometry.
     """
 
     def __init__(

@@ -62,9 +62,18 @@ def resolve_device(name: str) -> str:
 
 
 def cmd_dataset(args: argparse.Namespace) -> int:
-    from models.training.synthesize import conditions, synthesize
+    from models.training.synthesize import EFFECTS, conditions, synthesize, with_effects
+    from service.errors import DataError
+    from workers.phantoms import TRAINING_FAMILIES
 
     chosen = conditions(args.sparse, args.photons, args.combined)
+    effects = {name: float(getattr(args, name)) for name in EFFECTS}
+    try:
+        chosen = with_effects(chosen, effects, alone=args.effects_alone)
+    except ValueError as exc:
+        raise DataError(str(exc)) from exc
+    if len(args.attenuation) not in (1, 2):
+        raise DataError(f"--attenuation {args.attenuation}: give LOW,HIGH or one value")
     synthesize(
         args.out,
         chosen,
@@ -77,6 +86,9 @@ def cmd_dataset(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         command=command_line(),
+        families=args.families or TRAINING_FAMILIES,
+        attenuation=(args.attenuation[0], args.attenuation[-1]),
+        allow_held_out=args.allow_held_out,
     )
     return 0
 
@@ -127,8 +139,8 @@ def _add_dataset(command: Command) -> None:
     p = command(
         "dataset",
         cmd_dataset,
-        "synthesise training data from foam phantoms: FBP of "
-        "sparse-view and/or photon-limited scans, in TomoGAN's one-file HDF5 form",
+        "synthesise training data from phantom families: FBP of sparse-view and/or "
+        "photon-limited scans with optional detector effects, in TomoGAN's one-file HDF5 form",
     )
     p.add_argument("-o", "--out", type=Path, required=True, help="HDF5 file to write")
     p.add_argument("--phantoms", type=int, default=16, help="training phantoms")
@@ -151,6 +163,43 @@ def _add_dataset(command: Command) -> None:
         help="photons per pixel of photon-limited scans at all views ('' for none)",
     )
     p.add_argument("--combined", action="store_true", help="also every sparse x photons pair")
+    p.add_argument(
+        "--families",
+        type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
+        default=None,
+        metavar="NAME,...",
+        help="phantom families, taken in turn per phantom (workers.phantoms.FAMILIES); "
+        "default: every family but the held-out one (workers.phantoms.HELD_OUT)",
+    )
+    p.add_argument(
+        "--allow-held-out",
+        action="store_true",
+        help="allow the held-out family (data that must never train a shipped model)",
+    )
+    p.add_argument(
+        "--attenuation",
+        type=floats,
+        default=[1.0, 1.0],
+        metavar="LOW,HIGH",
+        help="attenuation x the family's own, log-uniform per phantom (e.g. 0.1,10: two "
+        "decades); default 1",
+    )
+    effects = p.add_argument_group(
+        "detector effects (each 0 = off; added to every condition at once, the clean "
+        "conditions kept)"
+    )
+    effects.add_argument("--dark", type=float, default=0.0, help="dark-current counts per pixel")
+    effects.add_argument("--blur", type=float, default=0.0, help="scintillator PSF sigma, pixels")
+    effects.add_argument(
+        "--rings", type=float, default=0.0, help="per-column gain std (0.01: 1 %%)"
+    )
+    effects.add_argument(
+        "--zingers", type=float, default=0.0, help="fraction of detector pixels hit per view"
+    )
+    effects.add_argument(
+        "--center-error", type=float, default=0.0, help="rotation-axis error, pixels"
+    )
+    effects.add_argument("--effects-alone", action="store_true", help="also each effect on its own")
     p.add_argument(
         "--target",
         choices=["phantom", "fbp"],
@@ -231,8 +280,8 @@ def _add_infer(command: Command) -> None:
         type=positive,
         default=None,
         metavar="PIXELS",
-        help="detector pixels across the full field of view, for slices cropped "
-        "from it (the model's input scale follows it); default: the slice width",
+        help="no longer used (kept for scripts): each volume's input scale follows its own "
+        "intensity level (workers.intensity)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -94,6 +94,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--level-per-volume",
+        action="store_true",
+        help="scale each volume to one intensity level, as the engine scales each scan "
+        "(for data sets over decades of attenuation: tomocast dataset --attenuation)",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/train"), help="checkpoint folder")
     p.add_argument(
         "--init",
@@ -190,6 +196,7 @@ def _train_config(args: argparse.Namespace, device: str) -> TrainConfig:
         val_slices=args.val_slices,
         checkpoint_every=args.checkpoint_every,
         init=None if args.init is None else str(args.init),
+        level_per_volume=args.level_per_volume,
     )
 
 

@@ -17,6 +17,7 @@ the target's centre slice.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,54 @@ class TrainingData:
         data in attenuation per pixel, whose values scale with the pixel size; None (absolute
         normalisation) for data in other or unknown units."""
         return int(self.train.shape[2]) if self.per_pixel_units else None
+
+    @property
+    def reference_level(self) -> float | None:
+        """The median intensity level (`workers.intensity`) of the training volumes' noisy
+        slices: the level the network is trained at (`ModelMetadata.reference_level`, which the
+        denoise engine maps each scan to); None when every volume is zero."""
+        import torch
+
+        from workers.intensity import intensity_level
+
+        starts = np.cumsum((0, *self.train.volume_rows))
+        levels = [
+            intensity_level(torch.from_numpy(self.train.noisy[first:last]))
+            for first, last in itertools.pairwise(starts)
+        ]
+        positive = [level for level in levels if level > 0]
+        return float(np.median(positive)) if positive else None
+
+
+def level_normalised(data: TrainingData) -> TrainingData:
+    """`data` with each volume (noisy and target alike) divided by its factor, the volume's
+    intensity level over the training volumes' median (`TrainingData.reference_level`): what
+    the denoise engine does to each scan (`workers.denoise.DenoiseEngine.scale_for`), so that
+    a data set spanning decades of attenuation trains the network at one level. Offset and
+    scale are fitted again on the rescaled targets; `source` is kept (resuming checks it)."""
+    import torch
+
+    from workers.intensity import intensity_level
+
+    level = data.reference_level
+    if level is None:
+        return data
+
+    def rescaled(pairs: SlicePairs) -> SlicePairs:
+        noisy, target = pairs.noisy.copy(), pairs.target.copy()
+        starts = np.cumsum((0, *pairs.volume_rows))
+        for first, last in itertools.pairwise(starts):
+            measured = intensity_level(torch.from_numpy(noisy[first:last]))
+            if measured > 0:
+                noisy[first:last] *= level / measured
+                target[first:last] *= level / measured
+        return SlicePairs(noisy, target, pairs.volume_rows)
+
+    train = rescaled(data.train)
+    offset, scale = normalisation(train.target)
+    return TrainingData(
+        train, rescaled(data.test), data.source, offset, scale, data.per_pixel_units
+    )
 
 
 def _open(path: Path) -> h5py.File:

@@ -69,6 +69,7 @@ def checkpoint_metadata(state: dict[str, Any], name: str, precision: str) -> Mod
         input_offset=float(state["input_offset"]),
         input_scale=float(state["input_scale"]),
         reference_width=state.get("reference_width"),
+        reference_level=state.get("reference_level"),
         trained=True,
         training=TrainingRecord(
             data=state["data"],

@@ -84,7 +84,8 @@ def denoise_volumes(
     batch: int = 8,
     progress: bool = True,
 ) -> np.ndarray:
-    """Denoise every slice of `noisy`, each stacked volume on its own."""
+    """Denoise every slice of `noisy`, each stacked volume on its own with one intensity factor
+    (`DenoiseEngine.scale_for` of the whole volume), as the service does per scan."""
     from tqdm import tqdm
 
     from workers.denoise import adjacent_stack
@@ -96,10 +97,13 @@ def denoise_volumes(
         first = 0
         for rows in volume_rows:
             volume = torch.from_numpy(noisy[first : first + rows]).to(engine.device)
+            factor = engine.scale_for(volume)
             for start in range(0, rows, batch):
                 stop = min(rows, start + batch)
                 stack = adjacent_stack(volume, start, stop, engine.depth)
-                out[first + start : first + stop] = engine.denoise(stack).cpu().numpy()
+                out[first + start : first + stop] = (
+                    engine.denoise(stack, scale=factor).cpu().numpy()
+                )
                 bar.update(stop - start)
             first += rows
     return out

@@ -94,6 +94,9 @@ class TrainConfig:
     val_slices: int = 8
     checkpoint_every: int = 500
     init: str | None = None  # generator weights to start from (models.training.warm_start)
+    # Scale each volume to one intensity level, as the engine scales each scan (data sets
+    # spanning decades of attenuation); off reproduces the shipped weights' runs.
+    level_per_volume: bool = False
 
     def __post_init__(self) -> None:
         if self.depth < 1 or self.depth % 2 == 0:
@@ -141,6 +144,10 @@ class Trainer:
         initialise: bool = True,
     ) -> None:
         """`initialise`: load `config.init`'s weights (False when a checkpoint's follow)."""
+        if config.level_per_volume:
+            from models.training.dataset import level_normalised
+
+            data = level_normalised(data)
         self.config, self.data, self.command = config, data, command
         self.device = torch.device(device)
         torch.manual_seed(config.seed)
@@ -176,6 +183,7 @@ class Trainer:
         self.val_inputs = torch.from_numpy(np.ascontiguousarray(val_inputs))
         self.val_targets = torch.from_numpy(np.ascontiguousarray(val_targets))
         self.offset, self.scale = data.input_offset, data.input_scale
+        self.reference_level = data.reference_level
         self.step_count = 0
         self.elapsed = 0.0
         self.history: list[dict[str, float]] = []
@@ -309,6 +317,7 @@ class Trainer:
             "input_offset": self.offset,
             "input_scale": self.scale,
             "reference_width": self.data.reference_width,
+            "reference_level": self.reference_level,
             "command": self.command,
             "hardware": describe_hardware(self.device),
             "history": self.history,

@@ -175,9 +175,9 @@ def _build(name: str, path: Any, device: Any, memory_limit: int | None) -> Calla
         engine = DenoiseEngine(path, device, precision=precision, memory_limit_bytes=memory_limit)
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            # Network units in and out, as the other variants: map through this width's scale.
-            offset, scale = engine.metadata.normalisation(x.shape[-1])
-            return (engine.denoise(x * scale + offset) - offset) / scale
+            # Network units in and out, as the other variants: the engine at the training level
+            offset, scale = engine.metadata.scaled(1.0)
+            return (engine.denoise(x * scale + offset, scale=1.0) - offset) / scale
 
         return run
     module, metadata = load_artifact(path, device)

@@ -34,6 +34,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
         size=32,
         angles=48,
         progress=False,
+        families=("foam",),
     )
 
 
@@ -198,8 +199,13 @@ def test_export_load_infer_matches_the_eager_model(
         assert engine.metadata.input_scale == pytest.approx(state["input_scale"])
         assert engine.metadata.reference_width == data.train.shape[2] == state["reference_width"]
         assert "pytest" in engine.metadata.training.command
+        assert engine.metadata.reference_level == pytest.approx(data.reference_level)
+        # Factor 1: the training level, where the trainer's fixed mapping applies.
         np.testing.assert_allclose(
-            engine.denoise(stack).numpy(), eager.numpy(), rtol=1e-4, atol=1e-6 * data.input_scale
+            engine.denoise(stack, scale=1.0).numpy(),
+            eager.numpy(),
+            rtol=1e-4,
+            atol=1e-6 * data.input_scale,
         )
     out = tmp_path / "dn.h5"
     assert (
@@ -222,8 +228,11 @@ def test_export_load_infer_matches_the_eager_model(
     with h5py.File(out) as file:
         np.testing.assert_array_equal(file["ns"][()], data.test.noisy)
         np.testing.assert_array_equal(file["gt"][()], data.test.target)
+        # infer maps each volume by its own factor: the trainer's mapping scaled by it.
+        factor = load_denoiser(written[2]).scale_for(volume)
+        expected = trainer.predict(stack / factor)[:, 0] * factor
         np.testing.assert_allclose(
-            file["dn"][:4], eager.numpy(), rtol=1e-4, atol=1e-6 * data.input_scale
+            file["dn"][:4], expected.numpy(), rtol=1e-4, atol=1e-6 * data.input_scale
         )
 
 
@@ -347,49 +356,28 @@ def test_export_reference_width_override(
     assert "--reference-width: -1 must be >= 0" in capsys.readouterr().err
 
 
-def test_infer_field_width_sets_the_input_scale(
-    tiny: Path, checkpoint: Path, tmp_path: Path
-) -> None:
-    # Slices cropped from a field of view twice as wide: scaled as 64-px slices, not 32.
+def test_infer_output_scales_with_its_input(tiny: Path, checkpoint: Path, tmp_path: Path) -> None:
+    # The same sample 4x as opaque (or imaged with pixels 4x as large): 4x the output.
     (artifact,) = export_checkpoint(checkpoint, tmp_path, name="tiny", formats=["fp32"])
-    from models.training.infer import denoise_volumes
-
+    assert load_denoiser(artifact).metadata.reference_level is not None
     data = load_one_file(tiny)
-    expected = {
-        width: denoise_volumes(
-            load_denoiser(artifact, field_width=width),
-            data.test.noisy,
-            data.test.volume_rows,
-            progress=False,
-        )
-        for width in (None, 64)
-    }
-    assert not np.allclose(expected[None], expected[64])
-    for width in (None, 64):
-        out = tmp_path / f"dn-{width}.h5"
-        flag = [] if width is None else ["--field-width", str(width)]
-        assert (
-            main(
-                [
-                    "infer",
-                    "--ld",
-                    str(tiny),
-                    "--model",
-                    str(artifact),
-                    "-o",
-                    str(out),
-                    "--no-progress",
-                    "--device",
-                    "cpu",
-                    *flag,
-                ]
-            )
-            == 0
-        )
+    brighter = tmp_path / "brighter.h5"
+    with h5py.File(tiny) as source, h5py.File(brighter, "w") as file:
+        for name in ("test_ns", "test_gt"):
+            file[name] = 4.0 * source[name][()]
+            file[name].attrs["volume_rows"] = source[name].attrs["volume_rows"]
+    outputs = []
+    for low_dose in (tiny, brighter):
+        out = tmp_path / f"dn-{low_dose.stem}.h5"
+        # --field-width is accepted for old scripts and changes nothing.
+        flags = ["--ld", str(low_dose), "--model", str(artifact), "-o", str(out)]
+        flags += ["--field-width", "64"]
+        assert main(["infer", *flags, "--no-progress", "--device", "cpu"]) == 0
         with h5py.File(out) as file:
-            np.testing.assert_allclose(
-                file["dn"][()], expected[width], rtol=1e-5, atol=1e-6 * data.input_scale
-            )
+            outputs.append(file["dn"][()])
+    np.testing.assert_allclose(
+        outputs[1], 4.0 * outputs[0], rtol=1e-4, atol=1e-5 * data.input_scale
+    )
 
 
 def test_init_starts_from_trained_weights(
@@ -466,3 +454,69 @@ def test_evaluate_scores_fbp_and_the_denoiser(checkpoint: Path, tmp_path: Path) 
     ]
     assert all(np.isfinite([r.fbp_psnr, r.psnr, r.fbp_ssim, r.ssim]).all() for r in rows)
     assert "| 1/4 views | tiny |" in format_table(rows)
+
+
+def test_level_per_volume_trains_every_volume_at_one_level(tmp_path: Path) -> None:
+    import itertools
+
+    from models.training.dataset import level_normalised
+    from workers.intensity import intensity_level
+
+    path = synthesize(
+        tmp_path / "mixed.h5",
+        conditions(sparse=[4], photons=[1000]),
+        phantoms=2,
+        test_phantoms=1,
+        rows=4,
+        size=32,
+        angles=48,
+        progress=False,
+        families=("foam", "granular"),
+        attenuation=(0.1, 10.0),
+    )
+    data = load_one_file(path)
+    level = data.reference_level
+    assert level is not None
+    scaled = level_normalised(data)
+    assert scaled.source == data.source  # a resumed run still recognises its data
+    for pairs in (scaled.train, scaled.test):
+        starts = np.cumsum((0, *pairs.volume_rows))
+        for first, last in itertools.pairwise(starts):
+            volume = torch.from_numpy(pairs.noisy[first:last])
+            assert intensity_level(volume) == pytest.approx(level, rel=1e-4)
+    config = TrainConfig(steps=2, lambda_adv=0.0, level_per_volume=True, **TINY)
+    trainer = Trainer(config, data, "cpu", command="pytest")
+    trainer.step()
+    checkpoint = trainer.save(tmp_path / "run" / "checkpoint.pt")
+    resumed = resume(checkpoint, data, "cpu", steps=3)
+    assert resumed.config.level_per_volume and resumed.step_count == 1
+    resumed.step()
+    (artifact,) = export_checkpoint(
+        resumed.save(checkpoint), tmp_path / "out", name="mixed", formats=["fp32"]
+    )
+    assert load_denoiser(artifact).metadata.reference_level == pytest.approx(level, rel=1e-4)
+
+
+def test_the_retraining_recipe_runs(tmp_path: Path) -> None:
+    # docs/model-card.md "Retraining the default": the same commands at toy sizes.
+    data, run = tmp_path / "beamline.h5", tmp_path / "run"
+    dataset = ["dataset", "-o", str(data), "--phantoms", "5", "--test-phantoms", "1"]
+    dataset += ["--rows", "3", "--size", "32", "--angles", "48", "--sparse", "2,8,32"]
+    dataset += ["--photons", "200,3000", "--combined", "--attenuation", "0.1,10"]
+    dataset += ["--dark", "5", "--blur", "0.7", "--rings", "0.005", "--zingers", "0.0005"]
+    dataset += ["--center-error", "0.3", "--effects-alone", "--seed", "0", "--no-progress"]
+    assert main(dataset) == 0
+    common = ["--data", str(data), "--device", "cpu", "--threads", "1", "--out", str(run)]
+    common += ["--no-progress", "--val-every", "2", "--checkpoint-every", "2"]
+    train = ["train", *common, "--arch", "tomogan", "--depth", "3", "--patch", "16"]
+    train += ["--batch", "2", "--steps", "2", "--lr", "5e-4", "--lr-schedule", "cosine"]
+    train += ["--lambda-adv", "0", "--lambda-mse", "1", "--precision", "fp32", "--seed", "0"]
+    assert main([*train, "--level-per-volume"]) == 0
+    checkpoint = run / "checkpoint.pt"
+    assert torch.load(checkpoint, weights_only=True)["step"] == 2
+    assert main(["train", *common, "--resume", str(checkpoint), "--steps", "4"]) == 0
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["step"] == 4 and state["config"]["level_per_volume"]
+    out = tmp_path / "export"
+    assert main(["export", str(checkpoint), "-o", str(out), "--name", "beamline-d3"]) == 0
+    assert load_denoiser(out / "beamline-d3.pt").metadata.reference_level is not None

@@ -171,6 +171,8 @@ def test_refuses_missing_field(tmp_path: Path, field: str) -> None:
         ("metrics", {"ssim": "high"}, "valid number"),
         ("reference_width", 0, "greater than or equal to 1"),
         ("reference_width", 25.6, "valid integer"),
+        ("reference_level", 0.0, "greater than 0"),
+        ("reference_level", "Infinity", "valid number"),
     ],
 )
 def test_refuses_invalid_field(tmp_path: Path, field: str, value: Any, problem: str) -> None:
@@ -193,6 +195,20 @@ def test_metadata_without_reference_width_keeps_absolute_normalisation(tmp_path:
     assert fitted.normalisation(2048) == (0.5 / 8, 2.0 / 8)
     with pytest.raises(ValueError, match="width=0"):
         fitted.normalisation(0)
+
+
+def test_metadata_without_reference_level_takes_the_fitted_range(tmp_path: Path) -> None:
+    # Artifacts written before the field existed (the shipped ones): offset + scale, the
+    # training targets' high percentile; the factor then scales offset and scale alike.
+    fields = _fields(input_offset=0.5, input_scale=2.0)
+    fields.pop("reference_level", None)
+    path = _write_raw(tmp_path / "m.pt", CentreSlice(3), 3, {METADATA_FILE: json.dumps(fields)})
+    _, metadata = load_artifact(path, "cpu")
+    assert metadata.reference_level is None and metadata.level == 2.5
+    assert metadata.scaled(4.0) == (2.0, 8.0)
+    assert metadata.model_copy(update={"reference_level": 0.7}).level == 0.7
+    with pytest.raises(ValueError, match="scale=nan"):
+        metadata.scaled(float("nan"))
 
 
 def test_refuses_unknown_field(tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from models.training.baselines import (
     BASELINES,
-    DEFAULT_BASELINES,
     Baseline,
     filter_slices,
     gaussian_blur,
@@ -19,6 +18,7 @@ from models.training.baselines import (
     resolve,
     tune,
 )
+from models.training.matrix_defaults import DEFAULT_BASELINES
 from models.training.metrics import psnr
 from workers.lowdose import EVALUATION_SEED, Condition, render
 

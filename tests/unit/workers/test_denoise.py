@@ -146,47 +146,45 @@ def test_normalisation_round_trip(tmp_path: Path, offset: float, scale: float) -
 
 
 def test_network_output_is_mapped_back_to_physical_units(tmp_path: Path) -> None:
-    # +1 in the network's units must come back as +input_scale in physical units.
+    # +1 in the network's units must come back as +input_scale x the scan's factor.
     path = save_artifact(
         CentrePlus(3, 1.0), _metadata(input_offset=7.0, input_scale=50.0), tmp_path / "p.pt"
     )
+    engine = DenoiseEngine(path, "cpu")
     stack = torch.randn(1, 3, 16, 16)
-    out = DenoiseEngine(path, "cpu").denoise(stack)
-    np.testing.assert_allclose(out.numpy(), (stack[:, 1] + 50.0).numpy(), rtol=1e-6, atol=1e-5)
+    for factor in (1.0, 0.25, 4.0):
+        out = engine.denoise(stack, scale=factor)
+        np.testing.assert_allclose(
+            out.numpy(), (stack[:, 1] + 50.0 * factor).numpy(), rtol=1e-6, atol=1e-4
+        )
+    with pytest.raises(ValueError, match=r"scale=0\.0"):
+        engine.denoise(stack, scale=0.0)
 
 
-@pytest.mark.parametrize("width", [32, 64, 16, 40])
-def test_normalisation_follows_the_slice_width(tmp_path: Path, width: int) -> None:
-    # Fitted at 32 px: a slice twice as wide has half the attenuation per pixel, so +1 in the
-    # network's units is half as much in physical units, and the offset halves too.
+def test_scale_for_maps_the_scan_to_the_training_level(tmp_path: Path) -> None:
     path = save_artifact(
-        CentrePlus(3, 1.0),
-        _metadata(input_offset=4.0, input_scale=50.0, reference_width=32),
-        tmp_path / "w.pt",
+        CentrePlus(3, 0.0),
+        _metadata(input_offset=0.0, input_scale=2.0, reference_level=0.5),
+        tmp_path / "l.pt",
     )
     engine = DenoiseEngine(path, "cpu")
-    stack = torch.randn(2, 3, 24, width)
-    np.testing.assert_allclose(
-        engine.denoise(stack).numpy(),
-        (stack[:, 1] + 50.0 * 32 / width).numpy(),
-        rtol=1e-6,
-        atol=1e-5,
-    )
-    assert engine.metadata.normalisation(width) == pytest.approx(
-        (4.0 * 32 / width, 50.0 * 32 / width)
-    )
+    volume = torch.full((4, 32, 32), 0.5)
+    assert engine.scale_for(volume) == pytest.approx(1.0)
+    assert engine.scale_for(3.0 * volume) == pytest.approx(3.0)
+    assert engine.scale_for(torch.zeros(2, 3, 16, 16)) == 1.0  # warm-up zeros: no level
+    # Files written before reference_level: offset + scale, the targets' fitted high end.
+    assert _metadata(input_offset=0.5, input_scale=2.0).level == 2.5
 
 
-def test_field_width_overrides_the_slice_width(tmp_path: Path) -> None:
-    # A 32-px region of interest of a 64-px detector: scaled as the 64-px field of view.
+def test_field_width_is_checked_and_no_longer_scales(tmp_path: Path) -> None:
     path = save_artifact(
         CentrePlus(3, 1.0),
         _metadata(input_offset=0.0, input_scale=50.0, reference_width=32),
         tmp_path / "f.pt",
     )
     stack = torch.randn(1, 3, 16, 32)
-    out = DenoiseEngine(path, "cpu", field_width=64).denoise(stack)
-    np.testing.assert_allclose(out.numpy(), (stack[:, 1] + 25.0).numpy(), rtol=1e-6, atol=1e-5)
+    out = DenoiseEngine(path, "cpu", field_width=64).denoise(stack, scale=1.0)
+    np.testing.assert_allclose(out.numpy(), (stack[:, 1] + 50.0).numpy(), rtol=1e-6, atol=1e-5)
     with pytest.raises(ValueError, match="field_width=0"):
         DenoiseEngine(path, "cpu", field_width=0)
 
@@ -239,12 +237,13 @@ BF16_RMS, BF16_MAX = 0.01, 0.05
 
 
 def _physical(engine: DenoiseEngine, stacks: torch.Tensor) -> torch.Tensor:
-    offset, scale = engine.metadata.normalisation(stacks.shape[-1])
+    """Network units -> physical units at the training level (denoise(..., scale=1.0))."""
+    offset, scale = engine.metadata.scaled(1.0)
     return offset + scale * stacks
 
 
 def _network_units(engine: DenoiseEngine, slices: torch.Tensor) -> torch.Tensor:
-    offset, scale = engine.metadata.normalisation(slices.shape[-1])
+    offset, scale = engine.metadata.scaled(1.0)
     return (slices - offset) / scale
 
 
@@ -282,7 +281,7 @@ def test_int8_is_refused_where_it_cannot_run(placeholder: DenoiseEngine) -> None
 def test_int8_matches_fp32_within_tolerance(shipped: dict[str, DenoiseEngine], size: int) -> None:
     stacks, truth = foam_stacks(3, seed=EVALUATION_SEED + 11, rows=3, size=size)
     fp32, int8 = (
-        _network_units(shipped[p], shipped[p].denoise(_physical(shipped[p], stacks)))
+        _network_units(shipped[p], shipped[p].denoise(_physical(shipped[p], stacks), scale=1.0))
         for p in ("fp32", "int8")
     )
     useful = 0
@@ -303,8 +302,8 @@ def test_bf16_matches_fp32_within_tolerance(shipped: dict[str, DenoiseEngine]) -
     assert bf16.dtype == torch.bfloat16
     stacks, _ = foam_stacks(3, seed=EVALUATION_SEED + 12, rows=3, size=64)
     reference = shipped["fp32"]
-    expected = _network_units(reference, reference.denoise(_physical(reference, stacks)))
-    got = _network_units(bf16, bf16.denoise(_physical(bf16, stacks)))
+    expected = _network_units(reference, reference.denoise(_physical(reference, stacks), scale=1.0))
+    got = _network_units(bf16, bf16.denoise(_physical(bf16, stacks), scale=1.0))
     assert float((got - expected).pow(2).mean().sqrt()) <= BF16_RMS
     assert float((got - expected).abs().max()) <= BF16_MAX
 
@@ -315,8 +314,10 @@ def test_a_batch_is_its_slices_one_by_one(
 ) -> None:
     engine = shipped[precision]
     stacks = _physical(engine, torch.rand(4, 3, 40, 56, generator=torch.Generator().manual_seed(5)))
-    batched = engine.denoise(stacks)
-    single = torch.cat([engine.denoise(stacks[i : i + 1]) for i in range(4)])
+    # One scan, one factor: the batch's, handed to each slice's call.
+    factor = engine.scale_for(stacks)
+    batched = engine.denoise(stacks, scale=factor)
+    single = torch.cat([engine.denoise(stacks[i : i + 1], scale=factor) for i in range(4)])
     np.testing.assert_allclose(
         batched.numpy(), single.numpy(), rtol=0, atol=1e-5 * engine.metadata.input_scale
     )
@@ -381,3 +382,76 @@ def test_cuda_memory_limit_tiles_give_the_whole_slice() -> None:
     difference = (tiled.denoise(stack) - whole.denoise(stack)).abs().cpu().numpy() / scale
     # fp16, with other kernels per tile shape: rounding apart (a seam would be ~0.1 or more)
     assert float(difference.max()) <= 1e-2 and float(difference.mean()) <= 1e-3
+
+
+# ---- scale equivariance -------------------------------------------------------------------------
+
+FACTORS = (0.05, 0.3, 3.0, 20.0)
+
+
+@pytest.fixture(scope="module")
+def family_stacks() -> dict[str, torch.Tensor]:
+    """(rows, 3, 64, 64) low-dose FBP stacks (1/8 views, 1,000 photons) of one phantom per
+    family, in physical units (attenuation per pixel), from evaluation seeds."""
+    from workers.denoise import adjacent_stack
+    from workers.lowdose import Condition, render
+
+    stacks = {}
+    for family in ("foam", "granular", "fibres", "cells"):
+        (volume,) = render(EVALUATION_SEED + 21, 3, 64, 96, [Condition(8, 1000.0)], family=family)
+        stacks[family] = adjacent_stack(torch.from_numpy(volume.noisy), 0, 3, 3)
+    return stacks
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """(rms, max) of got - expected over the range of expected."""
+    span = float(expected.max() - expected.min())
+    difference = (got - expected) / span
+    return float(difference.pow(2).mean().sqrt()), float(difference.abs().max())
+
+
+@pytest.mark.parametrize("family", ["foam", "granular", "fibres", "cells"])
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_denoise_is_scale_equivariant(
+    shipped: dict[str, DenoiseEngine],
+    family_stacks: dict[str, torch.Tensor],
+    family: str,
+    precision: str,
+) -> None:
+    engine = shipped[precision]
+    stack = family_stacks[family]
+    reference = engine.denoise(stack)
+    factor = engine.scale_for(stack)
+    for k in FACTORS:
+        assert engine.scale_for(k * stack) == pytest.approx(k * factor, rel=1e-5)
+        rms, largest = _relative_error(engine.denoise(k * stack) / k, reference)
+        # fp32: rounding only. int8: a rounding difference may flip an activation's bin.
+        if precision == "fp32":
+            assert rms <= 1e-5 and largest <= 1e-4
+        else:
+            assert rms <= INT8_RMS and largest <= INT8_MAX
+
+
+def test_equivariance_holds_with_an_offset(tmp_path: Path) -> None:
+    # The offset follows the factor, so a model fitted with offset != 0 stays equivariant.
+    torch.manual_seed(0)
+    metadata = _metadata(arch="tomogan", input_offset=0.003, input_scale=0.01)
+    engine = DenoiseEngine(save_artifact(TomoGANGenerator(depth=3), metadata, tmp_path / "o.pt"))
+    stack = 0.01 * torch.rand(2, 3, 32, 40, generator=torch.Generator().manual_seed(3))
+    reference = engine.denoise(stack)
+    for k in FACTORS:
+        # Random weights give a nearly flat output: compare with the input's level instead.
+        got = engine.denoise(k * stack) / k
+        np.testing.assert_allclose(got.numpy(), reference.numpy(), rtol=0, atol=1e-5 * 0.01)
+
+
+def test_one_factor_per_scan_keeps_slices_apart_from_their_neighbours(
+    shipped: dict[str, DenoiseEngine], family_stacks: dict[str, torch.Tensor]
+) -> None:
+    # A scan's factor handed to every call: a slice's result does not depend on its batch.
+    engine = shipped["fp32"]
+    stack = family_stacks["granular"]
+    factor = engine.scale_for(stack)
+    whole = engine.denoise(stack, scale=factor)
+    alone = engine.denoise(stack[1:2], scale=factor)
+    np.testing.assert_allclose(alone.numpy(), whole[1:2].numpy(), rtol=0, atol=1e-7)
