@@ -155,6 +155,15 @@ def _add_simulate(command: Command) -> None:
     sim.add_argument("--scans", type=int, default=1, help="scans to send")
     sim.add_argument("--scan-id", default="sim", help="scan id (numbered when --scans > 1)")
     sim.add_argument("--seed", type=int, default=0, help="phantom and noise seed")
+    sim.add_argument(
+        "--phantom",
+        default="foam",
+        metavar="FAMILY",
+        help="sample: foam, granular, fibres, layered, cells, inclusions (workers.phantoms)",
+    )
+    sim.add_argument(
+        "--attenuation", type=float, default=1.0, help="times the family's default attenuation"
+    )
     sim.add_argument("--center", type=float, default=None, help="rotation axis (cols/2)")
     sim.add_argument(
         "--save-truth",

@@ -29,6 +29,8 @@ def run_simulate(args: argparse.Namespace) -> int:
                 photons=args.photons,
                 seed=args.seed + i,
                 center=args.center,
+                family=args.phantom,
+                attenuation=args.attenuation,
                 faults=Faults(
                     center_offset=args.center_offset,
                     rings=args.rings,

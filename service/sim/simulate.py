@@ -22,6 +22,7 @@ import numpy as np
 
 from service.protocol import DTYPES, ScanStart
 from workers.phantom import FoamPhantom
+from workers.phantoms import Phantom, make_phantom
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ class SimulatedScan:
     truth: np.ndarray  # (rows, N, N) float32 attenuation per pixel (N = cols, or wider
     # for a half-acquisition scan)
     line_integrals: np.ndarray  # (n_angles, rows, cols) float32, noise-free
-    phantom: FoamPhantom
+    phantom: Phantom
+    family: str = "foam"
 
     @property
     def theta(self) -> np.ndarray:
@@ -107,8 +109,12 @@ def simulate_scan(
     dtype: str = "uint16",
     meta: dict[str, Any] | None = None,
     faults: Faults | None = None,
+    family: str = "foam",
+    attenuation: float = 1.0,
 ) -> SimulatedScan:
-    """Simulate a scan of a random foam (`FoamPhantom.random(rows, cols, ...)`).
+    """Simulate a scan of a random phantom of `family` (`workers.phantoms.FAMILIES`; default
+    a foam, `FoamPhantom.random(rows, cols, ...)`; `n_spheres` is the foam's) at `attenuation`
+    times the family's default.
 
     `photons` is the mean open-beam count per pixel and frame, `dark_level` the mean dark
     offset. `center` (TomoPy's convention, default cols/2) is where the rotation axis lands on
@@ -136,7 +142,11 @@ def simulate_scan(
         meta=dict(meta or {}),
     )
     rng = np.random.default_rng(seed)
-    phantom = FoamPhantom.random(rows, size, n_spheres=n_spheres, seed=seed)
+    phantom: Phantom = (
+        FoamPhantom.random(rows, size, n_spheres=n_spheres, seed=seed, attenuation=attenuation)
+        if family == "foam"
+        else make_phantom(family, rows, size, seed=seed, attenuation=attenuation)
+    )
     line_integrals = phantom.project(start.theta_array(), cols=cols, center=axis)
     open_beam = photons * _beam_profile(rows, cols)
     dark = dark_level * np.clip(1 + DARK_SPREAD * rng.standard_normal((rows, cols)), 0, None)
@@ -155,6 +165,7 @@ def simulate_scan(
         truth=phantom.voxelize(),
         line_integrals=line_integrals,
         phantom=phantom,
+        family=family,
     )
 
 
@@ -198,22 +209,24 @@ def _to_dtype(counts: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def write_truth(path: str | Path, scan: SimulatedScan) -> None:
-    """HDF5 ground truth: /truth/volume (rows, cols, cols) float32, /truth/spheres (n, 4)
-    columns x, y, z, radius, /truth/theta (radians); scan_id, mu, geometry as attributes."""
+    """HDF5 ground truth: /truth/volume (rows, N, N) float32, /truth/theta (radians); scan_id,
+    family, centre as attributes; for a foam also /truth/spheres (n, 4) columns x, y, z,
+    radius, and its mu and cylinder radius."""
     phantom = scan.phantom
     with h5py.File(path, "w") as f:
         group = f.create_group("truth")
         group.create_dataset("volume", data=scan.truth, chunks=(1, *scan.truth.shape[1:]))
-        spheres = group.create_dataset("spheres", data=phantom.sphere_table())
-        spheres.attrs["columns"] = json.dumps(["x", "y", "z", "radius"])
         group.create_dataset("theta", data=scan.theta)
         group.attrs.update(
             scan_id=scan.start.scan_id,
-            mu=phantom.mu,
-            cylinder_radius=phantom.cylinder_radius,
+            family=scan.family,
             center=scan.start.rotation_center(),
             units="attenuation per pixel; theta in radians",
         )
+        if isinstance(phantom, FoamPhantom):
+            spheres = group.create_dataset("spheres", data=phantom.sphere_table())
+            spheres.attrs["columns"] = json.dumps(["x", "y", "z", "radius"])
+            group.attrs.update(mu=phantom.mu, cylinder_radius=phantom.cylinder_radius)
 
 
 def write_dxchange(path: str | Path, scan: SimulatedScan) -> None:

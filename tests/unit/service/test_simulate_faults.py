@@ -3,16 +3,21 @@ and each found again by the repair in workers/preprocess."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import h5py
 import numpy as np
 import pytest
 
-from service.sim.simulate import Faults, simulate_scan
+from service.sim.simulate import Faults, simulate_scan, write_truth
+from workers.phantoms import make_phantom
 from workers.preprocess import (
     find_center_vo,
     find_half_acquisition_center,
     normalize,
     remove_zingers,
 )
+from workers.recon import recon
 
 
 def line_integrals(scan_faults: Faults | None, **kwargs: object) -> tuple[object, np.ndarray]:
@@ -75,3 +80,20 @@ def test_half_acquisition_is_a_full_turn_about_an_axis_near_the_edge() -> None:
     assert scan.truth.shape[1:] == (2 * (96 - overlap),) * 2  # type: ignore[attr-defined]
     found = find_half_acquisition_center(values.transpose(1, 0, 2))
     assert found == pytest.approx(96 - overlap, abs=0.5)
+
+
+@pytest.mark.parametrize("family", ["granular", "fibres"])
+def test_other_families_simulate_as_the_foam_does(family: str, tmp_path: Path) -> None:
+    scan, values = line_integrals(None, family=family, attenuation=0.5)
+    np.testing.assert_array_equal(
+        scan.truth,  # type: ignore[attr-defined]
+        make_phantom(family, 2, 96, seed=0, attenuation=0.5).voxelize(),
+    )
+    slices = recon(values, scan.theta)  # type: ignore[attr-defined]
+    error = np.linalg.norm(slices - scan.truth) / np.linalg.norm(scan.truth)  # type: ignore[attr-defined]
+    assert error < 0.5
+    write_truth(tmp_path / "truth.h5", scan)  # type: ignore[arg-type]
+    with h5py.File(tmp_path / "truth.h5") as f:
+        assert f["truth"].attrs["family"] == family and "spheres" not in f["truth"]
+    with pytest.raises(ValueError, match="choose one of foam"):
+        simulate_scan("s", rows=1, cols=16, n_angles=4, family="sponge")
