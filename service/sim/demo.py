@@ -41,7 +41,8 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     say = sys.stdout.write
     say(
-        f"simulating a foam phantom scan: {args.rows} rows x {args.cols} cols x {args.angles} "
+        f"simulating a {args.phantom} phantom scan (attenuation {args.attenuation:g}x): "
+        f"{args.rows} rows x {args.cols} cols x {args.angles} "
         f"angles, {args.photons:g} photons/pixel\n"
     )
     scan = simulate_scan(
@@ -51,6 +52,8 @@ def run_demo(args: argparse.Namespace) -> int:
         n_angles=args.angles,
         photons=args.photons,
         seed=args.seed,
+        family=args.phantom,
+        attenuation=args.attenuation,
     )
     service = Service(settings)
     t_start = time.monotonic()

@@ -97,3 +97,12 @@ def test_other_families_simulate_as_the_foam_does(family: str, tmp_path: Path) -
         assert f["truth"].attrs["family"] == family and "spheres" not in f["truth"]
     with pytest.raises(ValueError, match="choose one of foam"):
         simulate_scan("s", rows=1, cols=16, n_angles=4, family="sponge")
+
+
+def test_the_cli_offers_every_phantom_family() -> None:
+    from service.cli import PHANTOM_FAMILIES, build_parser
+    from workers.phantoms import FAMILIES
+
+    assert tuple(FAMILIES) == PHANTOM_FAMILIES
+    args = build_parser().parse_args(["demo", "--phantom", "granular", "--attenuation", "3"])
+    assert (args.phantom, args.attenuation) == ("granular", 3.0)
