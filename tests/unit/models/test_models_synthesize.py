@@ -80,7 +80,9 @@ def _old_low_dose(seed: int, chosen: list[Condition]) -> list[np.ndarray]:
         if condition.photons is not None:
             counts = rng.poisson(condition.photons * np.exp(-views.astype(np.float64)))
             views = -np.log(np.maximum(counts, 1) / condition.photons)
-        volumes.append(recon(views.astype(np.float32), theta[:: condition.sparse], device="cpu"))
+        # recon's "auto" was the direct method for stacks this small then
+        angles = theta[:: condition.sparse]
+        volumes.append(recon(views.astype(np.float32), angles, device="cpu", method="direct"))
     return volumes
 
 
