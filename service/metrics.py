@@ -119,6 +119,11 @@ class Metrics:
         self.scans = Counter(
             "tomocast_scans_total", "Scans finished, by outcome", ["outcome"], registry=r
         )
+        self.non_finite_pixels = Counter(
+            "tomocast_non_finite_pixels_total",
+            "Reconstructed or denoised pixels that were NaN or infinite, published as 0",
+            registry=r,
+        )
         self.errors = Counter(
             "tomocast_errors_total", "Unexpected errors, by stage", ["stage"], registry=r
         )

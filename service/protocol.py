@@ -296,8 +296,13 @@ def _scan_start(get: _Getter, scan_id: str, seq: int, limits: Limits, fail: Any)
     if theta is not None:
         if len(theta) != n_angles:
             raise fail("bad_value", f"theta has {len(theta)} angles, n_angles={n_angles}")
-        if not all(_is_number(t) and math.isfinite(t) for t in theta):
-            raise fail("bad_value", "theta must be a list of finite numbers (radians)")
+        if not all(_is_number(t) and abs(t) <= FLOAT32_MAX for t in theta):
+            # the loop computes in float32: 1e39 is finite here and inf there
+            raise fail(
+                "bad_value",
+                f"theta must be a list of finite numbers (radians) within float32's "
+                f"+-{FLOAT32_MAX:.4g}",
+            )
         theta = tuple(float(t) for t in theta)
     center = get.optional("center", (int, float))
     if center is not None and not (math.isfinite(center) and 0 <= center <= cols):
@@ -330,6 +335,9 @@ def _scan_start(get: _Getter, scan_id: str, seq: int, limits: Limits, fail: Any)
         bool(normalized),
         meta,
     )
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # NaN fails `abs(t) <= FLOAT32_MAX`, as inf does
 
 
 def _plain_keys(value: Any, depth: int = 0) -> bool:

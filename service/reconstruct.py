@@ -35,6 +35,7 @@ from service.scan import CompletedScan
 from service.sinks import ScanDescription, SliceBatch, SliceSink, SliceTiming, Topic
 from service.stage import StageThread
 from workers.denoise import adjacent_stack
+from workers.finite import zero_non_finite_
 from workers.protocols import Denoiser, PreparableReconstructor, Reconstructor
 from workers.rows import RowWindow, theta_tensor
 from workers.transfer import Delivery, HostTransfer, Mark, host_transfer
@@ -78,6 +79,8 @@ class _Run:
     denoised_to: int = 0  # rows [0, denoised_to) are denoised
     fbp: list[Span] = field(default_factory=list)
     denoise_s: list[float] = field(default_factory=list)  # per slice, as batches are delivered
+    # NaN/inf pixels replaced by 0, added up on the device (read once, at the scan's end)
+    non_finite: torch.Tensor | int = 0
 
 
 class Worker(StageThread):
@@ -162,7 +165,7 @@ class Worker(StageThread):
             scan.start.rows,
             tail,
         )
-        self._end(self._completed(scan, tail, fbp_s, run.denoise_s))
+        self._end(self._completed(scan, tail, fbp_s, run))
 
     def _describe(self, scan: CompletedScan) -> ScanDescription:
         return ScanDescription(
@@ -177,8 +180,18 @@ class Worker(StageThread):
         )
 
     def _completed(
-        self, scan: CompletedScan, tail: float, fbp_s: list[float], denoise_s: list[float]
+        self, scan: CompletedScan, tail: float, fbp_s: list[float], run: _Run
     ) -> ScanCompleted:
+        denoise_s = run.denoise_s
+        non_finite = int(run.non_finite)
+        if non_finite:
+            self.metrics.non_finite_pixels.inc(non_finite)
+            log.warning(
+                "scan_id=%s %d reconstructed or denoised pixels were NaN or infinite: "
+                "published as 0",
+                scan.start.scan_id,
+                non_finite,
+            )
         return ScanCompleted(
             scan.start.scan_id,
             slices=scan.start.rows,
@@ -191,6 +204,7 @@ class Worker(StageThread):
                 fbp_ms_per_slice=1e3 * float(np.mean(fbp_s)),
                 denoise_ms_per_slice=1e3 * float(np.mean(denoise_s)) if denoise_s else None,
             ),
+            non_finite_pixels=non_finite,
         )
 
     def _end(self, outcome: ScanEnded) -> None:
@@ -207,7 +221,10 @@ class Worker(StageThread):
             self._transfer = host_transfer(device)
         transfer = self._transfer
         transfer.begin(batch, cols, cols)
-        with transfer.compute():  # on CUDA the window is allocated and used on this stream only
+        # inference mode: the reconstructor's and denoiser's outputs are inference tensors, which
+        # the non-finite check updates in place
+        with transfer.compute(), torch.inference_mode():
+            # on CUDA the window is allocated and used on the compute stream only
             theta = theta_tensor(scan.theta)
             # a denoise batch [d0, d1) reads rows d0 - halo .. d1 - 1 + halo, and every batch is
             # denoised up to `halo` rows short of the last reconstructed: `batch` new rows plus
@@ -237,6 +254,9 @@ class Worker(StageThread):
         reconstructed = self.reconstructor.reconstruct(
             scan.sinogram[r0:r1].float(), theta, scan.center
         )
+        # before the window: a denoiser never reads NaN (an int8 or fp16 engine would turn it
+        # into finite, plausible pixels), and no sink ever gets it
+        run.non_finite = run.non_finite + zero_non_finite_(reconstructed)
         if self.denoiser is not None:
             self._window.drop_before(run.denoised_to - run.halo)
             reconstructed = self._window.append(reconstructed)
@@ -262,6 +282,7 @@ class Worker(StageThread):
             denoised = denoiser.denoise(
                 adjacent_stack(window.held(), d0 - window.first, d1 - window.first, denoiser.depth)
             )
+            run.non_finite = run.non_finite + zero_non_finite_(denoised)
             denoise = Span(start, transfer.mark(), d1 - d0)
             transfer.submit(denoised, BatchTag("slice", d0, fbp, denoise))
             run.denoised_to = d1

@@ -25,6 +25,7 @@ import torch
 from service.errors import ProtocolError
 from service.events import ScanFailed, ScanStarted
 from service.protocol import FrameChunk, Limits, Message, ScanEnd, ScanStart
+from workers.finite import bound_line_integrals_
 from workers.preprocess import normalize
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class CompletedScan:
     theta: np.ndarray  # (angles_received,) radians
     center: float
     missing: int  # projections declared but never received
-    clipped: int  # pixels clipped before -log
+    clipped: int  # pixels clipped before -log, or beyond +-LINE_INTEGRAL_MAX (normalized)
     rejected: int  # messages of this scan that were rejected
     t_first_message: float  # unix seconds
     t_last_projection: float  # unix seconds
@@ -144,10 +145,12 @@ class _Scan:
         else:
             assert self.flat is not None
             values, clipped = normalize(tensor, self.dark, self.flat)
-        if self.sinogram.dtype == torch.float16 and self.start.normalized:
-            # a wild line integral from the DAQ stays finite, not inf (flat-field corrected
-            # values are within +-14 by the transmission clip)
-            values.clamp_(-FP16_MAX, FP16_MAX)
+        if self.start.normalized:
+            # a wild line integral from the DAQ would fill whole slices with inf and NaN after
+            # the ramp filter (flat-field corrected values are within +-14 by the transmission
+            # clip; non-finite float payloads were rejected at decode): clamped and counted
+            non_finite, clipped = bound_line_integrals_(values)
+            clipped += non_finite
         self.sinogram[:, index : index + count, :] = values.transpose(0, 1)
         self.received[index : index + count] = True
         self.clipped += clipped
