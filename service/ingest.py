@@ -182,8 +182,8 @@ class Ingest(StageThread):
             self._channel.send_event(
                 ScanFailed(
                     scan.start.scan_id,
-                    "the service is stopping; the drain timeout ran out before "
-                    "the worker could take this scan",
+                    "drain timeout: the service stopped before the worker could take "
+                    "this scan (worker.drain_timeout_s)",
                 )
             )
 

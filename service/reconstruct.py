@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -123,6 +124,9 @@ class Worker(StageThread):
             else lambda: None
         )
         self.busy = False  # processing a scan; read from other threads for metrics
+        self._current: str | None = None  # the scan_id being processed
+        # set by `abandon` (from the owner's thread): the sinks hear nothing more from the loop
+        self._abandoned = threading.Event()
 
     @property
     def window_rows(self) -> int:
@@ -130,10 +134,26 @@ class Worker(StageThread):
         halo), whatever the scan's rows: its device memory is this x cols^2 x 4 bytes."""
         return self._window.capacity
 
+    def abandon(self) -> list[str]:
+        """Give up what the loop has not finished (the drain timeout ran out): from now on no
+        sink hears from the loop, which ends after the batch it is in. Returns the scan_ids
+        lost, the one in the loop first, then those taken off its queue; the caller ends them
+        for the sinks. Called from the owner's thread."""
+        self._abandoned.set()
+        lost = [self._current] if self._current is not None else []
+        while True:
+            try:
+                scan = self.scans.get_nowait()
+            except queue.Empty:
+                return lost
+            if scan is not None:
+                lost.append(scan.start.scan_id)
+
     def _run(self) -> None:
-        while (scan := self.scans.get()) is not None:
+        while not self._abandoned.is_set() and (scan := self.scans.get()) is not None:
             self.metrics.queue_depth.labels("scans").set(self.scans.qsize())
             self.busy = True
+            self._current = scan.start.scan_id
             try:
                 if not self.guarded(f"scan_id={scan.start.scan_id}", self.process, scan):
                     self._end(
@@ -141,6 +161,7 @@ class Worker(StageThread):
                     )
             finally:
                 self._release()
+                self._current = None
                 self.busy = False
 
     def process(self, scan: CompletedScan) -> None:
@@ -208,6 +229,8 @@ class Worker(StageThread):
         )
 
     def _end(self, outcome: ScanEnded) -> None:
+        if self._abandoned.is_set():  # the owner ended the scan for the sinks
+            return
         for sink in self.sinks:
             sink.end(outcome)
 
@@ -232,6 +255,8 @@ class Worker(StageThread):
             if self.denoiser is not None:  # without one, nothing reads reconstructed rows again
                 self._window.begin(batch + 2 * run.halo, cols, cols, device)
             for r0 in range(0, rows, batch):
+                if self._abandoned.is_set():
+                    return
                 r1 = min(rows, r0 + batch)
                 fbp = self._fbp(scan, theta, r0, r1, transfer, run)
                 self._denoise(rows if r1 == rows else r1 - run.halo, fbp, transfer, run)
@@ -297,6 +322,8 @@ class Worker(StageThread):
                 run.denoise_s.append(denoise)
             timing = SliceTiming(run.wait, tag.fbp.per_row(), denoise)
             batch = SliceBatch(run.scan_id, tag.topic, tag.first, delivery.slices, timing)
+            if self._abandoned.is_set():
+                return
             t0 = time.perf_counter()
             for sink in self.sinks:
                 sink.write(batch)
