@@ -80,6 +80,13 @@ class IngestSettings(_Section):
     scan_timeout_s: float = Field(
         600.0, gt=0, description="a scan with no message for this long is ended and released"
     )
+    idle_evict_s: float = Field(
+        30.0,
+        gt=0,
+        description="when a new scan_start finds no room (max_live_scans, max_live_bytes), "
+        "live scans silent for at least this long are evicted (failed, idle longest first) to "
+        "make it; a silent client cannot lock the DAQ out",
+    )
 
     _endpoint = field_validator("endpoint")(_check_endpoint)
 

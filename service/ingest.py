@@ -116,7 +116,10 @@ class Ingest(StageThread):
         assert self._socket is not None
         self._channel = self.publisher.channel()
         self.assembler = assembler = ScanAssembler(
-            self.device, self.limits, STORAGE_DTYPES[self.settings.sinogram_dtype]
+            self.device,
+            self.limits,
+            STORAGE_DTYPES[self.settings.sinogram_dtype],
+            self.settings.idle_evict_s,
         )
         try:
             while not self.stopping:
@@ -163,6 +166,8 @@ class Ingest(StageThread):
             elif isinstance(outcome, Completed):
                 self._hand_over(outcome.scan)
             else:
+                if outcome.evicted:
+                    self.metrics.scans_evicted.inc()
                 if self.preparer is not None:
                     self.preparer.cancel(outcome.start)
                 self._channel.send_event(outcome.event)

@@ -102,6 +102,11 @@ class Metrics:
             "Pixels whose flat-field ratio was not positive and were clipped before -log",
             registry=r,
         )
+        self.scans_evicted = Counter(
+            "tomocast_scans_evicted_total",
+            "Live scans failed to make room for a new one after ingest.idle_evict_s of silence",
+            registry=r,
+        )
         self.geometry_prepares = Counter(
             "tomocast_geometry_prepares_total",
             "FBP geometries asked for at scan start, by outcome",

@@ -212,6 +212,7 @@ class Failed:
 
     start: ScanStart
     reason: str
+    evicted: bool = False  # made room for a new scan (ingest.idle_evict_s)
 
     @property
     def event(self) -> ScanFailed:
@@ -233,7 +234,9 @@ class ScanAssembler:
 
     `handle`, `expire` and `drop_all` return outcomes, in the order they happened, for the
     owner to dispatch; none of them blocks. `limits` gives `max_live_scans` and
-    `max_live_bytes`; `storage` the sinogram dtype (`ingest.sinogram_dtype`).
+    `max_live_bytes`; `storage` the sinogram dtype (`ingest.sinogram_dtype`). A `scan_start`
+    that finds no room evicts live scans silent for `idle_evict_s` or more, idle longest first,
+    when that makes room (`ingest.idle_evict_s`).
     """
 
     def __init__(
@@ -241,9 +244,11 @@ class ScanAssembler:
         device: torch.device,
         limits: Limits | None = None,
         storage: torch.dtype = torch.float32,
+        idle_evict_s: float = 30.0,
     ) -> None:
         self.device = device
         self.storage = storage
+        self.idle_evict_s = idle_evict_s
         self.limits = limits if limits is not None else Limits()
         self.scans: dict[str, _Scan] = {}
 
@@ -305,6 +310,8 @@ class ScanAssembler:
     # ---- message kinds ---------------------------------------------------------------------
 
     def _start(self, start: ScanStart) -> list[Outcome]:
+        self._check_new(start)
+        evicted = self._evict_for(start)
         self._check_room(start)
         try:
             scan = _Scan(start, self.device, self.storage)
@@ -326,15 +333,49 @@ class ScanAssembler:
             start.n_angles,
             start.dtype,
         )
-        return [Started(start)]
+        return [*evicted, Started(start)]
 
     def _bytes(self, start: ScanStart) -> int:
         """The sinogram bytes scan `start` holds while it is assembled."""
         itemsize = storage_for(start, self.storage)[0].itemsize
         return start.rows * start.n_angles * start.cols * itemsize
 
-    def _check_room(self, start: ScanStart) -> None:
-        """Refuse a start that is not new, cannot be flat-field corrected, or does not fit."""
+    def _fits(self, start: ScanStart, leaving: list[_Scan]) -> bool:
+        """Whether scan `start` fits the live limits once the scans `leaving` are gone."""
+        live = len(self.scans) - len(leaving)
+        held = sum(s.nbytes for s in self.scans.values()) - sum(s.nbytes for s in leaving)
+        return (
+            live < self.limits.max_live_scans
+            and held + self._bytes(start) <= self.limits.max_live_bytes
+        )
+
+    def _evict_for(self, start: ScanStart) -> list[Outcome]:
+        """Fail the scans idle for `idle_evict_s` or more, idle longest first, that `start`
+        needs gone to fit; none when evicting all of them would still not make room."""
+        if self._fits(start, []):
+            return []
+        now = time.monotonic()
+        idle = sorted(
+            (s for s in self.scans.values() if now - s.t_last_message >= self.idle_evict_s),
+            key=lambda s: s.t_last_message,
+        )
+        for n in range(1, len(idle) + 1):
+            if self._fits(start, idle[:n]):
+                break
+        else:
+            return []
+        evicted: list[Outcome] = []
+        for scan in idle[:n]:
+            silent = now - scan.t_last_message
+            why = (
+                f"evicted: silent for {silent:.1f} s (ingest.idle_evict_s={self.idle_evict_s:g})"
+                f" when scan {start.scan_id!r} needed its room"
+            )
+            evicted.append(self._fail(scan, why, evicted=True))
+        return evicted
+
+    def _check_new(self, start: ScanStart) -> None:
+        """Refuse a start that is not new or cannot be flat-field corrected."""
         if start.scan_id in self.scans:
             raise refused(
                 start,
@@ -348,6 +389,9 @@ class ScanAssembler:
                 "a raw scan needs flat fields (n_flat >= 1), or send "
                 "line integrals with normalized=true",
             )
+
+    def _check_room(self, start: ScanStart) -> None:
+        """Refuse a start that does not fit beside the live scans."""
         limit = self.limits.max_live_scans
         if len(self.scans) >= limit:
             raise refused(
@@ -486,10 +530,10 @@ class ScanAssembler:
         )
         return [*outcomes, completed]
 
-    def _fail(self, scan: _Scan, reason: str) -> Failed:
+    def _fail(self, scan: _Scan, reason: str, evicted: bool = False) -> Failed:
         self.scans.pop(scan.start.scan_id, None)
         log.error("scan_id=%s failed: %s", scan.start.scan_id, reason)
-        return Failed(scan.start, reason)
+        return Failed(scan.start, reason, evicted)
 
 
 def refused(message: Message, reason: str, detail: str) -> ProtocolError:
