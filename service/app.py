@@ -198,13 +198,15 @@ class Service:
         if self.settings.archive.directory is None:
             return None
         model = self.denoiser.metadata.model_dump() if self.denoiser else {"name": "none"}
-        return Archive(
+        archive = Archive(
             self.settings.archive.directory,
             self.settings.archive.recon,
             self.settings.archive.queue_items,
             self.metrics,
             model,
         )
+        archive.open_directory()
+        return archive
 
     def _build_preparer(self, reconstructor: Reconstructor) -> GeometryPreparer | None:
         if not (

@@ -129,6 +129,16 @@ class Metrics:
             "Reconstructed or denoised pixels that were NaN or infinite, published as 0",
             registry=r,
         )
+        self.archive_abandoned = Counter(
+            "tomocast_archive_abandoned_total",
+            "Scan archive files abandoned on a write error (their .partial removed)",
+            registry=r,
+        )
+        self.archive_stale_partials = Gauge(
+            "tomocast_archive_stale_partials",
+            "Partial archive files an earlier run left in archive.directory, found at start",
+            registry=r,
+        )
         self.errors = Counter(
             "tomocast_errors_total", "Unexpected errors, by stage", ["stage"], registry=r
         )
