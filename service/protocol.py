@@ -365,8 +365,10 @@ def _unpack_header(raw: bytes | memoryview, limits: Limits) -> dict[str, Any]:
             raw,
             raw=False,
             strict_map_key=True,
-            max_str_len=limits.max_meta_bytes,
-            max_bin_len=limits.max_meta_bytes,
+            # a string or bin expands 1:1, and the frame is within max_header_bytes: a meta too
+            # large is refused after unpacking, as too_large (not as a broken header)
+            max_str_len=limits.max_header_bytes,
+            max_bin_len=limits.max_header_bytes,
             max_array_len=limits.max_angles,
             max_map_len=4096,
             max_ext_len=0,

@@ -3,6 +3,7 @@ it is rejected and counted once under its reason, and every slice of the good sc
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 
 from service.client import Detector, Subscriber
 from service.events import Event, ScanCompleted, ScanEnded, ScanFailed
+from service.ingest import REJECT_LOG_PER_S
 from service.protocol import FrameChunk
 from tests.support.helpers import wait_for
 
@@ -225,3 +227,37 @@ def test_silent_scans_are_evicted_to_let_a_new_scan_in(start_service: Any) -> No
     assert "squat-2" not in ended and assembler.live_scans == 1
     assert counter("tomocast_scans_evicted_total") == 1
     assert counter("tomocast_rejected_messages_total", {"reason": "too_many_scans"}) == 1
+
+
+def test_a_flood_of_bad_messages_is_counted_but_not_logged_line_by_line(
+    start_service: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    flood = 500
+    service, endpoints = start_service()
+    counter = service.metrics.registry.get_sample_value
+    t0 = time.monotonic()
+    with Subscriber(endpoints.publish) as viewer, Detector(endpoints.ingest) as detector:
+        viewer.wait_ready()
+        for _ in range(flood):
+            detector.send_raw([b"\xc1\xc1\xc1"])
+        detector.send_scan("good", PROJECTIONS, darks=DARKS, flats=FLATS)
+        while True:
+            message = viewer.recv(timeout=60.0)
+            assert message is not None, "the good scan did not complete"
+            if isinstance(message.event(), ScanEnded):
+                break
+    seconds = time.monotonic() - t0
+    assert service.stop()
+    assert counter("tomocast_rejected_messages_total", {"reason": "not_msgpack"}) == flood
+    logged = [r.getMessage() for r in caplog.records if "not a msgpack" in r.getMessage()]
+    assert len(logged) <= REJECT_LOG_PER_S * (int(seconds) + 2)
+    summaries = [
+        int(m.group(1))
+        for r in caplog.records
+        if (
+            m := re.match(
+                r"suppressed (\d+) more rejected messages \(reason not_msgpack\)", r.getMessage()
+            )
+        )
+    ]
+    assert summaries and len(logged) + sum(summaries) == flood
