@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 MIN_ANGLES = 2  # fewer projections than this cannot make a slice worth publishing
 FP16_MAX = 65504.0
+# frames are stored this many float32 bytes at a time (a few frames of a large detector)
+STORE_BLOCK_BYTES = 32 << 20
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -133,8 +135,24 @@ class _Scan:
 
     def store(self, index: int, frames: np.ndarray) -> int:
         """Write frames into the sinogram (angles index..index+count): normalised when the
-        references are there, else as raw counts. Returns the pixels clipped before -log."""
+        references are there, else as raw counts. Returns the pixels clipped before -log.
+
+        A block of frames (about STORE_BLOCK_BYTES as float32) at a time, so the temporaries
+        (the copy out of the message, float32 values, masks) stay that small whatever the
+        message's size: a 1 GiB message costs the message and the sinogram, not 5x it."""
         count = frames.shape[0]
+        frame_bytes = max(1, frames[0].size * 4)
+        step = max(1, STORE_BLOCK_BYTES // frame_bytes)
+        clipped = 0
+        for first in range(0, count, step):
+            clipped += self._store_block(index + first, frames[first : first + step])
+        self.received[index : index + count] = True
+        self.clipped += clipped
+        return clipped
+
+    def _store_block(self, index: int, frames: np.ndarray) -> int:
+        count = frames.shape[0]
+        # a copy: the message's buffer is read-only, and is released when the message is
         tensor = torch.from_numpy(np.array(frames, copy=True)).to(self.device, non_blocking=True)
         clipped = 0
         if self.start.normalized or self.dark is None:
@@ -152,13 +170,14 @@ class _Scan:
             non_finite, clipped = bound_line_integrals_(values)
             clipped += non_finite
         self.sinogram[:, index : index + count, :] = values.transpose(0, 1)
-        self.received[index : index + count] = True
-        self.clipped += clipped
         return clipped
 
-    def normalise_raw(self, block: int = 32) -> int:
-        """Flat-field correct, in place, the projections stored raw; returns pixels clipped."""
+    def normalise_raw(self, block: int | None = None) -> int:
+        """Flat-field correct, in place, the projections stored raw, `block` at a time
+        (default: about STORE_BLOCK_BYTES of float32); returns pixels clipped."""
         assert self.dark is not None and self.flat is not None
+        if block is None:
+            block = max(1, STORE_BLOCK_BYTES // (4 * self.start.rows * self.start.cols))
         clipped_before = self.clipped
         raw = np.flatnonzero(self.raw)
         i = 0
