@@ -27,6 +27,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from service import __version__
 from service.archive import Archive
 from service.config import Settings
+from service.events import ScanFailed
 from service.health import HealthServer
 from service.ingest import POLL_MS, Ingest
 from service.metrics import Metrics
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 # At stop, how long the prepare thread's build under way may take before it is left behind (a
 # build takes seconds, and is most likely for the scan being received, which fails at stop)
 PREPARE_JOIN_S = 1.0
+# after a drain timeout: how long the archive may take to close its files before the process exits
+ARCHIVE_JOIN_S = 10.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -195,13 +198,15 @@ class Service:
         if self.settings.archive.directory is None:
             return None
         model = self.denoiser.metadata.model_dump() if self.denoiser else {"name": "none"}
-        return Archive(
+        archive = Archive(
             self.settings.archive.directory,
             self.settings.archive.recon,
             self.settings.archive.queue_items,
             self.metrics,
             model,
         )
+        archive.open_directory()
+        return archive
 
     def _build_preparer(self, reconstructor: Reconstructor) -> GeometryPreparer | None:
         if not (
@@ -279,9 +284,7 @@ class Service:
             self.ingest.join(max(0.0, deadline - time.monotonic()) + 2 * POLL_MS / 1000)
         drained = self.worker is None or self.worker.join(max(0.0, deadline - time.monotonic()))
         if not drained:
-            log.error(
-                "scans still being reconstructed after the %.0f s drain timeout are lost", timeout
-            )
+            self._fail_undrained(timeout)
         else:
             if self._worker_channel is not None:
                 self._worker_channel.close()
@@ -296,10 +299,50 @@ class Service:
             self.authenticator.stop()
         if drained:
             self.context.term()
-        # else: the loop still uses its sockets; closing them from here is not thread-safe
-        # and term() would wait for it forever. Its daemon thread ends with the process.
+        else:
+            # the loop still uses its socket; closing it from here is not thread-safe and
+            # term() would wait for it forever. Should the loop come back, it is closed after
+            # it; if not, the daemon threads end with the process.
+            threading.Thread(target=self._close_after_worker, name="reaper", daemon=True).start()
         self._stopped = drained
         return drained
+
+    def _close_after_worker(self) -> None:
+        assert self.worker is not None
+        self.worker.join()
+        if self._worker_channel is not None:
+            self._worker_channel.close()
+        self.context.term()
+
+    def _fail_undrained(self, timeout: float) -> None:
+        """The drain timeout ran out: every scan still in the loop or queued for it ends for
+        the viewers (and the archive) with `ScanFailed`, each named in the log. The loop
+        hears no more of its sinks; its thread ends with the process."""
+        assert self.worker is not None and self.publisher is not None
+        lost = self.worker.abandon()
+        log.error(
+            "the %.0f s drain timeout (worker.drain_timeout_s) ran out with %d scans "
+            "not reconstructed: %s",
+            timeout,
+            len(lost),
+            ", ".join(lost) or "none",
+        )
+        channel = self.publisher.channel()  # the loop's own is not ours to use
+        for scan_id in lost:
+            reason = (
+                f"drain timeout: the service stopped before this scan was reconstructed "
+                f"(worker.drain_timeout_s={timeout:g})"
+            )
+            log.error("scan_id=%s failed: %s", scan_id, reason)
+            failed = ScanFailed(scan_id, reason)
+            channel.send_event(failed)
+            if self.archive is not None:
+                self.archive.end(failed)  # its partial file is removed, on the archive thread
+        channel.close()
+        if self.archive is not None:
+            self.archive.stop()
+            if not self.archive.join(ARCHIVE_JOIN_S):
+                log.error("the archive thread did not finish within %.0f s", ARCHIVE_JOIN_S)
 
     def _stop_preparer(self, timeout: float) -> None:
         """Scans starting from now fail: nothing more to prepare. A build under way cannot be

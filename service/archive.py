@@ -10,8 +10,15 @@ Layout (DXchange-like), one file per scan, `<directory>/<scan_id>.h5`:
 A file is written as `<scan_id>.h5.partial` and renamed when its scan completes, so a file with
 the final name is always complete. A `SliceSink` (`service.sinks`) of the reconstruct loop.
 Policy: block — the loop waits when the disk is slower than the pipeline (nothing is lost). A
-write error (disk full, unwritable directory) abandons that scan's file with one log line and
-`tomocast_errors_total{stage="archive"}`; publishing goes on.
+write error (disk full, unwritable directory) abandons that scan's file: closed, the `.partial`
+removed, one log line, `tomocast_errors_total{stage="archive"}` and
+`tomocast_archive_abandoned_total`; publishing goes on. HDF5 writes through a `_GuardedFile`
+that drops every write after the first failed one, so the file can still be closed (HDF5
+flushes at close) on the archive thread, never left open for the interpreter's exit.
+
+`.partial` files found at start were left by a crash: they are logged, counted
+(`tomocast_archive_stale_partials`) and never overwritten (a new scan with the same scan_id
+writes `<scan_id>.1.h5.partial`, ...).
 """
 
 from __future__ import annotations
@@ -28,12 +35,90 @@ import h5py
 import numpy as np
 
 from service import __version__
+from service.errors import ConfigError
 from service.events import ScanCompleted, ScanEnded
 from service.metrics import Metrics
 from service.sinks import ScanDescription, SliceBatch
 from service.stage import StageThread
 
 log = logging.getLogger(__name__)
+
+
+class _GuardedFile:
+    """The bytes of one archive file as HDF5 writes them (h5py's file-object driver). A failed
+    write (disk full, file too large, I/O error) is recorded in `failed`, not raised: an
+    exception does not cross HDF5's C code cleanly (h5py reports some from destructors, or
+    leaves them set), and HDF5 could not close a file whose writes fail. From then on every
+    write is dropped; the owner checks `failed` after each operation and abandons the file,
+    which closes without an error. Used on the archive thread only."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "x+b", buffering=0)  # noqa: SIM115 (closed in `close`)
+        self.failed: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if self.failed is not None:
+            return len(view)
+        try:
+            done = 0
+            while done < len(view):
+                done += self._file.write(view[done:]) or 0
+        except OSError as exc:
+            self.failed = exc
+        return len(view)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._file.read(size) or b""
+
+    def readinto(self, buffer: Any) -> int:
+        return self._file.readinto(buffer) or 0
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.failed is not None:
+            return self._file.tell() if size is None else size
+        try:
+            return self._file.truncate(size)
+        except OSError as exc:
+            self.failed = exc
+            return self._file.tell() if size is None else size
+
+    def flush(self) -> None:
+        """Nothing to do: writes are unbuffered (their errors surface in `write`)."""
+
+    def check(self) -> None:
+        """Raise the write error, if one happened."""
+        if self.failed is not None:
+            raise self.failed
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass
+class _Open:
+    """One scan's archive file being written."""
+
+    h5: h5py.File
+    disk: _GuardedFile
+    # held open for the scan: a dataset handle dropped after each write would flush its chunks
+    # from its destructor, where a write error cannot be raised
+    datasets: dict[str, h5py.Dataset]
+
+    def close(self) -> None:
+        """Close HDF5's view, then the file; the file is closed even when HDF5 fails."""
+        try:
+            self.datasets.clear()
+            self.h5.close()
+        finally:
+            self.disk.close()
 
 
 @dataclass(frozen=True)
@@ -77,10 +162,31 @@ class Archive(StageThread):
         self.keep_recon = keep_recon
         self.model_json = json.dumps(model, default=str)
         self._queue: queue.Queue[_Begin | _Write | _End | _Abort | None] = queue.Queue(queue_items)
-        self._files: dict[str, h5py.File] = {}
+        self._files: dict[str, _Open] = {}
+
+    def open_directory(self) -> None:
+        """Make the directory and check it takes files (ConfigError if not: a start-up error
+        naming the setting); report `.partial` files a crash left there."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe = self.directory / f".tomocast-probe-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(
+                f"archive.directory={str(self.directory)!r} cannot be used: {exc.strerror or exc}"
+                " (make it writable for this user, or choose another directory)"
+            ) from None
+        stale = sorted(self.directory.glob("*.h5.partial"))
+        self.metrics.archive_stale_partials.set(len(stale))
+        for path in stale:
+            log.warning(
+                "%s: a partial archive file left by an earlier run (it crashed or was killed); "
+                "kept as it is, never overwritten",
+                path,
+            )
 
     def start(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
         super().start()
         log.info("archiving slices to %s", self.directory)
 
@@ -111,9 +217,10 @@ class Archive(StageThread):
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             # disk full, unwritable, bad metadata...: that scan's file is abandoned
-            what = f"scan_id={item.scan_id} archive (abandoned)"
+            what = f"scan_id={item.scan_id} archive (abandoned, its .partial removed)"
             done = self.guarded(what, self._apply, item, traceback=False)
             if not done:
+                self.metrics.archive_abandoned.inc()
                 self._abandon(item.scan_id)
         for scan_id in list(self._files):
             log.error("scan_id=%s archive left incomplete at shutdown", scan_id)
@@ -133,9 +240,20 @@ class Archive(StageThread):
 
     def _begin(self, item: _Begin) -> None:
         scan = item.scan
-        partial = self.path(item.scan_id).with_suffix(".h5.partial")
-        f = h5py.File(partial, "w")
-        self._files[item.scan_id] = f
+        partial = self.directory / f"{item.scan_id}.h5.partial"
+        n = 0
+        while partial.exists():  # left by a crash: kept for whoever wants to look at it
+            n += 1
+            partial = self.directory / f"{item.scan_id}.{n}.h5.partial"
+        disk = _GuardedFile(partial)
+        try:
+            f = h5py.File(disk, "w")
+        except BaseException:
+            disk.close()
+            partial.unlink(missing_ok=True)
+            raise
+        opened = _Open(f, disk, {})
+        self._files[item.scan_id] = opened
         shape = (scan.rows, scan.cols, scan.cols)
         chunks = (1, scan.cols, scan.cols)
         f.create_dataset("exchange/data", shape, np.float32, chunks=chunks, fillvalue=np.nan)
@@ -144,6 +262,10 @@ class Archive(StageThread):
         f["exchange/theta"] = np.degrees(scan.theta)
         f["exchange/theta"].attrs["units"] = "degrees"
         f.create_dataset("exchange/received", (scan.rows,), bool, fillvalue=False)
+        for name in ("exchange/data", "exchange/recon", "exchange/received"):
+            if name in f:
+                opened.datasets[name] = f[name]
+        disk.check()
         process = f.require_group("process/tomocast")
         process.attrs.update(
             version=__version__,
@@ -153,18 +275,22 @@ class Archive(StageThread):
         )
 
     def _write(self, item: _Write) -> None:
-        f, batch = self._files[item.scan_id], item.batch
+        datasets, batch = self._files[item.scan_id].datasets, item.batch
         if batch.topic == "recon":
-            f["exchange/recon"][batch.first : batch.stop] = batch.slices
+            datasets["exchange/recon"][batch.first : batch.stop] = batch.slices
+            self._files[item.scan_id].disk.check()
             return
-        f["exchange/data"][batch.first : batch.stop] = batch.slices
-        f["exchange/received"][batch.first : batch.stop] = True
+        datasets["exchange/data"][batch.first : batch.stop] = batch.slices
+        datasets["exchange/received"][batch.first : batch.stop] = True
+        self._files[item.scan_id].disk.check()
 
     def _end(self, item: _End) -> None:
-        f = self._files.pop(item.scan_id)
-        f["process/tomocast"].attrs["completed"] = json.dumps(item.summary, default=str)
-        partial = Path(f.filename)
-        f.close()
+        opened = self._files[item.scan_id]
+        opened.h5["process/tomocast"].attrs["completed"] = json.dumps(item.summary, default=str)
+        opened.close()
+        opened.disk.check()  # on a write error, still in _files: abandoned by the caller
+        del self._files[item.scan_id]
+        partial = opened.disk.path
         final = self.path(item.scan_id)
         n = 0
         while final.exists():  # a scan_id used again: never overwrite an earlier scan's file
@@ -174,13 +300,18 @@ class Archive(StageThread):
         log.info("scan_id=%s archived to %s", item.scan_id, final)
 
     def _abandon(self, scan_id: str, keep: bool = False) -> None:
-        f = self._files.pop(scan_id, None)
-        if f is None:
+        opened = self._files.pop(scan_id, None)
+        if opened is None:
             return
-        partial = Path(f.filename)
+        partial = opened.disk.path
         try:
-            f.close()
-            if not keep:
-                partial.unlink(missing_ok=True)
+            opened.close()
+        except (OSError, RuntimeError) as exc:  # h5py's errors from the HDF5 library
+            log.error("scan_id=%s closing %s failed: %s", scan_id, partial, exc)
+        if keep:
+            log.error("scan_id=%s partial archive kept as %s", scan_id, partial)
+            return
+        try:
+            partial.unlink(missing_ok=True)
         except OSError as exc:
-            log.error("scan_id=%s could not clean up %s: %s", scan_id, partial, exc)
+            log.error("scan_id=%s could not remove %s: %s", scan_id, partial, exc)

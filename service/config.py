@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,6 +81,13 @@ class IngestSettings(_Section):
     )
     scan_timeout_s: float = Field(
         600.0, gt=0, description="a scan with no message for this long is ended and released"
+    )
+    idle_evict_s: float = Field(
+        30.0,
+        gt=0,
+        description="when a new scan_start finds no room (max_live_scans, max_live_bytes), "
+        "live scans silent for at least this long are evicted (failed, idle longest first) to "
+        "make it; a silent client cannot lock the DAQ out",
     )
 
     _endpoint = field_validator("endpoint")(_check_endpoint)
@@ -265,10 +274,31 @@ class Settings(BaseSettings):
         return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
 
 
+def _check_environment_sections(environ: Mapping[str, str]) -> None:
+    """Refuse `TOMOCAST_<SECTION>__<NAME>` for a section that does not exist, as an unknown
+    name inside a section is refused: pydantic-settings would ignore it silently, so a typo
+    (TOMOCAST_WROKER__DEVICE) would leave the setting at its default."""
+    sections = sorted(
+        name
+        for name, field in Settings.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+    )
+    for key in environ:
+        if not key.upper().startswith("TOMOCAST_") or "__" not in key:
+            continue
+        section = key[len("TOMOCAST_") :].split("__", 1)[0].lower()
+        if section not in sections:
+            raise ConfigError(
+                f"environment variable {key}: there is no settings section {section!r} "
+                f"(sections: {', '.join(sections)})"
+            )
+
+
 def load_settings(config: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """Load settings; `overrides` is the nested dict of flags given on the command line."""
     if config is not None and not config.is_file():
         raise ConfigError(f"config file {config} does not exist")
+    _check_environment_sections(os.environ)
 
     class _FromFile(Settings):
         model_config = SettingsConfigDict(toml_file=config)

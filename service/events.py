@@ -94,6 +94,9 @@ class ScanCompleted:
     clipped_pixels: int
     model: str
     latency: ScanLatency
+    # reconstructed or denoised pixels that were NaN or infinite, published as 0
+    # (workers.finite); absent from the events of senders older than the field: 0
+    non_finite_pixels: int = 0
     type: Literal["scan_completed"] = field(default="scan_completed", init=False)
 
     def encode(self) -> dict[str, Any]:
@@ -106,6 +109,7 @@ class ScanCompleted:
             "clipped_pixels": self.clipped_pixels,
             "model": self.model,
             "latency": self.latency.encode(),
+            "non_finite_pixels": self.non_finite_pixels,
         }
 
     @classmethod
@@ -122,6 +126,7 @@ class ScanCompleted:
             _int(header, "clipped_pixels"),
             _str(header, "model"),
             ScanLatency.decode(latency),
+            _int(header, "non_finite_pixels") if "non_finite_pixels" in header else 0,
         )
 
 

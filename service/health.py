@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from socketserver import ThreadingMixIn
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -27,17 +27,58 @@ def _always_alive() -> tuple[bool, str]:
     return True, "ok"
 
 
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
+# Requests are served by a fixed pool of threads; connections beyond these (a scraper, a
+# probe, a client that connects and never sends) are closed at once instead of each taking a
+# thread, and a connection that sends nothing is closed after REQUEST_TIMEOUT_S.
+HTTP_THREADS = 4
+HTTP_PENDING = 16  # accepted connections waiting for a thread
+REQUEST_TIMEOUT_S = 10.0
+
+
+class _PooledServer(WSGIServer):
+    """A WSGI server on a bounded thread pool: at most HTTP_THREADS requests run at once and
+    HTTP_PENDING more wait; a connection beyond those is closed without an answer."""
+
+    request_queue_size = 64  # the listen backlog: a burst of connections is accepted, not retried
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # before binding: a failed bind calls server_close
+        self._pool = ThreadPoolExecutor(HTTP_THREADS, thread_name_prefix="health-request")
+        self._slots = threading.BoundedSemaphore(HTTP_THREADS + HTTP_PENDING)
+        self.refused = 0  # connections closed unanswered
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        self._pool.submit(self._serve, request, client_address)
+
+    def _serve(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:  # socketserver's boundary: one broken connection, reported there
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = REQUEST_TIMEOUT_S  # a connection that sends nothing does not hold its thread
+
     def log_message(self, format: str, *args: Any) -> None:  # scrapes are not events
         pass
 
 
 class HealthServer:
-    """Serves the three endpoints from a daemon thread (one more thread per request).
+    """Serves the three endpoints from a daemon thread, requests on a bounded pool of threads
+    (`_PooledServer`).
 
     The port is bound at construction, so `port` is known (and a busy port reported) before
     `start()`. `ready` and `alive` are called on the request threads, once per request: they
@@ -58,7 +99,7 @@ class HealthServer:
         self._alive = alive
         try:
             self._server = make_server(
-                host, port, self._app, server_class=_ThreadingServer, handler_class=_QuietHandler
+                host, port, self._app, server_class=_PooledServer, handler_class=_QuietHandler
             )
         except OSError as exc:
             raise ConfigError(

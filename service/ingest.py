@@ -2,8 +2,8 @@
 
 Policy: block. Complete scans go into a bounded queue to the reconstruct loop; when it is full
 this thread stops reading, ZeroMQ's high-water marks fill, and the DAQ's sends block. Nothing is
-dropped on the way in. A bad message is rejected with one log line and a counter; the stream
-goes on.
+dropped on the way in. A bad message is rejected with a counter and one log line (at most
+`REJECT_LOG_PER_S` a second per reason, the rest summed up); the stream goes on.
 
 The scan assembler (`service.scan`) says what each message led to; this thread dispatches it:
 
@@ -46,6 +46,49 @@ from service.stage import StageThread
 log = logging.getLogger(__name__)
 
 POLL_MS = 250  # how often an idle ingest looks at the stop flag and scan timeouts
+# rejected messages logged per reason and second; the rest are counted and summed up in one
+# line, so a flood of bad messages cannot flood the log (the counter has every one)
+REJECT_LOG_PER_S = 10
+
+
+class RejectionLog:
+    """One log line per rejected message, at most `per_second` per reason and second; those
+    beyond are summed up in one line (`suppressed K`) once their second is over. Used on the
+    ingest thread only."""
+
+    def __init__(self, per_second: int = REJECT_LOG_PER_S) -> None:
+        self.per_second = per_second
+        self._window: dict[str, tuple[float, int]] = {}  # reason -> (window start, logged)
+        self._suppressed: dict[str, int] = {}
+
+    def rejected(self, exc: ProtocolError) -> None:
+        now = time.monotonic()
+        self._summarise(now)
+        start, logged = self._window.get(exc.reason, (now, 0))
+        if logged < self.per_second:
+            log.warning("%s", exc)
+            self._window[exc.reason] = (start, logged + 1)
+        else:
+            self._suppressed[exc.reason] = self._suppressed.get(exc.reason, 0) + 1
+
+    def tick(self, final: bool = False) -> None:
+        """Sum up the seconds that are over (called as the ingest polls); `final`: all of
+        them (the ingest is stopping)."""
+        self._summarise(time.monotonic(), final)
+
+    def _summarise(self, now: float, final: bool = False) -> None:
+        for reason, (start, _) in list(self._window.items()):
+            if now - start < 1.0 and not final:
+                continue
+            del self._window[reason]
+            if suppressed := self._suppressed.pop(reason, 0):
+                log.warning(
+                    "suppressed %d more rejected messages (reason %s) in %.1f s; "
+                    "tomocast_rejected_messages_total counts every one",
+                    suppressed,
+                    reason,
+                    now - start,
+                )
 
 
 class Ingest(StageThread):
@@ -83,6 +126,7 @@ class Ingest(StageThread):
         self.assembler: ScanAssembler | None = None
         self._channel: PublishChannel | None = None
         self._drain_deadline = float("inf")
+        self._rejections = RejectionLog()
 
     @property
     def live_scans(self) -> int:
@@ -116,7 +160,10 @@ class Ingest(StageThread):
         assert self._socket is not None
         self._channel = self.publisher.channel()
         self.assembler = assembler = ScanAssembler(
-            self.device, self.limits, STORAGE_DTYPES[self.settings.sinogram_dtype]
+            self.device,
+            self.limits,
+            STORAGE_DTYPES[self.settings.sinogram_dtype],
+            self.settings.idle_evict_s,
         )
         try:
             while not self.stopping:
@@ -124,7 +171,9 @@ class Ingest(StageThread):
                     frames = self._socket.recv_multipart(copy=False)
                     self.guarded("an ingest message (dropped)", self._handle, assembler, frames)
                 self._dispatch(assembler.expire(self.settings.scan_timeout_s))
+                self._rejections.tick()
             self._dispatch(assembler.drop_all("the service is stopping"))
+            self._rejections.tick(final=True)
         finally:
             self._channel.close()
             self._socket.close(linger=0)
@@ -137,7 +186,7 @@ class Ingest(StageThread):
             outcomes = assembler.handle(message)
         except ProtocolError as exc:
             self.metrics.rejected.labels(exc.reason).inc()
-            log.warning("%s", exc)
+            self._rejections.rejected(exc)
             return
         self._dispatch(outcomes)  # a complete scan may wait for the loop: timed as receive
         elapsed = time.perf_counter() - t0
@@ -163,6 +212,8 @@ class Ingest(StageThread):
             elif isinstance(outcome, Completed):
                 self._hand_over(outcome.scan)
             else:
+                if outcome.evicted:
+                    self.metrics.scans_evicted.inc()
                 if self.preparer is not None:
                     self.preparer.cancel(outcome.start)
                 self._channel.send_event(outcome.event)
@@ -182,8 +233,8 @@ class Ingest(StageThread):
             self._channel.send_event(
                 ScanFailed(
                     scan.start.scan_id,
-                    "the service is stopping; the drain timeout ran out before "
-                    "the worker could take this scan",
+                    "drain timeout: the service stopped before the worker could take "
+                    "this scan (worker.drain_timeout_s)",
                 )
             )
 

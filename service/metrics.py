@@ -102,6 +102,11 @@ class Metrics:
             "Pixels whose flat-field ratio was not positive and were clipped before -log",
             registry=r,
         )
+        self.scans_evicted = Counter(
+            "tomocast_scans_evicted_total",
+            "Live scans failed to make room for a new one after ingest.idle_evict_s of silence",
+            registry=r,
+        )
         self.geometry_prepares = Counter(
             "tomocast_geometry_prepares_total",
             "FBP geometries asked for at scan start, by outcome",
@@ -118,6 +123,21 @@ class Metrics:
         # telling the sender. Each viewer counts its own losses from gaps in `pub_seq`.
         self.scans = Counter(
             "tomocast_scans_total", "Scans finished, by outcome", ["outcome"], registry=r
+        )
+        self.non_finite_pixels = Counter(
+            "tomocast_non_finite_pixels_total",
+            "Reconstructed or denoised pixels that were NaN or infinite, published as 0",
+            registry=r,
+        )
+        self.archive_abandoned = Counter(
+            "tomocast_archive_abandoned_total",
+            "Scan archive files abandoned on a write error (their .partial removed)",
+            registry=r,
+        )
+        self.archive_stale_partials = Gauge(
+            "tomocast_archive_stale_partials",
+            "Partial archive files an earlier run left in archive.directory, found at start",
+            registry=r,
         )
         self.errors = Counter(
             "tomocast_errors_total", "Unexpected errors, by stage", ["stage"], registry=r

@@ -137,11 +137,20 @@ class FrameChunk:
                 self.seq,
             )
         data = np.frombuffer(self.payload, dtype=dtype).reshape(self.count, start.rows, start.cols)
-        if dtype.kind == "f" and not np.isfinite(data).all():
-            bad = int(data.size - np.count_nonzero(np.isfinite(data)))
-            raise ProtocolError(
-                "non_finite", f"{bad} NaN/inf values in a float32 payload", self.scan_id, self.seq
+        if dtype.kind == "f":
+            # ~8 MiB at a time: the mask of a whole 1 GiB payload would be 256 MiB more
+            step = max(1, (8 << 20) // max(1, data[0].nbytes))
+            bad = sum(
+                int(block.size - np.count_nonzero(np.isfinite(block)))
+                for block in (data[i : i + step] for i in range(0, len(data), step))
             )
+            if bad:
+                raise ProtocolError(
+                    "non_finite",
+                    f"{bad} NaN/inf values in a float32 payload",
+                    self.scan_id,
+                    self.seq,
+                )
         return data
 
     @classmethod
@@ -296,8 +305,13 @@ def _scan_start(get: _Getter, scan_id: str, seq: int, limits: Limits, fail: Any)
     if theta is not None:
         if len(theta) != n_angles:
             raise fail("bad_value", f"theta has {len(theta)} angles, n_angles={n_angles}")
-        if not all(_is_number(t) and math.isfinite(t) for t in theta):
-            raise fail("bad_value", "theta must be a list of finite numbers (radians)")
+        if not all(_is_number(t) and abs(t) <= FLOAT32_MAX for t in theta):
+            # the loop computes in float32: 1e39 is finite here and inf there
+            raise fail(
+                "bad_value",
+                f"theta must be a list of finite numbers (radians) within float32's "
+                f"+-{FLOAT32_MAX:.4g}",
+            )
         theta = tuple(float(t) for t in theta)
     center = get.optional("center", (int, float))
     if center is not None and not (math.isfinite(center) and 0 <= center <= cols):
@@ -332,6 +346,9 @@ def _scan_start(get: _Getter, scan_id: str, seq: int, limits: Limits, fail: Any)
     )
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # NaN fails `abs(t) <= FLOAT32_MAX`, as inf does
+
+
 def _plain_keys(value: Any, depth: int = 0) -> bool:
     """Every map inside `value` has str keys (meta is stored as JSON), nested at most 32 deep."""
     if depth > 32:
@@ -357,8 +374,10 @@ def _unpack_header(raw: bytes | memoryview, limits: Limits) -> dict[str, Any]:
             raw,
             raw=False,
             strict_map_key=True,
-            max_str_len=limits.max_meta_bytes,
-            max_bin_len=limits.max_meta_bytes,
+            # a string or bin expands 1:1, and the frame is within max_header_bytes: a meta too
+            # large is refused after unpacking, as too_large (not as a broken header)
+            max_str_len=limits.max_header_bytes,
+            max_bin_len=limits.max_header_bytes,
             max_array_len=limits.max_angles,
             max_map_len=4096,
             max_ext_len=0,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from service.scan import CompletedScan
 from service.sinks import ScanDescription, SliceBatch, SliceSink, SliceTiming, Topic
 from service.stage import StageThread
 from workers.denoise import adjacent_stack
+from workers.finite import zero_non_finite_
 from workers.protocols import Denoiser, PreparableReconstructor, Reconstructor
 from workers.rows import RowWindow, theta_tensor
 from workers.transfer import Delivery, HostTransfer, Mark, host_transfer
@@ -78,6 +80,8 @@ class _Run:
     denoised_to: int = 0  # rows [0, denoised_to) are denoised
     fbp: list[Span] = field(default_factory=list)
     denoise_s: list[float] = field(default_factory=list)  # per slice, as batches are delivered
+    # NaN/inf pixels replaced by 0, added up on the device (read once, at the scan's end)
+    non_finite: torch.Tensor | int = 0
 
 
 class Worker(StageThread):
@@ -120,6 +124,9 @@ class Worker(StageThread):
             else lambda: None
         )
         self.busy = False  # processing a scan; read from other threads for metrics
+        self._current: str | None = None  # the scan_id being processed
+        # set by `abandon` (from the owner's thread): the sinks hear nothing more from the loop
+        self._abandoned = threading.Event()
 
     @property
     def window_rows(self) -> int:
@@ -127,10 +134,26 @@ class Worker(StageThread):
         halo), whatever the scan's rows: its device memory is this x cols^2 x 4 bytes."""
         return self._window.capacity
 
+    def abandon(self) -> list[str]:
+        """Give up what the loop has not finished (the drain timeout ran out): from now on no
+        sink hears from the loop, which ends after the batch it is in. Returns the scan_ids
+        lost, the one in the loop first, then those taken off its queue; the caller ends them
+        for the sinks. Called from the owner's thread."""
+        self._abandoned.set()
+        lost = [self._current] if self._current is not None else []
+        while True:
+            try:
+                scan = self.scans.get_nowait()
+            except queue.Empty:
+                return lost
+            if scan is not None:
+                lost.append(scan.start.scan_id)
+
     def _run(self) -> None:
-        while (scan := self.scans.get()) is not None:
+        while not self._abandoned.is_set() and (scan := self.scans.get()) is not None:
             self.metrics.queue_depth.labels("scans").set(self.scans.qsize())
             self.busy = True
+            self._current = scan.start.scan_id
             try:
                 if not self.guarded(f"scan_id={scan.start.scan_id}", self.process, scan):
                     self._end(
@@ -138,6 +161,7 @@ class Worker(StageThread):
                     )
             finally:
                 self._release()
+                self._current = None
                 self.busy = False
 
     def process(self, scan: CompletedScan) -> None:
@@ -162,7 +186,7 @@ class Worker(StageThread):
             scan.start.rows,
             tail,
         )
-        self._end(self._completed(scan, tail, fbp_s, run.denoise_s))
+        self._end(self._completed(scan, tail, fbp_s, run))
 
     def _describe(self, scan: CompletedScan) -> ScanDescription:
         return ScanDescription(
@@ -177,8 +201,18 @@ class Worker(StageThread):
         )
 
     def _completed(
-        self, scan: CompletedScan, tail: float, fbp_s: list[float], denoise_s: list[float]
+        self, scan: CompletedScan, tail: float, fbp_s: list[float], run: _Run
     ) -> ScanCompleted:
+        denoise_s = run.denoise_s
+        non_finite = int(run.non_finite)
+        if non_finite:
+            self.metrics.non_finite_pixels.inc(non_finite)
+            log.warning(
+                "scan_id=%s %d reconstructed or denoised pixels were NaN or infinite: "
+                "published as 0",
+                scan.start.scan_id,
+                non_finite,
+            )
         return ScanCompleted(
             scan.start.scan_id,
             slices=scan.start.rows,
@@ -191,9 +225,12 @@ class Worker(StageThread):
                 fbp_ms_per_slice=1e3 * float(np.mean(fbp_s)),
                 denoise_ms_per_slice=1e3 * float(np.mean(denoise_s)) if denoise_s else None,
             ),
+            non_finite_pixels=non_finite,
         )
 
     def _end(self, outcome: ScanEnded) -> None:
+        if self._abandoned.is_set():  # the owner ended the scan for the sinks
+            return
         for sink in self.sinks:
             sink.end(outcome)
 
@@ -207,7 +244,10 @@ class Worker(StageThread):
             self._transfer = host_transfer(device)
         transfer = self._transfer
         transfer.begin(batch, cols, cols)
-        with transfer.compute():  # on CUDA the window is allocated and used on this stream only
+        # inference mode: the reconstructor's and denoiser's outputs are inference tensors, which
+        # the non-finite check updates in place
+        with transfer.compute(), torch.inference_mode():
+            # on CUDA the window is allocated and used on the compute stream only
             theta = theta_tensor(scan.theta)
             # a denoise batch [d0, d1) reads rows d0 - halo .. d1 - 1 + halo, and every batch is
             # denoised up to `halo` rows short of the last reconstructed: `batch` new rows plus
@@ -215,6 +255,8 @@ class Worker(StageThread):
             if self.denoiser is not None:  # without one, nothing reads reconstructed rows again
                 self._window.begin(batch + 2 * run.halo, cols, cols, device)
             for r0 in range(0, rows, batch):
+                if self._abandoned.is_set():
+                    return
                 r1 = min(rows, r0 + batch)
                 fbp = self._fbp(scan, theta, r0, r1, transfer, run)
                 self._denoise(rows if r1 == rows else r1 - run.halo, fbp, transfer, run)
@@ -237,6 +279,9 @@ class Worker(StageThread):
         reconstructed = self.reconstructor.reconstruct(
             scan.sinogram[r0:r1].float(), theta, scan.center
         )
+        # before the window: a denoiser never reads NaN (an int8 or fp16 engine would turn it
+        # into finite, plausible pixels), and no sink ever gets it
+        run.non_finite = run.non_finite + zero_non_finite_(reconstructed)
         if self.denoiser is not None:
             self._window.drop_before(run.denoised_to - run.halo)
             reconstructed = self._window.append(reconstructed)
@@ -262,6 +307,7 @@ class Worker(StageThread):
             denoised = denoiser.denoise(
                 adjacent_stack(window.held(), d0 - window.first, d1 - window.first, denoiser.depth)
             )
+            run.non_finite = run.non_finite + zero_non_finite_(denoised)
             denoise = Span(start, transfer.mark(), d1 - d0)
             transfer.submit(denoised, BatchTag("slice", d0, fbp, denoise))
             run.denoised_to = d1
@@ -276,6 +322,8 @@ class Worker(StageThread):
                 run.denoise_s.append(denoise)
             timing = SliceTiming(run.wait, tag.fbp.per_row(), denoise)
             batch = SliceBatch(run.scan_id, tag.topic, tag.first, delivery.slices, timing)
+            if self._abandoned.is_set():
+                return
             t0 = time.perf_counter()
             for sink in self.sinks:
                 sink.write(batch)

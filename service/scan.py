@@ -25,12 +25,15 @@ import torch
 from service.errors import ProtocolError
 from service.events import ScanFailed, ScanStarted
 from service.protocol import FrameChunk, Limits, Message, ScanEnd, ScanStart
+from workers.finite import bound_line_integrals_
 from workers.preprocess import normalize
 
 log = logging.getLogger(__name__)
 
 MIN_ANGLES = 2  # fewer projections than this cannot make a slice worth publishing
 FP16_MAX = 65504.0
+# frames are stored this many float32 bytes at a time (a few frames of a large detector)
+STORE_BLOCK_BYTES = 32 << 20
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -60,7 +63,7 @@ class CompletedScan:
     theta: np.ndarray  # (angles_received,) radians
     center: float
     missing: int  # projections declared but never received
-    clipped: int  # pixels clipped before -log
+    clipped: int  # pixels clipped before -log, or beyond +-LINE_INTEGRAL_MAX (normalized)
     rejected: int  # messages of this scan that were rejected
     t_first_message: float  # unix seconds
     t_last_projection: float  # unix seconds
@@ -132,8 +135,24 @@ class _Scan:
 
     def store(self, index: int, frames: np.ndarray) -> int:
         """Write frames into the sinogram (angles index..index+count): normalised when the
-        references are there, else as raw counts. Returns the pixels clipped before -log."""
+        references are there, else as raw counts. Returns the pixels clipped before -log.
+
+        A block of frames (about STORE_BLOCK_BYTES as float32) at a time, so the temporaries
+        (the copy out of the message, float32 values, masks) stay that small whatever the
+        message's size: a 1 GiB message costs the message and the sinogram, not 5x it."""
         count = frames.shape[0]
+        frame_bytes = max(1, frames[0].size * 4)
+        step = max(1, STORE_BLOCK_BYTES // frame_bytes)
+        clipped = 0
+        for first in range(0, count, step):
+            clipped += self._store_block(index + first, frames[first : first + step])
+        self.received[index : index + count] = True
+        self.clipped += clipped
+        return clipped
+
+    def _store_block(self, index: int, frames: np.ndarray) -> int:
+        count = frames.shape[0]
+        # a copy: the message's buffer is read-only, and is released when the message is
         tensor = torch.from_numpy(np.array(frames, copy=True)).to(self.device, non_blocking=True)
         clipped = 0
         if self.start.normalized or self.dark is None:
@@ -144,18 +163,21 @@ class _Scan:
         else:
             assert self.flat is not None
             values, clipped = normalize(tensor, self.dark, self.flat)
-        if self.sinogram.dtype == torch.float16 and self.start.normalized:
-            # a wild line integral from the DAQ stays finite, not inf (flat-field corrected
-            # values are within +-14 by the transmission clip)
-            values.clamp_(-FP16_MAX, FP16_MAX)
+        if self.start.normalized:
+            # a wild line integral from the DAQ would fill whole slices with inf and NaN after
+            # the ramp filter (flat-field corrected values are within +-14 by the transmission
+            # clip; non-finite float payloads were rejected at decode): clamped and counted
+            non_finite, clipped = bound_line_integrals_(values)
+            clipped += non_finite
         self.sinogram[:, index : index + count, :] = values.transpose(0, 1)
-        self.received[index : index + count] = True
-        self.clipped += clipped
         return clipped
 
-    def normalise_raw(self, block: int = 32) -> int:
-        """Flat-field correct, in place, the projections stored raw; returns pixels clipped."""
+    def normalise_raw(self, block: int | None = None) -> int:
+        """Flat-field correct, in place, the projections stored raw, `block` at a time
+        (default: about STORE_BLOCK_BYTES of float32); returns pixels clipped."""
         assert self.dark is not None and self.flat is not None
+        if block is None:
+            block = max(1, STORE_BLOCK_BYTES // (4 * self.start.rows * self.start.cols))
         clipped_before = self.clipped
         raw = np.flatnonzero(self.raw)
         i = 0
@@ -209,6 +231,7 @@ class Failed:
 
     start: ScanStart
     reason: str
+    evicted: bool = False  # made room for a new scan (ingest.idle_evict_s)
 
     @property
     def event(self) -> ScanFailed:
@@ -230,7 +253,9 @@ class ScanAssembler:
 
     `handle`, `expire` and `drop_all` return outcomes, in the order they happened, for the
     owner to dispatch; none of them blocks. `limits` gives `max_live_scans` and
-    `max_live_bytes`; `storage` the sinogram dtype (`ingest.sinogram_dtype`).
+    `max_live_bytes`; `storage` the sinogram dtype (`ingest.sinogram_dtype`). A `scan_start`
+    that finds no room evicts live scans silent for `idle_evict_s` or more, idle longest first,
+    when that makes room (`ingest.idle_evict_s`).
     """
 
     def __init__(
@@ -238,9 +263,11 @@ class ScanAssembler:
         device: torch.device,
         limits: Limits | None = None,
         storage: torch.dtype = torch.float32,
+        idle_evict_s: float = 30.0,
     ) -> None:
         self.device = device
         self.storage = storage
+        self.idle_evict_s = idle_evict_s
         self.limits = limits if limits is not None else Limits()
         self.scans: dict[str, _Scan] = {}
 
@@ -302,6 +329,8 @@ class ScanAssembler:
     # ---- message kinds ---------------------------------------------------------------------
 
     def _start(self, start: ScanStart) -> list[Outcome]:
+        self._check_new(start)
+        evicted = self._evict_for(start)
         self._check_room(start)
         try:
             scan = _Scan(start, self.device, self.storage)
@@ -323,15 +352,49 @@ class ScanAssembler:
             start.n_angles,
             start.dtype,
         )
-        return [Started(start)]
+        return [*evicted, Started(start)]
 
     def _bytes(self, start: ScanStart) -> int:
         """The sinogram bytes scan `start` holds while it is assembled."""
         itemsize = storage_for(start, self.storage)[0].itemsize
         return start.rows * start.n_angles * start.cols * itemsize
 
-    def _check_room(self, start: ScanStart) -> None:
-        """Refuse a start that is not new, cannot be flat-field corrected, or does not fit."""
+    def _fits(self, start: ScanStart, leaving: list[_Scan]) -> bool:
+        """Whether scan `start` fits the live limits once the scans `leaving` are gone."""
+        live = len(self.scans) - len(leaving)
+        held = sum(s.nbytes for s in self.scans.values()) - sum(s.nbytes for s in leaving)
+        return (
+            live < self.limits.max_live_scans
+            and held + self._bytes(start) <= self.limits.max_live_bytes
+        )
+
+    def _evict_for(self, start: ScanStart) -> list[Outcome]:
+        """Fail the scans idle for `idle_evict_s` or more, idle longest first, that `start`
+        needs gone to fit; none when evicting all of them would still not make room."""
+        if self._fits(start, []):
+            return []
+        now = time.monotonic()
+        idle = sorted(
+            (s for s in self.scans.values() if now - s.t_last_message >= self.idle_evict_s),
+            key=lambda s: s.t_last_message,
+        )
+        for n in range(1, len(idle) + 1):
+            if self._fits(start, idle[:n]):
+                break
+        else:
+            return []
+        evicted: list[Outcome] = []
+        for scan in idle[:n]:
+            silent = now - scan.t_last_message
+            why = (
+                f"evicted: silent for {silent:.1f} s (ingest.idle_evict_s={self.idle_evict_s:g})"
+                f" when scan {start.scan_id!r} needed its room"
+            )
+            evicted.append(self._fail(scan, why, evicted=True))
+        return evicted
+
+    def _check_new(self, start: ScanStart) -> None:
+        """Refuse a start that is not new or cannot be flat-field corrected."""
         if start.scan_id in self.scans:
             raise refused(
                 start,
@@ -345,6 +408,9 @@ class ScanAssembler:
                 "a raw scan needs flat fields (n_flat >= 1), or send "
                 "line integrals with normalized=true",
             )
+
+    def _check_room(self, start: ScanStart) -> None:
+        """Refuse a start that does not fit beside the live scans."""
         limit = self.limits.max_live_scans
         if len(self.scans) >= limit:
             raise refused(
@@ -483,10 +549,10 @@ class ScanAssembler:
         )
         return [*outcomes, completed]
 
-    def _fail(self, scan: _Scan, reason: str) -> Failed:
+    def _fail(self, scan: _Scan, reason: str, evicted: bool = False) -> Failed:
         self.scans.pop(scan.start.scan_id, None)
         log.error("scan_id=%s failed: %s", scan.start.scan_id, reason)
-        return Failed(scan.start, reason)
+        return Failed(scan.start, reason, evicted)
 
 
 def refused(message: Message, reason: str, detail: str) -> ProtocolError:

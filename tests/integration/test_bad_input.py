@@ -3,6 +3,8 @@ it is rejected and counted once under its reason, and every slice of the good sc
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +14,9 @@ import pytest
 
 from service.client import Detector, Subscriber
 from service.events import Event, ScanCompleted, ScanEnded, ScanFailed
+from service.ingest import REJECT_LOG_PER_S
 from service.protocol import FrameChunk
+from tests.support.helpers import wait_for
 
 ROWS, COLS, ANGLES = 4, 32, 24
 rng = np.random.default_rng(7)
@@ -179,3 +183,81 @@ def test_a_scan_that_never_ends_times_out_and_is_released(start_service: Any) ->
         service.metrics.registry.get_sample_value("tomocast_scans_total", {"outcome": "failed"})
         == 1
     )
+
+
+def test_silent_scans_are_evicted_to_let_a_new_scan_in(start_service: Any) -> None:
+    idle_evict_s = 2.0
+    service, endpoints = start_service(ingest={"max_live_scans": 2, "idle_evict_s": idle_evict_s})
+    counter = service.metrics.registry.get_sample_value
+    assembler = service.ingest.assembler
+    assert assembler is not None
+    with (
+        Subscriber(endpoints.publish, ("slice", "event")) as viewer,
+        Detector(endpoints.ingest) as detector,
+    ):
+        viewer.wait_ready()
+        start_other(detector, "squat-1")  # started, then silent: a client that went away
+        start_other(detector, "squat-2")
+        wait_for("both scans to be live", lambda: assembler.live_scans == 2)
+        start_other(detector, "too-soon")  # they are not idle long enough yet: no room
+        wait_for(
+            "the early scan_start to be refused",
+            lambda: counter("tomocast_rejected_messages_total", {"reason": "too_many_scans"}),
+        )
+        wait_for(
+            "the silent scans to be idle for ingest.idle_evict_s",
+            lambda: all(
+                time.monotonic() - scan.t_last_message >= idle_evict_s
+                for scan in list(assembler.scans.values())
+            ),
+        )
+        detector.send_scan("daq", PROJECTIONS, darks=DARKS, flats=FLATS)
+        ended: dict[str, ScanEnded] = {}
+        slices = 0
+        while "daq" not in ended:
+            message = viewer.recv(timeout=60.0)
+            assert message is not None, "the DAQ's scan did not complete"
+            if message.topic == "slice":
+                slices += 1
+            elif isinstance(event := message.event(), ScanEnded):
+                ended[event.scan_id] = event
+    assert isinstance(ended["daq"], ScanCompleted) and slices == ROWS
+    evicted = ended["squat-1"]  # idle longest: the one evicted, and only it
+    assert isinstance(evicted, ScanFailed) and evicted.reason.startswith("evicted")
+    assert "squat-2" not in ended and assembler.live_scans == 1
+    assert counter("tomocast_scans_evicted_total") == 1
+    assert counter("tomocast_rejected_messages_total", {"reason": "too_many_scans"}) == 1
+
+
+def test_a_flood_of_bad_messages_is_counted_but_not_logged_line_by_line(
+    start_service: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    flood = 500
+    service, endpoints = start_service()
+    counter = service.metrics.registry.get_sample_value
+    t0 = time.monotonic()
+    with Subscriber(endpoints.publish) as viewer, Detector(endpoints.ingest) as detector:
+        viewer.wait_ready()
+        for _ in range(flood):
+            detector.send_raw([b"\xc1\xc1\xc1"])
+        detector.send_scan("good", PROJECTIONS, darks=DARKS, flats=FLATS)
+        while True:
+            message = viewer.recv(timeout=60.0)
+            assert message is not None, "the good scan did not complete"
+            if isinstance(message.event(), ScanEnded):
+                break
+    seconds = time.monotonic() - t0
+    assert service.stop()
+    assert counter("tomocast_rejected_messages_total", {"reason": "not_msgpack"}) == flood
+    logged = [r.getMessage() for r in caplog.records if "not a msgpack" in r.getMessage()]
+    assert len(logged) <= REJECT_LOG_PER_S * (int(seconds) + 2)
+    summaries = [
+        int(m.group(1))
+        for r in caplog.records
+        if (
+            m := re.match(
+                r"suppressed (\d+) more rejected messages \(reason not_msgpack\)", r.getMessage()
+            )
+        )
+    ]
+    assert summaries and len(logged) + sum(summaries) == flood

@@ -16,7 +16,7 @@ import pytest
 from service import app
 from service.config import load_settings
 from service.errors import ConfigError
-from service.health import HealthServer
+from service.health import HTTP_THREADS, HealthServer
 from service.metrics import Metrics
 
 
@@ -163,3 +163,25 @@ def test_service_is_ready_only_after_the_model_is_loaded(monkeypatch: pytest.Mon
         t0 = time.monotonic()
         service.stop()
         assert time.monotonic() - t0 < 60
+
+
+def test_half_open_connections_take_a_bounded_number_of_threads(
+    server: tuple[HealthServer, Switch, Switch],
+) -> None:
+    health, ready, _ = server
+    ready.set()
+    threads_before = threading.active_count()
+    idle = []
+    try:
+        for _ in range(300):  # connect, send nothing: each would hold a thread per connection
+            idle.append(socket.create_connection(("127.0.0.1", health.port), timeout=10))
+        # the server has accepted them all once a request behind them was accepted (refused
+        # or answered: the pool is busy with the first ones)
+        with socket.create_connection(("127.0.0.1", health.port), timeout=10) as probe:
+            probe.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+            probe.recv(1024)
+        assert threading.active_count() - threads_before <= HTTP_THREADS
+    finally:
+        for connection in idle:
+            connection.close()
+    assert get(health.port, "/readyz") == (200, "ready\n")  # served again once they are gone

@@ -3,7 +3,9 @@ finishes the complete scans it promised to, and it stops a service whose start f
 
 from __future__ import annotations
 
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +17,7 @@ from service.client import Detector, Subscriber
 from service.config import load_settings
 from service.events import ScanCompleted, ScanEnded, ScanFailed
 from tests.support.helpers import GatedGridding, tally, wait_for
+from workers.fbp import FBP
 from workers.gridding import GriddingFBP
 
 ROWS, COLS, ANGLES = 4, 64, 96
@@ -92,3 +95,58 @@ def test_stop_after_a_failed_start_stops_what_was_started() -> None:
     t0 = time.monotonic()
     assert service.stop()
     assert time.monotonic() - t0 < 10
+
+
+class HeldFBP:
+    """The real FBP on the CPU, held at `gate` for a scan's batches (not the service's
+    warm-up): a worker stuck on a device. `entered` is set once a scan's batch waits there."""
+
+    def __init__(self) -> None:
+        self.inner = FBP(torch.device("cpu"))
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    def reconstruct(
+        self, sinograms: torch.Tensor, theta: torch.Tensor, center: float
+    ) -> torch.Tensor:
+        if sinograms.shape[0] == ROWS:
+            self.entered.set()
+            assert self.gate.wait(60)
+        return self.inner.reconstruct(sinograms, theta, center)
+
+
+def test_a_drain_timeout_ends_every_scan_left_with_an_event(
+    start_service: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    held = HeldFBP()
+    service, endpoints = start_service(
+        reconstructor=held,
+        model={"enabled": False},
+        worker={"drain_timeout_s": 1.0, "queue_scans": 1},
+        archive={"directory": str(tmp_path)},
+    )
+    events: dict[str, ScanEnded] = {}
+    try:
+        with Subscriber(endpoints.publish) as viewer, Detector(endpoints.ingest) as detector:
+            viewer.wait_ready()
+            detector.send_scan("in-worker", PROJECTIONS, flats=FLATS, chunk=32)
+            assert held.entered.wait(60)
+            detector.send_scan("queued", PROJECTIONS, flats=FLATS, chunk=32)
+            wait_for("the second scan to be queued", lambda: service.scans.qsize() == 1)
+            assert not service.stop()  # the drain timed out
+            while len(events) < 2:
+                tally(viewer.recv(timeout=60.0), set(), events)
+    finally:
+        held.gate.set()
+    assert service.worker is not None and service.worker.join(60)  # abandoned: it ends
+    wait_for("the service's sockets to be closed", lambda: service.context.closed)
+    for scan_id in ("in-worker", "queued"):
+        ended = events[scan_id]
+        assert isinstance(ended, ScanFailed) and ended.reason.startswith("drain timeout")
+        assert f"scan_id={scan_id} failed: drain timeout" in caplog.text
+    assert service.archive is not None and service.archive.join(0)
+    assert not list(tmp_path.iterdir())  # the loop's partial archive file was removed

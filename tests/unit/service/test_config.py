@@ -104,3 +104,12 @@ def test_a_moved_key_set_twice_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"both set: keep model\.precision"):
         load_settings(config)
+
+
+def test_an_unknown_section_in_the_environment_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOMOCAST_WROKER__DEVICE", "cpu")  # a typo: the setting would not apply
+    with pytest.raises(ConfigError, match=r"TOMOCAST_WROKER__DEVICE.*'wroker'"):
+        load_settings()
+    monkeypatch.delenv("TOMOCAST_WROKER__DEVICE")
+    monkeypatch.setenv("TOMOCAST_SOAK_SCANS", "3")  # not a setting: no section delimiter
+    assert load_settings().worker.device == "auto"

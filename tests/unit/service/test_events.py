@@ -45,6 +45,7 @@ WIRE: list[tuple[Any, dict[str, Any]]] = [
             "clipped_pixels": 3,
             "model": "tomogan",
             "latency": {"tail_s": 0.5, "fbp_ms_per_slice": 1.5, "denoise_ms_per_slice": None},
+            "non_finite_pixels": 0,
         },
     ),
     (FAILED, {"event": "scan_failed", "scan_id": "s", "reason": "no flat field frames arrived"}),

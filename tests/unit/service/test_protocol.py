@@ -173,3 +173,11 @@ def test_oversized_header_is_refused_before_unpacking() -> None:
     )
     assert len(bloated) > limits.max_header_bytes
     assert reason_of([bloated], limits) == "too_large"
+
+
+def test_a_meta_over_its_limit_is_too_large_not_a_broken_header() -> None:
+    limits = Limits(max_meta_bytes=1024)
+    oversized = header(meta={"notes": "x" * 2000})  # one string: within the frame's cap
+    assert len(oversized) <= limits.max_header_bytes
+    assert reason_of([oversized], limits) == "too_large"
+    assert reason_of([header(meta={"blob": b"\x00" * 2000})], limits) == "too_large"
