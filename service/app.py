@@ -34,9 +34,9 @@ from service.metrics import Metrics
 from service.prepare import GeometryPreparer
 from service.publish import PublishChannel, Publisher
 from service.reconstruct import Worker
-from service.scan import CompletedScan
 from service.security import ServerKeys, start_authenticator
 from service.sinks import SliceSink
+from service.sinogram import CompletedScan
 from workers.denoise import DenoiseEngine, load_denoiser
 from workers.protocols import PreparableReconstructor, Reconstructor
 from workers.recon import make_reconstructor

@@ -31,16 +31,15 @@ from service.prepare import GeometryPreparer
 from service.protocol import FrameChunk, decode
 from service.publish import PublishChannel, Publisher
 from service.scan import (
-    STORAGE_DTYPES,
     Clipped,
     Completed,
-    CompletedScan,
     Failed,
     Outcome,
     ScanAssembler,
     Started,
 )
 from service.security import ServerKeys
+from service.sinogram import STORAGE_DTYPES, CompletedScan
 from service.stage import StageThread
 
 log = logging.getLogger(__name__)

@@ -32,8 +32,8 @@ import torch
 from service.config import PublishSettings, WorkerSettings
 from service.events import ScanCompleted, ScanEnded, ScanFailed, ScanLatency
 from service.metrics import Metrics
-from service.scan import CompletedScan
 from service.sinks import ScanDescription, SliceBatch, SliceSink, SliceTiming, Topic
+from service.sinogram import CompletedScan
 from service.stage import StageThread
 from workers.denoise import adjacent_stack
 from workers.finite import zero_non_finite_

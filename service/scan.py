@@ -15,9 +15,8 @@ preparer, metrics.
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,183 +24,14 @@ import torch
 from service.errors import ProtocolError
 from service.events import ScanFailed, ScanStarted
 from service.protocol import FrameChunk, Limits, Message, ScanEnd, ScanStart
-from workers.finite import bound_line_integrals_
-from workers.preprocess import normalize
+from service.sinogram import (
+    MIN_ANGLES,
+    CompletedScan,
+    ScanBuffer,
+    storage_for,
+)
 
 log = logging.getLogger(__name__)
-
-MIN_ANGLES = 2  # fewer projections than this cannot make a slice worth publishing
-FP16_MAX = 65504.0
-# frames are stored this many float32 bytes at a time (a few frames of a large detector)
-STORE_BLOCK_BYTES = 32 << 20
-STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
-
-def storage_for(start: ScanStart, storage: torch.dtype) -> tuple[torch.dtype, float]:
-    """The sinogram dtype of scan `start` under the setting `storage`, and the power-of-two
-    factor its raw counts are stored with (they wait in the sinogram until the darks and flats
-    are complete). float16 holds line integrals, and raw integer counts scaled below its 65,504
-    maximum by a power of two (exact both ways: `normalise_raw` divides it out).
-    Raw float32 counts have no known range: such a scan keeps float32."""
-    if storage != torch.float16:
-        return torch.float32, 1.0
-    if start.normalized:
-        return torch.float16, 1.0
-    if start.dtype == "float32":
-        return torch.float32, 1.0
-    largest = float(np.iinfo(np.dtype(start.dtype)).max)
-    return torch.float16, 2.0 ** -max(0, math.ceil(math.log2(largest / FP16_MAX)))
-
-
-@dataclass
-class CompletedScan:
-    """A scan ready for reconstruction. The sinogram lives on the worker's device."""
-
-    start: ScanStart
-    # (rows, angles_received, cols) line integrals, float32 or float16 (ingest.sinogram_dtype)
-    sinogram: torch.Tensor
-    theta: np.ndarray  # (angles_received,) radians
-    center: float
-    missing: int  # projections declared but never received
-    clipped: int  # pixels clipped before -log, or beyond +-LINE_INTEGRAL_MAX (normalized)
-    rejected: int  # messages of this scan that were rejected
-    t_first_message: float  # unix seconds
-    t_last_projection: float  # unix seconds
-
-
-@dataclass
-class _References:
-    """Dark or flat frames being averaged."""
-
-    declared: int
-    total: torch.Tensor | None = None
-    seen: set[int] = field(default_factory=set)
-
-    def add(self, index: int, frames: torch.Tensor) -> None:
-        # float64 a few frames at a time: exact sums without an 8x copy of a big chunk.
-        if self.total is None:
-            self.total = torch.zeros(frames.shape[1:], dtype=torch.float64, device=frames.device)
-        for first in range(0, frames.shape[0], 8):
-            self.total += frames[first : first + 8].to(torch.float64).sum(dim=0)
-        self.seen.update(range(index, index + frames.shape[0]))
-
-    @property
-    def complete(self) -> bool:
-        return len(self.seen) >= self.declared
-
-    def mean(self, like: torch.Tensor) -> torch.Tensor:
-        if self.total is None:
-            return torch.zeros_like(like)
-        return (self.total / len(self.seen)).to(torch.float32)
-
-
-class _Scan:
-    """State of one scan being assembled."""
-
-    def __init__(
-        self, start: ScanStart, device: torch.device, storage: torch.dtype = torch.float32
-    ) -> None:
-        self.start = start
-        self.device = device
-        self.theta = start.theta_array()
-        self.darks = _References(start.n_dark)
-        self.flats = _References(start.n_flat)
-        self.dark: torch.Tensor | None = None
-        self.flat: torch.Tensor | None = None
-        # Limits were checked in protocol.decode before this allocation.
-        dtype, self.raw_scale = storage_for(start, storage)
-        self.sinogram = torch.empty(
-            (start.rows, start.n_angles, start.cols), dtype=dtype, device=device
-        )
-        self.received = np.zeros(start.n_angles, dtype=bool)
-        # Projections that arrived before the darks/flats wait in the sinogram as raw counts;
-        # they are normalised in place once the references are complete. No extra memory.
-        self.raw = np.zeros(start.n_angles, dtype=bool)
-        self.seqs: set[int] = {start.seq}
-        self.max_seq = start.seq
-        self.clipped = 0
-        self.rejected = 0
-        self.t_first_message = time.time()
-        self.t_last_projection = self.t_first_message
-        self.t_last_message = time.monotonic()
-
-    @property
-    def references_ready(self) -> bool:
-        return self.start.normalized or (self.darks.complete and self.flats.complete)
-
-    @property
-    def nbytes(self) -> int:
-        return self.sinogram.numel() * self.sinogram.element_size()
-
-    def store(self, index: int, frames: np.ndarray) -> int:
-        """Write frames into the sinogram (angles index..index+count): normalised when the
-        references are there, else as raw counts. Returns the pixels clipped before -log.
-
-        A block of frames (about STORE_BLOCK_BYTES as float32) at a time, so the temporaries
-        (the copy out of the message, float32 values, masks) stay that small whatever the
-        message's size: a 1 GiB message costs the message and the sinogram, not 5x it."""
-        count = frames.shape[0]
-        frame_bytes = max(1, frames[0].size * 4)
-        step = max(1, STORE_BLOCK_BYTES // frame_bytes)
-        clipped = 0
-        for first in range(0, count, step):
-            clipped += self._store_block(index + first, frames[first : first + step])
-        self.received[index : index + count] = True
-        self.clipped += clipped
-        return clipped
-
-    def _store_block(self, index: int, frames: np.ndarray) -> int:
-        count = frames.shape[0]
-        # a copy: the message's buffer is read-only, and is released when the message is
-        tensor = torch.from_numpy(np.array(frames, copy=True)).to(self.device, non_blocking=True)
-        clipped = 0
-        if self.start.normalized or self.dark is None:
-            values = tensor.to(torch.float32)
-            self.raw[index : index + count] = not self.start.normalized
-            if not self.start.normalized and self.raw_scale != 1.0:
-                values.mul_(self.raw_scale)
-        else:
-            assert self.flat is not None
-            values, clipped = normalize(tensor, self.dark, self.flat)
-        if self.start.normalized:
-            # a wild line integral from the DAQ would fill whole slices with inf and NaN after
-            # the ramp filter (flat-field corrected values are within +-14 by the transmission
-            # clip; non-finite float payloads were rejected at decode): clamped and counted
-            non_finite, clipped = bound_line_integrals_(values)
-            clipped += non_finite
-        self.sinogram[:, index : index + count, :] = values.transpose(0, 1)
-        return clipped
-
-    def normalise_raw(self, block: int | None = None) -> int:
-        """Flat-field correct, in place, the projections stored raw, `block` at a time
-        (default: about STORE_BLOCK_BYTES of float32); returns pixels clipped."""
-        assert self.dark is not None and self.flat is not None
-        if block is None:
-            block = max(1, STORE_BLOCK_BYTES // (4 * self.start.rows * self.start.cols))
-        clipped_before = self.clipped
-        raw = np.flatnonzero(self.raw)
-        i = 0
-        while i < len(raw):  # runs of consecutive raw angles, at most `block` at a time
-            j = i
-            while j + 1 < len(raw) and raw[j + 1] == raw[j] + 1 and raw[j + 1] - raw[i] < block:
-                j += 1
-            first, stop = int(raw[i]), int(raw[j]) + 1
-            i = j + 1
-            counts = self.sinogram[:, first:stop, :].transpose(0, 1)
-            if self.raw_scale != 1.0:
-                counts = counts.to(torch.float32).div_(self.raw_scale)  # exact: a power of 2
-            values, clipped = normalize(counts, self.dark, self.flat)
-            self.sinogram[:, first:stop, :] = values.transpose(0, 1)
-            self.raw[first:stop] = False
-            self.clipped += clipped
-        return self.clipped - clipped_before
-
-    def finalise_references(self) -> None:
-        like = torch.zeros((self.start.rows, self.start.cols), device=self.device)
-        self.dark = self.darks.mean(like)
-        self.flat = self.flats.mean(like)
-        self.darks.total = self.flats.total = None
-
 
 # ---- outcomes ---------------------------------------------------------------------------------
 
@@ -269,7 +99,7 @@ class ScanAssembler:
         self.storage = storage
         self.idle_evict_s = idle_evict_s
         self.limits = limits if limits is not None else Limits()
-        self.scans: dict[str, _Scan] = {}
+        self.scans: dict[str, ScanBuffer] = {}
 
     @property
     def live_scans(self) -> int:
@@ -333,7 +163,7 @@ class ScanAssembler:
         evicted = self._evict_for(start)
         self._check_room(start)
         try:
-            scan = _Scan(start, self.device, self.storage)
+            scan = ScanBuffer(start, self.device, self.storage)
         except torch.cuda.OutOfMemoryError:
             raise refused(
                 start,
@@ -359,7 +189,7 @@ class ScanAssembler:
         itemsize = storage_for(start, self.storage)[0].itemsize
         return start.rows * start.n_angles * start.cols * itemsize
 
-    def _fits(self, start: ScanStart, leaving: list[_Scan]) -> bool:
+    def _fits(self, start: ScanStart, leaving: list[ScanBuffer]) -> bool:
         """Whether scan `start` fits the live limits once the scans `leaving` are gone."""
         live = len(self.scans) - len(leaving)
         held = sum(s.nbytes for s in self.scans.values()) - sum(s.nbytes for s in leaving)
@@ -428,7 +258,7 @@ class ScanAssembler:
                 f"hold {held}: over ingest.max_live_bytes={self.limits.max_live_bytes}",
             )
 
-    def _check_seq(self, scan: _Scan, message: FrameChunk | ScanEnd) -> None:
+    def _check_seq(self, scan: ScanBuffer, message: FrameChunk | ScanEnd) -> None:
         if message.seq in scan.seqs:
             raise refused(message, "duplicate", f"seq {message.seq} was already received")
         if message.seq > scan.max_seq + 1:
@@ -440,7 +270,7 @@ class ScanAssembler:
                 message.seq - 1,
             )
 
-    def _frames(self, scan: _Scan, chunk: FrameChunk) -> list[Outcome]:
+    def _frames(self, scan: ScanBuffer, chunk: FrameChunk) -> list[Outcome]:
         start = scan.start
         if start.normalized and chunk.kind != "projections":
             raise refused(
@@ -488,11 +318,11 @@ class ScanAssembler:
             return self._apply_references(scan)
         return []
 
-    def _apply_references(self, scan: _Scan) -> list[Outcome]:
+    def _apply_references(self, scan: ScanBuffer) -> list[Outcome]:
         scan.finalise_references()
         return _clipped(scan.normalise_raw())
 
-    def _end(self, scan: _Scan, end: ScanEnd) -> list[Outcome]:
+    def _end(self, scan: ScanBuffer, end: ScanEnd) -> list[Outcome]:
         received = int(scan.received.sum())
         if end.count != received:
             log.warning(
@@ -504,7 +334,7 @@ class ScanAssembler:
             )
         return self._finish(scan)
 
-    def _finish(self, scan: _Scan) -> list[Outcome]:
+    def _finish(self, scan: ScanBuffer) -> list[Outcome]:
         received = int(scan.received.sum())
         outcomes: list[Outcome] = []
         if scan.dark is None:
@@ -549,7 +379,7 @@ class ScanAssembler:
         )
         return [*outcomes, completed]
 
-    def _fail(self, scan: _Scan, reason: str, evicted: bool = False) -> Failed:
+    def _fail(self, scan: ScanBuffer, reason: str, evicted: bool = False) -> Failed:
         self.scans.pop(scan.start.scan_id, None)
         log.error("scan_id=%s failed: %s", scan.start.scan_id, reason)
         return Failed(scan.start, reason, evicted)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from service.client import Detector
-from service.scan import STORE_BLOCK_BYTES
+from service.sinogram import STORE_BLOCK_BYTES
 from tests.e2e.test_cli import Process
 from tests.support.helpers import wait_for
 

@@ -20,7 +20,7 @@ from service.metrics import Metrics
 from service.protocol import ScanStart
 from service.publish import PublishChannel
 from service.reconstruct import Worker
-from service.scan import CompletedScan
+from service.sinogram import CompletedScan
 from workers.denoise import adjacent_stack
 from workers.rows import RowWindow
 

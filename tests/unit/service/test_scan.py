@@ -14,12 +14,12 @@ from service.protocol import FrameChunk, Limits, ScanEnd, ScanStart
 from service.scan import (
     Clipped,
     Completed,
-    CompletedScan,
     Failed,
     Outcome,
     ScanAssembler,
     Started,
 )
+from service.sinogram import CompletedScan
 
 ROWS, COLS, ANGLES = 3, 5, 6
 

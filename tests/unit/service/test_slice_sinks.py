@@ -23,8 +23,8 @@ from service.metrics import Metrics
 from service.protocol import ScanStart
 from service.publish import Publisher
 from service.reconstruct import Worker
-from service.scan import CompletedScan
 from service.sinks import ScanDescription, SliceBatch, SliceSink, SliceTiming
+from service.sinogram import CompletedScan
 from tests.unit.service.test_reconstruct import ReusingReconstructor, WeighingDenoiser
 
 ROWS, COLS, ANGLES = 5, 6, 4
