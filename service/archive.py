@@ -282,6 +282,8 @@ class Archive(StageThread):
             return
         datasets["exchange/data"][batch.first : batch.stop] = batch.slices
         datasets["exchange/received"][batch.first : batch.stop] = True
+        if batch.scale is not None:  # one per scan: the denoiser's intensity factor
+            datasets["exchange/data"].attrs["scale"] = batch.scale
         self._files[item.scan_id].disk.check()
 
     def _end(self, item: _End) -> None:

@@ -190,6 +190,9 @@ class SliceHeader:
     dtype: str = "float32"
     t_published: float | None = None  # unix seconds
     pub_seq: int | None = None
+    # denoised slices: the scan's intensity factor, the network's input scale relative to the
+    # level it was trained at (one per scan; `workers.denoise.DenoiseEngine.scale_for`)
+    scale: float | None = None
 
     def encode(self) -> dict[str, Any]:
         header: dict[str, Any] = {
@@ -209,6 +212,8 @@ class SliceHeader:
             )
         if self.pub_seq is not None:
             header["pub_seq"] = self.pub_seq
+        if self.scale is not None:
+            header["scale"] = self.scale
         return header
 
     @classmethod
@@ -224,6 +229,7 @@ class SliceHeader:
             raise ValueError(f"shape={shape!r} is not a list of integers")
         published = header.get("t_published")
         pub_seq = header.get("pub_seq")
+        scale = header.get("scale")
         return cls(
             scan_id=_str(header, "scan_id"),
             rows=_int(header, "rows"),
@@ -236,6 +242,7 @@ class SliceHeader:
             dtype=str(header.get("dtype", "float32")),
             t_published=None if published is None else _float(header, "t_published"),
             pub_seq=pub_seq if _is_int(pub_seq) else None,
+            scale=_float(header, "scale") if _is_number(scale) else None,
         )
 
     @property

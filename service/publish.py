@@ -165,7 +165,9 @@ class PublishChannel:
         header, timing = self._headers[batch.scan_id], batch.timing.as_dict()
         for i, data in enumerate(batch.slices):
             self.send_slice(
-                batch.topic, replace(header, index=batch.first + i, timing=timing), data
+                batch.topic,
+                replace(header, index=batch.first + i, timing=timing, scale=batch.scale),
+                data,
             )
 
     def end(self, outcome: ScanEnded) -> None:

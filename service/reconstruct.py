@@ -82,6 +82,7 @@ class _Run:
     denoise_s: list[float] = field(default_factory=list)  # per slice, as batches are delivered
     # NaN/inf pixels replaced by 0, added up on the device (read once, at the scan's end)
     non_finite: torch.Tensor | int = 0
+    scale: float | None = None  # the denoiser's intensity factor, one for the whole scan
 
 
 class Worker(StageThread):
@@ -304,8 +305,11 @@ class Worker(StageThread):
             # rows past the window's ends are past the volume's (edge replication is right) or
             # not needed: window.first <= d0 - halo unless it is row 0, and
             # d1 - 1 + halo < r1 unless r1 == rows
+            if run.scale is None:  # from the first rows reconstructed, kept for the whole scan
+                run.scale = denoiser.scale_for(window.held())
             denoised = denoiser.denoise(
-                adjacent_stack(window.held(), d0 - window.first, d1 - window.first, denoiser.depth)
+                adjacent_stack(window.held(), d0 - window.first, d1 - window.first, denoiser.depth),
+                scale=run.scale,
             )
             run.non_finite = run.non_finite + zero_non_finite_(denoised)
             denoise = Span(start, transfer.mark(), d1 - d0)
@@ -321,7 +325,8 @@ class Worker(StageThread):
             if denoise is not None:
                 run.denoise_s.append(denoise)
             timing = SliceTiming(run.wait, tag.fbp.per_row(), denoise)
-            batch = SliceBatch(run.scan_id, tag.topic, tag.first, delivery.slices, timing)
+            scale = run.scale if tag.denoise is not None else None
+            batch = SliceBatch(run.scan_id, tag.topic, tag.first, delivery.slices, timing, scale)
             if self._abandoned.is_set():
                 return
             t0 = time.perf_counter()

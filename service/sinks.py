@@ -71,6 +71,7 @@ class SliceBatch:
     first: int
     slices: np.ndarray
     timing: SliceTiming
+    scale: float | None = None  # denoised slices: the scan's intensity factor (the header's)
 
     @property
     def stop(self) -> int:

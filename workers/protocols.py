@@ -78,8 +78,15 @@ class Denoiser(Protocol):
     @property
     def device(self) -> torch.device: ...
 
-    def denoise(self, stack: torch.Tensor) -> torch.Tensor:
+    def scale_for(self, slices: torch.Tensor) -> float:
+        """The scan's intensity factor from some of its slices (any shape (..., H, W), on
+        `device`): scale-equivariant, scale_for(k x) = k scale_for(x) for k > 0. The loop takes
+        one per scan and passes it to every `denoise` call, so a scan's slices never flicker."""
+        ...
+
+    def denoise(self, stack: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         """(batch, depth, H, W) float32 slices on `device` -> (batch, H, W) float32 on `device`,
-        in the same physical units as the input. The result is a fresh tensor the caller owns
-        (the worker hands it to zero-copy sends and to the copy stream): never a reused buffer."""
+        in the same physical units as the input, with the scan's `scale` (`scale_for`; None:
+        measured on this stack). The result is a fresh tensor the caller owns (the worker hands
+        it to zero-copy sends and to the copy stream): never a reused buffer."""
         ...

@@ -94,3 +94,11 @@ def test_slice_header_keeps_the_published_key_order() -> None:
     assert header.shape == (8, 8) and header.end_to_end == 0.5 and header.pub_seq == 3
     with pytest.raises(ValueError, match="index"):
         SliceHeader.decode({**received, "index": None})
+
+
+def test_a_denoised_slice_header_carries_the_scans_intensity_factor() -> None:
+    header = SliceHeader("s", 4, "tomogan", 100.0, 2, {"fbp": 0.01}, scale=0.31)
+    assert header.encode()["scale"] == 0.31
+    assert SliceHeader.decode(header.encode()).scale == 0.31
+    plain = SliceHeader("s", 4, "none", 100.0, 2, {"fbp": 0.01})
+    assert "scale" not in plain.encode() and SliceHeader.decode(plain.encode()).scale is None

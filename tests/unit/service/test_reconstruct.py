@@ -57,6 +57,8 @@ class WeighingDenoiser:
 
     def __init__(self, depth: int, device: torch.device) -> None:
         self._depth, self._device = depth, device
+        self.scales: list[float] = []  # each factor scale_for measured
+        self.used: list[float | None] = []  # the factor each denoise call was given
 
     @property
     def name(self) -> str:
@@ -70,7 +72,12 @@ class WeighingDenoiser:
     def device(self) -> torch.device:
         return self._device
 
-    def denoise(self, stack: torch.Tensor) -> torch.Tensor:
+    def scale_for(self, slices: torch.Tensor) -> float:
+        self.scales.append(float(slices.abs().max()) or 1.0)
+        return self.scales[-1]
+
+    def denoise(self, stack: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        self.used.append(scale)
         out = torch.zeros_like(stack[:, 0])
         for k in range(self._depth):
             out += 2.0**k * stack[:, k]

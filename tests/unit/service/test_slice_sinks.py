@@ -182,7 +182,7 @@ def run_loop(sinks: list[MemorySink], scans: list[CompletedScan], **options: Any
         PublishSettings(recon=True),
         inbox,
         options.get("reconstructor", ReusingReconstructor(torch.device("cpu"))),
-        WeighingDenoiser(3, torch.device("cpu")),
+        options.get("denoiser", WeighingDenoiser(3, torch.device("cpu"))),
         list(sinks),
         metrics,
     )
@@ -215,6 +215,20 @@ def test_the_loop_hands_every_scan_to_every_sink_alike() -> None:
         for _, b in writes:
             assert b.slices.shape == (b.stop - b.first, COLS, COLS)
             assert (b.timing.denoise is not None) == (b.topic == "slice")
+
+
+def test_one_intensity_factor_per_scan_reaches_every_denoise_call_and_slice() -> None:
+    sink, denoiser = MemorySink(), WeighingDenoiser(3, torch.device("cpu"))
+    run_loop([sink], [scan("a"), scan("b")], denoiser=denoiser)
+    assert len(denoiser.scales) == 2  # measured once per scan, on its first rows
+    calls_per_scan = len(denoiser.used) // 2
+    assert denoiser.used == [denoiser.scales[0]] * calls_per_scan + [denoiser.scales[1]] * (
+        len(denoiser.used) - calls_per_scan
+    )
+    for scan_id, factor in zip(("a", "b"), denoiser.scales, strict=True):
+        batches = [b for k, b in sink.calls if k == "write" and b.scan_id == scan_id]
+        assert {b.scale for b in batches if b.topic == "slice"} == {factor}
+        assert {b.scale for b in batches if b.topic == "recon"} == {None}
 
 
 def test_a_scan_that_fails_in_the_loop_ends_failed_and_the_next_completes() -> None:
