@@ -1,0 +1,172 @@
+"""The no-harm guard: is a denoised slice contradicted by the data it was reconstructed from?
+
+The service publishes a denoised slice only when the measured sinogram does not contradict it;
+otherwise it publishes the plain FBP the denoiser started from. No ground truth is needed: each
+slice (denoised and FBP) is projected with our projector (`workers.project.project_tensor`) at
+the measured angles and compared with the measured sinogram of its detector row.
+
+Misfit, in noise units, per slice:
+
+    chi2(x) = mean over (angle, column) of (project(x) - sinogram)^2 / variance
+
+`variance` is the noise variance of each measured line integral: from the photon counts when the
+caller knows them (a line integral p from a flat of I0 counts has variance exp(p) / I0,
+`photon_variance`), else estimated from the sinogram itself (`estimate_variance`: second
+differences along the detector, robust to the object's edges, assuming white detector noise).
+A slice the data fully support scores chi2 ~ 1: what the noise alone leaves.
+
+The score (`consistency`):
+
+    consistency = chi2(denoised) / max(chi2(FBP), 1)
+
+the denoised slice's misfit relative to the larger of what plain FBP leaves (the reference that is
+published instead; FBP is not exactly consistent either: ramp filtering, too few views,
+discretisation) and what the noise alone explains. Meaning:
+
+- <= 1: the denoised slice explains the measured data at least as well as the FBP published in its
+  place, or as well as the noise permits;
+- 1.0 to the threshold: worse, by less than the tolerance (a right model at the noise floor scores
+  about 1.0-1.1, its own discretisation error);
+- above: the data contradict the slice (a wrong model that paints its training sample scores 1.6 to
+  several hundred).
+
+`DEFAULT_THRESHOLD` = 1.25: a slice is kept when consistency <= 1.25. The figures that set it
+(the shipped foam model on every phantom family) are in docs/model-card.md, "No-harm guard
+(measured)", with the command that produced them. The score is invariant to scaling the data
+(sinogram, slices and the standard deviation by k), and each slice's score depends on its own
+row only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workers.project import project_tensor
+
+DEFAULT_THRESHOLD = 1.25
+# chi2 per degree of freedom is a mean: every k-th angle estimates it as well (90 angles x a
+# 256-px detector are 23,000 degrees of freedom) at a k-th of the projection's cost.
+DEFAULT_MAX_ANGLES = 90
+# median of chi-square with one degree of freedom: median(h^2) / this = E[h^2] for Gaussian h
+_CHI2_1_MEDIAN = 0.454936423119572
+# second difference [1, -2, 1] of white noise: variance 6 sigma^2
+_SECOND_DIFFERENCE_GAIN = 6.0
+
+
+def estimate_variance(sinogram: torch.Tensor) -> torch.Tensor:
+    """The noise variance of each slice's (B, angles, cols) line integrals, from the data alone:
+    -> (B, 1, 1). Median of squared second differences along the detector (the object's edges
+    are few, so they barely move the median), floored at 1e-12 x the slice's mean square so that
+    noise-free data give a tiny but positive variance."""
+    data = sinogram.to(torch.float32)
+    second = data[..., :-2] - 2 * data[..., 1:-1] + data[..., 2:]
+    median = second.square().flatten(1).median(dim=1).values
+    variance = median / (_CHI2_1_MEDIAN * _SECOND_DIFFERENCE_GAIN)
+    floor = 1e-12 * data.square().flatten(1).mean(dim=1) + torch.finfo(torch.float32).tiny
+    return torch.maximum(variance, floor)[:, None, None]
+
+
+def photon_variance(sinogram: torch.Tensor, flat_counts: torch.Tensor | float) -> torch.Tensor:
+    """Variance of each measured line integral p = -log(I / I0): exp(p) / I0 (Poisson counts,
+    delta method). `flat_counts` is I0 (photons per pixel of the flat, less the dark): a number or
+    a tensor broadcastable to the sinogram (e.g. (1, 1, cols) per detector pixel)."""
+    counts = torch.as_tensor(flat_counts, dtype=torch.float32, device=sinogram.device)
+    return torch.exp(sinogram.to(torch.float32)) / counts.clamp_min(1.0)
+
+
+def misfit(
+    slices: torch.Tensor,
+    sinogram: torch.Tensor,
+    theta: torch.Tensor,
+    center: float,
+    variance: torch.Tensor,
+) -> torch.Tensor:
+    """chi2 per degree of freedom of each (B, N, N) slice against its (B, angles, cols) measured
+    line integrals: -> (B,). `variance` broadcasts to the sinogram."""
+    projected = project_tensor(slices, theta, center, sinogram.shape[-1])
+    residual = projected - sinogram.to(torch.float32)
+    return (residual.square() / variance).flatten(1).mean(dim=1)
+
+
+def consistency(
+    denoised: torch.Tensor,
+    fbp: torch.Tensor,
+    sinogram: torch.Tensor,
+    theta: torch.Tensor,
+    center: float,
+    variance: torch.Tensor | None = None,
+    max_angles: int | None = DEFAULT_MAX_ANGLES,
+) -> torch.Tensor:
+    """The guard's score per slice, (B,) float32 on the slices' device (the module docstring says
+    what it means).
+
+    `denoised`, `fbp`: (B, N, N) slices of the same detector rows, attenuation per pixel;
+    `sinogram`: (B, angles, cols) those rows' measured line integrals (the scan's sinogram layout);
+    `theta`: (angles,) radians; `center`: rotation axis, TomoPy's convention; `variance`: the
+    noise variance of each line integral, broadcastable to the sinogram (`photon_variance`), or
+    None to estimate it from the sinogram (`estimate_variance`); `max_angles`: compare at every
+    k-th angle only, k the smallest that leaves at most this many (None: every angle).
+    """
+    if denoised.shape != fbp.shape or denoised.ndim != 3:
+        raise ValueError(
+            f"denoised {tuple(denoised.shape)} and fbp {tuple(fbp.shape)} must be the same "
+            "(batch, N, N)"
+        )
+    if sinogram.ndim != 3 or sinogram.shape[0] != denoised.shape[0]:
+        raise ValueError(
+            f"sinogram must be (batch, angles, cols) with batch {denoised.shape[0]}, "
+            f"got {tuple(sinogram.shape)}"
+        )
+    if sinogram.shape[1] != theta.numel():
+        raise ValueError(f"sinogram has {sinogram.shape[1]} angles, theta {theta.numel()}")
+    batch = denoised.shape[0]
+    sinogram = sinogram.to(denoised.device)
+    if variance is None:
+        variance = estimate_variance(sinogram)
+    variance = torch.broadcast_to(variance.to(denoised.device, torch.float32), sinogram.shape)
+    angles = sinogram.shape[1]
+    if max_angles is not None and angles > max_angles > 0:
+        stride = -(-angles // max_angles)
+        sinogram, variance, theta = sinogram[:, ::stride], variance[:, ::stride], theta[::stride]
+    # one projection call for both: the projector's tables are built once
+    both = torch.cat([denoised, fbp.to(denoised.device)]).to(torch.float32)
+    chi2 = misfit(
+        both, torch.cat([sinogram, sinogram]), theta, center, torch.cat([variance, variance])
+    )
+    return chi2[:batch] / chi2[batch:].clamp_min(1.0)
+
+
+@dataclass(frozen=True)
+class GuardDecision:
+    """The guard's verdict on a batch of slices: `keep[i]` true publishes the denoised slice i,
+    false publishes its FBP; `consistency[i]` its score; `threshold` the bound it was held to.
+    Tensors on the slices' device; immutable, safe to hand between threads."""
+
+    keep: torch.Tensor
+    consistency: torch.Tensor
+    threshold: float
+
+    def published(self, denoised: torch.Tensor, fbp: torch.Tensor) -> torch.Tensor:
+        """(B, N, N): the denoised slice where kept, its FBP elsewhere."""
+        return torch.where(self.keep[:, None, None], denoised, fbp.to(denoised.dtype))
+
+
+def guard(
+    denoised: torch.Tensor,
+    fbp: torch.Tensor,
+    sinogram: torch.Tensor,
+    theta: torch.Tensor,
+    center: float,
+    variance: torch.Tensor | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    max_angles: int | None = DEFAULT_MAX_ANGLES,
+) -> GuardDecision:
+    """Keep each denoised slice whose `consistency` is at most `threshold`; arguments as
+    `consistency`. A score that is not finite (a NaN slice) falls back."""
+    if not threshold > 0:
+        raise ValueError(f"threshold={threshold} must be > 0 (1.0: no worse than FBP)")
+    score = consistency(denoised, fbp, sinogram, theta, center, variance, max_angles)
+    keep = torch.isfinite(score) & (score <= threshold)
+    return GuardDecision(keep, score, threshold)
