@@ -12,7 +12,8 @@ Misfit, in noise units, per slice:
 `variance` is the noise variance of each measured line integral: from the photon counts when the
 caller knows them (a line integral p from a flat of I0 counts has variance exp(p) / I0,
 `photon_variance`), else estimated from the sinogram itself (`estimate_variance`: second
-differences along the detector, robust to the object's edges, assuming white detector noise).
+differences along the detector, median over the angles per detector column, assuming white
+detector noise).
 A slice the data fully support scores chi2 ~ 1: what the noise alone leaves.
 
 The score (`consistency`):
@@ -42,6 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from workers.project import project_tensor
 
@@ -55,17 +57,32 @@ _CHI2_1_MEDIAN = 0.454936423119572
 _SECOND_DIFFERENCE_GAIN = 6.0
 
 
-def estimate_variance(sinogram: torch.Tensor) -> torch.Tensor:
+def estimate_variance(sinogram: torch.Tensor, smooth_columns: int = 9) -> torch.Tensor:
     """The noise variance of each slice's (B, angles, cols) line integrals, from the data alone:
-    -> (B, 1, 1). Median of squared second differences along the detector (the object's edges
-    are few, so they barely move the median), floored at 1e-12 x the slice's mean square so that
-    noise-free data give a tiny but positive variance."""
+    -> (B, 1, cols), one value per detector column.
+
+    Squared second differences along the detector, their median over the angles of each column
+    (the object's edges are few at any one column, so they barely move it), averaged over
+    `smooth_columns` neighbouring columns. Per column because photon noise grows with the line
+    integral (exp(p) / I0) and a column's rays cross about the same length of a sample centred
+    on the axis at every angle. Floored at a tenth of the slice's median column (and 1e-12 x its
+    mean square), so that noise-free data give a small positive variance (their signal's own
+    roughness) and air columns do not outweigh the sample's.
+    """
     data = sinogram.to(torch.float32)
     second = data[..., :-2] - 2 * data[..., 1:-1] + data[..., 2:]
-    median = second.square().flatten(1).median(dim=1).values
+    median = second.square().median(dim=1).values  # (B, cols - 2)
+    median = F.pad(median[:, None], (1, 1), mode="replicate")  # back to cols
+    width = max(1, smooth_columns)
+    median = F.avg_pool1d(
+        F.pad(median, (width // 2, (width - 1) // 2), mode="replicate"), width, stride=1
+    )[:, 0]
     variance = median / (_CHI2_1_MEDIAN * _SECOND_DIFFERENCE_GAIN)
-    floor = 1e-12 * data.square().flatten(1).mean(dim=1) + torch.finfo(torch.float32).tiny
-    return torch.maximum(variance, floor)[:, None, None]
+    # no column below a tenth of the slice's typical one: noise-free air would otherwise weigh
+    # a billion times the sample's columns
+    typical = variance.median(dim=1, keepdim=True).values
+    floor = torch.maximum(0.1 * typical, 1e-12 * data.square().flatten(1).mean(1, keepdim=True))
+    return torch.maximum(variance, floor + torch.finfo(torch.float32).tiny)[:, None, :]
 
 
 def photon_variance(sinogram: torch.Tensor, flat_counts: torch.Tensor | float) -> torch.Tensor:
