@@ -65,9 +65,9 @@ def estimate_variance(sinogram: torch.Tensor, smooth_columns: int = 9) -> torch.
     (the object's edges are few at any one column, so they barely move it), averaged over
     `smooth_columns` neighbouring columns. Per column because photon noise grows with the line
     integral (exp(p) / I0) and a column's rays cross about the same length of a sample centred
-    on the axis at every angle. Floored at a tenth of the slice's median column (and 1e-12 x its
-    mean square), so that noise-free data give a small positive variance (their signal's own
-    roughness) and air columns do not outweigh the sample's.
+    on the axis at every angle. Floored at the slice's median column (and 1e-12 x its mean
+    square): noise-free data give a small positive variance (their signal's own roughness), and
+    columns quieter than typical (air) do not outweigh the sample's.
     """
     data = sinogram.to(torch.float32)
     second = data[..., :-2] - 2 * data[..., 1:-1] + data[..., 2:]
@@ -78,10 +78,11 @@ def estimate_variance(sinogram: torch.Tensor, smooth_columns: int = 9) -> torch.
         F.pad(median, (width // 2, (width - 1) // 2), mode="replicate"), width, stride=1
     )[:, 0]
     variance = median / (_CHI2_1_MEDIAN * _SECOND_DIFFERENCE_GAIN)
-    # no column below a tenth of the slice's typical one: noise-free air would otherwise weigh
-    # a billion times the sample's columns
+    # no column below the slice's typical one: quiet columns (air, the field's rim) would
+    # otherwise outweigh the sample's, and there any slice that is zero outside the sample beats
+    # FBP's ramp-filter tails
     typical = variance.median(dim=1, keepdim=True).values
-    floor = torch.maximum(0.1 * typical, 1e-12 * data.square().flatten(1).mean(1, keepdim=True))
+    floor = torch.maximum(typical, 1e-12 * data.square().flatten(1).mean(1, keepdim=True))
     return torch.maximum(variance, floor + torch.finfo(torch.float32).tiny)[:, None, :]
 
 
