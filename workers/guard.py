@@ -24,18 +24,26 @@ the denoised slice's misfit relative to the larger of what plain FBP leaves (the
 published instead; FBP is not exactly consistent either: ramp filtering, too few views,
 discretisation) and what the noise alone explains. Meaning:
 
-- <= 1: the denoised slice explains the measured data at least as well as the FBP published in its
-  place, or as well as the noise permits;
-- 1.0 to the threshold: worse, by less than the tolerance (a right model at the noise floor scores
-  about 1.0-1.1, its own discretisation error);
-- above: the data contradict the slice (a wrong model that paints its training sample scores 1.6 to
-  several hundred).
+- 1.0: the denoised slice explains the measured data exactly as well as the FBP published in its
+  place (or, where FBP fits better than the noise level, as well as the noise permits);
+- below 1: better (a denoiser that removes noise without inventing structure: its misfit is the
+  noise, FBP's is the noise plus its streaks and discretisation);
+- above 1: worse; far above (tens to hundreds): the data contradict the slice, typically a
+  network painting its training sample into another.
 
-`DEFAULT_THRESHOLD` = 1.25: a slice is kept when consistency <= 1.25. The figures that set it
-(the shipped foam model on every phantom family) are in docs/model-card.md, "No-harm guard
-(measured)", with the command that produced them. The score is invariant to scaling the data
-(sinogram, slices and the standard deviation by k), and each slice's score depends on its own
-row only.
+`DEFAULT_THRESHOLD` = 1.25 keeps a slice when consistency <= 1.25: the denoised slice may misfit
+the data by at most 25 % more than the published alternative does, which leaves a model that
+matches the data to within its own discretisation error, and rejects one that contradicts them.
+What it holds on the evaluation matrix (keep and fall-back rates, PSNR published vs FBP, the
+tolerance) is in docs/model-card.md, "No-harm guard (measured)", with its command.
+
+Properties: dimensionless and invariant to scaling the data (sinogram and slices by k, a given
+variance by k^2); each slice's score depends on its own row only (batches change nothing); a
+non-finite score falls back. Not covered: a sinogram the preprocessing filtered (phase retrieval,
+stripe removal) changes the noise, so pass no photon variance there; correlated detector noise
+(scintillator blur) makes the estimate low, both misfits grow, and the score becomes the ratio
+to FBP's alone. The reference is the FBP actually published: a smoother filter than the ramp
+raises its misfit and so loosens the guard.
 """
 
 from __future__ import annotations
