@@ -19,6 +19,7 @@ from workers.guard import (
     misfit,
     photon_variance,
 )
+from workers.lowdose import EVALUATION_SEED, Condition, render, render_measured
 from workers.project import project_tensor
 from workers.recon import recon
 
@@ -195,3 +196,17 @@ def test_cuda_scores_as_the_cpu(scan: tuple[torch.Tensor, torch.Tensor, torch.Te
     cuda = consistency(truth.cuda(), fbp.cuda(), sinogram.cuda(), THETA, CENTER)
     assert cuda.device.type == "cuda"
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-3, atol=1e-5)
+
+
+def test_render_measured_is_render_with_the_sinograms() -> None:
+    chosen = [Condition(sparse=4), Condition(photons=500.0)]
+    seed = EVALUATION_SEED + 7
+    plain = render(seed, 2, 32, 24, chosen, family="granular")
+    measured = render_measured(seed, 2, 32, 24, chosen, family="granular")
+    for volume, m in zip(plain, measured, strict=True):
+        np.testing.assert_array_equal(m.volume.noisy, volume.noisy)
+        np.testing.assert_array_equal(m.volume.target, volume.target)
+        assert m.sinogram.shape == (len(m.theta), 2, 32) and m.center == 16.0
+        again = recon(m.sinogram, m.theta, center=m.center)
+        np.testing.assert_allclose(again, volume.noisy, rtol=1e-5, atol=1e-6)
+    assert measured[0].photons is None and measured[1].photons == 500.0
