@@ -37,6 +37,7 @@ CONDITIONS = (
     Condition(photons=1000.0),
     Condition(photons=200.0),
 )
+SWEEP = (1.0, 1.1, 1.25, 1.5, 2.0, 3.0)
 RIGHT = ("foam", 1.0)  # the shipped model's training sample: the guard should keep it
 
 
@@ -171,6 +172,26 @@ def format_report(cases: Sequence[Case], denoise_s: float, guard_s: float, thres
         lines.append(
             f"\n{label}: published - FBP per slice: worst {min(deltas):+.2f} dB, "
             f"kept slices {len(harm)}, of which worse than FBP: {sum(h < 0 for h in harm)}"
+        )
+    lines += [
+        "",
+        "Other thresholds (photon variance where known), from the same scores:",
+        "",
+        "| threshold | right model kept | wrong model fallen back | kept slices below FBP "
+        "| worst published - FBP (dB) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for t in SWEEP:
+        kept_right = [s <= t for c in right for s in c.scores]
+        fallen_wrong = [not s <= t for c in wrong for s in c.scores]
+        pairs = [
+            (d - f if s <= t else 0.0)
+            for c in cases
+            for s, d, f in zip(c.scores, c.denoised, c.fbp, strict=True)
+        ]
+        lines.append(
+            f"| {t:g} | {_rate(kept_right)} | {_rate(fallen_wrong)} "
+            f"| {sum(x < 0 for x in pairs)} | {min(pairs):+.2f} |"
         )
     lines.append(
         f"\ncost per slice: denoise {denoise_s * 1e3:.1f} ms, guard {guard_s * 1e3:.1f} ms "
