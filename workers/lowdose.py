@@ -201,3 +201,51 @@ def render(
         )
         for index, condition in enumerate(chosen)
     ]
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What the detector measured for one `Volume`: the (angles, rows, cols) line integrals that
+    its noisy FBP was reconstructed from, their angles (radians), the rotation axis (TomoPy's
+    convention) and the flat's counts per pixel (None: noise-free)."""
+
+    volume: Volume
+    sinogram: np.ndarray
+    theta: np.ndarray
+    center: float
+    photons: float | None
+
+
+def render_measured(
+    seed: int,
+    rows: int,
+    size: int,
+    angles: int,
+    chosen: Sequence[Condition],
+    device: str | None = "cpu",
+    family: str = "foam",
+    attenuation: float = 1.0,
+) -> list[Measured]:
+    """`render(..., target="phantom")` with each volume's measured sinogram beside it: the same
+    phantom, the same noise draws, hence the same volumes."""
+    from workers.recon import recon
+
+    phantom = make_phantom(family, rows, size, seed=seed, attenuation=attenuation)
+    theta = np.linspace(0.0, np.pi, angles, endpoint=False)
+    line_integrals = phantom.project(theta)
+    truth = phantom.voxelize()
+    out = []
+    for index, condition in enumerate(chosen):
+        rng = np.random.default_rng((seed, index))
+        views = line_integrals[:: condition.sparse]
+        if condition.photons is not None:
+            counts = rng.poisson(condition.photons * np.exp(-views.astype(np.float64)))
+            views = -np.log(np.maximum(counts, 1) / condition.photons)
+        sinogram = views.astype(np.float32)
+        noisy = recon(sinogram, theta[:: condition.sparse], device=device)
+        volume = Volume(noisy, truth, seed, condition, family, attenuation)
+        center = sinogram.shape[2] / 2
+        out.append(
+            Measured(volume, sinogram, theta[:: condition.sparse], center, condition.photons)
+        )
+    return out
