@@ -141,22 +141,13 @@ def simulate_scan(
         n_flat=n_flat,
         meta=dict(meta or {}),
     )
-    rng = np.random.default_rng(seed)
     phantom: Phantom = (
         FoamPhantom.random(rows, size, n_spheres=n_spheres, seed=seed, attenuation=attenuation)
         if family == "foam"
         else make_phantom(family, rows, size, seed=seed, attenuation=attenuation)
     )
     line_integrals = phantom.project(start.theta_array(), cols=cols, center=axis)
-    open_beam = photons * _beam_profile(rows, cols)
-    dark = dark_level * np.clip(1 + DARK_SPREAD * rng.standard_normal((rows, cols)), 0, None)
-    darks = rng.poisson(dark, size=(n_dark, rows, cols))
-    flats = rng.poisson(open_beam + dark, size=(n_flat, rows, cols))
-    expected = np.exp(-line_integrals)
-    expected *= open_beam
-    expected *= _ring_gain(faults.rings, rows, cols, seed)
-    expected += dark
-    projections = _add_zingers(rng.poisson(expected), faults.zingers, dtype, seed)
+    darks, flats, projections = _detector(line_integrals, start, photons, dark_level, faults, seed)
     return SimulatedScan(
         start=start,
         darks=_to_dtype(darks, dtype),
@@ -167,6 +158,30 @@ def simulate_scan(
         phantom=phantom,
         family=family,
     )
+
+
+def _detector(
+    line_integrals: np.ndarray,
+    start: ScanStart,
+    photons: float,
+    dark_level: float,
+    faults: Faults,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(darks, flats, projections) as Poisson counts of a detector with a dark offset that
+    varies from pixel to pixel, a beam dimmer towards the edges, and `faults`."""
+    rows, cols, dtype = start.rows, start.cols, start.dtype
+    rng = np.random.default_rng(seed)
+    open_beam = photons * _beam_profile(rows, cols)
+    dark = dark_level * np.clip(1 + DARK_SPREAD * rng.standard_normal((rows, cols)), 0, None)
+    darks = rng.poisson(dark, size=(start.n_dark, rows, cols))
+    flats = rng.poisson(open_beam + dark, size=(start.n_flat, rows, cols))
+    expected = np.exp(-line_integrals)
+    expected *= open_beam
+    expected *= _ring_gain(faults.rings, rows, cols, seed)
+    expected += dark
+    projections = _add_zingers(rng.poisson(expected), faults.zingers, dtype, seed)
+    return darks, flats, projections
 
 
 def _ring_gain(spread: float, rows: int, cols: int, seed: int) -> np.ndarray | float:
