@@ -242,7 +242,7 @@ def render_measured(
             counts = rng.poisson(condition.photons * np.exp(-views.astype(np.float64)))
             views = -np.log(np.maximum(counts, 1) / condition.photons)
         sinogram = views.astype(np.float32)
-        noisy = recon(sinogram, theta[:: condition.sparse], device=device)
+        noisy = recon(sinogram, theta[:: condition.sparse], device=device, method="direct")
         volume = Volume(noisy, truth, seed, condition, family, attenuation)
         center = sinogram.shape[2] / 2
         out.append(

@@ -250,10 +250,14 @@ def robust_window(image: np.ndarray) -> tuple[float, float]:
 
 
 def to_uint8(image: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Map [low, high] to 0..255, clipping outside and sending NaN to 0."""
-    span = high - low if high > low else 1.0
-    scaled = np.nan_to_num((np.asarray(image, dtype=np.float64) - low) / span, nan=0.0)
-    return np.round(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
+    """Map [low, high] to 0..255, clipping outside and sending NaN to 0; halves round up.
+    The web viewer (static/render.js `paint`) does the same arithmetic in the same order, so a
+    slice looks the same, level for level, in a PNG and in the browser (a denoiser's output
+    can have few distinct values, and then many of them fall exactly on a half level)."""
+    scale = 255 / (high - low) if high > low else 255.0
+    levels = (np.asarray(image, dtype=np.float64) - low) * scale
+    levels = np.floor(np.clip(np.nan_to_num(levels, nan=0.0), 0.0, 255.0) + 0.5)
+    return np.minimum(levels, 255).astype(np.uint8)
 
 
 def save_comparison_png(path: str | Path, panels: list[tuple[str, np.ndarray]]) -> None:

@@ -59,7 +59,7 @@ export function paint(canvas, pixels, [low, high], lut) {
   const out = new Uint32Array(image.data.buffer);  // one RGBA word per pixel
   const scale = high > low ? 255 / (high - low) : 255;
   for (let i = 0; i < pixels.length; i++) {
-    // As service.sinks.to_uint8: clip to the window, round, NaN (false both ways) to 0.
+    // As service.clients.writers.to_uint8: clip to the window, round halves up, NaN to 0.
     const t = (pixels[i] - low) * scale;
     out[i] = lut[t > 0 ? (t < 255 ? (t + 0.5) | 0 : 255) : 0];
   }
