@@ -22,7 +22,9 @@ from service.security import ClientKeys
 class Detector:
     """Sends scans to the ingest socket over PUSH. Owned by one thread.
 
-    With `curve` (ClientKeys) the connection is encrypted and authenticated (CURVE).
+    With `curve` (ClientKeys) the connection is encrypted and authenticated (CURVE). With
+    `bind` the detector binds `endpoint` (its actual address in `self.endpoint`) and the service
+    connects to it (`ingest.mode = "connect"`), as DAQ gateways that bind do.
     Sends block while the service applies backpressure (that is the point: nothing is dropped);
     `send_timeout_s` turns a blocked send into TimeoutError. `close()` waits up to `linger_s` for
     queued messages to leave, so a DAQ that exits right after its last send loses nothing.
@@ -37,6 +39,7 @@ class Detector:
         send_timeout_s: float | None = None,
         linger_s: float = 60.0,
         curve: ClientKeys | None = None,
+        bind: bool = False,
     ) -> None:
         self._own_context = context is None
         self.context = context or zmq.Context()
@@ -47,7 +50,12 @@ class Detector:
             self.socket.setsockopt(zmq.SNDTIMEO, int(send_timeout_s * 1000))
         if curve is not None:
             curve.apply(self.socket)
-        self.socket.connect(endpoint)
+        if bind:  # a DAQ that binds; the service connects to it (ingest.mode = "connect")
+            self.socket.bind(endpoint)
+            self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        else:
+            self.socket.connect(endpoint)
+            self.endpoint = endpoint
         self._seq: dict[str, int] = {}
 
     def next_seq(self, scan_id: str) -> int:

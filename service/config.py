@@ -49,6 +49,12 @@ _LIMITS = Limits()  # the defaults of the ingest limits, defined once in service
 
 class IngestSettings(_Section):
     endpoint: str = Field("tcp://127.0.0.1:5555", description="PULL socket the DAQ connects to")
+    mode: Literal["bind", "connect"] = Field(
+        "bind",
+        description="bind: the DAQ connects to ingest.endpoint; connect: the DAQ (or a gateway "
+        "such as DECTRIS Stream or ADZMQ) binds there and the service connects, reconnecting "
+        "whenever it restarts",
+    )
     rcvhwm: int = Field(64, ge=1, description="messages ZeroMQ buffers before the DAQ blocks")
     max_message_bytes: int = Field(
         1 << 30,

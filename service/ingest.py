@@ -45,6 +45,7 @@ from service.stage import StageThread
 log = logging.getLogger(__name__)
 
 POLL_MS = 250  # how often an idle ingest looks at the stop flag and scan timeouts
+RECONNECT_MS = 100  # connect mode: first retry after a lost DAQ, backing off to 10x
 # rejected messages logged per reason and second; the rest are counted and summed up in one
 # line, so a flood of bad messages cannot flood the log (the counter has every one)
 REJECT_LOG_PER_S = 10
@@ -139,6 +140,15 @@ class Ingest(StageThread):
         self._socket.setsockopt(zmq.LINGER, 0)
         if self.curve is not None:
             self.curve.apply(self._socket)
+        if self.settings.mode == "connect":
+            # ZeroMQ reconnects by itself when the DAQ restarts; backpressure and validation
+            # are those of the bound socket (the DAQ's PUSH blocks at its high-water mark)
+            self._socket.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
+            self._socket.setsockopt(zmq.RECONNECT_IVL_MAX, 10 * RECONNECT_MS)
+            self._socket.connect(self.settings.endpoint)
+            self.endpoint = self.settings.endpoint
+            log.info("ingest connected to the DAQ at %s", self.endpoint)
+            return
         self._socket.bind(self.settings.endpoint)
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("ingest listening on %s", self.endpoint)
