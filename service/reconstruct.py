@@ -41,8 +41,6 @@ from workers.protocols import Denoiser, PreparableReconstructor, Reconstructor
 from workers.rows import RowWindow, theta_tensor
 from workers.transfer import Delivery, HostTransfer, Mark, host_transfer
 
-__all__ = ["Worker", "theta_tensor"]  # theta_tensor: where the loop's angles come from
-
 log = logging.getLogger(__name__)
 
 
