@@ -18,7 +18,7 @@ import numpy as np
 from service.client import Detector, Subscriber
 from service.events import ScanCompleted, ScanEnded
 from tests.e2e.test_cli import TOMOCAST, Process
-from tests.support.helpers import tally, wait_for
+from tests.support.helpers import SERVE_LOOPBACK, tally, wait_for
 
 rng = np.random.default_rng(3)
 FILE_LIMIT = 256 << 10  # bytes: the "disk" holds a small scan's file, not a big one's
@@ -52,15 +52,7 @@ class LimitedProcess(Process):
 
 def serve_args(archive: Path) -> list[str]:
     return [
-        "serve",
-        "--ingest",
-        "tcp://127.0.0.1:*",
-        "--publish",
-        "tcp://127.0.0.1:*",
-        "--metrics-port",
-        "0",
-        "--device",
-        "cpu",
+        *SERVE_LOOPBACK,
         "--model.enabled",
         "false",
         "--archive.directory",

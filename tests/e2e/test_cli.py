@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from service.sim.simulate import simulate_scan, write_dxchange
+from tests.support.helpers import SERVE_LOOPBACK
 
 TOMOCAST = [sys.executable, "-m", "service.cli"]
 
@@ -63,15 +64,7 @@ class Process:
 @pytest.fixture
 def server() -> Iterator[tuple[Process, str, str]]:
     proc = Process(
-        "serve",
-        "--ingest",
-        "tcp://127.0.0.1:*",
-        "--publish",
-        "tcp://127.0.0.1:*",
-        "--metrics-port",
-        "0",
-        "--device",
-        "cpu",
+        *SERVE_LOOPBACK,
     )
     match = proc.wait_for(r"ready: ingest (\S+), publish (\S+),")
     yield proc, match.group(1), match.group(2)

@@ -15,7 +15,7 @@ import pytest
 from service.client import Detector
 from service.sinogram import STORE_BLOCK_BYTES
 from tests.e2e.test_cli import Process
-from tests.support.helpers import wait_for
+from tests.support.helpers import SERVE_LOOPBACK, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -39,15 +39,7 @@ def projections_accepted(url: str) -> float:
 def test_the_largest_message_costs_what_the_docs_say() -> None:
     message = np.random.default_rng(2).uniform(0, 1, (ANGLES, ROWS, COLS)).astype(np.float32)
     serve = Process(
-        "serve",
-        "--ingest",
-        "tcp://127.0.0.1:*",
-        "--publish",
-        "tcp://127.0.0.1:*",
-        "--metrics-port",
-        "0",
-        "--device",
-        "cpu",
+        *SERVE_LOOPBACK,
         "--model.enabled",
         "false",
         "--worker.prepare_geometry",

@@ -12,7 +12,7 @@ import numpy as np
 from service.client import Detector, Subscriber
 from service.events import Event, ScanCompleted, ScanEnded, ScanFailed, ScanStarted
 from tests.e2e.test_cli import Process
-from tests.support.helpers import tally
+from tests.support.helpers import SERVE_LOOPBACK, tally
 
 ROWS, COLS, ANGLES = 8, 64, 60
 rng = np.random.default_rng(5)
@@ -22,15 +22,7 @@ PROJECTIONS = (rng.poisson(2000, (ANGLES, ROWS, COLS)) + 100).astype(np.uint16)
 
 def test_sigterm_mid_scan_keeps_every_promise(tmp_path: Path) -> None:
     serve = Process(
-        "serve",
-        "--ingest",
-        "tcp://127.0.0.1:*",
-        "--publish",
-        "tcp://127.0.0.1:*",
-        "--metrics-port",
-        "0",
-        "--device",
-        "cpu",
+        *SERVE_LOOPBACK,
         "--archive.directory",
         str(tmp_path),
     )

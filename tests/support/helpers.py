@@ -82,3 +82,17 @@ def tally(message: Any, slices: set[tuple[str, int]], events: dict[str, ScanEnde
         slices.add((message.header["scan_id"], message.header["index"]))
     elif isinstance(event := message.event(), ScanEnded):
         events[event.scan_id] = event
+
+
+# `tomocast serve` on free loopback ports, on the CPU: what the end-to-end tests start
+SERVE_LOOPBACK = (
+    "serve",
+    "--ingest",
+    "tcp://127.0.0.1:*",
+    "--publish",
+    "tcp://127.0.0.1:*",
+    "--metrics-port",
+    "0",
+    "--device",
+    "cpu",
+)
