@@ -254,6 +254,7 @@ class Service:
             self.denoiser,
             self._sinks(),
             self.metrics,
+            self.settings.guard,
         )
         ingest = self.ingest
         assert ingest is not None

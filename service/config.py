@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -180,6 +181,53 @@ class ModelSettings(_Section):
     )
 
 
+# workers.guard's DEFAULT_THRESHOLD and DEFAULT_MAX_ANGLES, written out so that loading settings
+# does not import torch (tests/unit/service/test_guard.py checks they agree)
+GUARD_THRESHOLD = 1.25
+GUARD_MAX_ANGLES = 90
+
+
+class GuardSettings(_Section):
+    """The no-harm guard (service/guard.py): a denoised slice the measured data contradict is
+    replaced by its plain FBP."""
+
+    enabled: bool = Field(
+        True,
+        description="score every denoised slice against its measured sinogram and publish "
+        "plain FBP where the data contradict it (only while a denoiser runs)",
+    )
+    threshold: float = Field(
+        GUARD_THRESHOLD,
+        description="keep the denoised slice when consistency <= this; 1.0: no worse "
+        "fit to the data than FBP (docs/operations.md, 'No-harm guard')",
+    )
+    max_angles: int = Field(
+        GUARD_MAX_ANGLES,
+        description="compare at every k-th angle, k the smallest leaving at most this many",
+    )
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, value: float) -> float:
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(
+                f"guard.threshold={value} must be a finite number > 0: consistency is the "
+                "denoised slice's misfit over FBP's (1.0: as good as FBP; default "
+                f"{GUARD_THRESHOLD})"
+            )
+        return value
+
+    @field_validator("max_angles")
+    @classmethod
+    def _max_angles(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(
+                f"guard.max_angles={value} must be >= 1 (default {GUARD_MAX_ANGLES}; set it "
+                "to the scan's angles or more to compare at every angle)"
+            )
+        return value
+
+
 class ArchiveSettings(_Section):
     directory: Path | None = Field(
         None, description="write every scan's slices to DIR/<scan_id>.h5 (default: off)"
@@ -233,6 +281,7 @@ class Settings(BaseSettings):
     publish: PublishSettings = PublishSettings()
     worker: WorkerSettings = WorkerSettings()
     model: ModelSettings = ModelSettings()
+    guard: GuardSettings = GuardSettings()
     archive: ArchiveSettings = ArchiveSettings()
     security: SecuritySettings = SecuritySettings()
     metrics: MetricsSettings = MetricsSettings()

@@ -193,6 +193,14 @@ class SliceHeader:
     # denoised slices: the scan's intensity factor, the network's input scale relative to the
     # level it was trained at (one per scan; `workers.denoise.DenoiseEngine.scale_for`)
     scale: float | None = None
+    # True: the network's output; False: plain FBP (no denoiser, topic `recon`, or the no-harm
+    # guard replaced a denoised slice the measured data contradict). None: a header from a
+    # service older than the guard
+    denoised: bool | None = None
+    # the no-harm guard's score (`service.guard`): chi2(denoised) / max(chi2(FBP), 1); None
+    # when the guard did not score the slice (no denoiser, guard off, topic `recon`, or a score
+    # that is not finite: then `denoised` is False)
+    consistency: float | None = None
 
     def encode(self) -> dict[str, Any]:
         header: dict[str, Any] = {
@@ -214,6 +222,10 @@ class SliceHeader:
             header["pub_seq"] = self.pub_seq
         if self.scale is not None:
             header["scale"] = self.scale
+        if self.denoised is not None:
+            header["denoised"] = self.denoised
+        if self.consistency is not None and math.isfinite(self.consistency):
+            header["consistency"] = self.consistency
         return header
 
     @classmethod
@@ -230,6 +242,8 @@ class SliceHeader:
         published = header.get("t_published")
         pub_seq = header.get("pub_seq")
         scale = header.get("scale")
+        denoised = header.get("denoised")
+        consistency = header.get("consistency")
         return cls(
             scan_id=_str(header, "scan_id"),
             rows=_int(header, "rows"),
@@ -243,6 +257,8 @@ class SliceHeader:
             t_published=None if published is None else _float(header, "t_published"),
             pub_seq=pub_seq if _is_int(pub_seq) else None,
             scale=_float(header, "scale") if _is_number(scale) else None,
+            denoised=denoised if isinstance(denoised, bool) else None,
+            consistency=_finite_or_none(consistency),
         )
 
     @property
@@ -266,6 +282,10 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite_or_none(value: Any) -> float | None:
+    return float(value) if _is_number(value) and math.isfinite(value) else None
 
 
 def _present(header: Mapping[str, Any], key: str) -> Any:

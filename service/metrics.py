@@ -41,14 +41,22 @@ STAGE_BUCKETS = (
 # Last projection of a scan -> its last slice published: seconds to minutes for big scans.
 TAIL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0)
 # receive, normalize: per ingest message; wait: per scan (queued before the worker took it);
-# fbp, denoise, publish: per slice; end_to_end: per slice, last projection -> slice published.
-STAGES = ("receive", "normalize", "wait", "fbp", "denoise", "publish", "end_to_end")
+# fbp, denoise, guard, publish: per slice; end_to_end: per slice, last projection -> slice
+# published. guard: the no-harm guard's check of a denoised slice (service/guard.py).
+STAGES = ("receive", "normalize", "wait", "fbp", "denoise", "guard", "publish", "end_to_end")
 QUEUES = ("scans", "publish")
 ERROR_STAGES = ("ingest", "prepare", "worker", "publish", "archive")
 SCAN_OUTCOMES = ("completed", "failed")
 # What became of each scan's geometry prepare (service.prepare): built now, found cached, dropped
 # (its queue was full), cancelled (the scan failed first), failed (also an error, stage prepare).
 PREPARE_OUTCOMES = ("built", "cached", "dropped", "cancelled", "failed")
+# The no-harm guard's score (service/guard.py): 1 = the denoised slice fits the measured data as
+# well as FBP; far above = contradicted. An edge exactly on the default threshold (1.25), so
+# "share above it" is a bucket ratio; wide on both sides (the measured range is 0.003 .. 700).
+GUARD_BUCKETS = (0.01, 0.1, 0.25, 0.5, 0.75, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0, 1e3)
+# Why a denoised slice was published as plain FBP: its score was above guard.threshold
+# (inconsistent), or it could not be scored (not_finite: a NaN/inf score, too few columns).
+GUARD_FALLBACK_REASONS = ("inconsistent", "not_finite")
 
 
 class Metrics:
@@ -65,6 +73,7 @@ class Metrics:
         self._ingest(self.registry)
         self._output(self.registry)
         self._resources(self.registry)
+        self._guard(self.registry)
         self._create_labels()
 
     def _latency(self, r: CollectorRegistry) -> None:
@@ -143,6 +152,24 @@ class Metrics:
             "tomocast_errors_total", "Unexpected errors, by stage", ["stage"], registry=r
         )
 
+    def _guard(self, r: CollectorRegistry) -> None:
+        """The no-harm guard (service/guard.py): its score per denoised slice, and the slices
+        published as plain FBP in the denoiser's place."""
+        self.guard_consistency = Histogram(
+            "tomocast_guard_consistency",
+            "No-harm guard score per denoised slice: chi2(denoised) / max(chi2(FBP), 1) against "
+            "the measured sinogram (1: as consistent as FBP; above guard.threshold: FBP published)",
+            buckets=GUARD_BUCKETS,
+            registry=r,
+        )
+        self.guard_fallbacks = Counter(
+            "tomocast_guard_fallbacks_total",
+            "Slices published as plain FBP because the no-harm guard rejected the denoised one, "
+            "by reason",
+            ["reason"],
+            registry=r,
+        )
+
     def _resources(self, r: CollectorRegistry) -> None:
         """What the service holds: scans, queues, batch size, GPU memory, the model."""
         self.scans_in_flight = Gauge(
@@ -176,6 +203,7 @@ class Metrics:
             (self.errors, ERROR_STAGES),
             (self.queue_depth, QUEUES),
             (self.geometry_prepares, PREPARE_OUTCOMES),
+            (self.guard_fallbacks, GUARD_FALLBACK_REASONS),
         ):
             for label in labels:
                 metric.labels(label)

@@ -14,6 +14,7 @@ viewer counts what it lost (`Subscriber.dropped`).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import replace
 from typing import Any
@@ -164,9 +165,20 @@ class PublishChannel:
     def write(self, batch: SliceBatch) -> None:
         header, timing = self._headers[batch.scan_id], batch.timing.as_dict()
         for i, data in enumerate(batch.slices):
+            denoised = batch.denoised is not None and bool(batch.denoised[i])
+            consistency = None
+            if batch.consistency is not None and math.isfinite(batch.consistency[i]):
+                consistency = float(batch.consistency[i])
             self.send_slice(
                 batch.topic,
-                replace(header, index=batch.first + i, timing=timing, scale=batch.scale),
+                replace(
+                    header,
+                    index=batch.first + i,
+                    timing=timing,
+                    scale=batch.scale,
+                    denoised=denoised,
+                    consistency=consistency,
+                ),
                 data,
             )
 

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from service.config import PublishSettings, WorkerSettings
+from service.config import GuardSettings, PublishSettings, WorkerSettings
 from service.events import ScanCompleted, ScanEnded, ScanFailed, ScanLatency
+from service.guard import Pending, ScanGuard, record
 from service.metrics import Metrics
 from service.sinks import ScanDescription, SliceBatch, SliceSink, SliceTiming, Topic
 from service.sinogram import CompletedScan
@@ -66,6 +67,8 @@ class BatchTag:
     first: int
     fbp: Span
     denoise: Span | None = None
+    guard: Span | None = None  # the no-harm guard's check of denoised slices
+    verdict: Pending | None = None  # its verdict, read once the batch is delivered
 
 
 @dataclass
@@ -81,6 +84,9 @@ class _Run:
     # NaN/inf pixels replaced by 0, added up on the device (read once, at the scan's end)
     non_finite: torch.Tensor | int = 0
     scale: float | None = None  # the denoiser's intensity factor, one for the whole scan
+    guard: ScanGuard | None = None  # the no-harm guard (with a denoiser, guard.enabled)
+    guard_s: list[float] = field(default_factory=list)  # per slice, as batches are delivered
+    fallbacks: int = 0  # denoised slices the guard replaced by FBP
 
 
 class Worker(StageThread):
@@ -105,6 +111,7 @@ class Worker(StageThread):
         denoiser: Denoiser | None,
         sinks: list[SliceSink],
         metrics: Metrics,
+        guard: GuardSettings | None = None,
     ) -> None:
         super().__init__("worker", metrics)
         self.settings = settings
@@ -115,6 +122,8 @@ class Worker(StageThread):
         self.denoiser = denoiser
         self.sinks = list(sinks)
         self.model_name = denoiser.name if denoiser is not None else "none"
+        # the no-harm guard checks denoised slices only (None: off)
+        self.guard = guard if guard is not None and guard.enabled else None
         self._transfer: HostTransfer | None = None  # made on the loop's thread, per device
         self._window = RowWindow()  # the reconstructed rows denoising still needs
         self._release = (
@@ -174,7 +183,7 @@ class Worker(StageThread):
         run = _Run(scan.start.scan_id, wait, halo)
         self._reconstruct(scan, run)
         fbp_s = [span.per_row() for span in run.fbp]
-        for stage, values in (("fbp", fbp_s), ("denoise", run.denoise_s)):
+        for stage, values in (("fbp", fbp_s), ("denoise", run.denoise_s), ("guard", run.guard_s)):
             for value in values:
                 self.metrics.stage_seconds.labels(stage).observe(value)
         tail = time.time() - scan.t_last_projection
@@ -185,6 +194,13 @@ class Worker(StageThread):
             scan.start.rows,
             tail,
         )
+        if run.guard is not None:
+            log.info(
+                "scan_id=%s no-harm guard: %d of %d slices published as plain FBP",
+                scan.start.scan_id,
+                run.fallbacks,
+                scan.start.rows,
+            )
         self._end(self._completed(scan, tail, fbp_s, run))
 
     def _describe(self, scan: CompletedScan) -> ScanDescription:
@@ -248,6 +264,8 @@ class Worker(StageThread):
         with transfer.compute(), torch.inference_mode():
             # on CUDA the window is allocated and used on the compute stream only
             theta = theta_tensor(scan.theta)
+            if self.denoiser is not None and self.guard is not None:
+                run.guard = ScanGuard(self.guard, scan, theta, scan.center)
             # a denoise batch [d0, d1) reads rows d0 - halo .. d1 - 1 + halo, and every batch is
             # denoised up to `halo` rows short of the last reconstructed: `batch` new rows plus
             # at most 2 * halo kept ones
@@ -311,7 +329,12 @@ class Worker(StageThread):
             )
             run.non_finite = run.non_finite + zero_non_finite_(denoised)
             denoise = Span(start, transfer.mark(), d1 - d0)
-            transfer.submit(denoised, BatchTag("slice", d0, fbp, denoise))
+            guard, verdict = None, None
+            if run.guard is not None:  # the FBP of rows [d0, d1) replaces what the data refute
+                reconstructed = window.held()[d0 - window.first : d1 - window.first]
+                denoised, verdict = run.guard.check(d0, denoised, reconstructed)
+                guard = Span(denoise.done, transfer.mark(), d1 - d0)
+            transfer.submit(denoised, BatchTag("slice", d0, fbp, denoise, guard, verdict))
             run.denoised_to = d1
 
     def _deliver(self, deliveries: Iterable[Delivery], run: _Run) -> None:
@@ -322,9 +345,28 @@ class Worker(StageThread):
             denoise = tag.denoise.per_row() if tag.denoise is not None else None
             if denoise is not None:
                 run.denoise_s.append(denoise)
-            timing = SliceTiming(run.wait, tag.fbp.per_row(), denoise)
+            guard = tag.guard.per_row() if tag.guard is not None else None
+            if guard is not None:
+                run.guard_s.append(guard)
+            timing = SliceTiming(run.wait, tag.fbp.per_row(), denoise, guard)
             scale = run.scale if tag.denoise is not None else None
-            batch = SliceBatch(run.scan_id, tag.topic, tag.first, delivery.slices, timing, scale)
+            denoised, consistency = None, None
+            if tag.verdict is not None:
+                verdict = tag.verdict.result()
+                denoised, consistency = verdict.denoised, verdict.consistency
+                run.fallbacks += record(self.metrics, verdict)
+            elif tag.denoise is not None:  # guard off: every slice is the network's
+                denoised = np.ones(len(delivery.slices), dtype=bool)
+            batch = SliceBatch(
+                run.scan_id,
+                tag.topic,
+                tag.first,
+                delivery.slices,
+                timing,
+                scale,
+                denoised,
+                consistency,
+            )
             if self._abandoned.is_set():
                 return
             t0 = time.perf_counter()

@@ -375,6 +375,7 @@ class ScanAssembler:
                 rejected=scan.rejected,
                 t_first_message=scan.t_first_message,
                 t_last_projection=scan.t_last_projection,
+                flat_counts=scan.flat_counts(),
             )
         )
         return [*outcomes, completed]

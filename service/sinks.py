@@ -48,17 +48,20 @@ class ScanDescription:
 @dataclass(frozen=True)
 class SliceTiming:
     """Per-slice seconds of a batch: queued before the loop took the scan (`wait`, the whole
-    scan's), reconstruction and, for denoised slices, denoising."""
+    scan's), reconstruction and, for denoised slices, denoising and the no-harm guard's check."""
 
     wait: float
     fbp: float
     denoise: float | None = None
+    guard: float | None = None
 
     def as_dict(self) -> dict[str, float]:
         """As published in the slice header's `timing`."""
         timing = {"wait": self.wait, "fbp": self.fbp}
         if self.denoise is not None:
             timing["denoise"] = self.denoise
+        if self.guard is not None:
+            timing["guard"] = self.guard
         return timing
 
 
@@ -72,6 +75,12 @@ class SliceBatch:
     slices: np.ndarray
     timing: SliceTiming
     scale: float | None = None  # denoised slices: the scan's intensity factor (the header's)
+    # topic "slice" with a denoiser: per slice, whether it is the network's output (True) or
+    # the plain FBP the no-harm guard published in its place (False); None: every slice is
+    # plain FBP (no denoiser, topic "recon")
+    denoised: np.ndarray | None = None  # (n,) bool
+    # the guard's score per slice, NaN where it has none; None: the guard did not run
+    consistency: np.ndarray | None = None  # (n,) float32
 
     @property
     def stop(self) -> int:

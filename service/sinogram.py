@@ -55,6 +55,11 @@ class CompletedScan:
     rejected: int  # messages of this scan that were rejected
     t_first_message: float  # unix seconds
     t_last_projection: float  # unix seconds
+    # raw-count scans: the flat's photon counts per detector pixel (mean flat minus mean dark),
+    # (rows, cols) float32 on the sinogram's device; the no-harm guard's noise model
+    # (service/guard.py). None for `normalized` scans and scans without flats: the guard then
+    # estimates the noise from the sinogram.
+    flat_counts: torch.Tensor | None = None
 
 
 @dataclass
@@ -183,6 +188,15 @@ class ScanBuffer:
             self.raw[first:stop] = False
             self.clipped += clipped
         return self.clipped - clipped_before
+
+    def flat_counts(self) -> torch.Tensor | None:
+        """The flat's counts per detector pixel, flat minus dark (`CompletedScan.flat_counts`),
+        once the references are averaged; None for normalized scans or without flats."""
+        if self.start.normalized or self.flat is None or self.dark is None:
+            return None
+        if not self.flats.seen:
+            return None
+        return self.flat - self.dark
 
     def finalise_references(self) -> None:
         like = torch.zeros((self.start.rows, self.start.cols), device=self.device)
