@@ -70,6 +70,9 @@ bench recon-2048x1500 recon --sizes 2048 --angles 1500 --batch 32 --repeat 10 --
 bench denoise denoise --sizes 512 1024 2048 --batches 1 4 8 16 --repeat 10 \
     --variants eager,script,compile,engine-fp32,engine-fp16
 
+# The no-harm guard beside the denoiser (issue 16: a small fraction of the denoise time).
+bench guard guard --sizes 512 1024 2048 --angles 1500 --rows 16 --repeat 10
+
 # Pipeline through a real service on loopback (FBP + TomoGAN per 2048^2 slice under 7 ms; the
 # tail of a 2048-row scan, extrapolated from the per-slice cost at 128 rows).
 bench pipeline pipeline --rows 128 --cols 1024 --angles 1536 --scans 3 --batch 16

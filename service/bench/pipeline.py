@@ -6,7 +6,7 @@ per second (or as fast as the service takes them) with `service.client.Detector`
 (`Subscriber`) takes every slice and event. Scans are simulated before the clock starts.
 
 Reported, from the slice headers and the scan_completed events:
-- ms/slice per stage (header `timing`: fbp, denoise; publish from the service's histogram),
+- ms/slice per stage (header `timing`: fbp, denoise, guard; publish from the service's histogram),
 - slices/s: slices published / (last slice published - first projection sent),
 - p50/p95/p99 end-to-end latency: a slice's `t_published - t_last_projection` (its scan's last
   projection received -> the slice published),
@@ -199,7 +199,7 @@ def _report(
 ) -> dict[str, Any]:
     headers, events = seen.headers, seen.events
     stages: dict[str, float] = {}
-    for stage in ("fbp", "denoise"):
+    for stage in ("fbp", "denoise", "guard"):
         values = [h["timing"][stage] for h in headers if stage in h["timing"]]
         if values:
             stages[stage] = 1e3 * float(np.median(values))

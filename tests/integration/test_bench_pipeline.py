@@ -39,7 +39,7 @@ def test_bench_pipeline_json(capsys: pytest.CaptureFixture[str]) -> None:
     report = json.loads(out)
     assert report["bench"] == "pipeline" and report["model"] == "tomogan-foam-d3"
     assert report["slices"] == 10 and report["dropped"] == 0 and report["failed_scans"] == 0
-    assert set(report["ms_per_slice"]) == {"fbp", "denoise", "publish"}
+    assert set(report["ms_per_slice"]) == {"fbp", "denoise", "guard", "publish"}
     latency = report["end_to_end_ms"]
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
     assert len(report["scan_tail_s"]["each"]) == 2

@@ -249,3 +249,100 @@ def test_header_fields_round_trip_and_never_carry_nan() -> None:
     older = {k: v for k, v in wire.items() if k not in ("denoised", "consistency")}
     decoded = SliceHeader.decode(older)  # a header from a service without the guard
     assert decoded.denoised is None and decoded.consistency is None
+
+
+# ---- in the reconstruct loop -------------------------------------------------------------------
+
+
+class PickyDenoiser:
+    """Halves the slices whose centre input peaks above `bright` (contradicted by the data),
+    and returns the others as they came, times 1 + 1e-5 (consistent, yet not the FBP itself)."""
+
+    def __init__(self, depth: int, device: torch.device, bright: float = 0.012) -> None:
+        self._depth, self._device, self.bright = depth, device, bright
+
+    name = "picky"
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def scale_for(self, slices: torch.Tensor) -> float:
+        return 1.0
+
+    def denoise(self, stack: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        centre = stack[:, self._depth // 2]
+        bright = centre.flatten(1).amax(1) > self.bright
+        return torch.where(bright[:, None, None], centre * 0.5, centre * (1 + 1e-5))
+
+
+class Collect:
+    """A slice sink that keeps every batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[Any] = []
+
+    def begin(self, scan: Any) -> None: ...
+
+    def write(self, batch: Any) -> None:
+        self.batches.append(batch)
+
+    def end(self, outcome: Any) -> None:
+        self.outcome = outcome
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize(("rows", "batch", "depth"), [(6, 4, 3), (5, 2, 5), (7, 8, 3)])
+def test_the_loop_publishes_fbp_for_exactly_the_rows_the_data_contradict(
+    rows: int, batch: int, depth: int, device: str
+) -> None:
+    import queue
+
+    from service.config import PublishSettings, WorkerSettings
+    from service.reconstruct import Worker
+    from workers.recon import make_reconstructor
+
+    bright = [r % 2 == 0 for r in range(rows)]  # attenuation 0.02 on even rows, 0.004 on odd
+    volume = disc_volume(rows) * torch.tensor([1.0 if b else 0.2 for b in bright])[:, None, None]
+    theta = torch.linspace(0, math.pi, ANGLES + 1)[:-1]
+    sinogram = project_tensor(volume, theta, CENTER, COLS).to(device)
+    scan = completed(sinogram, None)
+    scan.theta = theta.double().numpy()
+    metrics, sink = Metrics(), Collect()
+    worker = Worker(
+        WorkerSettings(device=device, batch_rows=batch, fbp_method="direct"),
+        PublishSettings(recon=True),
+        queue.Queue(),
+        make_reconstructor("direct", device),
+        PickyDenoiser(depth, torch.device(device)),
+        [sink],
+        metrics,
+        GuardSettings(),
+    )
+    worker.process(scan)
+    published: dict[str, dict[int, tuple[np.ndarray, bool, float]]] = {"slice": {}, "recon": {}}
+    for b in sink.batches:
+        for i, data in enumerate(b.slices):
+            flag = bool(b.denoised[i]) if b.denoised is not None else False
+            score = float(b.consistency[i]) if b.consistency is not None else math.nan
+            published[b.topic][b.first + i] = (data, flag, score)
+    assert sorted(published["slice"]) == sorted(published["recon"]) == list(range(rows))
+    for r in range(rows):
+        data, flag, score = published["slice"][r]
+        fbp = published["recon"][r][0]
+        assert flag is not bright[r], (r, score)
+        if bright[r]:  # the FBP of this very row, bit for bit
+            assert score > GUARD_THRESHOLD
+            np.testing.assert_array_equal(data, fbp)
+        else:
+            assert score <= GUARD_THRESHOLD
+            np.testing.assert_allclose(data, fbp * (1 + 1e-5), rtol=1e-6, atol=1e-9)
+            assert not np.array_equal(data, fbp)
+    fallbacks = metrics.registry.get_sample_value(
+        "tomocast_guard_fallbacks_total", {"reason": "inconsistent"}
+    )
+    assert fallbacks == sum(bright)
