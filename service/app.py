@@ -208,6 +208,8 @@ class Service:
             self.settings.archive.queue_items,
             self.metrics,
             model,
+            settings=self.settings.model_dump(mode="json"),
+            compression=self.settings.archive.compression,
         )
         archive.open_directory()
         return archive
