@@ -207,9 +207,12 @@ class PVAServer(StageThread):
             for name, image in images.items():
                 self.guarded(f"PV {self.prefix}{name}", self._post_image, name, image)
             for name, value in status.items():
-                self.guarded(f"PV {self.prefix}{name}", self._pvs[name].post, value)
+                self.guarded(f"PV {self.prefix}{name}", self._post_status, name, value)
             if self.stopping and not self._wake.is_set():
                 return
+
+    def _post_status(self, name: str, value: Any) -> None:
+        self._pvs[name].post(value, timestamp=time.time())
 
     def _post_image(self, name: str, image: _Image) -> None:
         self._unique_id[name] += 1

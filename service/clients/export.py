@@ -13,6 +13,7 @@ NaN, as in the archive. Reads the archive's NeXus layout (`service.nexus`), view
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 from collections.abc import Iterator
@@ -38,6 +39,10 @@ def export_tiff(
     `directory`; the files written."""
     import tifffile
 
+    # registers the filters of compressed archives; uncompressed and gzip ones need nothing
+    # more, and the others fail in `_pages` with a message that says what to install
+    with contextlib.suppress(ImportError):
+        import hdf5plugin  # noqa: F401
     try:
         f = h5py.File(archive, "r")
     except OSError as exc:
@@ -77,7 +82,14 @@ def export_tiff(
 def _pages(slices: h5py.Dataset) -> Iterator[np.ndarray]:
     """One slice at a time: an archive larger than memory exports in constant memory."""
     for index in range(len(slices)):
-        yield np.asarray(slices[index], dtype=np.float32)
+        try:
+            page = slices[index]
+        except OSError as exc:  # h5py's error when a filter is missing
+            raise DataError(
+                f"{slices.file.filename}: cannot read {slices.name} ({exc}): a compressed "
+                "archive needs hdf5plugin (pip install 'tomocast[nexus]')"
+            ) from None
+        yield np.asarray(page, dtype=np.float32)
 
 
 def _separate(slices: h5py.Dataset, folder: Path) -> list[Path]:

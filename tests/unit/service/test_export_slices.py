@@ -35,6 +35,15 @@ def test_the_stack_holds_every_slice_and_imagej_reads_it_as_one(
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "fbp" / "nx.tif"), recon)
 
 
+def test_a_compressed_archive_exports_alike(tmp_path: Path) -> None:
+    pytest.importorskip("hdf5plugin")
+    archive = archive_one(tmp_path / "archive", "bitshuffle-lz4")
+    assert main(["export-slices", str(archive), "--tiff", str(tmp_path / "tiff")]) == 0
+    with h5py.File(archive) as f:
+        expected = f["entry/data/data"][()]
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "tiff" / "nx.tif"), expected)
+
+
 def test_separate_files_and_an_archive_from_before_nexus(tmp_path: Path) -> None:
     rows = np.random.default_rng(2).normal(size=(3, 4, 5)).astype(np.float32)
     old = tmp_path / "old.h5"
