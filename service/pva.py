@@ -153,6 +153,8 @@ class PVAServer(StageThread):
         )
 
     def write(self, batch: SliceBatch) -> None:
+        if batch.scan_id not in self._scans:  # not begun (or already ended): nothing to show
+            return
         scan, done = self._scans[batch.scan_id]
         now = time.time()
         attributes: dict[str, Any] = {

@@ -143,7 +143,15 @@ def test_a_p4p_client_reads_the_last_zeromq_slice(
 
 
 def _description(scan_id: str) -> ScanDescription:
-    return ScanDescription(scan_id, 3, 4, np.linspace(0, np.pi, 6), 2.0, "none", 0.0)
+    return ScanDescription(
+        scan_id=scan_id,
+        rows=3,
+        cols=4,
+        theta=np.linspace(0, np.pi, 6),
+        center=2.0,
+        model="none",
+        t_last_projection=0.0,
+    )
 
 
 def _batch(scan_id: str, row: int, value: float) -> SliceBatch:
