@@ -33,6 +33,7 @@ from service.ingest import POLL_MS, Ingest
 from service.metrics import Metrics
 from service.prepare import GeometryPreparer
 from service.publish import PublishChannel, Publisher
+from service.pva import PVAServer
 from service.reconstruct import Worker
 from service.security import ServerKeys, start_authenticator
 from service.sinks import SliceSink
@@ -106,6 +107,7 @@ class Service:
         self.worker: Worker | None = None
         self.preparer: GeometryPreparer | None = None
         self.archive: Archive | None = None
+        self.pva: PVAServer | None = None  # EPICS PV Access, with publish.pva_prefix
         self.authenticator: ThreadAuthenticator | None = None
         self._worker_channel: PublishChannel | None = None  # the loop's, closed after it ends
 
@@ -125,12 +127,14 @@ class Service:
         curve = self._curve()
         self.publisher = self._build_publisher(curve)
         self.archive = self._build_archive()
+        self.pva = self._build_pva()
         self.preparer = self._build_preparer(reconstructor)
         self.ingest = self._build_ingest(curve)
         self.worker = self._build_worker(reconstructor)
         self._why_not_ready = "warming up the device"
         self._warm_up(reconstructor)
-        for stage in (self.publisher, self.archive, self.worker, self.preparer, self.ingest):
+        stages = (self.publisher, self.archive, self.pva, self.worker, self.preparer, self.ingest)
+        for stage in stages:
             if stage is not None:
                 stage.start()
         self._ready.set()
@@ -204,9 +208,19 @@ class Service:
             self.settings.archive.queue_items,
             self.metrics,
             model,
+            settings=self.settings.model_dump(mode="json"),
+            compression=self.settings.archive.compression,
         )
         archive.open_directory()
         return archive
+
+    def _build_pva(self) -> PVAServer | None:
+        prefix = self.settings.publish.pva_prefix
+        if not prefix:
+            return None
+        pva = PVAServer(prefix, self.metrics, self.denoiser.name if self.denoiser else "none")
+        pva.open()  # a ConfigError without p4p: start-up fails, naming the setting
+        return pva
 
     def _build_preparer(self, reconstructor: Reconstructor) -> GeometryPreparer | None:
         if not (
@@ -243,6 +257,8 @@ class Service:
         sinks: list[SliceSink] = [self._worker_channel]
         if self.archive is not None:
             sinks.append(self.archive)
+        if self.pva is not None:
+            sinks.append(self.pva)
         return sinks
 
     def _build_worker(self, reconstructor: Reconstructor) -> Worker:
@@ -292,6 +308,10 @@ class Service:
             if self.archive is not None:
                 self.archive.stop()
                 self.archive.join()
+        if self.pva is not None:
+            self.pva.stop()
+            self.pva.join(ARCHIVE_JOIN_S)
+            self.pva.close()
         if self.publisher is not None:
             self.publisher.stop()
             self.publisher.join()
@@ -369,6 +389,7 @@ class Service:
                 ("worker", self.worker),
                 ("publisher", self.publisher),
                 ("archive", self.archive),
+                ("pva", self.pva),
             ):
                 if part is not None and not part.alive:
                     return False, f"the {name} thread has stopped (see the log)"

@@ -1,12 +1,20 @@
 """The archive: every slice the service makes, written per scan to HDF5 on its own thread.
 
-Layout (DXchange-like), one file per scan, `<directory>/<scan_id>.h5`:
-    /exchange/data          (rows, N, N) float32  denoised slices (or FBP when denoising is off)
-    /exchange/recon         (rows, N, N) float32  plain FBP slices, with `archive.recon`
-    /exchange/theta         (angles,)   float64  degrees, the angles reconstructed
-    /exchange/received      (rows,)     bool     slices written
-    /process/tomocast       attrs: version, model (JSON metadata), center, scan meta (JSON),
-                            completed (the ScanCompleted event, JSON)
+Layout: NeXus (`service.nexus`), one file per scan, `<directory>/<scan_id>.h5`:
+    /entry                  NXentry: title (scan_id), start_time, end_time
+    /entry/data             NXdata: data (rows, N, N) float32, the slices (denoised, or FBP
+                            when denoising is off; attribute `scale` for denoised ones),
+                            received (rows,) bool, slice_index (rows,)
+    /entry/recon            NXdata: the plain FBP slices, with `archive.recon`
+    /entry/sample           NXsample: rotation_angle (angles,) degrees, the angles reconstructed
+    /entry/tomocast         NXprocess: program, version, date, model_name, model and settings
+                            (NXnote, JSON), the scan's parameters (`scan_parameters`); attrs
+                            version, model, center, meta and, once complete, completed (the
+                            ScanCompleted event), all JSON where not a number
+and, for DXchange readers (TomoPy's dxchange, scripts written before NeXus), HDF5 soft links to
+the same datasets: /exchange/data, /exchange/recon, /exchange/received, /exchange/theta and
+/process/tomocast. The slice datasets are compressed with `archive.compression`.
+
 A file is written as `<scan_id>.h5.partial` and renamed when its scan completes, so a file with
 the final name is always complete. A `SliceSink` (`service.sinks`) of the reconstruct loop.
 Policy: block — the loop waits when the disk is slower than the pipeline (nothing is lost). A
@@ -32,9 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-import numpy as np
 
-from service import __version__
+from service import __version__, nexus
 from service.errors import ConfigError
 from service.events import ScanCompleted, ScanEnded
 from service.metrics import Metrics
@@ -42,6 +49,29 @@ from service.sinks import ScanDescription, SliceBatch
 from service.stage import StageThread
 
 log = logging.getLogger(__name__)
+
+ENTRY = "entry"
+# DXchange name -> the NeXus object it links to (readers of the layout before NeXus)
+LEGACY_LINKS = {
+    "exchange/data": "/entry/data/data",
+    "exchange/recon": "/entry/recon/data",
+    "exchange/received": "/entry/data/received",
+    "exchange/theta": "/entry/sample/rotation_angle",
+    "process/tomocast": "/entry/tomocast",
+}
+
+
+def scan_parameters(scan: ScanDescription) -> dict[str, Any]:
+    """The scan-level parameters the archive records in its NXprocess (`/entry/tomocast`), one
+    field and one attribute each (dicts and lists as JSON).
+
+    THE ONE PLACE where scan-level attributes are written: a new `ScanDescription` field that
+    belongs in the archive (the centre's source, the preprocessing applied, ...) is one more
+    key here."""
+    return {
+        "center": scan.center,  # rotation axis, pixels, TomoPy's convention
+        "meta": scan.meta,  # the DAQ's, from scan_start
+    }
 
 
 class _GuardedFile:
@@ -156,11 +186,18 @@ class Archive(StageThread):
         queue_items: int,
         metrics: Metrics,
         model: dict[str, Any],
+        settings: dict[str, Any] | None = None,
+        compression: str = "none",
     ) -> None:
+        """`settings`: the service's, recorded in each file; `compression`: an
+        `archive.compression` value (ConfigError when its filter is not installed)."""
         super().__init__("archive", metrics)
         self.directory = directory
         self.keep_recon = keep_recon
+        self.model = model
         self.model_json = json.dumps(model, default=str)
+        self.settings = settings
+        self.compression = nexus.compression_options(compression)
         self._queue: queue.Queue[_Begin | _Write | _End | _Abort | None] = queue.Queue(queue_items)
         self._files: dict[str, _Open] = {}
 
@@ -254,41 +291,43 @@ class Archive(StageThread):
             raise
         opened = _Open(f, disk, {})
         self._files[item.scan_id] = opened
-        shape = (scan.rows, scan.cols, scan.cols)
-        chunks = (1, scan.cols, scan.cols)
-        f.create_dataset("exchange/data", shape, np.float32, chunks=chunks, fillvalue=np.nan)
+        nexus.mark_root(f, ENTRY)
+        entry = nexus.create_entry(f, ENTRY, scan.scan_id)
+        shape = (scan.cols, scan.cols)
+        data, received = nexus.create_slices(entry, "data", scan.rows, shape, self.compression)
+        opened.datasets.update({"data": data, "received": received})
         if self.keep_recon:
-            f.create_dataset("exchange/recon", shape, np.float32, chunks=chunks, fillvalue=np.nan)
-        f["exchange/theta"] = np.degrees(scan.theta)
-        f["exchange/theta"].attrs["units"] = "degrees"
-        f.create_dataset("exchange/received", (scan.rows,), bool, fillvalue=False)
-        for name in ("exchange/data", "exchange/recon", "exchange/received"):
-            if name in f:
-                opened.datasets[name] = f[name]
+            recon, _ = nexus.create_slices(
+                entry, "recon", scan.rows, shape, self.compression, "plain FBP slices"
+            )
+            opened.datasets["recon"] = recon
+        nexus.write_angles(entry, scan.theta)
         disk.check()
-        process = f.require_group("process/tomocast")
-        process.attrs.update(
-            version=__version__,
-            model=self.model_json,
-            center=scan.center,
-            meta=json.dumps(scan.meta, default=str),
-        )
+        parameters = scan_parameters(scan)
+        process = nexus.write_process(entry, self.model, self.settings, parameters)
+        process.attrs.update(version=__version__, model=self.model_json)
+        for name, target in LEGACY_LINKS.items():
+            if target in f:
+                f[name] = h5py.SoftLink(target)
+        disk.check()
 
     def _write(self, item: _Write) -> None:
         datasets, batch = self._files[item.scan_id].datasets, item.batch
         if batch.topic == "recon":
-            datasets["exchange/recon"][batch.first : batch.stop] = batch.slices
+            datasets["recon"][batch.first : batch.stop] = batch.slices
             self._files[item.scan_id].disk.check()
             return
-        datasets["exchange/data"][batch.first : batch.stop] = batch.slices
-        datasets["exchange/received"][batch.first : batch.stop] = True
+        datasets["data"][batch.first : batch.stop] = batch.slices
+        datasets["received"][batch.first : batch.stop] = True
         if batch.scale is not None:  # one per scan: the denoiser's intensity factor
-            datasets["exchange/data"].attrs["scale"] = batch.scale
+            datasets["data"].attrs["scale"] = batch.scale
         self._files[item.scan_id].disk.check()
 
     def _end(self, item: _End) -> None:
         opened = self._files[item.scan_id]
-        opened.h5["process/tomocast"].attrs["completed"] = json.dumps(item.summary, default=str)
+        entry = opened.h5[ENTRY]
+        entry["tomocast"].attrs["completed"] = json.dumps(item.summary, default=str)
+        entry["end_time"] = nexus.now_iso()
         opened.close()
         opened.disk.check()  # on a write error, still in _files: abandoned by the caller
         del self._files[item.scan_id]

@@ -81,6 +81,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def cmd_export_slices(args: argparse.Namespace) -> int:
+    from service.clients.export import run_export
+
+    return run_export(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tomocast", description="Streaming tomography: projections in, denoised slices out."
@@ -92,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_replay(command)
     _add_view(command)
     _add_demo(command)
+    _add_export_slices(command)
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_commands(command)
     return parser
@@ -227,6 +234,26 @@ def _add_replay(command: Command) -> None:
     rep.add_argument("--rate", type=float, default=None, help="projections per second")
     rep.add_argument("--center", type=float, default=None, help="rotation axis (cols/2)")
     add_curve_flags(rep)
+
+
+def _add_export_slices(command: Command) -> None:
+    export = command(
+        "export-slices",
+        cmd_export_slices,
+        "write an archive's slices (tomocast's NeXus archive, a `view --out` file, or an "
+        "older /exchange archive) as float32 TIFF: one ImageJ/Fiji stack per scan",
+    )
+    export.add_argument("archive", type=Path)
+    export.add_argument("--tiff", type=Path, required=True, help="directory for the TIFF files")
+    export.add_argument(
+        "--entry", default=None, help="the scan (NXentry) when the file holds several"
+    )
+    export.add_argument("--recon", action="store_true", help="the plain FBP slices instead")
+    export.add_argument(
+        "--separate",
+        action="store_true",
+        help="one TIFF per slice (DIR/<scan>/slice_00012.tif) instead of one stack",
+    )
 
 
 def _add_view(command: Command) -> None:

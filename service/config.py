@@ -120,6 +120,14 @@ class PublishSettings(_Section):
         "(memory per stalled viewer: about sndhwm x slice bytes)",
     )
     recon: bool = Field(False, description="also publish the plain FBP slice (topic 'recon')")
+    # EPICS PV Access (service.pva; the extra tomocast[pva])
+    pva_prefix: str = Field(
+        "",
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_:.\-]*$",
+        description="serve the latest slice and scan status over EPICS PV Access as "
+        "<prefix>Slice, <prefix>Recon, <prefix>ScanId, ... (needs p4p; empty: off)",
+    )
 
     _endpoint = field_validator("endpoint")(_check_endpoint)
 
@@ -235,6 +243,11 @@ class ArchiveSettings(_Section):
     recon: bool = Field(False, description="also archive the plain FBP slices")
     queue_items: int = Field(
         64, ge=1, description="slice batches waiting for the disk before the worker waits"
+    )
+    compression: Literal["none", "bitshuffle-lz4", "blosc-lz4", "gzip"] = Field(
+        "none",
+        description="HDF5 filter of the slice datasets; bitshuffle-lz4 and blosc-lz4 need "
+        "hdf5plugin (the extra tomocast[nexus]), and so does whoever reads the file",
     )
 
 

@@ -45,8 +45,10 @@ TAIL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 120
 # published. guard: the no-harm guard's check of a denoised slice (service/guard.py).
 STAGES = ("receive", "normalize", "wait", "fbp", "denoise", "guard", "publish", "end_to_end")
 QUEUES = ("scans", "publish")
-ERROR_STAGES = ("ingest", "prepare", "worker", "publish", "archive")
+ERROR_STAGES = ("ingest", "prepare", "worker", "publish", "archive", "pva")
 SCAN_OUTCOMES = ("completed", "failed")
+# EPICS PV Access image PVs (service.pva), `<publish.pva_prefix><name>`
+PVA_IMAGES = ("Slice", "Recon")
 # What became of each scan's geometry prepare (service.prepare): built now, found cached, dropped
 # (its queue was full), cancelled (the scan failed first), failed (also an error, stage prepare).
 PREPARE_OUTCOMES = ("built", "cached", "dropped", "cancelled", "failed")
@@ -74,6 +76,7 @@ class Metrics:
         self._output(self.registry)
         self._resources(self.registry)
         self._guard(self.registry)
+        self._pva(self.registry)
         self._create_labels()
 
     def _latency(self, r: CollectorRegistry) -> None:
@@ -191,6 +194,21 @@ class Metrics:
             registry=r,
         )
         self.model = Info("tomocast_model", "The denoiser artifact in use", registry=r)
+
+    def _pva(self, r: CollectorRegistry) -> None:
+        """EPICS PV Access (service.pva): latest value wins, what was replaced is counted."""
+        self.pva_updates = Counter(
+            "tomocast_pva_updates_total", "Images posted to PV Access, by PV", ["pv"], registry=r
+        )
+        self.pva_superseded = Counter(
+            "tomocast_pva_superseded_total",
+            "Images replaced by a newer one before they were posted to PV Access, by PV",
+            ["pv"],
+            registry=r,
+        )
+        for label in PVA_IMAGES:
+            self.pva_updates.labels(label)
+            self.pva_superseded.labels(label)
 
     def _create_labels(self) -> None:
         """Every label set up front: dashboards show zeros before the first scan."""

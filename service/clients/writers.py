@@ -18,14 +18,15 @@ import h5py
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from service import nexus
 from service.events import SliceHeader
 from service.protocol import SCAN_ID
 
 log = logging.getLogger(__name__)
 
 WINDOW_PERCENTILES = (0.5, 99.5)
-# Publisher topic -> (slices, received flags) in a scan's HDF5 group.
-TOPIC_DATASETS = {"slice": ("data", "received"), "recon": ("recon", "recon_received")}
+# Publisher topic -> the NXdata group of its slices in a scan's NXentry (service.nexus)
+TOPIC_GROUPS = {"slice": "data", "recon": "recon"}
 
 
 @runtime_checkable
@@ -40,11 +41,11 @@ class SliceWriter(Protocol):
 
 
 class HDF5SliceFile:
-    """All slices of one viewer run in one HDF5 file, one group per scan.
-
-    `/<scan_id>/data` (rows, h, w) float32 (NaN where no slice arrived), `/<scan_id>/received`
-    (rows,) bool, attrs `model` and a timing summary; plain FBP slices (topic `recon`) go to
-    `recon` and `recon_received` beside them. The file is written as `<path>.partial`
+    """All slices of one viewer run in one HDF5 file, one NeXus NXentry per scan (the archive's
+    layout, `service.nexus`): `/<scan_id>/data` (NXdata: `data` (rows, h, w) float32, NaN where
+    no slice arrived, `received` (rows,) bool, `slice_index`), plain FBP slices (topic `recon`)
+    in `/<scan_id>/recon` alike, `/<scan_id>/tomocast` (NXprocess: program, version, date,
+    model); entry attrs `model` and a timing summary. The file is written as `<path>.partial`
     and renamed to `<path>` by `close()`, so a crashed run never leaves a file that looks
     complete. Owned by one thread.
     """
@@ -55,7 +56,7 @@ class HDF5SliceFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.progress: dict[str, ScanProgress] = {}
         self._file: h5py.File | None = h5py.File(self.partial, "w")
-        self._file.attrs["content"] = "tomocast slices, one group per scan"
+        self._file.attrs["content"] = "tomocast slices, one NXentry per scan"
 
     def write(self, header: SliceHeader, data: np.ndarray, topic: str = "slice") -> None:
         if self._file is None:
@@ -64,20 +65,19 @@ class HDF5SliceFile:
         if checked is None:
             return
         scan_id, index, rows, topic = checked
-        data_name, received_name = TOPIC_DATASETS[topic]
-        group = self._file.require_group(scan_id)
-        if data_name not in group:
-            group.create_dataset(
-                data_name,
-                shape=(rows, *np.shape(data)),
-                dtype=np.float32,
-                chunks=(1, *np.shape(data)),
-                fillvalue=np.nan,
-            )
-            group.create_dataset(received_name, shape=(rows,), dtype=bool, fillvalue=False)
+        if scan_id not in self._file:
+            if not self._file.attrs.get("NX_class"):
+                nexus.mark_root(self._file, scan_id)  # viewers open the first scan
+            entry = nexus.create_entry(self._file, scan_id, scan_id)
+            nexus.write_process(entry, {"name": header.model})
+        entry = self._file[scan_id]
+        name = TOPIC_GROUPS[topic]
+        if name not in entry:
+            long_name = "slices" if topic == "slice" else "plain FBP slices"
+            nexus.create_slices(entry, name, rows, np.shape(data), long_name=long_name)
             if topic == "slice":
-                group.attrs["model"] = header.model
-        stored = group[data_name]
+                entry.attrs["model"] = header.model
+        stored = entry[name]["data"]
         if stored.shape != (rows, *np.shape(data)):
             log.warning(
                 "scan_id=%r %s %d: shape (%d, %s) differs from the scan's %s: skipped",
@@ -90,7 +90,7 @@ class HDF5SliceFile:
             )
             return
         stored[index] = np.asarray(data, dtype=np.float32)
-        group[received_name][index] = True
+        entry[name]["received"][index] = True
         if topic == "slice":
             self.progress.setdefault(scan_id, ScanProgress(scan_id, rows)).add(header)
 
@@ -295,8 +295,8 @@ def _check(header: SliceHeader, data: np.ndarray, topic: str) -> tuple[str, int,
     scan_id, index, rows = header.scan_id, header.index, header.rows
     shape = [] if header.shape is None else list(header.shape)
     problem = None
-    if topic not in TOPIC_DATASETS:
-        problem = f"topic={topic!r} is not one of {', '.join(TOPIC_DATASETS)}"
+    if topic not in TOPIC_GROUPS:
+        problem = f"topic={topic!r} is not one of {', '.join(TOPIC_GROUPS)}"
     elif not SCAN_ID.match(scan_id) or scan_id in (".", ".."):
         problem = f"scan_id={scan_id!r} is not a usable name"
     elif rows < 1:

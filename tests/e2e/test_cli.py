@@ -106,9 +106,9 @@ def test_serve_simulate_view_write_every_slice(
     assert code == 0, stderr
     assert "cli-sim" in stdout  # the per-scan summary
     with h5py.File(out) as f:
-        assert f["cli-sim/data"].shape == (6, 48, 48)
-        assert f["cli-sim/received"][()].all()
-        assert np.isfinite(f["cli-sim/data"][()]).all()
+        assert f["cli-sim/data/data"].shape == (6, 48, 48)
+        assert f["cli-sim/data/received"][()].all()
+        assert np.isfinite(f["cli-sim/data/data"][()]).all()
     with h5py.File(tmp_path / "truth.h5") as f:
         assert f["truth/volume"].shape == (6, 48, 48)
     serve.proc.send_signal(signal.SIGTERM)
@@ -136,4 +136,4 @@ def test_replay_pushes_a_dxchange_file(server: tuple[Process, str, str], tmp_pat
     code, _, stderr = view.finish()
     assert code == 0, stderr
     with h5py.File(out) as f:
-        assert f["dx-replay/received"][()].all()
+        assert f["dx-replay/data/received"][()].all()

@@ -131,13 +131,39 @@ CASES: dict[str, tuple[str, Injection]] = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_message_costs_only_itself(start_service: Any, case: str) -> None:
+# ingest.mode = "connect" (a DAQ that binds) runs a representative part of the matrix: one case
+# per stage of validation (framing, header, payload, scan state, limits, values)
+CONNECT_CASES = (
+    "not msgpack",
+    "missing key",
+    "payload size",
+    "duplicate chunk",
+    "declared size above limits",
+    "NaN in float payload",
+)
+
+
+def start_with_daq(start_service: Any, mode: str, **ingest: Any) -> tuple[Any, Any, Detector]:
+    """A service and its DAQ: in `bind` mode the DAQ connects to the service's ingest, in
+    `connect` mode the DAQ binds first and the service connects to it."""
+    if mode == "bind":
+        service, endpoints = start_service(ingest=ingest)
+        return service, endpoints, Detector(endpoints.ingest)
+    daq = Detector("tcp://127.0.0.1:*", bind=True, linger_s=5.0)
+    service, endpoints = start_service(ingest={**ingest, "endpoint": daq.endpoint, "mode": mode})
+    return service, endpoints, daq
+
+
+@pytest.mark.parametrize(
+    ("case", "mode"),
+    [(case, "bind") for case in CASES] + [(case, "connect") for case in CONNECT_CASES],
+)
+def test_bad_message_costs_only_itself(start_service: Any, case: str, mode: str) -> None:
     reason, inject = CASES[case]
-    service, endpoints = start_service(ingest={"max_scan_bytes": 1 << 30})
+    service, endpoints, daq = start_with_daq(start_service, mode, max_scan_bytes=1 << 30)
     counter = service.metrics.registry.get_sample_value
     before = counter("tomocast_rejected_messages_total", {"reason": reason})
-    with Subscriber(endpoints.publish) as viewer, Detector(endpoints.ingest) as detector:
+    with Subscriber(endpoints.publish) as viewer, daq as detector:
         viewer.wait_ready()
         detector.start_scan("good", ROWS, COLS, ANGLES, "uint16", n_dark=2, n_flat=2)
         detector.send_frames("dark", "good", 0, DARKS)

@@ -19,6 +19,7 @@ from service.clients.writers import (
     save_comparison_png,
 )
 from service.events import SliceHeader
+from service.nexus import find_slices
 
 
 def _header(
@@ -70,19 +71,29 @@ def test_hdf5_sink_writes_scans_and_renames_on_close(tmp_path: Path) -> None:
     with h5py.File(path, "r") as f:
         assert set(f) == {"scan-a", "scan-b"}
         a = f["scan-a"]
-        assert a["data"].shape == (4, 6, 5) and a["data"].dtype == np.float32
-        np.testing.assert_array_equal(a["data"][0], _slice(0))
-        np.testing.assert_array_equal(a["data"][2], _slice(20))
-        assert np.isnan(a["data"][1]).all()
-        np.testing.assert_array_equal(a["received"][()], [True, False, True, True])
-        np.testing.assert_array_equal(a["recon"][1], _slice(-1))
-        np.testing.assert_array_equal(a["recon_received"][()], [False, True, False, False])
+        # the archive's NeXus layout: an NXentry per scan, NXdata groups, an NXprocess
+        assert f.attrs["NX_class"] == "NXroot" and f.attrs["default"] == "scan-a"
+        assert a.attrs["NX_class"] == "NXentry" and a.attrs["default"] == "data"
+        assert a["data"].attrs["NX_class"] == "NXdata" and a["data"].attrs["signal"] == "data"
+        assert a["tomocast"].attrs["NX_class"] == "NXprocess"
+        assert a["tomocast/program"][()] == b"tomocast"
+        assert a["tomocast/model_name"][()] == b"tomogan-test"
+        data = a["data/data"]
+        assert data.shape == (4, 6, 5) and data.dtype == np.float32
+        np.testing.assert_array_equal(data[0], _slice(0))
+        np.testing.assert_array_equal(data[2], _slice(20))
+        assert np.isnan(data[1]).all()
+        np.testing.assert_array_equal(a["data/received"][()], [True, False, True, True])
+        np.testing.assert_array_equal(a["recon/data"][1], _slice(-1))
+        np.testing.assert_array_equal(a["recon/received"][()], [False, True, False, False])
+        slices, received = find_slices(f, "scan-b")
+        assert slices.shape == (2, 3, 3) and received.tolist() == [True, False]
         assert a.attrs["model"] == "tomogan-test"
         assert (a.attrs["slices_received"], a.attrs["missing"], a.attrs["duplicates"]) == (3, 1, 1)
         assert a.attrs["end_to_end_p50_ms"] == pytest.approx(30.0)
         summary = json.loads(a.attrs["timing_summary"])
         assert summary["stages_ms"]["denoise"]["p95"] == pytest.approx(20.0)
-        assert f["scan-b"]["data"].shape == (2, 3, 3)
+        assert f["scan-b/data/data"].shape == (2, 3, 3)
     with pytest.raises(ValueError, match="after close"):
         sink.write(_header("scan-a", 0), _slice(0))
 
@@ -99,7 +110,7 @@ def test_bad_slices_cost_one_slice(tmp_path: Path, caplog: pytest.LogCaptureFixt
     assert caplog.text.count("dropped by the sink") == 4 and "differs" in caplog.text
     with h5py.File(tmp_path / "s.h5", "r") as f:
         assert list(f) == ["ok"]
-        np.testing.assert_array_equal(f["ok/received"][()], [True, True, False, False])
+        np.testing.assert_array_equal(f["ok/data/received"][()], [True, True, False, False])
 
 
 def test_png_sink_writes_windowed_8bit_slices(tmp_path: Path) -> None:
