@@ -4,7 +4,9 @@ Layout: NeXus (`service.nexus`), one file per scan, `<directory>/<scan_id>.h5`:
     /entry                  NXentry: title (scan_id), start_time, end_time
     /entry/data             NXdata: data (rows, N, N) float32, the slices (denoised, or FBP
                             when denoising is off; attribute `scale` for denoised ones),
-                            received (rows,) bool, slice_index (rows,)
+                            received (rows,) bool, slice_index (rows,) and, with a
+                            denoiser, denoised (rows,) bool and consistency (rows,) float32
+                            (the no-harm guard's verdict and score per slice, NaN: unscored)
     /entry/recon            NXdata: the plain FBP slices, with `archive.recon`
     /entry/sample           NXsample: rotation_angle (angles,) degrees, the angles reconstructed
     /entry/tomocast         NXprocess: program, version, date, model_name, model and settings
@@ -321,7 +323,25 @@ class Archive(StageThread):
         datasets["received"][batch.first : batch.stop] = True
         if batch.scale is not None:  # one per scan: the denoiser's intensity factor
             datasets["data"].attrs["scale"] = batch.scale
+        if batch.denoised is not None:  # the no-harm guard's verdict and score, per slice
+            if "denoised" not in datasets:
+                datasets.update(self._verdicts(item.scan_id, len(datasets["received"])))
+            datasets["denoised"][batch.first : batch.stop] = batch.denoised
+            if batch.consistency is not None:
+                datasets["consistency"][batch.first : batch.stop] = batch.consistency
         self._files[item.scan_id].disk.check()
+
+    def _verdicts(self, scan_id: str, rows: int) -> dict[str, h5py.Dataset]:
+        """/entry/data/denoised (rows,) bool and consistency (rows,) float32 (NaN: not scored),
+        made when the scan's first denoised batch arrives."""
+        group = self._files[scan_id].h5[ENTRY]["data"]
+        denoised = group.create_dataset("denoised", (rows,), bool, fillvalue=False)
+        denoised.attrs["long_name"] = "network output published (false: plain FBP, guard)"
+        consistency = group.create_dataset(
+            "consistency", (rows,), "float32", fillvalue=float("nan")
+        )
+        consistency.attrs["long_name"] = "no-harm guard score chi2(denoised) / max(chi2(FBP), 1)"
+        return {"denoised": denoised, "consistency": consistency}
 
     def _end(self, item: _End) -> None:
         opened = self._files[item.scan_id]

@@ -7,7 +7,9 @@ optional extra `tomocast[pva]`):
                                     a denoiser), float32 (h, w); uniqueId counts the slices
                                     posted, timeStamp/dataTimeStamp the time the loop handed it
                                     over; attributes scan_id, index (detector row), rows, model,
-                                    ColorMode 0 and, when the batch says, denoised
+                                    ColorMode 0, denoised (false where the no-harm guard
+                                    published FBP) and consistency (the guard's score, where
+                                    it has one)
     <prefix>Recon        NTNDArray  the latest plain FBP slice (topic `recon`, publish.recon)
     <prefix>ScanId       NTScalar string   the scan being reconstructed (or the last one)
     <prefix>SlicesDone   NTScalar int      its slices handed out so far
@@ -163,10 +165,14 @@ class PVAServer(StageThread):
             "rows": scan.rows,
             "model": scan.model,
         }
-        # where the batch says (the no-harm guard's verdict); plain FBP is never denoised
-        denoised = False if batch.topic == "recon" else getattr(batch, "denoised", None)
-        if isinstance(denoised, bool):
-            attributes["denoised"] = denoised
+        # the no-harm guard's verdict on the slice shown (plain FBP is never denoised) and its
+        # score where it has one
+        if batch.topic == "recon" or batch.denoised is None:
+            attributes["denoised"] = False
+        else:
+            attributes["denoised"] = bool(batch.denoised[-1])
+        if batch.consistency is not None and np.isfinite(batch.consistency[-1]):
+            attributes["consistency"] = float(batch.consistency[-1])
         image = _Image(batch.slices[-1], attributes, now)
         if batch.topic == "recon":
             self._hand_over(images={"Recon": image})

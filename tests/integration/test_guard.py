@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -134,9 +135,21 @@ def test_a_contradicted_denoiser_is_replaced_by_fbp(
     network, effect = WRONG[wrong]
     model = artifact(network(), wrong, tmp_path)
     service, endpoints = start_service(
-        model={"path": str(model), "precision": "fp32"}, publish={"recon": True}
+        model={"path": str(model), "precision": "fp32"},
+        publish={"recon": True},
+        archive={"directory": str(tmp_path / "archive")},
     )
     slices, recons = run_scan(endpoints, scan, normalized)
+    assert service.stop()  # drains the archive: it holds each slice's verdict and score
+    with h5py.File(tmp_path / "archive" / "guard-scan.h5") as f:
+        np.testing.assert_array_equal(
+            f["entry/data/denoised"][()], [slices[i].header["denoised"] for i in range(ROWS)]
+        )
+        np.testing.assert_allclose(
+            f["entry/data/consistency"][()],
+            [slices[i].header.get("consistency", np.nan) for i in range(ROWS)],
+            rtol=1e-6,
+        )
 
     replaced = [i for i, m in slices.items() if m.header["denoised"] is False]
     assert len(replaced) >= 0.8 * ROWS, [m.header.get("consistency") for m in slices.values()]

@@ -121,6 +121,12 @@ def test_a_p4p_client_reads_the_last_zeromq_slice(
             np.testing.assert_array_equal(np.asarray(value), last[topic].data)
             assert value.attrib["scan_id"] == "pva-1"
             assert value.attrib["index"] == last[topic].header["index"]
+            # the guard's verdict travels with the image as with the ZeroMQ header
+            assert bool(value.attrib["denoised"]) == bool(last[topic].header["denoised"])
+            if "consistency" in last[topic].header:
+                assert value.attrib["consistency"] == pytest.approx(
+                    last[topic].header["consistency"]
+                )
             raw = value.raw
             assert raw["uniqueId"] >= 1
             assert abs(value.timestamp - last[topic].header["t_published"]) < 5.0
