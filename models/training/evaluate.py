@@ -80,12 +80,12 @@ def evaluate(
     for seed in tqdm(seeds, desc="evaluate", unit="phantom", disable=not progress):
         for volume in render(seed, rows, size, angles, chosen, device=device):
             label = volume.condition.label
-            p, s = slice_scores(volume.noisy, volume.target)
+            p, s, _ = slice_scores(volume.noisy, volume.target)
             fbp[label][0].extend(p)
             fbp[label][1].extend(s)
             for engine in engines:
                 output = denoise_volumes(engine, volume.noisy, (rows,), progress=False)
-                p, s = slice_scores(output, volume.target)
+                p, s, _ = slice_scores(output, volume.target)
                 denoised[label, engine.name][0].extend(p)
                 denoised[label, engine.name][1].extend(s)
     return [
@@ -179,9 +179,52 @@ def format_matrix(matrix: Matrix) -> str:
             *(np.mean([case.model(name).psnr for case in group]) for name in names),
         ]
         lines.append(f"| {family} | " + " | ".join(f"{m:.2f}" for m in means) + " |")
-    lines += ["", "(per family: means over attenuations and conditions)"]
+    lines += ["", "(per family: means over attenuations and conditions)", ""]
+    lines += _detail_tables(matrix)
     lines += [f"Note: {note}" for note in matrix.notes]
     return "\n".join(lines) + "\n"
+
+
+def _finite_mean(values: Sequence[float]) -> float:
+    """The mean of the finite values; NaN when there are none."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _detail_tables(matrix: Matrix) -> list[str]:
+    """Detail SNR (`models.training.metrics.detail_snr`): per family, and per case of the
+    held-out family, whose low contrast whole-slice PSNR and SSIM hardly see."""
+    names = matrix.model_names
+    classical = [score.method for score in matrix.cases[0].classical]
+    lines = [
+        "Detail SNR (dB; 0 = the fine structure erased), per family:",
+        "",
+        "| family | FBP | best classical | " + " | ".join(names) + " |",
+        "|---|---:|---:|" + "---:|" * len(names),
+    ]
+    for family in dict.fromkeys(case.family for case in matrix.cases):
+        group = [case for case in matrix.cases if case.family == family]
+        means = [
+            _finite_mean([case.fbp.detail for case in group]),
+            _finite_mean([case.best_classical_detail for case in group]),
+            *(_finite_mean([case.model(name).detail for case in group]) for name in names),
+        ]
+        lines.append(f"| {family} | " + " | ".join(f"{m:.2f}" for m in means) + " |")
+    held = [case for case in matrix.cases if case.held_out]
+    if held:
+        header = ["atten.", "condition", "FBP", *classical, *names]
+        lines += [
+            "",
+            f"Detail SNR (dB) per case of the held-out family ({HELD_OUT}):",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|---|---|" + "---:|" * (len(header) - 2),
+        ]
+        for case in held:
+            scores = (case.fbp, *case.classical, *case.models)
+            cells = [f"{case.attenuation:g}x", case.condition]
+            lines.append("| " + " | ".join(cells + [f"{s.detail:.2f}" for s in scores]) + " |")
+    return lines
 
 
 def matrix_json(matrix: Matrix) -> dict[str, object]:

@@ -37,19 +37,21 @@ from models.training.matrix_defaults import (
     MARGIN_DB,
     VALIDATION_OFFSET,
 )
-from models.training.metrics import psnr, ssim
+from models.training.metrics import detail_snr, psnr, ssim
 from workers.lowdose import EVALUATION_SEED, Condition, render
 from workers.phantoms import FAMILIES, HELD_OUT
 
 
 @dataclass(frozen=True)
 class Score:
-    """One method on one case: mean PSNR (dB) and SSIM over the scored slices; `parameter` the
-    tuned value of a classical filter, as the table shows it."""
+    """One method on one case: mean PSNR (dB), SSIM and detail SNR (dB,
+    `models.training.metrics.detail_snr`) over the scored slices; `parameter` the tuned value of
+    a classical filter, as the table shows it."""
 
     method: str
     psnr: float
     ssim: float
+    detail: float = float("nan")
     parameter: str | None = None
 
 
@@ -71,6 +73,11 @@ class Case:
     def best_classical(self) -> Score:
         """The best PSNR among FBP and the tuned filters."""
         return max((self.fbp, *self.classical), key=lambda score: score.psnr)
+
+    @property
+    def best_classical_detail(self) -> float:
+        """The best detail SNR among FBP and the tuned filters."""
+        return max(score.detail for score in (self.fbp, *self.classical))
 
     def model(self, name: str) -> Score:
         return next(score for score in self.models if score.method == name)
@@ -126,21 +133,35 @@ class Matrix:
         return out
 
 
-def slice_scores(images: np.ndarray, truth: np.ndarray) -> tuple[list[float], list[float]]:
+def slice_scores(
+    images: np.ndarray, truth: np.ndarray
+) -> tuple[list[float], list[float], list[float]]:
+    """Per slice PSNR, SSIM and detail SNR; data range = the volume's truth's."""
     data_range = float(truth.max() - truth.min()) or 1.0
     a, b = torch.from_numpy(images), torch.from_numpy(truth)
-    return psnr(a, b, data_range).tolist(), ssim(a, b, data_range).tolist()
+    return (
+        psnr(a, b, data_range).tolist(),
+        ssim(a, b, data_range).tolist(),
+        detail_snr(a, b).tolist(),
+    )
 
 
-def _mean_scores(images: Sequence[np.ndarray], truths: Sequence[np.ndarray]) -> tuple[float, float]:
-    """Mean PSNR and SSIM over all slices of all volumes, each volume's truth its data range."""
-    psnrs: list[float] = []
-    ssims: list[float] = []
+def _mean_scores(
+    images: Sequence[np.ndarray], truths: Sequence[np.ndarray]
+) -> tuple[float, float, float]:
+    """Mean PSNR, SSIM and detail SNR over all slices of all volumes (detail: over the slices
+    that have one)."""
+    scores: tuple[list[float], list[float], list[float]] = ([], [], [])
     for image, truth in zip(images, truths, strict=True):
-        p, s = slice_scores(np.ascontiguousarray(image), np.ascontiguousarray(truth))
-        psnrs += p
-        ssims += s
-    return float(np.mean(psnrs)), float(np.mean(ssims))
+        for total, part in zip(
+            scores,
+            slice_scores(np.ascontiguousarray(image), np.ascontiguousarray(truth)),
+            strict=True,
+        ):
+            total += part
+    details = [d for d in scores[2] if np.isfinite(d)]
+    detail = float(np.mean(details)) if details else float("nan")
+    return float(np.mean(scores[0])), float(np.mean(scores[1])), detail
 
 
 def evaluate_matrix(
@@ -199,8 +220,8 @@ def evaluate_matrix(
                     for baseline in chosen_baselines:
                         tuned = tune(baseline, check_noisy, check_truth)
                         filtered = [filter_slices(baseline, n, tuned.value) for n in noisy]
-                        p, s = _mean_scores(filtered, truth)
-                        classical.append(Score(baseline.name, p, s, tuned.described))
+                        p, s, d = _mean_scores(filtered, truth)
+                        classical.append(Score(baseline.name, p, s, d, tuned.described))
                     denoised = []
                     for engine in engines:
                         outputs = [

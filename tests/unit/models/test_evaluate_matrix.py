@@ -116,7 +116,7 @@ def _case(
 ) -> Case:
     return Case(
         family, family == HELD_OUT, 1.0, "1/8 views", (EVALUATION_SEED,), (1,),
-        Score("fbp", *fbp), (Score("gaussian", classical, 0.5, "sigma 1"),),
+        Score("fbp", *fbp), (Score("gaussian", classical, 0.5, parameter="sigma 1"),),
         (Score("net", *model),),
     )  # fmt: skip
 
