@@ -271,6 +271,8 @@ class Archive(StageThread):
             version=__version__,
             model=self.model_json,
             center=scan.center,
+            center_source=scan.center_source,
+            preprocessing=json.dumps(scan.preprocessing),
             meta=json.dumps(scan.meta, default=str),
         )
 

@@ -48,7 +48,11 @@ ERROR_STAGES = ("ingest", "prepare", "worker", "publish", "archive")
 SCAN_OUTCOMES = ("completed", "failed")
 # What became of each scan's geometry prepare (service.prepare): built now, found cached, dropped
 # (its queue was full), cancelled (the scan failed first), failed (also an error, stage prepare).
-PREPARE_OUTCOMES = ("built", "cached", "dropped", "cancelled", "failed")
+PREPARE_OUTCOMES = ("built", "cached", "dropped", "cancelled", "failed", "deferred")
+# Where a scan's rotation centre came from (service.preprocess.CENTER_SOURCES).
+CENTER_SOURCES = ("declared", "config", "estimated", "default")
+# The whole-scan preprocessing before FBP (stripes, centre, stitching), per scan.
+PREPROCESS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Metrics:
@@ -65,6 +69,7 @@ class Metrics:
         self._ingest(self.registry)
         self._output(self.registry)
         self._resources(self.registry)
+        self._preprocess(self.registry)
         self._create_labels()
 
     def _latency(self, r: CollectorRegistry) -> None:
@@ -165,6 +170,34 @@ class Metrics:
         )
         self.model = Info("tomocast_model", "The denoiser artifact in use", registry=r)
 
+    def _preprocess(self, r: CollectorRegistry) -> None:
+        """What `[preprocess]` did (service.preprocess)."""
+        self.center = Gauge(
+            "tomocast_center_pixels",
+            "Rotation centre the last scan was reconstructed about (tomocast's convention: "
+            "cols/2 is the detector's middle; the stitched detector's for half-acquisition)",
+            registry=r,
+        )
+        self.centers = Counter(
+            "tomocast_centers_total",
+            "Scans reconstructed, by where their centre came from "
+            "(declared, config, estimated, default)",
+            ["source"],
+            registry=r,
+        )
+        self.zinger_pixels = Counter(
+            "tomocast_zinger_pixels_total",
+            "Projection pixels replaced as zingers before -log (preprocess.zingers)",
+            registry=r,
+        )
+        self.preprocess_seconds = Histogram(
+            "tomocast_preprocess_seconds",
+            "Preprocessing of a complete scan before its first FBP batch (stripes, centre, "
+            "stitching), per scan",
+            buckets=PREPROCESS_BUCKETS,
+            registry=r,
+        )
+
     def _create_labels(self) -> None:
         """Every label set up front: dashboards show zeros before the first scan."""
         for metric, labels in (
@@ -176,6 +209,7 @@ class Metrics:
             (self.errors, ERROR_STAGES),
             (self.queue_depth, QUEUES),
             (self.geometry_prepares, PREPARE_OUTCOMES),
+            (self.centers, CENTER_SOURCES),
         ):
             for label in labels:
                 metric.labels(label)
