@@ -201,8 +201,7 @@ class ScanPreprocessor:
         frames = scan.preprocessing
         applied = dict(frames.applied) if frames is not None else {}
         if settings.stripe_removal != "none":
-            _remove_stripes(scan.sinogram, settings.stripe_removal)
-            applied["stripe_removal"] = settings.stripe_removal
+            applied["stripe_removal"] = _remove_stripes(scan, settings.stripe_removal)
         stitch = settings.half_acquisition and _full_turn(scan.theta)
         if settings.half_acquisition and not stitch:
             applied["half_acquisition"] = "skipped: the scan is not a full turn"
@@ -218,9 +217,14 @@ class ScanPreprocessor:
             self.metrics.center.set(center)
             self.metrics.centers.labels(source).inc()
         if stitch:
-            scan = self._stitch(scan, center)
-            applied["half_acquisition"] = f"stitched to {scan.start.cols} columns"
-        else:
+            try:
+                scan = self._stitch(scan, center)
+                applied["half_acquisition"] = f"stitched to {scan.start.cols} columns"
+            except ValueError as exc:  # an axis on the detector's very edge
+                applied["half_acquisition"] = f"skipped: {exc}"
+                log.warning("scan_id=%s not stitched: %s", start.scan_id, exc)
+                stitch = False
+        if not stitch:
             scan = replace(scan, center=center)
         zingers = frames.zinger_pixels if frames is not None else 0
         if self.metrics is not None:
@@ -293,12 +297,19 @@ def preprocessing_fields(scan: CompletedScan) -> dict[str, Any]:
     return {"center_source": done.center_source, "preprocessing": dict(done.applied)}
 
 
-def _remove_stripes(sinogram: torch.Tensor, method: str) -> None:
-    """Stripes removed from (rows, angles, cols) `sinogram` in place, `ROW_BLOCK` rows at a
-    time (float32 whatever its storage)."""
-    for r0 in range(0, sinogram.shape[0], ROW_BLOCK):
-        block = sinogram[r0 : r0 + ROW_BLOCK]
-        block.copy_(remove_stripes(block.float(), method))
+def _remove_stripes(scan: CompletedScan, method: str) -> str:
+    """Stripes removed from `scan`'s (rows, angles, cols) sinogram in place, `ROW_BLOCK` rows
+    at a time (float32 whatever its storage); returns what ran, or why not (a detector too
+    narrow for the method's window: logged, the scan goes on without)."""
+    sinogram = scan.sinogram
+    try:
+        for r0 in range(0, sinogram.shape[0], ROW_BLOCK):
+            block = sinogram[r0 : r0 + ROW_BLOCK]
+            block.copy_(remove_stripes(block.float(), method))
+    except ValueError as exc:  # raised by the first block, before anything is written
+        log.warning("scan_id=%s stripes not removed: %s", scan.start.scan_id, exc)
+        return f"skipped: {exc}"
+    return method
 
 
 def _full_turn(theta: np.ndarray) -> bool:

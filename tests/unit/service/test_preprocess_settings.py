@@ -20,6 +20,7 @@ from service.events import ScanCompleted, ScanLatency, decode_event
 from service.metrics import Metrics
 from service.preprocess import FrameSteps, ScanPreprocessor
 from service.protocol import ScanStart
+from service.sinogram import CompletedScan
 from workers.preprocess import STRIPE_METHODS, normalize
 
 START = ScanStart("s", 0, rows=4, cols=64, n_angles=90, dtype="uint16", n_flat=1)
@@ -142,3 +143,40 @@ def test_scan_completed_carries_the_centre_and_decodes_back() -> None:
         decode_event({**wire, "preprocessing": [1]})
     with pytest.raises(ValueError, match="center"):
         decode_event({**wire, "center": "middle"})
+
+
+def completed(start: ScanStart, sinogram: torch.Tensor) -> CompletedScan:
+    return CompletedScan(
+        start=start,
+        sinogram=sinogram,
+        theta=start.theta_array(),
+        center=start.rotation_center(),
+        missing=0,
+        clipped=0,
+        rejected=0,
+        t_first_message=0.0,
+        t_last_projection=0.0,
+    )
+
+
+def test_what_cannot_be_applied_is_skipped_and_said_never_a_failed_scan() -> None:
+    tiny = replace(START, cols=4, n_angles=6)
+    sinogram = torch.rand(4, 6, 4)
+    done = preprocessor(stripe_removal="auto").apply(completed(tiny, sinogram.clone()))
+    assert done.preprocessing is not None
+    assert done.preprocessing.applied["stripe_removal"].startswith("skipped: size=")
+    assert (done.center, done.preprocessing.center_source) == (2.0, "default")  # too small
+    torch.testing.assert_close(done.sinogram, sinogram)  # untouched
+    # a full turn declared with its axis on the detector's edge cannot be stitched
+    turn = replace(START, center=0.0, theta=tuple(np.arange(90) * 2 * np.pi / 90))
+    edge = preprocessor(half_acquisition=True).apply(completed(turn, torch.rand(4, 90, 64)))
+    assert edge.preprocessing is not None and edge.center == 0.0
+    assert edge.preprocessing.applied["half_acquisition"].startswith("skipped: center=0.0")
+    assert edge.sinogram.shape == (4, 90, 64)
+    # a half turn is not a half-acquisition scan: reconstructed as it is
+    half = preprocessor(half_acquisition=True, center=31.0).apply(
+        completed(START, torch.rand(4, 90, 64))
+    )
+    assert half.preprocessing is not None
+    assert half.preprocessing.applied["half_acquisition"] == "skipped: the scan is not a full turn"
+    assert (half.center, half.preprocessing.center_source) == (31.0, "config")
