@@ -32,6 +32,7 @@ from service.health import HealthServer
 from service.ingest import POLL_MS, Ingest
 from service.metrics import Metrics
 from service.prepare import GeometryPreparer
+from service.preprocess import ScanPreprocessor
 from service.publish import PublishChannel, Publisher
 from service.pva import PVAServer
 from service.reconstruct import Worker
@@ -81,6 +82,7 @@ class Service:
         self._reconstructor = reconstructor
         self._stopped: bool | None = None  # set once stop() has run: its result
         self.metrics = Metrics()
+        self.preprocessor = ScanPreprocessor(settings.preprocess, self.metrics)
         self.device = resolve_device(settings.worker.device)
         self.context = zmq.Context()
         self._ready = threading.Event()
@@ -231,7 +233,12 @@ class Service:
         # one per scan that can be assembling at once. The reconstructor's cache may hold
         # fewer (gridding: the scan in progress and one more): with more scans started than
         # that, the earliest prepared are evicted again before their turn
-        return GeometryPreparer(reconstructor, self.metrics, self.settings.ingest.max_live_scans)
+        return GeometryPreparer(
+            reconstructor,
+            self.metrics,
+            self.settings.ingest.max_live_scans,
+            self.preprocessor.known_center,
+        )
 
     def _build_ingest(self, curve: ServerKeys | None) -> Ingest:
         assert self.publisher is not None
@@ -244,6 +251,7 @@ class Service:
             self.metrics,
             curve,
             self.preparer,
+            self.preprocessor,
         )
         ingest.bind()
         return ingest
@@ -271,6 +279,7 @@ class Service:
             self._sinks(),
             self.metrics,
             self.settings.guard,
+            self.preprocessor,
         )
         ingest = self.ingest
         assert ingest is not None

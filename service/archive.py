@@ -71,7 +71,9 @@ def scan_parameters(scan: ScanDescription) -> dict[str, Any]:
     belongs in the archive (the centre's source, the preprocessing applied, ...) is one more
     key here."""
     return {
-        "center": scan.center,  # rotation axis, pixels, TomoPy's convention
+        "center": scan.center,  # the rotation axis used, pixels (tomocast's convention)
+        "center_source": scan.center_source,  # declared, config, estimated or default
+        "preprocessing": scan.preprocessing,  # setting -> what ran ([preprocess])
         "meta": scan.meta,  # the DAQ's, from scan_start
     }
 

@@ -334,6 +334,7 @@ def _add_demo(command: Command) -> None:
     demo.add_argument(
         "--attenuation", type=float, default=1.0, help="times the family's default attenuation"
     )
+    _add_fault_flags(demo)  # each fault asked for turns its repair on ([preprocess])
 
 
 def add_curve_flags(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -275,6 +275,70 @@ class MetricsSettings(_Section):
     port: int = Field(9876, ge=0, le=65535, description="HTTP port (0: pick a free one)")
 
 
+# Stripe removal methods of workers.preprocess.stripes.METHODS (not imported here: the settings
+# load without torch); tests/unit/service/test_preprocess_settings.py keeps the two equal.
+StripeRemoval = Literal[
+    "none", "auto", "sorting", "filtering", "large", "vo-all", "fourier-wavelet"
+]
+STRIPE_REMOVAL: tuple[str, ...] = get_args(StripeRemoval)
+# scan_start meta keys that give phase retrieval's parameters (they win over the settings)
+PAGANIN_META = ("energy_kev", "distance_m", "pixel_size_m", "delta_beta")
+
+
+class PreprocessSettings(_Section):
+    """What is done to a scan's data before FBP (service.preprocess, docs/operations.md)."""
+
+    center: Literal["auto"] | float = Field(
+        "auto",
+        description="rotation axis (tomocast's convention, cols/2 = the detector's middle) of "
+        "scans whose scan_start declares none: auto = estimated from the data once per scan "
+        "(Vo's method; mirror registration for a full turn), a number = that axis for every "
+        "scan. A centre in scan_start always wins",
+    )
+    stripe_removal: StripeRemoval = Field(
+        "none",
+        description="ring artifacts removed from the sinograms before FBP: none, auto (the "
+        "recommended: Vo's filtering), sorting, filtering, large, vo-all or fourier-wavelet "
+        "(workers/preprocess/stripes.py)",
+    )
+    zingers: Literal["none", "auto"] = Field(
+        "none",
+        description="auto: bright outlier pixels (stray X-rays) in raw projections replaced by "
+        "their 3x3 median before -log, and counted",
+    )
+    phase_retrieval: Literal["none", "paganin"] = Field(
+        "none",
+        description="paganin: single-distance phase retrieval of raw projections before -log, "
+        "with energy_kev, distance_m, pixel_size_m and delta_beta from scan_start meta (first) "
+        "or these settings",
+    )
+    energy_kev: float | None = Field(None, gt=0, description="phase retrieval: X-ray energy")
+    distance_m: float | None = Field(
+        None, ge=0, description="phase retrieval: sample to detector distance, metres"
+    )
+    pixel_size_m: float | None = Field(
+        None, gt=0, description="phase retrieval: detector pixel size at the sample, metres"
+    )
+    delta_beta: float | None = Field(
+        None, gt=0, description="phase retrieval: delta/beta of the sample's material"
+    )
+    half_acquisition: bool = Field(
+        False,
+        description="360-degree scans have their axis near a detector edge (offset axis): "
+        "stitched to 180 degrees on a wider slice before FBP, the overlap found from the data",
+    )
+
+    @field_validator("center")
+    @classmethod
+    def _center(cls, value: str | float) -> str | float:
+        if not isinstance(value, str) and not (math.isfinite(value) and value >= 0):
+            raise ValueError(
+                f"center={value!r}: use auto or the axis in pixels from the detector's left edge "
+                "(>= 0; cols/2 is the middle)"
+            )
+        return value
+
+
 # Settings that moved: old (section, name) -> new (section, name). Old keys are accepted, with a
 # warning, until the next minor version.
 MOVED_SETTINGS: dict[tuple[str, str], tuple[str, str]] = {
@@ -298,6 +362,7 @@ class Settings(BaseSettings):
     archive: ArchiveSettings = ArchiveSettings()
     security: SecuritySettings = SecuritySettings()
     metrics: MetricsSettings = MetricsSettings()
+    preprocess: PreprocessSettings = PreprocessSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="before")

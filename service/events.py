@@ -97,10 +97,17 @@ class ScanCompleted:
     # reconstructed or denoised pixels that were NaN or infinite, published as 0
     # (workers.finite); absent from the events of senders older than the field: 0
     non_finite_pixels: int = 0
+    # the rotation centre reconstructed about (tomocast's convention) and where it came from
+    # (declared, config, estimated, default); what `[preprocess]` applied (setting -> what
+    # ran); zinger pixels replaced. Encoded when `center` is set (the service always sets it)
+    center: float | None = None
+    center_source: str | None = None
+    preprocessing: dict[str, str] = field(default_factory=dict)
+    zinger_pixels: int = 0
     type: Literal["scan_completed"] = field(default="scan_completed", init=False)
 
     def encode(self) -> dict[str, Any]:
-        return {
+        header = {
             "event": self.type,
             "scan_id": self.scan_id,
             "slices": self.slices,
@@ -111,6 +118,14 @@ class ScanCompleted:
             "latency": self.latency.encode(),
             "non_finite_pixels": self.non_finite_pixels,
         }
+        if self.center is not None:
+            header.update(
+                center=self.center,
+                center_source=self.center_source,
+                preprocessing=dict(self.preprocessing),
+                zinger_pixels=self.zinger_pixels,
+            )
+        return header
 
     @classmethod
     def decode(cls, header: Mapping[str, Any]) -> ScanCompleted:
@@ -127,6 +142,7 @@ class ScanCompleted:
             _str(header, "model"),
             ScanLatency.decode(latency),
             _int(header, "non_finite_pixels") if "non_finite_pixels" in header else 0,
+            *_centre(header),
         )
 
 
@@ -266,6 +282,21 @@ class SliceHeader:
         """Last projection -> this slice published (s), as the service measured it."""
         value = self.timing.get("end_to_end")
         return value if value is not None and math.isfinite(value) else None
+
+
+def _centre(header: Mapping[str, Any]) -> tuple[float | None, str | None, dict[str, str], int]:
+    """scan_completed's centre fields (absent from older senders' events: None, {}, 0)."""
+    if "center" not in header:
+        return None, None, {}, 0
+    preprocessing = header.get("preprocessing") or {}
+    if not isinstance(preprocessing, Mapping):
+        raise ValueError(f"preprocessing={preprocessing!r} is not a map")
+    return (
+        _float(header, "center"),
+        _str(header, "center_source"),
+        {str(k): str(v) for k, v in preprocessing.items()},
+        _int(header, "zinger_pixels") if "zinger_pixels" in header else 0,
+    )
 
 
 # ---- checked access to received maps -----------------------------------------------------------

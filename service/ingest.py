@@ -28,6 +28,7 @@ from service.errors import ProtocolError
 from service.events import ScanFailed
 from service.metrics import Metrics
 from service.prepare import GeometryPreparer
+from service.preprocess import ScanPreprocessor
 from service.protocol import FrameChunk, decode
 from service.publish import PublishChannel, Publisher
 from service.scan import (
@@ -111,6 +112,7 @@ class Ingest(StageThread):
         metrics: Metrics,
         curve: ServerKeys | None = None,
         preparer: GeometryPreparer | None = None,
+        preprocessor: ScanPreprocessor | None = None,
     ) -> None:
         super().__init__("ingest", metrics)
         self.settings = settings
@@ -121,6 +123,7 @@ class Ingest(StageThread):
         self.limits = settings.limits()
         self.curve = curve
         self.preparer = preparer
+        self.preprocessor = preprocessor  # its frame steps run here, as projections arrive
         self._socket: zmq.Socket[Any] | None = None
         self.endpoint = settings.endpoint
         self.assembler: ScanAssembler | None = None
@@ -173,6 +176,7 @@ class Ingest(StageThread):
             self.limits,
             STORAGE_DTYPES[self.settings.sinogram_dtype],
             self.settings.idle_evict_s,
+            self.preprocessor.frame_steps if self.preprocessor is not None else None,
         )
         try:
             while not self.stopping:

@@ -51,7 +51,7 @@ SCAN_OUTCOMES = ("completed", "failed")
 PVA_IMAGES = ("Slice", "Recon")
 # What became of each scan's geometry prepare (service.prepare): built now, found cached, dropped
 # (its queue was full), cancelled (the scan failed first), failed (also an error, stage prepare).
-PREPARE_OUTCOMES = ("built", "cached", "dropped", "cancelled", "failed")
+PREPARE_OUTCOMES = ("built", "cached", "dropped", "cancelled", "failed", "deferred")
 # The no-harm guard's score (service/guard.py): 1 = the denoised slice fits the measured data as
 # well as FBP; far above = contradicted. An edge exactly on the default threshold (1.25), so
 # "share above it" is a bucket ratio; wide on both sides (the measured range is 0.003 .. 700).
@@ -59,6 +59,10 @@ GUARD_BUCKETS = (0.01, 0.1, 0.25, 0.5, 0.75, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0,
 # Why a denoised slice was published as plain FBP: its score was above guard.threshold
 # (inconsistent), or it could not be scored (not_finite: a NaN/inf score, too few columns).
 GUARD_FALLBACK_REASONS = ("inconsistent", "not_finite")
+# Where a scan's rotation centre came from (service.preprocess.CENTER_SOURCES).
+CENTER_SOURCES = ("declared", "config", "estimated", "default")
+# The whole-scan preprocessing before FBP (stripes, centre, stitching), per scan.
+PREPROCESS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Metrics:
@@ -77,6 +81,7 @@ class Metrics:
         self._resources(self.registry)
         self._guard(self.registry)
         self._pva(self.registry)
+        self._preprocess(self.registry)
         self._create_labels()
 
     def _latency(self, r: CollectorRegistry) -> None:
@@ -210,6 +215,34 @@ class Metrics:
             self.pva_updates.labels(label)
             self.pva_superseded.labels(label)
 
+    def _preprocess(self, r: CollectorRegistry) -> None:
+        """What `[preprocess]` did (service.preprocess)."""
+        self.center = Gauge(
+            "tomocast_center_pixels",
+            "Rotation centre the last scan was reconstructed about (tomocast's convention: "
+            "cols/2 is the detector's middle; the stitched detector's for half-acquisition)",
+            registry=r,
+        )
+        self.centers = Counter(
+            "tomocast_centers_total",
+            "Scans reconstructed, by where their centre came from "
+            "(declared, config, estimated, default)",
+            ["source"],
+            registry=r,
+        )
+        self.zinger_pixels = Counter(
+            "tomocast_zinger_pixels_total",
+            "Projection pixels replaced as zingers before -log (preprocess.zingers)",
+            registry=r,
+        )
+        self.preprocess_seconds = Histogram(
+            "tomocast_preprocess_seconds",
+            "Preprocessing of a complete scan before its first FBP batch (stripes, centre, "
+            "stitching), per scan",
+            buckets=PREPROCESS_BUCKETS,
+            registry=r,
+        )
+
     def _create_labels(self) -> None:
         """Every label set up front: dashboards show zeros before the first scan."""
         for metric, labels in (
@@ -222,6 +255,7 @@ class Metrics:
             (self.queue_depth, QUEUES),
             (self.geometry_prepares, PREPARE_OUTCOMES),
             (self.guard_fallbacks, GUARD_FALLBACK_REASONS),
+            (self.centers, CENTER_SOURCES),
         ):
             for label in labels:
                 metric.labels(label)

@@ -23,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from service.metrics import Metrics
 from service.protocol import ScanStart
@@ -42,10 +43,17 @@ class GeometryPreparer(StageThread):
     """
 
     def __init__(
-        self, reconstructor: PreparableReconstructor, metrics: Metrics, pending: int
+        self,
+        reconstructor: PreparableReconstructor,
+        metrics: Metrics,
+        pending: int,
+        center_for: Callable[[ScanStart], float | None] = ScanStart.rotation_center,
     ) -> None:
         super().__init__("prepare", metrics)
         self.reconstructor = reconstructor
+        # the centre a scan will be reconstructed about, None when only its data will tell
+        # (service.preprocess.ScanPreprocessor.known_center): its geometry is not built ahead
+        self.center_for = center_for
         self._starts: queue.Queue[ScanStart | None] = queue.Queue(pending)
         # the queued starts still wanted, by identity (a scan_id may come back): `cancel` takes
         # a failed scan's out, and the thread prepares only what it finds here
@@ -102,8 +110,17 @@ class GeometryPreparer(StageThread):
 
     def _prepare(self, start: ScanStart) -> None:
         t0 = time.perf_counter()
+        center = self.center_for(start)
+        if center is None:
+            log.info(
+                "scan_id=%s seq=%d geometry not prepared: its centre comes from its data",
+                start.scan_id,
+                start.seq,
+            )
+            self.metrics.geometry_prepares.labels("deferred").inc()
+            return
         theta = theta_tensor(start.theta_array())  # on the CPU: no copy from the device
-        built = self.reconstructor.prepare(theta, start.rotation_center(), start.cols)
+        built = self.reconstructor.prepare(theta, center, start.cols)
         self.metrics.geometry_prepares.labels("built" if built else "cached").inc()
         if built:
             log.info(

@@ -33,6 +33,7 @@ from service.config import GuardSettings, PublishSettings, WorkerSettings
 from service.events import ScanCompleted, ScanEnded, ScanFailed, ScanLatency
 from service.guard import Pending, ScanGuard, record
 from service.metrics import Metrics
+from service.preprocess import ScanPreprocessor, preprocessing_fields
 from service.sinks import ScanDescription, SliceBatch, SliceSink, SliceTiming, Topic
 from service.sinogram import CompletedScan
 from service.stage import StageThread
@@ -112,8 +113,10 @@ class Worker(StageThread):
         sinks: list[SliceSink],
         metrics: Metrics,
         guard: GuardSettings | None = None,
+        preprocessor: ScanPreprocessor | None = None,
     ) -> None:
         super().__init__("worker", metrics)
+        self.preprocessor = preprocessor  # the whole-scan steps before FBP ([preprocess])
         self.settings = settings
         # plain FBP slices are handed over beside the denoised ones (topic "recon")
         self.publish_recon = publish.recon
@@ -176,6 +179,8 @@ class Worker(StageThread):
         """Reconstruct, denoise and hand over one scan, then its `ScanCompleted`."""
         wait = time.time() - scan.t_last_projection
         self.metrics.stage_seconds.labels("wait").observe(wait)
+        if self.preprocessor is not None:  # stripes, the centre, half-acquisition stitching
+            scan = self.preprocessor.apply(scan)
         description = self._describe(scan)
         for sink in self.sinks:
             sink.begin(description)
@@ -213,6 +218,7 @@ class Worker(StageThread):
             model=self.model_name,
             t_last_projection=scan.t_last_projection,
             meta=scan.start.meta,
+            **preprocessing_fields(scan),
         )
 
     def _completed(
@@ -241,6 +247,9 @@ class Worker(StageThread):
                 denoise_ms_per_slice=1e3 * float(np.mean(denoise_s)) if denoise_s else None,
             ),
             non_finite_pixels=non_finite,
+            center=scan.center,
+            **preprocessing_fields(scan),
+            zinger_pixels=scan.preprocessing.zinger_pixels if scan.preprocessing else 0,
         )
 
     def _end(self, outcome: ScanEnded) -> None:

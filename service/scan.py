@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 
 from service.errors import ProtocolError
 from service.events import ScanFailed, ScanStarted
+from service.preprocess import FrameSteps
 from service.protocol import FrameChunk, Limits, Message, ScanEnd, ScanStart
 from service.sinogram import (
     MIN_ANGLES,
@@ -94,8 +96,10 @@ class ScanAssembler:
         limits: Limits | None = None,
         storage: torch.dtype = torch.float32,
         idle_evict_s: float = 30.0,
+        frame_steps: Callable[[ScanStart], FrameSteps] | None = None,
     ) -> None:
         self.device = device
+        self.frame_steps = frame_steps  # a scan's steps before -log ([preprocess])
         self.storage = storage
         self.idle_evict_s = idle_evict_s
         self.limits = limits if limits is not None else Limits()
@@ -163,7 +167,8 @@ class ScanAssembler:
         evicted = self._evict_for(start)
         self._check_room(start)
         try:
-            scan = ScanBuffer(start, self.device, self.storage)
+            steps = self.frame_steps(start) if self.frame_steps is not None else None
+            scan = ScanBuffer(start, self.device, self.storage, steps)
         except torch.cuda.OutOfMemoryError:
             raise refused(
                 start,
@@ -376,6 +381,7 @@ class ScanAssembler:
                 t_first_message=scan.t_first_message,
                 t_last_projection=scan.t_last_projection,
                 flat_counts=scan.flat_counts(),
+                preprocessing=scan.steps.done(scan.start),
             )
         )
         return [*outcomes, completed]

@@ -43,6 +43,10 @@ class ScanDescription:
     model: str  # the denoiser's name, "none" without one
     t_last_projection: float  # unix seconds
     meta: dict[str, Any] = field(default_factory=dict)  # the DAQ's, from scan_start
+    # where `center` came from: declared (scan_start), config, estimated or default (cols/2)
+    center_source: str = "declared"
+    # what `[preprocess]` applied before FBP: setting -> what ran (service.preprocess)
+    preprocessing: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

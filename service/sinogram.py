@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from service.preprocess import FrameSteps, Preprocessing
 from service.protocol import ScanStart
 from workers.finite import bound_line_integrals_
-from workers.preprocess import normalize
 
 MIN_ANGLES = 2  # fewer projections than this cannot make a slice worth publishing
 FP16_MAX = 65504.0
@@ -60,6 +60,7 @@ class CompletedScan:
     # (service/guard.py). None for `normalized` scans and scans without flats: the guard then
     # estimates the noise from the sinogram.
     flat_counts: torch.Tensor | None = None
+    preprocessing: Preprocessing | None = None  # what [preprocess] did (service.preprocess)
 
 
 @dataclass
@@ -92,9 +93,15 @@ class ScanBuffer:
     """State of one scan being assembled."""
 
     def __init__(
-        self, start: ScanStart, device: torch.device, storage: torch.dtype = torch.float32
+        self,
+        start: ScanStart,
+        device: torch.device,
+        storage: torch.dtype = torch.float32,
+        steps: FrameSteps | None = None,
     ) -> None:
         self.start = start
+        # flat-field correction and -log, with zingers and phase retrieval between when asked
+        self.steps = steps if steps is not None else FrameSteps()
         self.device = device
         self.theta = start.theta_array()
         self.darks = References(start.n_dark)
@@ -155,7 +162,7 @@ class ScanBuffer:
                 values.mul_(self.raw_scale)
         else:
             assert self.flat is not None
-            values, clipped = normalize(tensor, self.dark, self.flat)
+            values, clipped = self.steps.normalize(tensor, self.dark, self.flat)
         if self.start.normalized:
             # a wild line integral from the DAQ would fill whole slices with inf and NaN after
             # the ramp filter (flat-field corrected values are within +-14 by the transmission
@@ -183,7 +190,7 @@ class ScanBuffer:
             counts = self.sinogram[:, first:stop, :].transpose(0, 1)
             if self.raw_scale != 1.0:
                 counts = counts.to(torch.float32).div_(self.raw_scale)  # exact: a power of 2
-            values, clipped = normalize(counts, self.dark, self.flat)
+            values, clipped = self.steps.normalize(counts, self.dark, self.flat)
             self.sinogram[:, first:stop, :] = values.transpose(0, 1)
             self.raw[first:stop] = False
             self.clipped += clipped

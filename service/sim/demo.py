@@ -1,8 +1,12 @@
 """`tomocast demo`: service + simulated detector + viewer on this machine, then a summary.
 
 Everything goes over real loopback TCP sockets on free ports, so the demo never collides with a
-service already running. It ends by itself and prints slices received, per-stage latency, and
-PSNR/SSIM against the phantom for plain FBP and for the denoised slices.
+service already running. It ends by itself and prints slices received, per-stage latency, the
+rotation centre used (and where it came from), and PSNR/SSIM against the phantom for plain FBP
+and for the denoised slices.
+A detector fault asked for (`--center-offset`, `--rings`, `--zingers`, `--half-acquisition`,
+`service.sim.simulate.Faults`) turns on its repair (`[preprocess]`), so the summary shows it
+repaired.
 """
 
 from __future__ import annotations
@@ -22,16 +26,23 @@ from service.client import Detector, Subscriber
 from service.clients.view import receive, scan_event
 from service.clients.writers import ScanProgress, save_comparison_png
 from service.config import load_settings
-from service.events import ScanEnded, ScanFailed
-from service.sim.simulate import simulate_scan
+from service.events import ScanCompleted, ScanEnded, ScanFailed
+from service.sim.simulate import Faults, SimulatedScan, simulate_scan
 
 
 def run_demo(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    faults = Faults(
+        center_offset=args.center_offset,
+        rings=args.rings,
+        zingers=args.zingers,
+        half_acquisition=args.half_acquisition,
+    )
     settings = load_settings(
         None,
         {
+            "preprocess": repairs(faults),
             "ingest": {"endpoint": "tcp://127.0.0.1:*"},
             "publish": {"endpoint": "tcp://127.0.0.1:*", "recon": True},
             "metrics": {"port": 0},
@@ -54,6 +65,7 @@ def run_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         family=args.phantom,
         attenuation=args.attenuation,
+        faults=faults,
     )
     service = Service(settings)
     t_start = time.monotonic()
@@ -69,19 +81,43 @@ def run_demo(args: argparse.Namespace) -> int:
             sender = threading.Thread(target=_send, args=(endpoints.ingest, scan), daemon=True)
             t_send = time.monotonic()
             sender.start()
-            volumes, progress, ended = _collect(viewer, args.rows, args.cols)
+            volumes, progress, ended = _collect(viewer, args.rows, scan.truth.shape[-1])
             sender.join()
             elapsed = time.monotonic() - t_send
     finally:
         service.stop()
-    say(_summary(info, scan.truth, volumes, progress, ended, elapsed, out))
+    say(_summary(info, scan.truth, volumes, progress, ended, elapsed, out, _axis(scan, faults)))
     return 0
 
 
-def _send(endpoint: str, scan: Any) -> None:
+def repairs(faults: Faults) -> dict[str, Any]:
+    """The `[preprocess]` settings that repair `faults` (the centre is estimated by default)."""
+    settings: dict[str, Any] = {}
+    if faults.rings:
+        settings["stripe_removal"] = "auto"
+    if faults.zingers:
+        settings["zingers"] = "auto"
+    if faults.half_acquisition:
+        settings["half_acquisition"] = True
+    return settings
+
+
+def _axis(scan: SimulatedScan, faults: Faults) -> float:
+    """Where the simulated rotation axis is (tomocast's convention)."""
+    return faults.geometry(scan.start.cols, scan.start.n_angles, scan.start.center)[0]
+
+
+def _send(endpoint: str, scan: SimulatedScan) -> None:
+    start = scan.start
     with Detector(endpoint) as detector:
         detector.send_scan(
-            scan.start.scan_id, scan.projections, darks=scan.darks, flats=scan.flats, chunk=8
+            start.scan_id,
+            scan.projections,
+            darks=scan.darks,
+            flats=scan.flats,
+            chunk=8,
+            center=start.center,
+            theta=None if start.theta is None else list(start.theta),
         )
 
 
@@ -102,10 +138,23 @@ def _collect(
                 ended = event
             continue
         header = message.slice_header()
+        if message.data is None or message.data.shape != (cols, cols):
+            # a half-acquisition scan's stitched width may differ from the phantom's by a pixel
+            volumes[message.topic][header.index] = _fit(message.data, cols)
+            continue
         volumes[message.topic][header.index] = message.data
         if message.topic == "slice":
             progress.add(header)
     return volumes, progress, ended
+
+
+def _fit(data: np.ndarray | None, size: int) -> np.ndarray:
+    """`data` cropped or padded (NaN-free: zeros) to size x size about its top-left corner."""
+    out = np.zeros((size, size), np.float32)
+    if data is not None:
+        n = min(size, data.shape[-1])
+        out[:n, :n] = data[:n, :n]
+    return out
 
 
 def _quality(truth: np.ndarray, volume: np.ndarray) -> tuple[float, float]:
@@ -130,6 +179,7 @@ def _summary(
     ended: ScanEnded | None,
     elapsed: float,
     out: Path,
+    axis: float | None = None,
 ) -> str:
     lines = ["", "=== tomocast demo summary ==="]
     model = info.get("model", "?")
@@ -145,6 +195,12 @@ def _summary(
         lines.append(f"SCAN FAILED: {ended.reason}")
         return "\n".join(lines) + "\n"
     lines.append(progress.format_summary())
+    if isinstance(ended, ScanCompleted) and ended.center is not None:
+        true_axis = "" if axis is None else f" (the simulated axis: {axis:.2f})"
+        lines.append(f"rotation centre: {ended.center:.2f} px, {ended.center_source}{true_axis}")
+        if ended.preprocessing:
+            applied = ", ".join(f"{k} = {v}" for k, v in ended.preprocessing.items())
+            lines.append(f"preprocessing: {applied}")
     received = {topic: int(np.isfinite(v[:, 0, 0]).sum()) for topic, v in volumes.items()}
     lines.append(
         f"slices received: {received['slice']}/{len(truth)} denoised, "

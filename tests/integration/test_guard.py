@@ -84,8 +84,9 @@ def line_integrals(scan: SimulatedScan) -> tuple[np.ndarray, np.ndarray]:
 
 def run_scan(
     endpoints: Any, scan: SimulatedScan, normalized: bool = False
-) -> tuple[dict[int, Published], dict[int, Published]]:
-    """Send the scan; the published (slice, recon) messages by row once it has ended."""
+) -> tuple[dict[int, Published], dict[int, Published], ScanCompleted]:
+    """Send the scan; the published (slice, recon) messages by row once it has ended, and its
+    `scan_completed` (which says the centre the service reconstructed about)."""
     slices: dict[int, Published] = {}
     recons: dict[int, Published] = {}
     with (
@@ -106,12 +107,13 @@ def run_scan(
             event = message.event()
             if isinstance(event, ScanEnded):
                 assert isinstance(event, ScanCompleted), event
+                completed = event
                 break
             if message.topic in ("slice", "recon"):
                 target = slices if message.topic == "slice" else recons
                 target[message.header["index"]] = message
     assert sorted(slices) == sorted(recons) == list(range(ROWS))
-    return slices, recons
+    return slices, recons, completed
 
 
 def sample(service: Service, name: str, labels: dict[str, str] | None = None) -> float:
@@ -139,7 +141,7 @@ def test_a_contradicted_denoiser_is_replaced_by_fbp(
         publish={"recon": True},
         archive={"directory": str(tmp_path / "archive")},
     )
-    slices, recons = run_scan(endpoints, scan, normalized)
+    slices, recons, completed = run_scan(endpoints, scan, normalized)
     assert service.stop()  # drains the archive: it holds each slice's verdict and score
     with h5py.File(tmp_path / "archive" / "guard-scan.h5") as f:
         np.testing.assert_array_equal(
@@ -180,7 +182,7 @@ def test_a_contradicted_denoiser_is_replaced_by_fbp(
         else photon_variance(rows, torch.from_numpy(flat_counts[:, None, :].astype(np.float32)))
     )
     expected = consistency(
-        effect(fbp, scale), fbp, rows, torch.from_numpy(scan.theta), COLS / 2, variance
+        effect(fbp, scale), fbp, rows, torch.from_numpy(scan.theta), completed.center, variance
     )
     got = [slices[i].header["consistency"] for i in range(ROWS)]
     np.testing.assert_allclose(got, expected.numpy(), rtol=2e-3)
@@ -193,7 +195,7 @@ def test_a_denoiser_the_data_support_is_published(
     service, endpoints = start_service(
         model={"path": str(model), "precision": "fp32"}, publish={"recon": True}
     )
-    slices, _ = run_scan(endpoints, scan)
+    slices, _, _ = run_scan(endpoints, scan)
     kept = [m for m in slices.values() if m.header["denoised"] is True]
     assert len(kept) >= 0.9 * ROWS
     scores = [m.header["consistency"] for m in slices.values()]
@@ -216,7 +218,7 @@ def test_guard_off_publishes_every_denoised_slice(
         publish={"recon": True},
         guard={"enabled": False},
     )
-    slices, recons = run_scan(endpoints, scan)
+    slices, recons, _ = run_scan(endpoints, scan)
     for i, message in slices.items():
         assert message.header["denoised"] is True and "consistency" not in message.header
         assert not np.array_equal(message.data, recons[i].data)

@@ -79,8 +79,15 @@ def test_every_slice_once_and_recon_matches_offline(
     assert isinstance(completed, ScanCompleted)
     assert completed.slices == ROWS and completed.missing_projections == 0
 
+    # no centre in scan_start: the service estimates it (preprocess.center = "auto")
+    assert completed.center_source == "estimated"
+    assert completed.center == pytest.approx(COLS / 2, abs=0.25)
     reference = recon(
-        offline_line_integrals(scan), scan.theta, center=COLS / 2, device="cpu", method=method
+        offline_line_integrals(scan),
+        scan.theta,
+        center=completed.center,
+        device="cpu",
+        method=method,
     )
     got = np.stack(
         [m.data for m in sorted(messages, key=lambda m: m.header["index"]) if m.topic == "recon"]
@@ -147,10 +154,16 @@ def test_chunks_in_any_order_before_references_with_a_duplicate(
         detector.send_frames("dark", "it-scan", 0, scan.darks)
         detector.send_frames("flat", "it-scan", 0, scan.flats[:2])
         detector.end_scan("it-scan", ANGLES)
-        messages, _ = collect(viewer)
+        messages, events = collect(viewer)
     assert rejected(service, "duplicate") == 1
+    completed = events[-1]
+    assert isinstance(completed, ScanCompleted) and completed.center is not None
     reference = recon(
-        offline_line_integrals(scan), scan.theta, center=COLS / 2, device="cpu", method="gridding"
+        offline_line_integrals(scan),
+        scan.theta,
+        center=completed.center,
+        device="cpu",
+        method="gridding",
     )
     got = np.stack([m.data for m in sorted(messages, key=lambda m: m.header["index"])])
     np.testing.assert_allclose(got, reference, rtol=0, atol=1e-4 * float(np.abs(reference).max()))

@@ -29,7 +29,7 @@ from workers.preprocess.stripes import remove_stripes
 from workers.preprocess.zingers import remove_zingers
 
 # Rows the centre estimate is measured on; square projections phase retrieval is timed on.
-_CENTER_ROWS = 4
+_CENTER_ROWS = 3  # as the service estimates it (service.preprocess.CENTER_ROWS)
 _PHASE_FRAMES = 4
 # Photons per open-beam pixel of the simulated frames, and a dark level.
 _PHOTONS = 1e4
