@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -233,6 +234,7 @@ def build_spread(
             row_engine = RowEngine(
                 worker, settings.publish.recon, own, load_model(settings.model, device)
             )
+            row_engine.warm_up()  # the first's is warmed up by the service
         engines.append(LocalEngine(f"{index}:{name}", row_engine))
     return Spread(engines, worker.batch_rows, halo, denoiser is not None, cluster, metrics)
 
@@ -269,6 +271,7 @@ class RowActor:
         self.engine = RowEngine(
             worker, config.publish.recon, reconstructor, load_model(config.model, device)
         )
+        self.engine.warm_up()
 
     def where(self) -> str:
         return str(self.engine.device)
@@ -333,6 +336,9 @@ def start_ray_engines(settings: Settings) -> tuple[list[Engine], Callable[[], No
     cluster = settings.cluster
     owned = not ray.is_initialized()
     if owned:
+        # Ray's core installs its own SIGTERM/SIGINT handlers (log, then die): the service's
+        # (drain, then exit) are put back once it is connected
+        handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
         if cluster.address:
             ray.init(address=cluster.address, logging_level=logging.WARNING)
         else:
@@ -344,6 +350,10 @@ def start_ray_engines(settings: Settings) -> tuple[list[Engine], Callable[[], No
                 _node_ip_address="127.0.0.1",
                 logging_level=logging.WARNING,
             )
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in handlers.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
     gpus = ray.cluster_resources().get("GPU", 0) > 0
     options = {"num_gpus": 1, "num_cpus": 0} if gpus else {"num_cpus": 1}
     actor_class = ray.remote(RowActor).options(**options)

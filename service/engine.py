@@ -25,6 +25,7 @@ import math
 import queue
 import threading
 import time
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -157,7 +158,10 @@ class RowEngine:
         """Rows [unit.lo, unit.hi) of a scan (`part`) through the loop; rows [first, stop)
         back, numbered in the scan."""
         t0 = time.perf_counter()
-        sinogram = torch.as_tensor(part.sinogram).to(self.device)
+        with warnings.catch_warnings():
+            # rows from Ray's object store are a read-only mapping: the loop only reads them
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            sinogram = torch.as_tensor(part.sinogram).to(self.device)
         scan = CompletedScan(part.start, sinogram, part.theta, part.center, 0, 0, 0, 0.0, 0.0)
         self._batches = []
         try:
@@ -167,6 +171,14 @@ class RowEngine:
         batches = [kept for batch in self._batches if (kept := _crop(batch, unit)) is not None]
         self._batches = []
         return UnitResult(unit, batches, done, time.perf_counter() - t0)
+
+    def warm_up(self) -> None:
+        """One small scan through the conveyor, so the first unit pays no start-up cost."""
+        rows, angles, cols = 1, 32, 64
+        start = ScanStart("warm-up", 0, rows, cols, angles, "float32")
+        theta = np.linspace(0, np.pi, angles, endpoint=False)
+        part = ScanPart(start, torch.zeros((rows, angles, cols)), theta, cols / 2)
+        self.run(part, WorkUnit(0, 0, rows, 0, rows), None)
 
     # the loop's sink: only `write` carries anything
     def begin(self, scan: ScanDescription) -> None:
