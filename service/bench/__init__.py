@@ -33,6 +33,7 @@ BENCHES: MappingProxyType[str, str] = MappingProxyType(
         "denoise": "service.bench.denoise",
         "pipeline": "service.bench.pipeline",
         "preprocess": "service.bench.preprocess",
+        "cluster": "service.bench.cluster",
     }
 )
 
