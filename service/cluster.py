@@ -116,32 +116,37 @@ class Spread:
         results: dict[int, UnitResult] = {}
         total = RowsDone([], [], 0, scale)
         published = 0
-        while published < len(units):
-            if abandoned.is_set():
-                break
-            self._submit(scan, pending, running, published, scale)
-            if not running:
-                raise ClusterError(f"scan_id={scan.start.scan_id}: no cluster worker is left")
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                slot, unit, t0 = running.pop(future)
+        try:
+            while published < len(units):
+                if abandoned.is_set():
+                    break
+                self._submit(scan, pending, running, published, scale)
+                if not running:
+                    raise ClusterError(f"scan_id={scan.start.scan_id}: no cluster worker is left")
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    slot, unit, t0 = running.pop(future)
+                    slot.in_flight -= 1
+                    result = self._result(future, slot, unit, pending)
+                    if result is not None:
+                        self.metrics.cluster_unit_seconds.labels(slot.label).observe(
+                            time.perf_counter() - t0
+                        )
+                        results[unit.index] = result
+                while published in results:
+                    result = results.pop(published)
+                    for batch in result.batches:
+                        write(replace(batch, timing=replace(batch.timing, wait=wait_s)))
+                    total.fbp_s += result.done.fbp_s
+                    total.denoise_s += result.done.denoise_s
+                    total.non_finite += result.done.non_finite
+                    published += 1
+        finally:
+            # abandoned, or a unit failed the scan: what is still out is not wanted (a unit
+            # already running finishes, unread), and its room is the next scan's
+            for future, (slot, _, _) in running.items():
+                future.cancel()
                 slot.in_flight -= 1
-                result = self._result(future, slot, unit, pending)
-                if result is not None:
-                    self.metrics.cluster_unit_seconds.labels(slot.label).observe(
-                        time.perf_counter() - t0
-                    )
-                    results[unit.index] = result
-            while published in results:
-                result = results.pop(published)
-                for batch in result.batches:
-                    write(replace(batch, timing=replace(batch.timing, wait=wait_s)))
-                total.fbp_s += result.done.fbp_s
-                total.denoise_s += result.done.denoise_s
-                total.non_finite += result.done.non_finite
-                published += 1
-        for future in running:  # abandoned: what is still queued is not wanted
-            future.cancel()
         return total
 
     def _submit(

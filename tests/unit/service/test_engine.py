@@ -9,6 +9,7 @@ import itertools
 import queue
 import threading
 from concurrent.futures import Future
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -158,6 +159,7 @@ class FlakyEngine:
         self.local = LocalEngine(name, row_engine)
         self._alive = True
         self.ran = 0
+        self.units: list[int] = []  # the indices of the units it ran (the probe's: -1)
         self.held: list[Future[UnitResult]] = []
         self.most_held = 0
 
@@ -177,6 +179,7 @@ class FlakyEngine:
             future.set_exception(EngineLost(f"{self._name} died"))
             return future
         self.ran += 1
+        self.units.append(unit.index)
         self.held[-1] = future = self.local.submit(part, unit, scale)
         return future
 
@@ -217,3 +220,35 @@ def test_a_lost_engine_has_its_units_rerun_elsewhere_each_slice_once() -> None:
     retried = metrics.registry.get_sample_value("tomocast_cluster_units_retried_total")
     assert retried is not None and retried >= 1
     assert healthy.most_held <= 2 and dying.most_held <= 2
+
+
+class BreakingEngine(FlakyEngine):
+    """On scan "bad" (after its probe): unit 0 never finishes, the others fail with an error of
+    the computation (not a lost engine)."""
+
+    def submit(self, part: ScanPart, unit: WorkUnit, scale: float | None) -> Future[UnitResult]:
+        if part.start.scan_id != "bad" or unit.index < 0:
+            return super().submit(part, unit, scale)
+        future: Future[UnitResult] = Future()
+        if unit.index > 0:
+            future.set_exception(RuntimeError("the device fell over"))
+        return future
+
+
+def test_a_failed_scan_leaves_the_engines_free_for_the_next() -> None:
+    batch, depth = 2, 3
+    engines = [BreakingEngine(str(i), engine(batch, depth), None) for i in range(2)]
+    settings = ClusterSettings(unit_rows=2, in_flight=1)
+    spread = Spread(list(engines), batch, 1, True, settings, Metrics())
+    bad = make_scan(12)
+    bad = replace(bad, start=replace(bad.start, scan_id="bad"))
+    with pytest.raises(RuntimeError, match="fell over"):
+        spread.reconstruct(bad, Collect().write, threading.Event())
+    for e in engines:
+        e.units.clear()
+    got = Collect()
+    spread.reconstruct(make_scan(12), got.write, threading.Event())
+    spread.close()
+    assert sorted(got.by_row("slice")) == list(range(12))
+    # the unit left hanging by the failed scan holds no room: both engines work on the next
+    assert all(any(index >= 0 for index in e.units) for e in engines)
