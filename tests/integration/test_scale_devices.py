@@ -59,12 +59,15 @@ def test_two_cpu_devices_match_one_bit_for_bit(
     start_service: Any, scan: SimulatedScan, batch_rows: int
 ) -> None:
     worker = {"batch_rows": batch_rows, "fbp_method": "direct"}
-    one = run(start_service, scan, worker=worker, publish={"recon": True})
+    # fp32: the same network as the default int8, without its calibration at each load
+    model = {"precision": "fp32"}
+    one = run(start_service, scan, worker=worker, publish={"recon": True}, model=model)
     two = run(
         start_service,
         scan,
         worker={**worker, "devices": ["cpu", "cpu"]},
         publish={"recon": True},
+        model=model,
         # units of a few rows: every unit edge, halo and reorder step is crossed
         cluster={"unit_rows": 2 * batch_rows, "in_flight": 2},
     )

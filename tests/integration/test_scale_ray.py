@@ -68,6 +68,8 @@ def serve(**overrides: Any) -> tuple[Service, Endpoints]:
         "publish": {"endpoint": "tcp://127.0.0.1:*"},
         "metrics": {"port": 0},
         "worker": {"device": "cpu", "batch_rows": 4},
+        # the shipped network in fp32: no int8 calibration at each of the three loads
+        "model": {"precision": "fp32"},
     }
     service = Service(load_settings(None, {**base, **overrides}))
     try:
