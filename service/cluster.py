@@ -40,6 +40,7 @@ from service.engine import (
     UnitResult,
     WorkUnit,
     load_model,
+    loop_options,
     plan_units,
     probe_unit,
 )
@@ -227,8 +228,9 @@ def build_spread(
         device = torch.device(name)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"worker.devices lists {name} but this machine has no CUDA device")
+        options = loop_options(settings)
         if index == 0:
-            row_engine = RowEngine(worker, settings.publish.recon, reconstructor, denoiser)
+            row_engine = RowEngine(worker, settings.publish.recon, reconstructor, denoiser, options)
         else:
             own = make_reconstructor(
                 worker.fbp_method,
@@ -237,7 +239,7 @@ def build_spread(
                 circle_mask=worker.circle_mask,
             )
             row_engine = RowEngine(
-                worker, settings.publish.recon, own, load_model(settings.model, device)
+                worker, settings.publish.recon, own, load_model(settings.model, device), options
             )
             row_engine.warm_up()  # the first's is warmed up by the service
         engines.append(LocalEngine(f"{index}:{name}", row_engine))
@@ -274,7 +276,11 @@ class RowActor:
             circle_mask=worker.circle_mask,
         )
         self.engine = RowEngine(
-            worker, config.publish.recon, reconstructor, load_model(config.model, device)
+            worker,
+            config.publish.recon,
+            reconstructor,
+            load_model(config.model, device),
+            loop_options(config),
         )
         self.engine.warm_up()
 

@@ -27,13 +27,13 @@ import threading
 import time
 import warnings
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
-from typing import Protocol
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from service.config import ModelSettings, PublishSettings, WorkerSettings
+from service.config import ModelSettings, PublishSettings, Settings, WorkerSettings
 from service.events import ScanEnded
 from service.metrics import Metrics
 from service.protocol import ScanStart
@@ -92,22 +92,46 @@ class ScanPart:
     sinogram: torch.Tensor | np.ndarray  # (hi - lo, angles, cols) line integrals
     theta: np.ndarray
     center: float
+    # the scan's other per-row tensors, rows [lo, hi) (e.g. the flat's photon counts the
+    # no-harm guard reads), by their `CompletedScan` field name
+    per_row: dict[str, torch.Tensor | np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def of(cls, scan: CompletedScan, unit: WorkUnit) -> ScanPart:
         start = replace(scan.start, rows=unit.hi - unit.lo)
-        return cls(start, scan.sinogram[unit.lo : unit.hi], scan.theta, scan.center)
+        per_row: dict[str, torch.Tensor | np.ndarray] = {
+            f.name: value[unit.lo : unit.hi]
+            for f in fields(scan)
+            if f.name != "sinogram"
+            and isinstance(value := getattr(scan, f.name), torch.Tensor)
+            and value.dim() > 0
+            and value.shape[0] == scan.start.rows
+        }
+        return cls(start, scan.sinogram[unit.lo : unit.hi], scan.theta, scan.center, per_row)
 
     def on_host(self) -> ScanPart:
-        """The rows as a numpy array (Ray's object store passes those without pickling)."""
-        sinogram = self.sinogram
-        if isinstance(sinogram, torch.Tensor):
-            sinogram = sinogram.cpu().numpy()
-        return replace(self, sinogram=sinogram)
+        """The rows as numpy arrays (Ray's object store passes those without pickling)."""
+        return replace(
+            self,
+            sinogram=_numpy(self.sinogram),
+            per_row={name: _numpy(value) for name, value in self.per_row.items()},
+        )
+
+    def scan(self, device: torch.device) -> CompletedScan:
+        """The part as a scan of hi - lo rows on `device`."""
+        tensors: dict[str, Any] = {
+            name: _tensor(value, device)
+            for name, value in {"sinogram": self.sinogram, **self.per_row}.items()
+        }
+        sinogram = tensors.pop("sinogram")
+        scan = CompletedScan(self.start, sinogram, self.theta, self.center, 0, 0, 0, 0.0, 0.0)
+        return replace(scan, **tensors) if tensors else scan
 
     @property
     def nbytes(self) -> int:
-        return int(self.sinogram.nbytes) if isinstance(self.sinogram, np.ndarray) else 0
+        """Bytes of its arrays on the host (0 for tensors on a device)."""
+        arrays = [self.sinogram, *self.per_row.values()]
+        return sum(int(a.nbytes) for a in arrays if isinstance(a, np.ndarray))
 
 
 @dataclass(frozen=True)
@@ -134,7 +158,10 @@ class RowEngine:
         publish_recon: bool,
         reconstructor: Reconstructor,
         denoiser: Denoiser | None,
+        loop_options: dict[str, Any] | None = None,
     ) -> None:
+        """`loop_options`: further keyword arguments of the loop (`Worker`), as the service
+        gives its own loop (`loop_options` below)."""
         self.device = reconstructor.device
         self.denoiser = denoiser
         self._batches: list[SliceBatch] = []
@@ -147,6 +174,7 @@ class RowEngine:
             denoiser,
             [self],
             Metrics(),
+            **(loop_options or {}),
         )
         self._release = (
             reconstructor.release
@@ -158,11 +186,7 @@ class RowEngine:
         """Rows [unit.lo, unit.hi) of a scan (`part`) through the loop; rows [first, stop)
         back, numbered in the scan."""
         t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            # rows from Ray's object store are a read-only mapping: the loop only reads them
-            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-            sinogram = torch.as_tensor(part.sinogram).to(self.device)
-        scan = CompletedScan(part.start, sinogram, part.theta, part.center, 0, 0, 0, 0.0, 0.0)
+        scan = part.scan(self.device)
         self._batches = []
         try:
             done = self._loop.reconstruct_rows(scan, scale)
@@ -192,12 +216,29 @@ class RowEngine:
 
 
 def _crop(batch: SliceBatch, unit: WorkUnit) -> SliceBatch | None:
-    """`batch` (rows numbered from unit.lo) cut to rows [unit.first, unit.stop) of the scan."""
-    first = batch.first + unit.lo
-    i0, i1 = max(0, unit.first - first), min(len(batch.slices), unit.stop - first)
+    """`batch` (rows numbered from unit.lo) cut to rows [unit.first, unit.stop) of the scan:
+    its slices and whatever else it carries per slice (e.g. the no-harm guard's verdict)."""
+    first, count = batch.first + unit.lo, len(batch.slices)
+    i0, i1 = max(0, unit.first - first), min(count, unit.stop - first)
     if i1 <= i0:
         return None
-    return replace(batch, first=first + i0, slices=batch.slices[i0:i1])
+    per_slice: dict[str, Any] = {
+        f.name: value[i0:i1]
+        for f in fields(batch)
+        if isinstance(value := getattr(batch, f.name), np.ndarray) and len(value) == count
+    }
+    return replace(batch, first=first + i0, **per_slice)
+
+
+def _numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
+    return value.cpu().numpy() if isinstance(value, torch.Tensor) else value
+
+
+def _tensor(value: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
+    with warnings.catch_warnings():
+        # rows from Ray's object store are a read-only mapping: the loop only reads them
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.as_tensor(value).to(device)
 
 
 class EngineLost(Exception):
@@ -266,6 +307,14 @@ class LocalEngine:
                 future.set_result(self.engine.run(part, unit, scale))
             except BaseException as exc:  # handed to the coordinator, which fails the scan
                 future.set_exception(exc)
+
+
+def loop_options(settings: Settings) -> dict[str, Any]:
+    """What an engine's loop takes beyond its worker settings, from the service's settings:
+    the no-harm guard's section where the settings have one (it checks each denoised slice
+    against its own sinogram rows, so it runs on the engine, on the unit's rows)."""
+    guard = getattr(settings, "guard", None)
+    return {} if guard is None else {"guard": guard}
 
 
 def load_model(settings: ModelSettings, device: torch.device) -> DenoiseEngine | None:
