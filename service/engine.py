@@ -14,7 +14,8 @@ Every engine denoises with one scale per scan, the one one device would take fro
 first rows: a probe unit (`probe_unit`) measures it first, on one engine.
 
 `RowEngine` is the computation (a reconstructor, a denoiser and their loop on one device);
-`LocalEngine` runs one on a thread of this process, `service.cluster.RayEngine` in a Ray actor.
+`LocalEngine` runs one on a thread of this process, `service.ray_actors.RayEngine` in a Ray
+actor.
 Both satisfy `Engine`, which the coordinator (`service.cluster.Spread`) drives.
 """
 

@@ -74,8 +74,8 @@ def _engines(args: argparse.Namespace, workers: int) -> tuple[Any, list[Any], in
     """(settings, engines, the denoiser's halo) for `workers` engines of --engine."""
     import torch
 
-    from service.cluster import start_ray_engines
     from service.engine import LocalEngine, RowEngine, load_model
+    from service.ray_actors import start_ray_engines
     from workers.recon import make_reconstructor
 
     settings = _settings(args, workers)

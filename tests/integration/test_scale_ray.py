@@ -18,10 +18,10 @@ import pytest
 
 from service.app import Endpoints, Service
 from service.client import Detector, Subscriber
-from service.cluster import RayEngine
 from service.config import load_settings
 from service.engine import ScanPart, UnitResult, WorkUnit
 from service.events import ScanCompleted, ScanEnded
+from service.ray_actors import RayEngine
 from service.sim.simulate import SimulatedScan, simulate_scan
 
 ray = pytest.importorskip("ray")
