@@ -219,6 +219,8 @@ class Service:
             and isinstance(reconstructor, PreparableReconstructor)
         ):
             return None
+        if self.settings.cluster.engine == "ray":  # the actors build their own geometry
+            return None
         # one per scan that can be assembling at once. The reconstructor's cache may hold
         # fewer (gridding: the scan in progress and one more): with more scans started than
         # that, the earliest prepared are evicted again before their turn
