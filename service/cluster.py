@@ -128,12 +128,7 @@ class Spread:
                         )
                         results[unit.index] = result
                 while published in results:
-                    result = results.pop(published)
-                    for batch in result.batches:
-                        write(replace(batch, timing=replace(batch.timing, wait=wait_s)))
-                    total.fbp_s += result.done.fbp_s
-                    total.denoise_s += result.done.denoise_s
-                    total.non_finite += result.done.non_finite
+                    self._publish(results.pop(published), write, wait_s, total)
                     published += 1
         finally:
             # abandoned, or a unit failed the scan: what is still out is not wanted (a unit
@@ -142,6 +137,21 @@ class Spread:
                 future.cancel()
                 slot.in_flight -= 1
         return total
+
+    def _publish(
+        self,
+        result: UnitResult,
+        write: Callable[[SliceBatch], None],
+        wait_s: float,
+        total: RowsDone,
+    ) -> None:
+        """A unit's slices to the sinks (the scan's queueing time in their timing); its
+        stage times and counts into `total`."""
+        for batch in result.batches:
+            write(replace(batch, timing=replace(batch.timing, wait=wait_s)))
+        total.fbp_s += result.done.fbp_s
+        total.denoise_s += result.done.denoise_s
+        total.non_finite += result.done.non_finite
 
     def _submit(
         self,

@@ -10,13 +10,12 @@ slices are bit for bit those of one device, whatever the FBP or the network does
     unit edges:   k * unit_rows - halo   (unit_rows a multiple of batch_rows), 0 and rows
     lo:           the batch edge at or before first - halo;   hi: stop + halo (a batch edge)
 
-Every engine denoises with one scale per scan, the one one device would take from the scan's
+Every engine denoises with one scale per scan, the one a single device takes from the scan's
 first rows: a probe unit (`probe_unit`) measures it first, on one engine.
 
 `RowEngine` is the computation (a reconstructor, a denoiser and their loop on one device);
 `LocalEngine` runs one on a thread of this process, `service.ray_actors.RayEngine` in a Ray
-actor.
-Both satisfy `Engine`, which the coordinator (`service.cluster.Spread`) drives.
+actor. Both satisfy `Engine`, which the coordinator (`service.cluster.Spread`) drives.
 """
 
 from __future__ import annotations
