@@ -26,6 +26,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from service import __version__
 from service.archive import Archive
+from service.cluster import Spread, build_spread
 from service.config import Settings
 from service.events import ScanFailed
 from service.health import HealthServer
@@ -83,7 +84,10 @@ class Service:
         self._stopped: bool | None = None  # set once stop() has run: its result
         self.metrics = Metrics()
         self.preprocessor = ScanPreprocessor(settings.preprocess, self.metrics)
-        self.device = resolve_device(settings.worker.device)
+        # several devices: scans are assembled on the first (service.cluster spreads the rows)
+        self.device = resolve_device(
+            settings.worker.devices[0] if settings.worker.devices else settings.worker.device
+        )
         self.context = zmq.Context()
         self._ready = threading.Event()
         self._why_not_ready = "starting"
@@ -112,6 +116,7 @@ class Service:
         self.pva: PVAServer | None = None  # EPICS PV Access, with publish.pva_prefix
         self.authenticator: ThreadAuthenticator | None = None
         self._worker_channel: PublishChannel | None = None  # the loop's, closed after it ends
+        self.spread: Spread | None = None  # several devices or Ray actors (closed after the loop)
 
     def start(self) -> Endpoints:
         """Build the stages from the settings, then start them in reverse flow order: each
@@ -230,6 +235,8 @@ class Service:
             and isinstance(reconstructor, PreparableReconstructor)
         ):
             return None
+        if self.settings.cluster.engine == "ray":  # the actors build their own geometry
+            return None
         # one per scan that can be assembling at once. The reconstructor's cache may hold
         # fewer (gridding: the scan in progress and one more): with more scans started than
         # that, the earliest prepared are evicted again before their turn
@@ -270,6 +277,7 @@ class Service:
         return sinks
 
     def _build_worker(self, reconstructor: Reconstructor) -> Worker:
+        self.spread = build_spread(self.settings, reconstructor, self.denoiser, self.metrics)
         worker = Worker(
             self.settings.worker,
             self.settings.publish,
@@ -280,6 +288,7 @@ class Service:
             self.metrics,
             self.settings.guard,
             self.preprocessor,
+            self.spread,
         )
         ingest = self.ingest
         assert ingest is not None
@@ -314,6 +323,8 @@ class Service:
         else:
             if self._worker_channel is not None:
                 self._worker_channel.close()
+            if self.spread is not None:
+                self.spread.close()
             if self.archive is not None:
                 self.archive.stop()
                 self.archive.join()

@@ -153,6 +153,12 @@ class WorkerSettings(_Section):
     drain_timeout_s: float = Field(
         120.0, ge=0, description="on SIGTERM/SIGINT, time allowed to finish complete scans"
     )
+    devices: list[str] = Field(
+        default_factory=list,
+        description="several devices in this process, e.g. cuda:0,cuda:1 (cpu allowed): each "
+        "reconstructs and denoises a share of every scan's rows (docs/scale.md); empty: "
+        "worker.device alone",
+    )
 
     @field_validator("device")
     @classmethod
@@ -161,6 +167,17 @@ class WorkerSettings(_Section):
             value.startswith("cuda:") and value[5:].isdigit()
         ):
             raise ValueError(f"device={value!r}: use auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, value: Any) -> Any:
+        """A flag or environment value may list the devices comma-separated."""
+        if isinstance(value, str):
+            value = [name.strip() for name in value.split(",") if name.strip()]
+        if isinstance(value, list):
+            for name in value:
+                cls._device(name)
         return value
 
 
@@ -339,6 +356,29 @@ class PreprocessSettings(_Section):
         return value
 
 
+class ClusterSettings(_Section):
+    """Where the rows of a scan are reconstructed and denoised (docs/scale.md)."""
+
+    engine: Literal["local", "ray"] = Field(
+        "local", description="local: in this process (worker.devices); ray: worker actors on Ray"
+    )
+    address: str = Field(
+        "",
+        description="Ray cluster to join (ray://HOST:10001 or HOST:6379); empty: start a "
+        "local Ray instance on 127.0.0.1, stopped with the service",
+    )
+    workers: int = Field(2, ge=1, description="Ray worker actors, one GPU each when there are")
+    unit_rows: int = Field(
+        128,
+        ge=1,
+        description="rows per work unit handed to a device or actor (rounded up to "
+        "worker.batch_rows): smaller streams sooner, larger repeats fewer halo rows",
+    )
+    in_flight: int = Field(
+        2, ge=1, description="work units queued per device or actor (backpressure)"
+    )
+
+
 # Settings that moved: old (section, name) -> new (section, name). Old keys are accepted, with a
 # warning, until the next minor version.
 MOVED_SETTINGS: dict[tuple[str, str], tuple[str, str]] = {
@@ -363,6 +403,8 @@ class Settings(BaseSettings):
     security: SecuritySettings = SecuritySettings()
     metrics: MetricsSettings = MetricsSettings()
     preprocess: PreprocessSettings = PreprocessSettings()
+
+    cluster: ClusterSettings = ClusterSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="before")

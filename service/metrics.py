@@ -82,6 +82,8 @@ class Metrics:
         self._guard(self.registry)
         self._pva(self.registry)
         self._preprocess(self.registry)
+
+        self._cluster(self.registry)
         self._create_labels()
 
     def _latency(self, r: CollectorRegistry) -> None:
@@ -242,6 +244,36 @@ class Metrics:
             buckets=PREPROCESS_BUCKETS,
             registry=r,
         )
+
+    def _cluster(self, r: CollectorRegistry) -> None:
+        """Engines a scan's rows are spread over (service.cluster): devices or Ray actors,
+        labelled by their index in the coordinator's list."""
+        self.cluster_workers = Gauge(
+            "tomocast_cluster_workers",
+            "Live engines reconstructing work units: local devices or Ray actors "
+            "(0: the worker's own conveyor, one device)",
+            registry=r,
+        )
+        self.cluster_unit_seconds = Histogram(
+            "tomocast_cluster_unit_seconds",
+            "A work unit of a scan's rows, handed to a worker -> its slices back, by worker",
+            ["worker"],
+            buckets=TAIL_BUCKETS,
+            registry=r,
+        )
+        self.cluster_units_retried = Counter(
+            "tomocast_cluster_units_retried_total",
+            "Work units re-run on another worker because theirs was lost",
+            registry=r,
+        )
+        self.cluster_workers_lost = Counter(
+            "tomocast_cluster_workers_lost_total",
+            "Cluster workers (Ray actors) lost while the service ran",
+            registry=r,
+        )
+        # worker "0" always exists (the one device, or the first engine); the coordinator
+        # creates the others' label sets as it starts
+        self.cluster_unit_seconds.labels("0")
 
     def _create_labels(self) -> None:
         """Every label set up front: dashboards show zeros before the first scan."""

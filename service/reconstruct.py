@@ -23,8 +23,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -90,6 +91,28 @@ class _Run:
     fallbacks: int = 0  # denoised slices the guard replaced by FBP
 
 
+@dataclass
+class RowsDone:
+    """What the conveyor did over a scan's rows: seconds per row of each FBP and denoise
+    batch, NaN/inf pixels zeroed, the denoiser's scale (None without one)."""
+
+    fbp_s: list[float]
+    denoise_s: list[float]
+    non_finite: int
+    scale: float | None
+    guard_s: list[float] = field(default_factory=list)  # the no-harm guard's, per slice
+    fallbacks: int = 0  # denoised slices the guard published as FBP
+
+
+class RowSpread(Protocol):
+    """Reconstructs and denoises a scan's rows elsewhere (several devices, Ray actors:
+    `service.cluster`), handing each batch to `write` in row order, from the loop's thread."""
+
+    def reconstruct(
+        self, scan: CompletedScan, write: Callable[[SliceBatch], None], abandoned: threading.Event
+    ) -> RowsDone: ...
+
+
 class Worker(StageThread):
     """The reconstruct loop: consumes `scans` on its own thread until it takes `None` from the
     queue (the end of stream, put there by the ingest as it stops).
@@ -114,9 +137,12 @@ class Worker(StageThread):
         metrics: Metrics,
         guard: GuardSettings | None = None,
         preprocessor: ScanPreprocessor | None = None,
+        spread: RowSpread | None = None,
     ) -> None:
+        """`spread`: the scan's rows go there rather than through this loop's own conveyor."""
         super().__init__("worker", metrics)
         self.preprocessor = preprocessor  # the whole-scan steps before FBP ([preprocess])
+        self.spread = spread
         self.settings = settings
         # plain FBP slices are handed over beside the denoised ones (topic "recon")
         self.publish_recon = publish.recon
@@ -186,8 +212,20 @@ class Worker(StageThread):
             sink.begin(description)
         halo = self.denoiser.depth // 2 if self.denoiser is not None else 0
         run = _Run(scan.start.scan_id, wait, halo)
-        self._reconstruct(scan, run)
-        fbp_s = [span.per_row() for span in run.fbp]
+        if self.spread is None:
+            self._reconstruct(scan, run)
+            fbp_s = [span.per_row() for span in run.fbp]
+        else:
+            done = self.spread.reconstruct(scan, self.write_batch, self._abandoned)
+            fbp_s, run.denoise_s, run.non_finite, run.scale = (
+                done.fbp_s,
+                done.denoise_s,
+                done.non_finite,
+                done.scale,
+            )
+            run.guard_s, run.fallbacks = done.guard_s, done.fallbacks
+            if self.guard is not None and self.denoiser is not None:
+                run.guard = ScanGuard(self.guard, scan, theta_tensor(scan.theta), scan.center)
         for stage, values in (("fbp", fbp_s), ("denoise", run.denoise_s), ("guard", run.guard_s)):
             for value in values:
                 self.metrics.stage_seconds.labels(stage).observe(value)
@@ -257,6 +295,18 @@ class Worker(StageThread):
             return
         for sink in self.sinks:
             sink.end(outcome)
+
+    def reconstruct_rows(self, scan: CompletedScan, scale: float | None = None) -> RowsDone:
+        """The conveyor alone: every row of `scan` through FBP and the denoiser (with the scan's
+        `scale` when given, else measured as `process` does), each batch to the sinks; no
+        `begin`/`end`, no metrics. What a device of `service.cluster` runs on its rows."""
+        halo = self.denoiser.depth // 2 if self.denoiser is not None else 0
+        run = _Run(scan.start.scan_id, 0.0, halo, scale=scale)
+        self._reconstruct(scan, run)
+        fbp_s = [span.per_row() for span in run.fbp]
+        done = RowsDone(fbp_s, run.denoise_s, int(run.non_finite), run.scale)
+        done.guard_s, done.fallbacks = run.guard_s, run.fallbacks
+        return done
 
     # ---- the conveyor --------------------------------------------------------------------
 
@@ -378,8 +428,14 @@ class Worker(StageThread):
             )
             if self._abandoned.is_set():
                 return
-            t0 = time.perf_counter()
-            for sink in self.sinks:
-                sink.write(batch)
-            per_slice = (time.perf_counter() - t0) / len(batch.slices)
-            self.metrics.stage_seconds.labels("publish").observe(per_slice)
+            self.write_batch(batch)
+
+    def write_batch(self, batch: SliceBatch) -> None:
+        """Hand one batch to every sink (the loop's thread only)."""
+        if self._abandoned.is_set():
+            return
+        t0 = time.perf_counter()
+        for sink in self.sinks:
+            sink.write(batch)
+        per_slice = (time.perf_counter() - t0) / len(batch.slices)
+        self.metrics.stage_seconds.labels("publish").observe(per_slice)

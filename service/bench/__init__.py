@@ -34,6 +34,7 @@ BENCHES: MappingProxyType[str, str] = MappingProxyType(
         "pipeline": "service.bench.pipeline",
         "preprocess": "service.bench.preprocess",
         "guard": "service.bench.guard",
+        "cluster": "service.bench.cluster",
     }
 )
 
