@@ -15,9 +15,9 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -250,6 +250,44 @@ def matrix_json(matrix: Matrix) -> dict[str, object]:
     }
 
 
+def matrix_from_json(records: Sequence[dict[str, Any]]) -> Matrix:
+    """One `Matrix` from `matrix_json` records of runs over disjoint cases (say, families split
+    over two processes or machines) with the same models, conditions and baselines. ValueError
+    when their models or settings other than the families differ."""
+    from models.training.matrix import Case, Matrix, Score
+
+    def score(record: dict[str, Any]) -> Score:
+        return Score(**{f.name: record[f.name] for f in fields(Score) if f.name in record})
+
+    cases: list[Case] = []
+    first = records[0]["settings"]
+    for record in records:
+        settings = record["settings"]
+        differing = [k for k in first if k != "families" and settings.get(k) != first[k]]
+        if differing:
+            raise ValueError(f"runs differ in {', '.join(differing)}: not one matrix")
+        for case in record["cases"]:
+            cases.append(
+                Case(
+                    case["family"],
+                    case["held_out"],
+                    case["attenuation"],
+                    case["condition"],
+                    tuple(case["seeds"]),
+                    tuple(case["validation_seeds"]),
+                    score(case["fbp"]),
+                    tuple(score(s) for s in case["classical"]),
+                    tuple(score(s) for s in case["models"]),
+                )
+            )
+    settings = dict(first)
+    settings["families"] = list(
+        dict.fromkeys(f for record in records for f in record["settings"]["families"])
+    )
+    notes = tuple(dict.fromkeys(n for record in records for n in record.get("notes", [])))
+    return Matrix(tuple(cases), settings, notes)
+
+
 # --- command line (`tomocast evaluate`, or `python -m models.training.evaluate`) ---------------
 
 
@@ -314,6 +352,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the tables here")
     parser.add_argument("--json", type=Path, default=None, help="write every score as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="compute nothing: print (and --out/--json) the one matrix of these --json files, "
+        "runs over disjoint families with the same models and settings",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -324,6 +371,13 @@ def run(args: argparse.Namespace) -> int:
     from models.training.matrix import evaluate_matrix
     from service.errors import ConfigError
 
+    if args.merge is not None:
+        try:
+            merged = matrix_from_json([json.loads(path.read_text()) for path in args.merge])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"--merge: {exc}") from exc
+        _write(args, merged, format_matrix(merged))
+        return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = args.device
@@ -351,12 +405,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from exc
     table = format_matrix(matrix)
     table += f"\n({len(matrix.cases)} cases in {time.perf_counter() - started:.0f} s)\n"
+    _write(args, matrix, table)
+    return 0
+
+
+def _write(args: argparse.Namespace, matrix: Matrix, table: str) -> None:
     sys.stdout.write(table)
     if args.out is not None:
         args.out.write_text(table)
     if args.json is not None:
         args.json.write_text(json.dumps(matrix_json(matrix), indent=1) + "\n")
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

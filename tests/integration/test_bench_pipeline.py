@@ -11,6 +11,7 @@ import pytest
 
 from service.bench import pipeline as bench_pipeline
 from service.events import ScanCompleted
+from workers.denoise import DEFAULT_MODEL
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -37,7 +38,7 @@ def test_bench_pipeline_json(capsys: pytest.CaptureFixture[str]) -> None:
     )
     assert code == 0
     report = json.loads(out)
-    assert report["bench"] == "pipeline" and report["model"] == "tomogan-foam-d3"
+    assert report["bench"] == "pipeline" and report["model"] == DEFAULT_MODEL
     assert report["slices"] == 10 and report["dropped"] == 0 and report["failed_scans"] == 0
     assert set(report["ms_per_slice"]) == {"fbp", "denoise", "guard", "publish"}
     latency = report["end_to_end_ms"]

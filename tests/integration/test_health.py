@@ -18,6 +18,7 @@ from service.config import load_settings
 from service.errors import ConfigError
 from service.health import HTTP_THREADS, HealthServer
 from service.metrics import Metrics
+from workers.denoise import DEFAULT_MODEL
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -156,7 +157,7 @@ def test_service_is_ready_only_after_the_model_is_loaded(monkeypatch: pytest.Mon
         assert get(port, "/readyz") == (200, "ready\n")
         assert started[0].ingest.startswith("tcp://127.0.0.1:")
         assert started[0].metrics_port == port
-        assert 'name="tomogan-foam-d3"' in get(port, "/metrics")[1]
+        assert f'name="{DEFAULT_MODEL}"' in get(port, "/metrics")[1]
     finally:
         release.set()
         starter.join(120)

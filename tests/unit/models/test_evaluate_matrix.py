@@ -14,7 +14,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import models.training.matrix as matrix_module
 from models.training.baselines import BASELINES, filter_slices
-from models.training.evaluate import format_matrix, main, matrix_json
+from models.training.evaluate import format_matrix, main, matrix_from_json, matrix_json
 from models.training.infer import denoise_volumes
 from models.training.matrix import VALIDATION_OFFSET, Case, Matrix, Score, evaluate_matrix
 from workers.denoise import load_denoiser, placeholder_artifact_path
@@ -171,3 +171,31 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["--seeds", "5", "--no-progress"]) == 2
     assert "training data" in capsys.readouterr().err
     assert torch.get_num_threads() == torch_threads
+
+
+def test_runs_over_split_families_merge_into_one_matrix(
+    tiny: tuple[Matrix, list[Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    matrix, _ = tiny
+    whole = matrix_json(matrix)
+    parts = []
+    for family in ("foam", HELD_OUT):  # as two processes would have written them
+        part = json.loads(json.dumps(whole))
+        part["cases"] = [c for c in part["cases"] if c["family"] == family]
+        part["settings"]["families"] = [family]
+        parts.append(part)
+    merged = matrix_from_json(parts)
+    # as text: NaN (no detail score) is not equal to itself
+    assert json.dumps(matrix_json(merged)) == json.dumps(whole)
+    assert merged.summary() == matrix.summary()
+    assert format_matrix(merged) == format_matrix(matrix)
+    files = []
+    for n, part in enumerate(parts):
+        files.append(tmp_path / f"part{n}.json")
+        files[-1].write_text(json.dumps(part))
+    assert main(["--merge", *map(str, files), "--json", str(tmp_path / "all.json")]) == 0
+    assert json.loads((tmp_path / "all.json").read_text())["summary"] == whole["summary"]
+    assert format_matrix(matrix) in capsys.readouterr().out
+    parts[1]["settings"]["rows"] = 99  # another run's settings: not one matrix
+    with pytest.raises(ValueError, match="rows"):
+        matrix_from_json(parts)
