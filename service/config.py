@@ -339,6 +339,45 @@ class PreprocessSettings(_Section):
         return value
 
 
+class PreviewSettings(_Section):
+    """Previews: partial reconstructions of a few rows while a scan arrives (service.preview,
+    docs/operations.md, "Previews")."""
+
+    enabled: bool = Field(
+        True,
+        description="publish partial FBP slices of a few rows on topic 'preview' while a scan's "
+        "projections arrive (viewers that do not subscribe to it see no change)",
+    )
+    rows: list[int] = Field(
+        default_factory=list,
+        description="detector rows previewed; empty: the middle row and the rows a quarter "
+        "from each end (rows beyond a scan's detector are left out)",
+    )
+    rate_hz: float = Field(2.0, gt=0, le=50, description="previews of one scan per second, at most")
+    queue_items: int = Field(
+        4,
+        ge=1,
+        description="snapshots waiting for the preview thread; when full the oldest is dropped "
+        "(a later snapshot holds all its angles) and counted",
+    )
+
+    @field_validator("rows", mode="before")
+    @classmethod
+    def _rows_text(cls, value: Any) -> Any:
+        """`--preview.rows 10,20` and TOMOCAST_PREVIEW__ROWS=10,20 as well as a list."""
+        if isinstance(value, str):
+            text = value.strip().strip("[]")
+            return [int(part) for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("rows")
+    @classmethod
+    def _rows(cls, value: list[int]) -> list[int]:
+        if any(row < 0 for row in value):
+            raise ValueError(f"rows={value}: detector rows are counted from 0")
+        return sorted(set(value))
+
+
 # Settings that moved: old (section, name) -> new (section, name). Old keys are accepted, with a
 # warning, until the next minor version.
 MOVED_SETTINGS: dict[tuple[str, str], tuple[str, str]] = {
@@ -363,6 +402,7 @@ class Settings(BaseSettings):
     security: SecuritySettings = SecuritySettings()
     metrics: MetricsSettings = MetricsSettings()
     preprocess: PreprocessSettings = PreprocessSettings()
+    preview: PreviewSettings = PreviewSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="before")
