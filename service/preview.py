@@ -18,7 +18,9 @@ previous scan's of the same width, or cols/2, until an operator sets one. No den
 whole-scan preprocessing (stripes, stitching). With every angle and the same centre, a row's
 last preview is the same FBP as its final slice when the worker's FBP method is "direct" too.
 Once the reconstruct loop has begun a scan's final slices, its previews still waiting are
-dropped (`reason="final_begun"`): viewers get no preview after the final slices began.
+dropped (`reason="final_begun"`): viewers get no preview after the final slices began. While the
+loop works on any scan, previews wait (the latest snapshot of each scan is kept) and a render
+under way stops between rows: previews use the compute the loop leaves idle, never its own.
 
 The tap also keeps `service.live.LiveScans` in step with the scans (opened at scan_start,
 closed at the end), and applies an operator's centre to the completed scan.
@@ -52,6 +54,7 @@ from workers.rows import theta_tensor
 log = logging.getLogger(__name__)
 
 POLL_S = 0.25  # how often an idle preview thread looks at the stop flag
+BUSY_POLL_S = 0.05  # how often it looks whether the reconstruct loop is done, to render
 ENDED_KEPT = 64  # scan_ids whose previews are over, remembered to drop late snapshots
 
 
@@ -125,6 +128,9 @@ class Previewer(StageThread):
         self._put = threading.Lock()  # producers: the ingest and HTTP threads
         self._ended: OrderedDict[str, None] = OrderedDict()  # under `_put`
         self._latest: dict[str, Snapshot] = {}  # the preview thread's
+        # set while the reconstruct loop works on a scan: previews wait (they would take
+        # compute from it), and a render stops between rows
+        self._loop_busy = threading.Event()
         live.on_change(self.rerender)
 
     # ---- producers (any thread) -------------------------------------------------------------
@@ -162,53 +168,70 @@ class Previewer(StageThread):
     def begin(self, scan: ScanDescription) -> None:
         self.end_previews(scan.scan_id)
         self.live.learn(scan.cols, scan.center)
+        self._loop_busy.set()
 
     def write(self, batch: SliceBatch) -> None:
         pass
 
     def end(self, outcome: ScanEnded) -> None:
-        pass
+        self._loop_busy.clear()
 
     # ---- the preview thread -----------------------------------------------------------------
 
     def _run(self) -> None:
         channel = self.publisher.channel()
+        pending: set[str] = set()  # scans whose latest snapshot waits to be rendered
         try:
             while not self.stopping:
+                self._forget_ended(pending)
+                busy = self._loop_busy.is_set()
                 try:
-                    item = self._queue.get(timeout=POLL_S)
+                    if pending and not busy:
+                        item = self._queue.get_nowait()
+                    else:
+                        item = self._queue.get(timeout=BUSY_POLL_S if pending else POLL_S)
                 except queue.Empty:
+                    if pending and not busy:
+                        # the oldest data first: its viewers have waited longest
+                        scan_id = min(pending, key=lambda s: self._latest[s].t_last_projection)
+                        pending.discard(scan_id)
+                        snapshot = self._latest[scan_id]
+                        what = f"a preview of scan_id={scan_id}"
+                        self.guarded(what, self._render, snapshot, channel, pending)
                     continue
-                self.guarded(f"a preview of scan_id={item.scan_id}", self._take, item, channel)
+                self.guarded(f"a preview of scan_id={item.scan_id}", self._take, item, pending)
         finally:
             channel.close()
 
-    def _take(self, item: Snapshot | Rerender, channel: PublishChannel) -> None:
+    def _forget_ended(self, pending: set[str]) -> None:
+        """Drop the latest snapshots of scans whose previews are over (completed, failed)."""
+        for scan_id in [s for s in self._latest if self.ended(s)]:
+            del self._latest[scan_id]
+            if scan_id in pending:
+                pending.discard(scan_id)
+                self.metrics.previews_dropped.labels("final_begun").inc()
+
+    def _take(self, item: Snapshot | Rerender, pending: set[str]) -> None:
+        """File a queued item: the scan's latest snapshot, to be rendered (again)."""
         if self.ended(item.scan_id):
-            self._latest.pop(item.scan_id, None)
             if isinstance(item, Snapshot):
                 self.metrics.previews_dropped.labels("final_begun").inc()
             return
         if isinstance(item, Snapshot):
             self._latest[item.scan_id] = item
-            self._render(item, channel)
-            return
-        snapshot = self._latest.get(item.scan_id)
-        if snapshot is not None:
-            self._render(snapshot, channel)
+        if item.scan_id in self._latest:
+            pending.add(item.scan_id)
 
-    def _render(self, snapshot: Snapshot, channel: PublishChannel) -> None:
+    def _render(self, snapshot: Snapshot, channel: PublishChannel, pending: set[str]) -> None:
+        """Reconstruct and publish the snapshot's rows one at a time; stopped between rows
+        when the reconstruct loop begins a scan (back to `pending` for when it is done) or
+        this scan's final slices began (dropped)."""
         live = self.live.get(snapshot.scan_id)
         center, source = (
             (live.center, live.source)
             if live is not None
             else (snapshot.center, snapshot.center_source)
         )
-        with torch.inference_mode():
-            slices = self.fbp.reconstruct(snapshot.sinograms, theta_tensor(snapshot.theta), center)
-            zero_non_finite_(slices)
-            host = slices.cpu().numpy()
-        self.fbp.release()
         header = PreviewHeader(
             snapshot.scan_id,
             snapshot.rows,
@@ -219,10 +242,25 @@ class Previewer(StageThread):
             source,
             snapshot.t_last_projection,
         )
-        for row, data in zip(snapshot.row_index, host, strict=True):
-            published = channel.send_preview(replace(header, index=row), data)
-            self.metrics.previews.inc()
-        self.metrics.preview_latency.observe(max(0.0, published - snapshot.t_last_projection))
+        theta = theta_tensor(snapshot.theta)
+        published = None
+        try:
+            for i, row in enumerate(snapshot.row_index):
+                if self.ended(snapshot.scan_id):
+                    return
+                if self._loop_busy.is_set():
+                    pending.add(snapshot.scan_id)
+                    return
+                with torch.inference_mode():
+                    data = self.fbp.reconstruct(snapshot.sinograms[i : i + 1], theta, center)
+                    zero_non_finite_(data)
+                    host = data[0].cpu().numpy()
+                published = channel.send_preview(replace(header, index=row), host)
+                self.metrics.previews.inc()
+        finally:
+            self.fbp.release()
+        if published is not None:
+            self.metrics.preview_latency.observe(max(0.0, published - snapshot.t_last_projection))
 
 
 class PreviewTap:
