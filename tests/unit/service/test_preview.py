@@ -140,3 +140,58 @@ def test_a_full_preview_queue_drops_the_oldest_snapshot_and_counts_it() -> None:
     finally:
         publisher.stop()
         context.term()
+
+
+def test_previews_wait_while_the_loop_works_and_end_when_final_slices_begin() -> None:
+    from service.client import Subscriber
+    from service.events import ScanFailed
+    from service.sinks import ScanDescription
+
+    metrics, context = Metrics(), zmq.Context()
+    publisher = Publisher(
+        Settings().publish.model_copy(update={"endpoint": "tcp://127.0.0.1:*"}),
+        context,
+        metrics,
+        {},
+    )
+    publisher.start()
+    live = LiveScans(metrics)
+    previewer = Previewer(
+        PreviewSettings(), WorkerSettings(), torch.device("cpu"), publisher, live, metrics
+    )
+    previewer.start()
+    theta = np.linspace(0, np.pi, 16, endpoint=False)
+    sinograms = torch.rand((2, 16, 8), generator=torch.Generator().manual_seed(0))
+
+    def snapshot(scan_id: str) -> Snapshot:
+        return Snapshot(scan_id, 4, (1, 2), sinograms, theta, 16, 0.0, 4.0, "default")
+
+    def description(scan_id: str) -> ScanDescription:
+        return ScanDescription(scan_id, 4, 8, theta, 4.0, "none", 0.0)
+
+    try:
+        with Subscriber(publisher.endpoint, ("preview",), context=context) as viewer:
+            viewer.wait_ready()
+            previewer.begin(description("other"))  # the loop works on another scan
+            previewer.submit(snapshot("a"))
+            assert viewer.recv(timeout=0.3) is None, "a preview while the loop was busy"
+            previewer.end(ScanFailed("other", "test"))
+            got = [viewer.recv(timeout=10) for _ in range(2)]
+            assert all(m is not None and m.topic == "preview" for m in got)
+            assert [m.header["index"] for m in got if m is not None] == [1, 2]
+            previewer.begin(description("a"))  # the final slices of "a" begin
+            previewer.submit(snapshot("a"))
+            previewer.end(ScanFailed("a", "test"))
+            assert viewer.recv(timeout=0.3) is None, "a preview after the final slices began"
+        assert (
+            metrics.registry.get_sample_value(
+                "tomocast_previews_dropped_total", {"reason": "final_begun"}
+            )
+            == 1
+        )
+    finally:
+        previewer.stop()
+        assert previewer.join(10)
+        publisher.stop()
+        publisher.join()
+        context.term()
