@@ -13,8 +13,10 @@ ingest never waits for the preview thread, and the preview thread has its own re
 so the reconstruct loop never waits either.
 
 A preview is the plain direct FBP (`workers.fbp.FBP`, the worker's filter and mask) of the
-angles received, about the scan's live centre (`service.live`): declared, configured, the
-previous scan's of the same width, or cols/2, until an operator sets one. No denoiser, no
+angles received (computed at every angle of the scan, those missing zero and the others
+reweighted, so the geometry is built once per scan and centre, not per snapshot), about the
+scan's live centre (`service.live`): declared, configured, the previous scan's of the same
+width, or cols/2, until an operator sets one. No denoiser, no
 whole-scan preprocessing (stripes, stitching). With every angle and the same centre, a row's
 last preview is the same FBP as its final slice when the worker's FBP method is "direct" too.
 Once the reconstruct loop has begun a scan's final slices, its previews still waiting are
@@ -48,6 +50,7 @@ from service.sinks import ScanDescription, SliceBatch
 from service.sinogram import MIN_ANGLES, CompletedScan, ScanBuffer
 from service.stage import StageThread
 from workers.fbp import FBP
+from workers.filters import angle_weights
 from workers.finite import zero_non_finite_
 from workers.rows import theta_tensor
 
@@ -68,15 +71,18 @@ def preview_rows(settings: PreviewSettings, rows: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The previewed rows of a scan's projections received so far: `sinograms` (k, angles,
-    cols) float32, an own copy, at `theta`; the centre as it was when taken (the preview thread
-    asks `LiveScans` for a newer one while the scan is live)."""
+    """The previewed rows of a scan's projections received so far: `sinograms` (k, A, cols)
+    float32, an own copy, at `theta` (A,): every angle of the scan, those not received yet
+    zero and those received weighted so that the FBP at `theta` is that of the `angles`
+    received alone (so one geometry serves all of a scan's previews); the centre as it was
+    when taken (the preview thread asks `LiveScans` for a newer one while the scan is live)."""
 
     scan_id: str
     rows: int
     row_index: tuple[int, ...]
     sinograms: torch.Tensor
     theta: np.ndarray
+    angles: int
     n_angles: int
     t_last_projection: float
     center: float
@@ -236,7 +242,7 @@ class Previewer(StageThread):
             snapshot.scan_id,
             snapshot.rows,
             0,
-            len(snapshot.theta),
+            snapshot.angles,
             snapshot.n_angles,
             center,
             source,
@@ -348,12 +354,20 @@ class PreviewTap:
         t_last_projection: float,
     ) -> None:
         """Submit a copy of `rows` of `sinogram` at its `angles` (indices into its angle
-        axis, `theta` the same axis' angles)."""
+        axis, `theta` the same axis' angles), zero-filled and reweighted (`Snapshot`)."""
         assert self.previewer is not None
         device = sinogram.device
-        picked = sinogram.index_select(0, torch.as_tensor(rows, device=device))
+        picked = sinogram.index_select(0, torch.as_tensor(rows, device=device)).float()
         if len(angles) < picked.shape[1]:
-            picked = picked.index_select(1, torch.as_tensor(angles, device=device))
+            # FBP is a weighted sum over angles: angle i's share of the FBP of `angles` alone
+            # is w_part[i] (`angle_weights` of those), of the FBP at every angle w_full[i]
+            theta64 = theta_tensor(theta).double().numpy()  # the reconstructor's values
+            ratio = angle_weights(theta64[angles]) / angle_weights(theta64)[angles]
+            index = torch.as_tensor(angles, device=device)
+            weights = torch.as_tensor(ratio, dtype=torch.float32, device=device)
+            filled = torch.zeros_like(picked)  # angles not received are uninitialised memory
+            filled[:, index] = picked[:, index] * weights[None, :, None]
+            picked = filled
         live = self.live.get(start.scan_id)
         if live is None:  # not registered (cannot happen through the tap): the middle
             center, source = start.cols / 2, "default"
@@ -364,8 +378,9 @@ class PreviewTap:
                 start.scan_id,
                 start.rows,
                 rows,
-                picked.float(),
-                np.asarray(theta)[angles],
+                picked,
+                np.asarray(theta),
+                len(angles),
                 start.n_angles,
                 t_last_projection,
                 center,

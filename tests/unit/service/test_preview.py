@@ -125,7 +125,7 @@ def test_a_full_preview_queue_drops_the_oldest_snapshot_and_counts_it() -> None:
             settings, WorkerSettings(), torch.device("cpu"), publisher, LiveScans(metrics), metrics
         )  # not started: the queue fills
         snapshots = [
-            Snapshot("s", 4, (2,), torch.zeros((1, n, 8)), np.zeros(n), 16, 0.0, 4.0, "default")
+            Snapshot("s", 4, (2,), torch.zeros((1, n, 8)), np.zeros(n), n, 16, 0.0, 4.0, "default")
             for n in (2, 3, 4)
         ]
         for snapshot in snapshots:
@@ -164,7 +164,7 @@ def test_previews_wait_while_the_loop_works_and_end_when_final_slices_begin() ->
     sinograms = torch.rand((2, 16, 8), generator=torch.Generator().manual_seed(0))
 
     def snapshot(scan_id: str) -> Snapshot:
-        return Snapshot(scan_id, 4, (1, 2), sinograms, theta, 16, 0.0, 4.0, "default")
+        return Snapshot(scan_id, 4, (1, 2), sinograms, theta, 16, 16, 0.0, 4.0, "default")
 
     def description(scan_id: str) -> ScanDescription:
         return ScanDescription(scan_id, 4, 8, theta, 4.0, "none", 0.0)
