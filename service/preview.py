@@ -20,9 +20,10 @@ width, or cols/2, until an operator sets one. No denoiser, no
 whole-scan preprocessing (stripes, stitching). With every angle and the same centre, a row's
 last preview is the same FBP as its final slice when the worker's FBP method is "direct" too.
 Once the reconstruct loop has begun a scan's final slices, its previews still waiting are
-dropped (`reason="final_begun"`): viewers get no preview after the final slices began. While the
-loop works on any scan, previews wait (the latest snapshot of each scan is kept) and a render
-under way stops between rows: previews use the compute the loop leaves idle, never its own.
+dropped (`reason="final_begun"`): viewers get no preview after the final slices began. While a
+complete scan is on its way through the loop (from its hand-over to its end event), previews
+wait (the latest snapshot of each scan is kept) and a render under way stops between rows:
+previews use the compute the loop leaves idle, never its own.
 
 The tap also keeps `service.live.LiveScans` in step with the scans (opened at scan_start,
 closed at the end), and applies an operator's centre to the completed scan.
@@ -134,9 +135,10 @@ class Previewer(StageThread):
         self._put = threading.Lock()  # producers: the ingest and HTTP threads
         self._ended: OrderedDict[str, None] = OrderedDict()  # under `_put`
         self._latest: dict[str, Snapshot] = {}  # the preview thread's
-        # set while the reconstruct loop works on a scan: previews wait (they would take
-        # compute from it), and a render stops between rows
-        self._loop_busy = threading.Event()
+        # complete scans handed to the reconstruct loop and not ended there (under `_put`):
+        # while there are any, previews wait (they would take compute from the loop, from
+        # the scan's preprocessing on), and a render stops between rows
+        self._finals = 0
         live.on_change(self.rerender)
 
     # ---- producers (any thread) -------------------------------------------------------------
@@ -174,13 +176,24 @@ class Previewer(StageThread):
     def begin(self, scan: ScanDescription) -> None:
         self.end_previews(scan.scan_id)
         self.live.learn(scan.cols, scan.center)
-        self._loop_busy.set()
 
     def write(self, batch: SliceBatch) -> None:
         pass
 
     def end(self, outcome: ScanEnded) -> None:
-        self._loop_busy.clear()
+        with self._put:
+            self._finals = max(0, self._finals - 1)
+
+    def final_queued(self) -> None:
+        """A complete scan goes to the reconstruct loop (the ingest thread, as it hands it
+        over): previews wait until the loop has ended it."""
+        with self._put:
+            self._finals += 1
+
+    @property
+    def loop_busy(self) -> bool:
+        with self._put:
+            return self._finals > 0
 
     # ---- the preview thread -----------------------------------------------------------------
 
@@ -190,7 +203,7 @@ class Previewer(StageThread):
         try:
             while not self.stopping:
                 self._forget_ended(pending)
-                busy = self._loop_busy.is_set()
+                busy = self.loop_busy
                 try:
                     if pending and not busy:
                         item = self._queue.get_nowait()
@@ -254,7 +267,7 @@ class Previewer(StageThread):
             for i, row in enumerate(snapshot.row_index):
                 if self.ended(snapshot.scan_id):
                     return
-                if self._loop_busy.is_set():
+                if self.loop_busy:
                     pending.add(snapshot.scan_id)
                     return
                 with torch.inference_mode():
@@ -332,6 +345,8 @@ class PreviewTap:
                 scan.theta,
                 scan.t_last_projection,
             )
+        if self.previewer is not None:
+            self.previewer.final_queued()
         live = self.live.close(scan_id)
         if live is None or not live.operator:
             return scan

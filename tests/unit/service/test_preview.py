@@ -172,13 +172,15 @@ def test_previews_wait_while_the_loop_works_and_end_when_final_slices_begin() ->
     try:
         with Subscriber(publisher.endpoint, ("preview",), context=context) as viewer:
             viewer.wait_ready()
-            previewer.begin(description("other"))  # the loop works on another scan
+            previewer.final_queued()  # another scan goes to the loop
+            previewer.begin(description("other"))
             previewer.submit(snapshot("a"))
             assert viewer.recv(timeout=0.3) is None, "a preview while the loop was busy"
             previewer.end(ScanFailed("other", "test"))
             got = [viewer.recv(timeout=10) for _ in range(2)]
             assert all(m is not None and m.topic == "preview" for m in got)
             assert [m.header["index"] for m in got if m is not None] == [1, 2]
+            previewer.final_queued()
             previewer.begin(description("a"))  # the final slices of "a" begin
             previewer.submit(snapshot("a"))
             previewer.end(ScanFailed("a", "test"))
