@@ -187,6 +187,8 @@ class Ingest(StageThread):
                     frames = self._socket.recv_multipart(copy=False)
                     self.guarded("an ingest message (dropped)", self._handle, assembler, frames)
                 self._dispatch(assembler.expire(self.settings.scan_timeout_s))
+                if self.tap is not None:  # projections not previewed yet, once one is due
+                    self.tap.tick(assembler.scans.values())
                 self._rejections.tick()
             self._dispatch(assembler.drop_all("the service is stopping"))
             self._rejections.tick(final=True)

@@ -36,6 +36,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -327,6 +328,12 @@ class PreviewTap:
             scan.t_last_projection,
         )
         due.t_snapshot, due.angles = now, angles
+
+    def tick(self, scans: Iterable[ScanBuffer]) -> None:
+        """The ingest's poll: the live scans' projections not previewed yet, when a snapshot
+        is due (a DAQ that pauses mid-scan still sees its latest projections)."""
+        for scan in scans:
+            self.frames(scan)
 
     def completed(self, scan: CompletedScan) -> CompletedScan:
         """The scan is complete: a last snapshot if angles came since the previous one, and
