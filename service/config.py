@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -24,6 +24,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -348,8 +349,9 @@ class PreviewSettings(_Section):
         description="publish partial FBP slices of a few rows on topic 'preview' while a scan's "
         "projections arrive (viewers that do not subscribe to it see no change)",
     )
-    rows: list[int] = Field(
-        default_factory=list,
+    # NoDecode: the environment's value reaches `_rows_text` as text (10,20 or [10, 20])
+    rows: Annotated[tuple[int, ...], NoDecode] = Field(
+        (),
         description="detector rows previewed; empty: the middle row and the rows a quarter "
         "from each end (rows beyond a scan's detector are left out)",
     )
@@ -366,16 +368,19 @@ class PreviewSettings(_Section):
     def _rows_text(cls, value: Any) -> Any:
         """`--preview.rows 10,20` and TOMOCAST_PREVIEW__ROWS=10,20 as well as a list."""
         if isinstance(value, str):
-            text = value.strip().strip("[]")
-            return [int(part) for part in text.split(",") if part.strip()]
+            parts = [part.strip() for part in value.strip().strip("[]()").split(",")]
+            try:
+                return [int(part) for part in parts if part]
+            except ValueError:
+                raise ValueError(f"rows={value!r}: give row numbers, e.g. 10,20") from None
         return value
 
     @field_validator("rows")
     @classmethod
-    def _rows(cls, value: list[int]) -> list[int]:
+    def _rows(cls, value: tuple[int, ...]) -> tuple[int, ...]:
         if any(row < 0 for row in value):
-            raise ValueError(f"rows={value}: detector rows are counted from 0")
-        return sorted(set(value))
+            raise ValueError(f"rows={list(value)}: detector rows are counted from 0")
+        return tuple(sorted(set(value)))
 
 
 # Settings that moved: old (section, name) -> new (section, name). Old keys are accepted, with a

@@ -25,13 +25,22 @@ from service.publish import Publisher
 def test_rows_previewed_default_to_the_middle_and_the_quarters() -> None:
     assert preview_rows(PreviewSettings(), 48) == (12, 24, 36)
     assert preview_rows(PreviewSettings(), 1) == (0,)
-    assert preview_rows(PreviewSettings(rows=[40, 3, 3, 100]), 48) == (3, 40)
+    assert preview_rows(PreviewSettings(rows=(40, 3, 3, 100)), 48) == (3, 40)
 
 
-def test_preview_rows_setting_takes_a_comma_list_and_refuses_negative_rows() -> None:
+def test_preview_rows_setting_takes_a_comma_list_and_refuses_negative_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from service.config import load_settings
 
-    assert load_settings(None, {"preview": {"rows": "10, 2"}}).preview.rows == [2, 10]
+    assert load_settings(None, {"preview": {"rows": "10, 2"}}).preview.rows == (2, 10)
+    for text in ("10,20", "[20, 10]"):
+        monkeypatch.setenv("TOMOCAST_PREVIEW__ROWS", text)
+        assert load_settings().preview.rows == (10, 20)
+    monkeypatch.setenv("TOMOCAST_PREVIEW__ROWS", "middle")
+    with pytest.raises(ConfigError, match="row numbers"):
+        load_settings()
+    monkeypatch.delenv("TOMOCAST_PREVIEW__ROWS")
     with pytest.raises(ConfigError, match="rows"):
         load_settings(None, {"preview": {"rows": [-1]}})
     assert Settings().preview.enabled and Settings().preview.rate_hz == 2.0
