@@ -206,3 +206,16 @@ def test_previews_wait_while_the_loop_works_and_end_when_final_slices_begin() ->
         publisher.stop()
         publisher.join()
         context.term()
+
+
+def test_view_prints_one_line_per_preview(capsys: pytest.CaptureFixture[str]) -> None:
+    from service.client import Published
+    from service.clients.view import _preview
+
+    header = PreviewHeader("s", 8, 4, 30, 120, 31.5, "operator", 100.0, t_published=100.25)
+    _preview(Published("preview", header.encode(), np.zeros((4, 4), np.float32)))
+    _preview(Published("preview", {"preview": True}, np.zeros((4, 4), np.float32)))
+    line = capsys.readouterr().err
+    assert line == (
+        "preview s row 4: 25% of 120 angles, centre 31.5 (operator), 0.25 s behind the detector\n"
+    )
