@@ -148,9 +148,13 @@ class LiveScans:
 def _check_number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise CenterRefused("400 Bad Request", f"center={value!r} is not a number")
-    if not math.isfinite(value):
-        raise CenterRefused("400 Bad Request", f"center={value!r} is not finite")
-    return float(value)
+    try:
+        center = float(value)
+    except OverflowError:  # an integer beyond float's range
+        center = math.inf
+    if not math.isfinite(center):
+        raise CenterRefused("400 Bad Request", f"center={value!r:.40} is not finite")
+    return center
 
 
 class CenterControl:

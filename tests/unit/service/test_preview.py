@@ -78,7 +78,7 @@ def test_set_center_validates_and_tells_listeners() -> None:
     live, heard = LiveScans(metrics), []
     live.on_change(heard.append)
     live.open(_start("a", 30.0))
-    for bad in (float("nan"), float("inf"), -1.0, 64.5, True, "31", None):
+    for bad in (float("nan"), float("inf"), 10**400, -1.0, 64.5, True, "31", None):
         with pytest.raises(CenterRefused) as refused:
             live.set_center("a", bad)
         assert refused.value.status.startswith("400")
@@ -90,7 +90,7 @@ def test_set_center_validates_and_tells_listeners() -> None:
     assert state is not None and state.operator and state.source == "operator"
     assert (
         metrics.registry.get_sample_value("tomocast_center_changes_total", {"outcome": "rejected"})
-        == 8
+        == 9
     )
 
 
