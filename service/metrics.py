@@ -88,8 +88,8 @@ class Metrics:
         self._resources(self.registry)
         self._guard(self.registry)
         self._pva(self.registry)
-        self._preprocess(self.registry)
         self._preview(self.registry)
+        self._preprocess(self.registry)
         self._create_labels()
 
     def _latency(self, r: CollectorRegistry) -> None:
@@ -223,34 +223,6 @@ class Metrics:
             self.pva_updates.labels(label)
             self.pva_superseded.labels(label)
 
-    def _preprocess(self, r: CollectorRegistry) -> None:
-        """What `[preprocess]` did (service.preprocess)."""
-        self.center = Gauge(
-            "tomocast_center_pixels",
-            "Rotation centre the last scan was reconstructed about (tomocast's convention: "
-            "cols/2 is the detector's middle; the stitched detector's for half-acquisition)",
-            registry=r,
-        )
-        self.centers = Counter(
-            "tomocast_centers_total",
-            "Scans reconstructed, by where their centre came from "
-            "(declared, config, estimated, default)",
-            ["source"],
-            registry=r,
-        )
-        self.zinger_pixels = Counter(
-            "tomocast_zinger_pixels_total",
-            "Projection pixels replaced as zingers before -log (preprocess.zingers)",
-            registry=r,
-        )
-        self.preprocess_seconds = Histogram(
-            "tomocast_preprocess_seconds",
-            "Preprocessing of a complete scan before its first FBP batch (stripes, centre, "
-            "stitching), per scan",
-            buckets=PREPROCESS_BUCKETS,
-            registry=r,
-        )
-
     def _preview(self, r: CollectorRegistry) -> None:
         """Previews during a scan and the live centre (service.preview, service.live)."""
         self.preview_latency = Histogram(
@@ -281,6 +253,34 @@ class Metrics:
             self.previews_dropped.labels(reason)
         for outcome in CENTER_CHANGE_OUTCOMES:
             self.center_changes.labels(outcome)
+
+    def _preprocess(self, r: CollectorRegistry) -> None:
+        """What `[preprocess]` did (service.preprocess)."""
+        self.center = Gauge(
+            "tomocast_center_pixels",
+            "Rotation centre the last scan was reconstructed about (tomocast's convention: "
+            "cols/2 is the detector's middle; the stitched detector's for half-acquisition)",
+            registry=r,
+        )
+        self.centers = Counter(
+            "tomocast_centers_total",
+            "Scans reconstructed, by where their centre came from "
+            "(declared, config, estimated, default)",
+            ["source"],
+            registry=r,
+        )
+        self.zinger_pixels = Counter(
+            "tomocast_zinger_pixels_total",
+            "Projection pixels replaced as zingers before -log (preprocess.zingers)",
+            registry=r,
+        )
+        self.preprocess_seconds = Histogram(
+            "tomocast_preprocess_seconds",
+            "Preprocessing of a complete scan before its first FBP batch (stripes, centre, "
+            "stitching), per scan",
+            buckets=PREPROCESS_BUCKETS,
+            registry=r,
+        )
 
     def _create_labels(self) -> None:
         """Every label set up front: dashboards show zeros before the first scan."""
