@@ -182,6 +182,7 @@ class Previewer(StageThread):
         pass
 
     def end(self, outcome: ScanEnded) -> None:
+        self.end_previews(outcome.scan_id)  # also a scan that failed before `begin`
         with self._put:
             self._finals = max(0, self._finals - 1)
 
