@@ -31,9 +31,11 @@ from service.config import Settings
 from service.events import ScanFailed
 from service.health import HealthServer
 from service.ingest import POLL_MS, Ingest
+from service.live import CenterControl, LiveScans
 from service.metrics import Metrics
 from service.prepare import GeometryPreparer
 from service.preprocess import ScanPreprocessor
+from service.preview import Previewer, PreviewTap
 from service.publish import PublishChannel, Publisher
 from service.pva import PVAServer
 from service.reconstruct import Worker
@@ -101,12 +103,15 @@ class Service:
                 lambda: torch.cuda.memory_allocated(device),
                 lambda: torch.cuda.memory_reserved(device),
             )
+        # the scans being received and their live centres (POST /scans/{scan_id}/center)
+        self.live = LiveScans(self.metrics, self.preprocessor.known_center)
         self.health = HealthServer(
             settings.metrics.host,
             settings.metrics.port,
             self.metrics.registry,
             self._readiness,
             self._liveness,
+            CenterControl(self.live),
         )
         self.publisher: Publisher | None = None
         self.ingest: Ingest | None = None
@@ -114,6 +119,7 @@ class Service:
         self.preparer: GeometryPreparer | None = None
         self.archive: Archive | None = None
         self.pva: PVAServer | None = None  # EPICS PV Access, with publish.pva_prefix
+        self.previewer: Previewer | None = None  # previews during a scan, with preview.enabled
         self.authenticator: ThreadAuthenticator | None = None
         self._worker_channel: PublishChannel | None = None  # the loop's, closed after it ends
         self.spread: Spread | None = None  # several devices or Ray actors (closed after the loop)
@@ -135,12 +141,21 @@ class Service:
         self.publisher = self._build_publisher(curve)
         self.archive = self._build_archive()
         self.pva = self._build_pva()
+        self.previewer = self._build_previewer()
         self.preparer = self._build_preparer(reconstructor)
         self.ingest = self._build_ingest(curve)
         self.worker = self._build_worker(reconstructor)
         self._why_not_ready = "warming up the device"
         self._warm_up(reconstructor)
-        stages = (self.publisher, self.archive, self.pva, self.worker, self.preparer, self.ingest)
+        stages = (
+            self.publisher,
+            self.archive,
+            self.pva,
+            self.previewer,
+            self.worker,
+            self.preparer,
+            self.ingest,
+        )
         for stage in stages:
             if stage is not None:
                 stage.start()
@@ -229,6 +244,19 @@ class Service:
         pva.open()  # a ConfigError without p4p: start-up fails, naming the setting
         return pva
 
+    def _build_previewer(self) -> Previewer | None:
+        if not self.settings.preview.enabled:
+            return None
+        assert self.publisher is not None
+        return Previewer(
+            self.settings.preview,
+            self.settings.worker,
+            self.device,
+            self.publisher,
+            self.live,
+            self.metrics,
+        )
+
     def _build_preparer(self, reconstructor: Reconstructor) -> GeometryPreparer | None:
         if not (
             self.settings.worker.prepare_geometry
@@ -259,6 +287,7 @@ class Service:
             curve,
             self.preparer,
             self.preprocessor,
+            PreviewTap(self.settings.preview, self.live, self.previewer),
         )
         ingest.bind()
         return ingest
@@ -274,6 +303,8 @@ class Service:
             sinks.append(self.archive)
         if self.pva is not None:
             sinks.append(self.pva)
+        if self.previewer is not None:  # ends a scan's previews as its final slices begin
+            sinks.append(self.previewer)
         return sinks
 
     def _build_worker(self, reconstructor: Reconstructor) -> Worker:
@@ -328,6 +359,9 @@ class Service:
             if self.archive is not None:
                 self.archive.stop()
                 self.archive.join()
+        if self.previewer is not None:
+            self.previewer.stop()
+            self.previewer.join()  # a render under way finishes; its channel closes before term()
         if self.pva is not None:
             self.pva.stop()
             self.pva.join(ARCHIVE_JOIN_S)
@@ -410,6 +444,7 @@ class Service:
                 ("publisher", self.publisher),
                 ("archive", self.archive),
                 ("pva", self.pva),
+                ("preview", self.previewer),
             ):
                 if part is not None and not part.alive:
                     return False, f"the {name} thread has stopped (see the log)"

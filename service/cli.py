@@ -275,6 +275,12 @@ def _add_view(command: Command) -> None:
     )
     view.add_argument("--recon", action="store_true", help="also take plain FBP slices")
     view.add_argument(
+        "--previews",
+        action="store_true",
+        help="also take previews (topic preview) and print one line per preview while scans "
+        "arrive (they are not saved)",
+    )
+    view.add_argument(
         "--scans",
         type=int,
         default=None,

@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -24,6 +24,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -292,6 +293,49 @@ class MetricsSettings(_Section):
     port: int = Field(9876, ge=0, le=65535, description="HTTP port (0: pick a free one)")
 
 
+class PreviewSettings(_Section):
+    """Previews: partial reconstructions of a few rows while a scan arrives (service.preview,
+    docs/operations.md, "Previews")."""
+
+    enabled: bool = Field(
+        True,
+        description="publish partial FBP slices of a few rows on topic 'preview' while a scan's "
+        "projections arrive (viewers that do not subscribe to it see no change)",
+    )
+    # NoDecode: the environment's value reaches `_rows_text` as text (10,20 or [10, 20])
+    rows: Annotated[tuple[int, ...], NoDecode] = Field(
+        (),
+        description="detector rows previewed; empty: the middle row and the rows a quarter "
+        "from each end (rows beyond a scan's detector are left out)",
+    )
+    rate_hz: float = Field(2.0, gt=0, le=50, description="previews of one scan per second, at most")
+    queue_items: int = Field(
+        4,
+        ge=1,
+        description="snapshots waiting for the preview thread; when full the oldest is dropped "
+        "(a later snapshot holds all its angles) and counted",
+    )
+
+    @field_validator("rows", mode="before")
+    @classmethod
+    def _rows_text(cls, value: Any) -> Any:
+        """`--preview.rows 10,20` and TOMOCAST_PREVIEW__ROWS=10,20 as well as a list."""
+        if isinstance(value, str):
+            parts = [part.strip() for part in value.strip().strip("[]()").split(",")]
+            try:
+                return [int(part) for part in parts if part]
+            except ValueError:
+                raise ValueError(f"rows={value!r}: give row numbers, e.g. 10,20") from None
+        return value
+
+    @field_validator("rows")
+    @classmethod
+    def _rows(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(row < 0 for row in value):
+            raise ValueError(f"rows={list(value)}: detector rows are counted from 0")
+        return tuple(sorted(set(value)))
+
+
 # Stripe removal methods of workers.preprocess.stripes.METHODS (not imported here: the settings
 # load without torch); tests/unit/service/test_preprocess_settings.py keeps the two equal.
 StripeRemoval = Literal[
@@ -402,6 +446,7 @@ class Settings(BaseSettings):
     archive: ArchiveSettings = ArchiveSettings()
     security: SecuritySettings = SecuritySettings()
     metrics: MetricsSettings = MetricsSettings()
+    preview: PreviewSettings = PreviewSettings()
     preprocess: PreprocessSettings = PreprocessSettings()
 
     cluster: ClusterSettings = ClusterSettings()

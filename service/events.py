@@ -284,6 +284,88 @@ class SliceHeader:
         return value if value is not None and math.isfinite(value) else None
 
 
+PREVIEW_TOPIC = "preview"  # the publisher's topic of partial reconstructions during a scan
+
+
+@dataclass(frozen=True)
+class PreviewHeader:
+    """The header of one preview (topic `preview`): row `index` of scan `scan_id` reconstructed
+    from the `angles` projections received so far (`fraction` of the `n_angles` declared),
+    about `center` (`center_source`: declared, config, operator, previous, default). Filled by
+    `service.preview`; `PublishChannel.send_preview` stamps `shape`, `t_published`, the
+    forwarding thread `pub_seq`."""
+
+    scan_id: str
+    rows: int  # detector rows of the scan
+    index: int  # the detector row
+    angles: int
+    n_angles: int
+    center: float
+    center_source: str
+    t_last_projection: float  # unix seconds: the latest projection included arrived
+    preview: bool = True
+    v: int = 1
+    shape: tuple[int, ...] | None = None
+    dtype: str = "float32"
+    t_published: float | None = None
+    pub_seq: int | None = None
+
+    @property
+    def fraction(self) -> float:
+        return self.angles / self.n_angles if self.n_angles else 0.0
+
+    def encode(self) -> dict[str, Any]:
+        header: dict[str, Any] = {
+            "v": self.v,
+            "scan_id": self.scan_id,
+            "preview": True,
+            "rows": self.rows,
+            "index": self.index,
+            "angles": self.angles,
+            "n_angles": self.n_angles,
+            "fraction": self.fraction,
+            "center": self.center,
+            "center_source": self.center_source,
+            "t_last_projection": self.t_last_projection,
+            "dtype": self.dtype,
+        }
+        if self.shape is not None:
+            header["shape"] = list(self.shape)
+        if self.t_published is not None:
+            header["t_published"] = self.t_published
+        if self.pub_seq is not None:
+            header["pub_seq"] = self.pub_seq
+        return header
+
+    @classmethod
+    def decode(cls, header: Mapping[str, Any]) -> PreviewHeader:
+        """Raises ValueError naming the first key that is missing or of the wrong type."""
+        if header.get("preview") is not True:
+            raise ValueError(f"preview={header.get('preview')!r}: not a preview header")
+        shape = header.get("shape")
+        if shape is not None and not (
+            isinstance(shape, (list, tuple)) and all(_is_int(n) for n in shape)
+        ):
+            raise ValueError(f"shape={shape!r} is not a list of integers")
+        published = header.get("t_published")
+        pub_seq = header.get("pub_seq")
+        return cls(
+            scan_id=_str(header, "scan_id"),
+            rows=_int(header, "rows"),
+            index=_int(header, "index"),
+            angles=_int(header, "angles"),
+            n_angles=_int(header, "n_angles"),
+            center=_float(header, "center"),
+            center_source=_str(header, "center_source"),
+            t_last_projection=_float(header, "t_last_projection"),
+            v=_int(header, "v") if "v" in header else 1,
+            shape=None if shape is None else tuple(shape),
+            dtype=str(header.get("dtype", "float32")),
+            t_published=None if published is None else _float(header, "t_published"),
+            pub_seq=pub_seq if _is_int(pub_seq) else None,
+        )
+
+
 def _centre(header: Mapping[str, Any]) -> tuple[float | None, str | None, dict[str, str], int]:
     """scan_completed's centre fields (absent from older senders' events: None, {}, 0)."""
     if "center" not in header:

@@ -1,4 +1,5 @@
-"""HTTP endpoint for operators: /metrics (Prometheus), /healthz (alive), /readyz (ready).
+"""HTTP endpoint for operators: /metrics (Prometheus), /healthz (alive), /readyz (ready), and
+the control endpoint `POST /scans/{scan_id}/center` (`service.live.CenterControl`).
 
 /healthz answers 200 while the process can do its job (an orchestrator restarts it otherwise);
 /readyz answers 200 only once the model is loaded, the sockets are bound and the device is warm,
@@ -11,7 +12,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -21,6 +22,17 @@ from service.errors import ConfigError
 log = logging.getLogger(__name__)
 
 Check = Callable[[], tuple[bool, str]]
+
+
+class Control(Protocol):
+    """A control endpoint under the metrics port (`service.live.CenterControl`): a WSGI app
+    for the paths it `handles`, called on the request threads."""
+
+    def handles(self, path: str) -> bool: ...
+
+    def __call__(
+        self, environ: dict[str, Any], start_response: Callable[..., Any]
+    ) -> Iterable[bytes]: ...
 
 
 def _always_alive() -> tuple[bool, str]:
@@ -93,8 +105,10 @@ class HealthServer:
         registry: CollectorRegistry,
         ready: Check,
         alive: Check = _always_alive,
+        control: Control | None = None,
     ) -> None:
         self._metrics_app = make_wsgi_app(registry)
+        self._control = control
         self._ready = ready
         self._alive = alive
         try:
@@ -132,6 +146,8 @@ class HealthServer:
         if path in ("/healthz", "/readyz"):
             ok, why = (self._alive if path == "/healthz" else self._ready)()
             return _text(start_response, "200 OK" if ok else "503 Service Unavailable", why + "\n")
+        if self._control is not None and self._control.handles(path):
+            return self._control(environ, start_response)
         return _text(start_response, "404 Not Found", "try /metrics, /healthz or /readyz\n")
 
 

@@ -29,6 +29,7 @@ from service.events import ScanFailed
 from service.metrics import Metrics
 from service.prepare import GeometryPreparer
 from service.preprocess import ScanPreprocessor
+from service.preview import PreviewTap
 from service.protocol import FrameChunk, decode
 from service.publish import PublishChannel, Publisher
 from service.scan import (
@@ -113,8 +114,10 @@ class Ingest(StageThread):
         curve: ServerKeys | None = None,
         preparer: GeometryPreparer | None = None,
         preprocessor: ScanPreprocessor | None = None,
+        tap: PreviewTap | None = None,
     ) -> None:
         super().__init__("ingest", metrics)
+        self.tap = tap  # live scans and their previews (service.preview), on this thread
         self.settings = settings
         self.context = context
         self.device = device
@@ -184,6 +187,8 @@ class Ingest(StageThread):
                     frames = self._socket.recv_multipart(copy=False)
                     self.guarded("an ingest message (dropped)", self._handle, assembler, frames)
                 self._dispatch(assembler.expire(self.settings.scan_timeout_s))
+                if self.tap is not None:  # projections not previewed yet, once one is due
+                    self.tap.tick(assembler.scans.values())
                 self._rejections.tick()
             self._dispatch(assembler.drop_all("the service is stopping"))
             self._rejections.tick(final=True)
@@ -201,6 +206,9 @@ class Ingest(StageThread):
             self.metrics.rejected.labels(exc.reason).inc()
             self._rejections.rejected(exc)
             return
+        live = assembler.scans.get(message.scan_id) if isinstance(message, FrameChunk) else None
+        if self.tap is not None and live is not None:
+            self.tap.frames(live)
         self._dispatch(outcomes)  # a complete scan may wait for the loop: timed as receive
         elapsed = time.perf_counter() - t0
         self.metrics.messages.labels(message.type).inc()
@@ -220,11 +228,16 @@ class Ingest(StageThread):
                 self.metrics.clipped_pixels.inc(outcome.pixels)
             elif isinstance(outcome, Started):
                 self._channel.send_event(outcome.event)
+                if self.tap is not None:
+                    self.tap.started(outcome.start)
                 if self.preparer is not None:
                     self.preparer.submit(outcome.start)
             elif isinstance(outcome, Completed):
-                self._hand_over(outcome.scan)
+                scan = outcome.scan if self.tap is None else self.tap.completed(outcome.scan)
+                self._hand_over(scan)
             else:
+                if self.tap is not None:
+                    self.tap.failed(outcome.start)
                 if outcome.evicted:
                     self.metrics.scans_evicted.inc()
                 if self.preparer is not None:

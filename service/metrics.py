@@ -45,7 +45,7 @@ TAIL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 120
 # published. guard: the no-harm guard's check of a denoised slice (service/guard.py).
 STAGES = ("receive", "normalize", "wait", "fbp", "denoise", "guard", "publish", "end_to_end")
 QUEUES = ("scans", "publish")
-ERROR_STAGES = ("ingest", "prepare", "worker", "publish", "archive", "pva")
+ERROR_STAGES = ("ingest", "prepare", "worker", "publish", "archive", "pva", "preview")
 SCAN_OUTCOMES = ("completed", "failed")
 # EPICS PV Access image PVs (service.pva), `<publish.pva_prefix><name>`
 PVA_IMAGES = ("Slice", "Recon")
@@ -63,6 +63,13 @@ GUARD_FALLBACK_REASONS = ("inconsistent", "not_finite")
 CENTER_SOURCES = ("declared", "config", "estimated", "default")
 # The whole-scan preprocessing before FBP (stripes, centre, stitching), per scan.
 PREPROCESS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Previews (service.preview): latest projection in a snapshot -> its preview published.
+PREVIEW_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Why a preview snapshot was not rendered: superseded in the full queue by a later one, or the
+# scan's final slices had begun.
+PREVIEW_DROP_REASONS = ("queue_full", "final_begun")
+# POST /scans/{scan_id}/center (service.live): applied, or refused (bad value, no live scan).
+CENTER_CHANGE_OUTCOMES = ("accepted", "rejected")
 
 
 class Metrics:
@@ -81,6 +88,7 @@ class Metrics:
         self._resources(self.registry)
         self._guard(self.registry)
         self._pva(self.registry)
+        self._preview(self.registry)
         self._preprocess(self.registry)
 
         self._cluster(self.registry)
@@ -216,6 +224,37 @@ class Metrics:
         for label in PVA_IMAGES:
             self.pva_updates.labels(label)
             self.pva_superseded.labels(label)
+
+    def _preview(self, r: CollectorRegistry) -> None:
+        """Previews during a scan and the live centre (service.preview, service.live)."""
+        self.preview_latency = Histogram(
+            "tomocast_preview_latency_seconds",
+            "Latest projection included in a preview received -> the preview published",
+            buckets=PREVIEW_BUCKETS,
+            registry=r,
+        )
+        self.previews = Counter(
+            "tomocast_previews_published_total",
+            "Preview slices published (topic preview), one per previewed row",
+            registry=r,
+        )
+        self.previews_dropped = Counter(
+            "tomocast_previews_dropped_total",
+            "Preview snapshots not rendered, by reason (queue_full: superseded by a later one; "
+            "final_begun: the scan's final slices had begun)",
+            ["reason"],
+            registry=r,
+        )
+        self.center_changes = Counter(
+            "tomocast_center_changes_total",
+            "Live centre changes (POST /scans/{scan_id}/center), by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        for reason in PREVIEW_DROP_REASONS:
+            self.previews_dropped.labels(reason)
+        for outcome in CENTER_CHANGE_OUTCOMES:
+            self.center_changes.labels(outcome)
 
     def _preprocess(self, r: CollectorRegistry) -> None:
         """What `[preprocess]` did (service.preprocess)."""

@@ -24,7 +24,7 @@ import numpy as np
 import zmq
 
 from service.config import PublishSettings
-from service.events import EVENT_TOPIC, Event, ScanEnded, SliceHeader
+from service.events import EVENT_TOPIC, PREVIEW_TOPIC, Event, PreviewHeader, ScanEnded, SliceHeader
 from service.metrics import Metrics
 from service.security import ServerKeys
 from service.sinks import ScanDescription, SliceBatch
@@ -201,6 +201,18 @@ class PublishChannel:
             [topic.encode(), msgpack.packb(stamped.encode()), data], copy=False
         )
         self.metrics.slices.labels(topic).inc()
+
+    def send_preview(self, header: PreviewHeader, data: np.ndarray) -> float:
+        """Publish one preview (topic `preview`); stamps `shape` and `t_published`, which it
+        returns."""
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        stamped = replace(header, shape=data.shape, dtype="float32", t_published=time.time())
+        self.metrics.queue_depth.labels("publish").inc()
+        self._push.send_multipart(
+            [PREVIEW_TOPIC.encode(), msgpack.packb(stamped.encode()), data], copy=False
+        )
+        assert stamped.t_published is not None
+        return stamped.t_published
 
     def send_event(self, event: Event) -> None:
         """Publish a scan event. Every scan's outcome is announced here exactly once, so this

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from service.cli import client_keys
 from service.client import Published, Subscriber
 from service.clients.writers import HDF5SliceFile, PNGSliceFiles, ScanProgress, SliceWriter
-from service.events import Event, ScanEnded, ScanFailed
+from service.events import PREVIEW_TOPIC, Event, PreviewHeader, ScanEnded, ScanFailed
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,9 @@ def run_view(args: argparse.Namespace) -> int:
         from service.clients.web.server import run_web
 
         return run_web(args)
-    topics = ("slice", "event", "recon") if args.recon else ("slice", "event")
+    topics: tuple[str, ...] = ("slice", "event", "recon") if args.recon else ("slice", "event")
+    if getattr(args, "previews", False):
+        topics += (PREVIEW_TOPIC,)
     sinks: list[SliceWriter] = []
     if args.out is not None:
         sinks.append(HDF5SliceFile(args.out))
@@ -67,6 +69,9 @@ def run_view(args: argparse.Namespace) -> int:
                     event = scan_event(message)
                     if isinstance(event, ScanEnded):
                         _ended(event, subscriber, progress, bars)
+                    continue
+                if message.topic == PREVIEW_TOPIC:
+                    _preview(message)
                     continue
                 try:
                     header = message.slice_header()
@@ -89,6 +94,21 @@ def run_view(args: argparse.Namespace) -> int:
             for sink in sinks:
                 sink.close()
     return 0
+
+
+def _preview(message: Published) -> None:
+    """One line per preview: which row, how much of the scan, about which centre."""
+    try:
+        header = PreviewHeader.decode(message.header)
+    except ValueError as exc:
+        log.warning("preview not understood, ignored: %s", exc)
+        return
+    behind = (header.t_published or header.t_last_projection) - header.t_last_projection
+    sys.stderr.write(
+        f"preview {header.scan_id} row {header.index}: {100 * header.fraction:.0f}% of "
+        f"{header.n_angles} angles, centre {header.center:g} ({header.center_source}), "
+        f"{behind:.2f} s behind the detector\n"
+    )
 
 
 def _ended(
