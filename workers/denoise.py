@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 # Three 2x2 max-pools in TomoGAN: H and W must divide by 8 for the skips to line up.
 SIZE_MULTIPLE = 8
 DEFAULT_WARMUP_SIZE = 256
-DEFAULT_MODEL = "tomogan-foam-d3"  # docs/model-card.md
+DEFAULT_MODEL = "tomogan-beamline-d3"  # docs/model-card.md
 
 Precision = Literal["artifact", "auto", "fp32", "fp16", "bf16", "int8"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
