@@ -161,3 +161,16 @@ def test_head_only_tuning_freezes_the_rest(scan_file: Path) -> None:
     after = trainer.generator.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("head.") for k in changed)
+
+
+def test_nxtomo_and_dxchange_give_the_same_line_integrals(scan_file: Path, tmp_path: Path) -> None:
+    pytest.importorskip("nxtomo")
+    from tests.integration.test_replay_nxtomo import write_nxtomo
+
+    scan = simulate_scan("tiny", rows=4, cols=32, n_angles=48, photons=500.0, seed=3)
+    write_nxtomo(tmp_path / "scan.nx", scan)
+    nexus, exchange = read_scan(tmp_path / "scan.nx"), read_scan(scan_file)
+    np.testing.assert_allclose(nexus.theta, exchange.theta, atol=1e-9)
+    # the flats are averaged in another order: float32 rounding apart, the same
+    np.testing.assert_allclose(nexus.sinogram, exchange.sinogram, atol=1e-5)
+    assert nexus.center == exchange.center == 16.0
