@@ -41,7 +41,7 @@ import torch
 from models.training.dataset import SlicePairs, TrainingData
 from models.training.train import CHECKPOINT_FILE, SUMMARY_FILE, TrainConfig, Trainer, resume
 from service.errors import DataError
-from workers.recon import ReconSession
+from workers.recon import ReconSession, recon
 
 log = logging.getLogger(__name__)
 
@@ -151,18 +151,12 @@ def subset_reconstructions(
     session: ReconSession | None = None,
 ) -> np.ndarray:
     """(K, rows, N, N) float32: the FBP of each interleaved angle subset (`split_angles`)."""
-    from workers.recon import recon
-
     session = session or ReconSession()
-    return np.stack(
-        [
-            recon(
-                scan.sinogram[chosen], scan.theta[chosen], scan.center, device=device,
-                session=session,
-            )
-            for chosen in split_angles(len(scan.theta), subsets)
-        ]
-    )  # fmt: skip
+    volumes = []
+    for chosen in split_angles(len(scan.theta), subsets):
+        sinogram, theta = scan.sinogram[chosen], scan.theta[chosen]
+        volumes.append(recon(sinogram, theta, scan.center, device=device, session=session))
+    return np.stack(volumes)
 
 
 def noise2inverse_pairs(reconstructions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -213,7 +207,8 @@ def adaptation_data(
     session = ReconSession()
     reconstructions = subset_reconstructions(scan, subsets, device, session)
     # The mean of the subsets' FBPs is the full scan's FBP (FBP is linear, each subset weighs
-    # its angles by pi / its count): the scan's level as the engine will measure it.
+    # its angles by pi / its count; exactly so when K divides the angles): the scan's level as
+    # the engine will measure it.
     level = intensity_level(torch.from_numpy(reconstructions.mean(axis=0)))
     if not (math.isfinite(level) and level > 0):
         raise DataError(f"{scan.source}: the reconstruction is all zero; nothing to adapt to")
