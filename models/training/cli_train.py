@@ -51,6 +51,7 @@ def add_train(command: Command) -> None:
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
     _add_loss_flags(p)
     _add_run_flags(p)
+    _add_self_supervised_flags(p)
 
 
 def _add_loss_flags(p: argparse.ArgumentParser) -> None:
@@ -122,6 +123,56 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_self_supervised_flags(p: argparse.ArgumentParser) -> None:
+    """`train --self-supervised`: adapt trained weights to one recorded scan
+    (`models.training.selfsupervised`)."""
+    group = p.add_argument_group(
+        "self-supervised adaptation (Noise2Inverse on one recorded scan, no ground truth)"
+    )
+    group.add_argument(
+        "--self-supervised",
+        type=Path,
+        default=None,
+        metavar="SCANFILE",
+        help="fine-tune --init (default: the shipped model) on this DXchange or NXtomo scan: "
+        "predict one interleaved angle subset's FBP from the others'; --data is not used",
+    )
+    group.add_argument(
+        "--seconds",
+        type=float,
+        default=300.0,
+        help="training budget in seconds of steps (total, also when resuming)",
+    )
+    group.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="what --seconds counts: wall-clock seconds of steps (total, also when resuming) "
+        "or this process's CPU seconds (on a shared machine, what the run itself cost)",
+    )
+    group.add_argument("--subsets", type=int, default=2, help="interleaved angle subsets (K)")
+    group.add_argument(
+        "--tune",
+        choices=["all", "head"],
+        default="all",
+        help="which weights change: all, or the last 1x1 layers only (head; give it again "
+        "when resuming)",
+    )
+    group.add_argument(
+        "--rows",
+        default=None,
+        metavar="FIRST:STOP",
+        help="detector rows to adapt on (default all; bounds memory and FBP time)",
+    )
+    group.add_argument(
+        "--center",
+        type=float,
+        default=None,
+        help="rotation axis (default: the file's, else cols / 2)",
+    )
+    group.add_argument("--entry", default=None, help="NXtomo entry (files with several)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -129,6 +180,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.self_supervised is not None:
+        return _cmd_adapt(args)
     trainer = _trainer(args)
     _log_setup(trainer)
     summary = run(trainer, args.out, progress=not args.no_progress)
@@ -144,6 +197,87 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{summary['checkpoint']}\n"
     )
     return 0
+
+
+def _row_range(text: str | None) -> tuple[int, int] | None:
+    from service.errors import DataError
+
+    if text is None:
+        return None
+    first, _, stop = text.partition(":")
+    try:
+        return int(first), int(stop)
+    except ValueError:
+        raise DataError(f"--rows {text!r}: give FIRST:STOP, e.g. 100:132") from None
+
+
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    """`train --self-supervised SCANFILE`: Noise2Inverse fine-tuning within --seconds."""
+    from models.training.cli import command_line, resolve_device
+    from models.training.selfsupervised import adapt, adapter, read_scan
+    from service.errors import DataError
+    from workers.denoise import default_artifact_path
+
+    if args.data is not None or args.low_dose is not None:
+        raise DataError("--self-supervised trains on the scan alone: drop --data / -ld / -nd")
+    if args.resume is not None and args.init is not None:
+        raise DataError("give --init (start from weights) or --resume (continue), not both")
+    device = resolve_device(args.device)
+    init = args.init
+    if init is None:
+        # A resumed run's artifact is recorded in its checkpoint; the scan's pairs are
+        # normalised as it was, so the default must be the one it started from.
+        init = _recorded_init(args.resume) if args.resume is not None else None
+    init = init or default_artifact_path("cpu")
+    scan = read_scan(args.self_supervised, _row_range(args.rows), args.center, args.entry)
+    settings: dict[str, object] = {
+        "steps": args.steps,
+        "val_every": args.val_every,
+        "checkpoint_every": args.checkpoint_every,
+    }
+    if args.resume is None:
+        settings.update(
+            patch=args.patch,
+            batch=args.batch,
+            lr=args.lr,
+            lr_schedule=args.lr_schedule,
+            precision=args.precision or ("mixed" if device.startswith("cuda") else "fp32"),
+            seed=args.seed,
+            val_slices=args.val_slices,
+        )
+    trainer = adapter(
+        scan,
+        init,
+        device,
+        subsets=args.subsets,
+        command=command_line(),
+        resume_from=args.resume,
+        tune=args.tune,
+        **settings,
+    )
+    sys.stderr.write(
+        f"adapting {trainer.config.arch} (depth {trainer.config.depth}) from {init} on "
+        f"{scan.source}: {args.subsets} angle subsets; {trainer.config.precision} on "
+        f"{trainer.device}, budget {args.seconds:g} s ({args.clock})\n"
+    )
+    summary = adapt(
+        trainer, args.out, args.seconds, progress=not args.no_progress, clock=args.clock
+    )
+    validation, baseline = summary["validation"], summary["baseline"]
+    sys.stdout.write(
+        f"{summary['steps']} steps in {summary['train_seconds']:.1f} s of training "
+        f"({summary['wall_seconds']:.1f} s wall, {summary['cpu_seconds']:.1f} s CPU); "
+        f"held-out subset PSNR {validation['psnr']:.2f} dB (input: {baseline['psnr']:.2f} dB); "
+        f"checkpoint {summary['checkpoint']} (tomocast export it)\n"
+    )
+    return 0
+
+
+def _recorded_init(checkpoint: Path) -> str | None:
+    from models.training.train import load_checkpoint
+
+    init = load_checkpoint(checkpoint)["config"].get("init")
+    return None if init is None else str(init)
 
 
 def _trainer(args: argparse.Namespace) -> Trainer:
