@@ -98,11 +98,19 @@ def test_the_torch_export_file_is_the_same_network(
         # The default on families the foam model turned into foam (docs/model-card.md)
         (DEFAULT_MODEL, "foam", EVALUATION_SEED + 7, 256, 360, Condition(photons=200.0), 5.0, 0.5),
         (DEFAULT_MODEL, "granular", EVALUATION_SEED + 7, 256, 360, Condition(sparse=8), 3.0, 0.7),
-        (DEFAULT_MODEL, "inclusions", EVALUATION_SEED + 7, 256, 360, Condition(photons=1000.0),
-         5.0, 0.7),
+        (
+            DEFAULT_MODEL,
+            "inclusions",
+            EVALUATION_SEED + 7,
+            256,
+            360,
+            Condition(photons=1000.0),
+            5.0,
+            0.7,
+        ),
         # and on the family held out of its training
         (DEFAULT_MODEL, "cells", EVALUATION_SEED + 7, 256, 360, Condition(photons=200.0), 5.0, 0.5),
-    ],  # fmt: skip
+    ],
     ids=[
         "foam-model-256px-200-photons",
         "foam-model-512px-1/16-views",
