@@ -73,6 +73,22 @@ def test_defaults_theta_evenly_over_half_turn_and_center_middle() -> None:
     assert start.rotation_center() == 4.0
 
 
+def test_a_centre_in_tomopys_convention_is_the_same_axis() -> None:
+    from workers.preprocess.center import from_tomopy_center
+
+    # TomoPy's find_center_vo puts a centred axis at pixel index (cols - 1) / 2 = 3.5 here
+    tomopy = decode([header(center=3.5, center_convention="tomopy")], LIMITS)
+    native = decode([header(center=4.0)], LIMITS)
+    explicit = decode([header(center=4.0, center_convention="tomocast")], LIMITS)
+    assert isinstance(tomopy, ScanStart) and isinstance(native, ScanStart)
+    assert tomopy.rotation_center() == native.rotation_center() == from_tomopy_center(3.5)
+    assert explicit == native
+    # no centre: the convention changes nothing (the centre is estimated or the middle)
+    assert decode([header(center_convention="tomopy")], LIMITS) == decode([header()], LIMITS)
+    assert reason_of([header(center=3.5, center_convention="astra")]) == "bad_value"
+    assert reason_of([header(center=7.8, center_convention="tomopy")]) == "bad_value"  # 8.3
+
+
 @pytest.mark.parametrize(
     ("frames", "reason"),
     [
