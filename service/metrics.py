@@ -229,7 +229,7 @@ class Metrics:
         """Previews during a scan and the live centre (service.preview, service.live)."""
         self.preview_latency = Histogram(
             "tomocast_preview_latency_seconds",
-            "Latest projection included in a preview received -> the preview published",
+            "Latest projection included in a preview received -> each preview slice published",
             buckets=PREVIEW_BUCKETS,
             registry=r,
         )

@@ -264,7 +264,6 @@ class Previewer(StageThread):
             snapshot.t_last_projection,
         )
         theta = theta_tensor(snapshot.theta)
-        published = None
         try:
             for i, row in enumerate(snapshot.row_index):
                 if self.ended(snapshot.scan_id):
@@ -278,10 +277,12 @@ class Previewer(StageThread):
                     host = data[0].cpu().numpy()
                 published = channel.send_preview(replace(header, index=row), host)
                 self.metrics.previews.inc()
+                # per preview slice: a render cut short by the loop still counts what it sent
+                self.metrics.preview_latency.observe(
+                    max(0.0, published - snapshot.t_last_projection)
+                )
         finally:
             self.fbp.release()
-        if published is not None:
-            self.metrics.preview_latency.observe(max(0.0, published - snapshot.t_last_projection))
 
 
 class PreviewTap:

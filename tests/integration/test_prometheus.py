@@ -357,11 +357,24 @@ def test_dashboard_and_alert_queries_return_data(
         n_flat=2,
         seed=7,
     )
-    with Subscriber(tomocast.publish, ("event",)) as viewer, Detector(tomocast.ingest) as detector:
+    with (
+        Subscriber(tomocast.publish, ("event",)) as viewer,
+        Subscriber(tomocast.publish, ("preview",)) as previews,
+        Detector(tomocast.ingest) as detector,
+    ):
         viewer.wait_ready()
-        detector.send_scan(
-            "prom-scan", scan.projections, darks=scan.darks, flats=scan.flats, chunk=10
+        previews.wait_ready()
+        # half the projections, then a preview of them (the preview panels need one), the rest
+        half = ANGLES // 2
+        detector.start_scan(
+            "prom-scan", ROWS, COLS, ANGLES, str(scan.projections.dtype), n_dark=2, n_flat=2
         )
+        detector.send_frames("dark", "prom-scan", 0, scan.darks)
+        detector.send_frames("flat", "prom-scan", 0, scan.flats)
+        detector.send_frames("projections", "prom-scan", 0, scan.projections[:half])
+        assert previews.recv(timeout=60.0) is not None, "no preview of the first half"
+        detector.send_frames("projections", "prom-scan", half, scan.projections[half:])
+        detector.end_scan("prom-scan", ANGLES)
         detector.send_raw(
             [msgpack.packb({"v": 2, "type": "scan_start", "scan_id": "bad", "seq": 0})]
         )
