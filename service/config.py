@@ -231,6 +231,13 @@ class GuardSettings(_Section):
         GUARD_MAX_ANGLES,
         description="compare at every k-th angle, k the smallest leaving at most this many",
     )
+    noise: Literal["estimated", "photon"] = Field(
+        "estimated",
+        description="the measurement noise the misfit is weighed by: 'estimated' from each "
+        "sinogram (any detector), or 'photon': Poisson counts from the flat's counts, for "
+        "raw-count scans from a photon-counting detector without dark noise (a detector with "
+        "gain, dark or read noise makes good slices look contradicted)",
+    )
 
     @field_validator("threshold")
     @classmethod

@@ -9,9 +9,13 @@ The score is `workers.guard.consistency` (its docstring and docs/model-card.md, 
 
 each slice against the measured sinogram row it came from, at every k-th angle (at most
 `guard.max_angles`). A slice is kept when consistency <= `guard.threshold`. The noise variance
-of the line integrals comes from the flat's photon counts (flat minus dark, per detector pixel)
-for raw-count scans, and is estimated from the sinogram itself for `normalized` scans
-(`CompletedScan.flat_counts` is None there).
+of the line integrals is estimated from the sinogram itself (`guard.noise = "estimated"`, the
+default), or, with `guard.noise = "photon"`, taken from the flat's photon counts (flat minus
+dark, per detector pixel) for raw-count scans (`CompletedScan.flat_counts`; None for
+`normalized` scans, which are always estimated). The photon model ignores detector gain, dark
+and read noise: on the demo's simulated detector (300 photons, darks, a beam profile) it
+rejected every slice of a granular scan the default model denoises from 10.1 to 27.8 dB
+(consistency 1.22-1.61), where the estimate kept them all (0.82-0.93).
 
 Never published as denoised: a slice whose score is not finite (overflow on an absurd slice, a
 degenerate row whose estimated noise is zero and whose denoised slice still misfits it), or a
@@ -94,7 +98,7 @@ class ScanGuard:
         verdict on its way to the host."""
         rows = denoised.shape[0]
         sinogram = self.sinogram[first : first + rows]
-        if self.flat_counts is not None:
+        if self.flat_counts is not None and self.settings.noise == "photon":
             variance = photon_variance(sinogram, self.flat_counts[first : first + rows, None, :])
         elif sinogram.shape[-1] >= MIN_COLUMNS_TO_ESTIMATE:
             variance = None  # estimated from the sinogram (workers.guard.estimate_variance)

@@ -130,9 +130,18 @@ def fallbacks(service: Service) -> float:
 
 
 @pytest.mark.parametrize("wrong", sorted(WRONG))
-@pytest.mark.parametrize("normalized", [False, True], ids=["raw-counts", "normalized"])
+@pytest.mark.parametrize(
+    ("normalized", "noise"),
+    [(False, "estimated"), (False, "photon"), (True, "estimated")],
+    ids=["raw-counts", "raw-counts-photon-noise", "normalized"],
+)
 def test_a_contradicted_denoiser_is_replaced_by_fbp(
-    start_service: Any, scan: SimulatedScan, tmp_path: Path, normalized: bool, wrong: str
+    start_service: Any,
+    scan: SimulatedScan,
+    tmp_path: Path,
+    normalized: bool,
+    noise: str,
+    wrong: str,
 ) -> None:
     network, effect = WRONG[wrong]
     model = artifact(network(), wrong, tmp_path)
@@ -140,6 +149,7 @@ def test_a_contradicted_denoiser_is_replaced_by_fbp(
         model={"path": str(model), "precision": "fp32"},
         publish={"recon": True},
         archive={"directory": str(tmp_path / "archive")},
+        guard={"noise": noise},
     )
     slices, recons, completed = run_scan(endpoints, scan, normalized)
     assert service.stop()  # drains the archive: it holds each slice's verdict and score
@@ -170,7 +180,7 @@ def test_a_contradicted_denoiser_is_replaced_by_fbp(
     assert above == len(replaced)
 
     # the score, recomputed from the DAQ's data: the service scores the right rows against the
-    # right noise (photon counts for raw scans, the estimate for normalized ones)
+    # right noise (photon counts for raw scans with guard.noise = photon, else the estimate)
     sinogram, flat_counts = line_integrals(scan)
     rows = torch.from_numpy(sinogram.transpose(1, 0, 2).astype(np.float32))
     fbp = torch.from_numpy(np.stack([recons[i].data for i in range(ROWS)]))
@@ -178,7 +188,7 @@ def test_a_contradicted_denoiser_is_replaced_by_fbp(
     assert offset == 0
     variance = (
         None
-        if normalized
+        if normalized or noise == "estimated"
         else photon_variance(rows, torch.from_numpy(flat_counts[:, None, :].astype(np.float32)))
     )
     expected = consistency(

@@ -90,7 +90,7 @@ def test_defaults_are_workers_guards() -> None:
     assert GUARD_THRESHOLD == workers.guard.DEFAULT_THRESHOLD
     assert GUARD_MAX_ANGLES == workers.guard.DEFAULT_MAX_ANGLES
     assert GuardSettings() == GuardSettings(
-        enabled=True, threshold=GUARD_THRESHOLD, max_angles=GUARD_MAX_ANGLES
+        enabled=True, threshold=GUARD_THRESHOLD, max_angles=GUARD_MAX_ANGLES, noise="estimated"
     )
 
 
@@ -116,7 +116,9 @@ def test_photon_counts_are_taken_for_the_rows_scored() -> None:
     fbp = fbp_of(sinogram, theta)
     counts = torch.full((ROWS, COLS), photons) * torch.linspace(0.5, 1.5, ROWS)[:, None]
     denoised = fbp[2:5] * 0.9
-    _, verdict = check(sinogram, theta, denoised, fbp[2:5], first=2, flat_counts=counts)
+    _, verdict = check(
+        sinogram, theta, denoised, fbp[2:5], first=2, flat_counts=counts, noise="photon"
+    )
     rows = sinogram[2:5]
     expected = workers.guard.consistency(
         denoised, fbp[2:5], rows, theta, CENTER, rows.exp() / counts[2:5, None, :]
@@ -124,6 +126,9 @@ def test_photon_counts_are_taken_for_the_rows_scored() -> None:
     np.testing.assert_allclose(verdict.consistency, expected.numpy(), rtol=1e-5)
     estimated = workers.guard.consistency(denoised, fbp[2:5], rows, theta, CENTER)
     assert not np.allclose(verdict.consistency, estimated.numpy(), rtol=1e-3)
+    # the default weighs by the noise estimated from the sinogram, flat counts or not
+    _, by_default = check(sinogram, theta, denoised, fbp[2:5], first=2, flat_counts=counts)
+    np.testing.assert_allclose(by_default.consistency, estimated.numpy(), rtol=1e-5)
 
 
 def test_threshold_and_max_angles_are_the_settings() -> None:
