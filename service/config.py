@@ -236,7 +236,7 @@ class GuardSettings(_Section):
         description="the measurement noise the misfit is weighed by: 'estimated' from each "
         "sinogram (any detector), or 'photon': Poisson counts from the flat's counts, for "
         "raw-count scans from a photon-counting detector without dark noise (a detector with "
-        "gain, dark or read noise makes good slices look contradicted)",
+        "gain, dark or read noise makes good slices look contradicted; docs/operations.md)",
     )
 
     @field_validator("threshold")

@@ -13,9 +13,8 @@ of the line integrals is estimated from the sinogram itself (`guard.noise = "est
 default), or, with `guard.noise = "photon"`, taken from the flat's photon counts (flat minus
 dark, per detector pixel) for raw-count scans (`CompletedScan.flat_counts`; None for
 `normalized` scans, which are always estimated). The photon model ignores detector gain, dark
-and read noise: on the demo's simulated detector (300 photons, darks, a beam profile) it
-rejected every slice of a granular scan the default model denoises from 10.1 to 27.8 dB
-(consistency 1.22-1.61), where the estimate kept them all (0.82-0.93).
+and read noise, which makes good slices look contradicted (docs/operations.md, "No-harm
+guard", has the measurement).
 
 Never published as denoised: a slice whose score is not finite (overflow on an absurd slice, a
 degenerate row whose estimated noise is zero and whose denoised slice still misfits it), or a

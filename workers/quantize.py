@@ -221,8 +221,8 @@ def quantize_int8(
         ),
     )
     # phantoms spanning [0, 1]: for an artifact with a reference level that is wider than the
-    # engine feeds (`calibration_units`), which keeps brighter scans from clipping; calibrated
-    # at exactly the engine's units, tomogan-beamline-d3 lost 3-7 dB on inputs at [0, 1]
+    # engine feeds (`calibration_units`), which keeps brighter scans from clipping (calibrated
+    # at exactly the engine's units, inputs above them lost dBs to clipping)
     calibration, _ = foam_stacks(depth, CALIBRATION_SEED)
     held_out, _ = foam_stacks(depth, CHECK_SEED, rows=depth, centre_only=True)
     with _quantized_engine(engine), _deprecations_silenced(), _fx_stack_traces_off():

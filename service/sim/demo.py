@@ -26,7 +26,7 @@ from service.client import Detector, Subscriber
 from service.clients.view import receive, scan_event
 from service.clients.writers import ScanProgress, save_comparison_png
 from service.config import load_settings
-from service.events import ScanCompleted, ScanEnded, ScanFailed
+from service.events import ScanCompleted, ScanEnded, ScanFailed, SliceHeader
 from service.sim.simulate import Faults, SimulatedScan, simulate_scan
 
 
@@ -81,12 +81,14 @@ def run_demo(args: argparse.Namespace) -> int:
             sender = threading.Thread(target=_send, args=(endpoints.ingest, scan), daemon=True)
             t_send = time.monotonic()
             sender.start()
-            volumes, progress, ended = _collect(viewer, args.rows, scan.truth.shape[-1])
+            volumes, progress, ended, verdicts = _collect(viewer, args.rows, scan.truth.shape[-1])
             sender.join()
             elapsed = time.monotonic() - t_send
     finally:
         service.stop()
-    say(_summary(info, scan.truth, volumes, progress, ended, elapsed, out, _axis(scan, faults)))
+    axis = _axis(scan, faults)
+    say(_summary(info, scan.truth, volumes, progress, ended, elapsed, out, axis))
+    say(_guard_summary(verdicts))
     return 0
 
 
@@ -125,7 +127,10 @@ def _collect(
     viewer: Subscriber,
     rows: int,
     cols: int,
-) -> tuple[dict[str, np.ndarray], ScanProgress, ScanEnded | None]:
+) -> tuple[dict[str, np.ndarray], ScanProgress, ScanEnded | None, list[SliceHeader]]:
+    """The scan's slices by topic, its progress, its end, and the headers of topic `slice` (the
+    no-harm guard's verdicts)."""
+    verdicts: list[SliceHeader] = []
     volumes = {
         topic: np.full((rows, cols, cols), np.nan, np.float32) for topic in ("recon", "slice")
     }
@@ -138,6 +143,8 @@ def _collect(
                 ended = event
             continue
         header = message.slice_header()
+        if message.topic == "slice":
+            verdicts.append(header)
         if message.data is None or message.data.shape != (cols, cols):
             # a half-acquisition scan's stitched width may differ from the phantom's by a pixel
             volumes[message.topic][header.index] = _fit(message.data, cols)
@@ -145,7 +152,23 @@ def _collect(
         volumes[message.topic][header.index] = message.data
         if message.topic == "slice":
             progress.add(header)
-    return volumes, progress, ended
+    return volumes, progress, ended, verdicts
+
+
+def _guard_summary(verdicts: list[SliceHeader]) -> str:
+    """One line: how many slices went out denoised and the guard's scores (docs/operations.md,
+    "No-harm guard"); nothing when no slice was scored."""
+    scores = [h.consistency for h in verdicts if h.consistency is not None]
+    if not verdicts or not any(h.denoised is not None for h in verdicts):
+        return ""
+    kept = sum(bool(h.denoised) for h in verdicts)
+    line = f"no-harm guard: {kept}/{len(verdicts)} slices published denoised"
+    if scores:
+        line += (
+            f", consistency median {float(np.median(scores)):.2f} "
+            f"({min(scores):.2f}-{max(scores):.2f}; kept when <= the threshold)"
+        )
+    return line + "\n"
 
 
 def _fit(data: np.ndarray | None, size: int) -> np.ndarray:

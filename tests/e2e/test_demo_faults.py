@@ -25,3 +25,7 @@ def test_demo_finds_an_off_centre_axis(tmp_path: Path) -> None:
     assert found, done.stdout
     assert abs(float(found.group(1)) - 53.0) <= 0.25
     assert "slices received: 4/4 denoised, 4/4 plain FBP" in done.stdout
+    # the guard's verdicts are summed up from the slice headers
+    assert re.search(
+        r"no-harm guard: [0-4]/4 slices published denoised, consistency median", done.stdout
+    ), done.stdout

@@ -231,7 +231,8 @@ def test_cuda_fp16_engine_matches_cpu() -> None:
 # fp32 denoises to at least USEFUL_DB against the phantom; inputs at the values the engine
 # feeds (`workers.quantize.calibration_units`). int8 measured there (128-512 px),
 # tomogan-foam-d3: rms 0.0036-0.0063, max 0.04-0.09, PSNR 0.00-0.26 dB below fp32's;
-# tomogan-beamline-d3 (128, 256 px): rms 0.006-0.008, max 0.05-0.09, PSNR within 0.1 dB. Below
+# tomogan-beamline-d3 (128, 256 px; `python tools/int8_units.py`): rms 0.006-0.008, max
+# 0.05-0.09, PSNR within 0.1 dB. Below
 # USEFUL_DB (noise far beyond the training data, fp32 itself at 1-7 dB) int8 strays more (rms up
 # to 0.45) but was never further from the phantom than fp32. bf16 (8-bit mantissa): measured rms
 # 0.002.
