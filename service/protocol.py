@@ -21,6 +21,7 @@ import msgpack
 import numpy as np
 
 from service.errors import ProtocolError
+from workers.conventions import CENTER_CONVENTIONS, from_tomopy_center
 
 PROTOCOL_VERSION = 1
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -321,9 +322,7 @@ def _scan_start(get: _Getter, scan_id: str, seq: int, limits: Limits, fail: Any)
             f"center_convention={convention!r}: choose one of {', '.join(CENTER_CONVENTIONS)}",
         )
     if center is not None and convention == "tomopy" and math.isfinite(center):
-        # TomoPy's axis pixel index (find_center_vo, gridrec): a centred axis is (cols-1)/2;
-        # ours is cols/2 (workers.preprocess.center.from_tomopy_center)
-        center = center + TOMOPY_CENTER_OFFSET
+        center = from_tomopy_center(center)  # TomoPy's pixel index -> ours (workers.conventions)
     if center is not None and not (math.isfinite(center) and 0 <= center <= cols):
         raise fail("bad_value", f"center={center!r} is outside the detector [0, {cols}]")
     n_dark = get.int_("n_dark", minimum=0, default=0)
@@ -356,11 +355,6 @@ def _scan_start(get: _Getter, scan_id: str, seq: int, limits: Limits, fail: Any)
     )
 
 
-# scan_start `center_convention`: "tomocast" (the default: cols/2 is the detector's middle, as
-# ASTRA and TomoPy's fbp) or "tomopy" (the axis' pixel index, (cols-1)/2 there, as TomoPy's
-# find_center_vo and gridrec); a "tomopy" centre is stored + 0.5.
-CENTER_CONVENTIONS = ("tomocast", "tomopy")
-TOMOPY_CENTER_OFFSET = 0.5
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # NaN fails `abs(t) <= FLOAT32_MAX`, as inf does
 
 

@@ -49,9 +49,11 @@ _PERIOD_MARGIN = 0.1
 _CPU_STAGE_BYTES = 8 << 20
 
 
-def _smooth_size(n: int) -> int:
-    """The smallest even n' >= n with no prime factor above 5 (fast FFT lengths)."""
-    size = n + n % 2
+def fast_fft_length(n: int, even: bool = False) -> int:
+    """The smallest n' >= n (even, with `even`) with no prime factor above 5: a fast FFT
+    length."""
+    step = 2 if even else 1
+    size = n + n % 2 if even else n
     while True:
         rest = size
         for prime in (2, 3, 5):
@@ -59,13 +61,15 @@ def _smooth_size(n: int) -> int:
                 rest //= prime
         if rest == 1:
             return size
-        size += 2
+        size += step
 
 
 def _period(cols: int, low: float, high: float) -> int:
     """FFT length of the gridded spectrum for pixels at u in [low, high]: the detector's periodic
     images (+1 pixel of interpolation) stay clear of them, with 10% spare for the taper's tail."""
-    return _smooth_size(math.ceil(max(cols - low, high + 1, cols) + _PERIOD_MARGIN * cols))
+    return fast_fft_length(
+        math.ceil(max(cols - low, high + 1, cols) + _PERIOD_MARGIN * cols), even=True
+    )
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,7 @@ class GriddingFBP(CachedGeometryFBP[_GriddingGeometry]):
 
     def grid_size(self, cols: int) -> int:
         """Side of the oversampled grid: even, FFT-friendly, and room for the slice."""
-        return max(_smooth_size(math.ceil(self.oversampling * cols)), cols + 2)
+        return max(fast_fft_length(math.ceil(self.oversampling * cols), even=True), cols + 2)
 
     def matrix_bytes(self, angles: int, cols: int) -> int:
         """Size of an (angles, cols) spreading matrix, axis mid-detector: an int32 index and a

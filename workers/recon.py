@@ -24,18 +24,16 @@ from types import MappingProxyType
 import numpy as np
 import torch
 
+from workers.conventions import resolve_center, to_tomopy_center
 from workers.fbp import FBP
 from workers.filters import canonical_filter_name
 from workers.gridding import GriddingFBP
-from workers.preprocess.center import from_tomopy_center, to_tomopy_center
 from workers.project import project_tensor
 from workers.protocols import PreparableReconstructor
 
 ALGORITHMS = ("fbp", "gridrec")
 METHODS = ("auto", "direct", "gridding")
 # "tomocast": protocol v1's center (cols/2 = the detector's middle, TomoPy's fbp and ASTRA);
-# "tomopy": the axis' pixel index (TomoPy's find_center_vo and gridrec), center - 0.5.
-CENTER_CONVENTIONS = ("tomocast", "tomopy")
 # Reconstructors a session keeps (one per device, method, filter and mask in use).
 _SESSION_CAPACITY = 2
 # TomoPy's names for our filters (its gridrec only knows these spellings).
@@ -148,19 +146,6 @@ def _theta(theta: np.ndarray, angles: int) -> torch.Tensor:
     if not np.all(np.isfinite(theta)):
         raise ValueError("theta holds non-finite angles")
     return torch.from_numpy(theta)
-
-
-def resolve_center(center: float | None, cols: int, convention: str = "tomocast") -> float:
-    """tomocast's `center` for a `center` given in `convention` ("tomocast": cols/2 is the
-    detector's middle; "tomopy": the axis' pixel index, (cols-1)/2 there); None is the middle
-    in either."""
-    if convention not in CENTER_CONVENTIONS:
-        raise ValueError(
-            f"center_convention={convention!r}: choose one of {', '.join(CENTER_CONVENTIONS)}"
-        )
-    if center is None:
-        return cols / 2
-    return from_tomopy_center(center) if convention == "tomopy" else float(center)
 
 
 class ReconSession:

@@ -17,13 +17,12 @@ then stripes on the sinograms; the centre from the corrected sinograms (after st
 half-acquisition scan).
 """
 
+from workers.conventions import from_tomopy_center, to_tomopy_center
 from workers.preprocess.center import (
     find_center,
     find_center_360,
     find_center_pair,
     find_center_vo,
-    from_tomopy_center,
-    to_tomopy_center,
 )
 from workers.preprocess.flatfield import (
     TRANSMISSION_FLOOR,

@@ -36,6 +36,8 @@ import math
 import numpy as np
 import torch
 
+from workers.conventions import from_tomopy_center
+from workers.gridding import fast_fft_length
 from workers.preprocess.arrays import as_float_tensor, sinogram_batch
 from workers.preprocess.mirror import mirror_axis
 
@@ -58,16 +60,6 @@ _SMOOTH_COLS = 2.0
 _WEIGHT_FLOOR = 1e-3
 # Part of the object's largest value that marks its support on the detector (for R).
 _SUPPORT_LEVEL = 0.05
-
-
-def from_tomopy_center(index: float) -> float:
-    """TomoPy's axis pixel index (find_center_vo, gridrec) -> tomocast's `center`."""
-    return float(index) + 0.5
-
-
-def to_tomopy_center(center: float) -> float:
-    """tomocast's `center` -> TomoPy's axis pixel index (find_center_vo, gridrec)."""
-    return float(center) - 0.5
 
 
 def find_center(
@@ -211,7 +203,7 @@ def _vo_metric(data: torch.Tensor, axes: np.ndarray, radius: float) -> np.ndarra
     """Vo's metric for each candidate axis pixel index in `axes` (see the module docstring)."""
     rows, angles, cols = data.shape
     shifts = 2 * axes - (cols - 1)  # the flipped sinogram moved by d mirrors it about the axis
-    padded = _fft_size(cols + 2 * math.ceil(float(np.abs(shifts).max())) + 2)
+    padded = fast_fft_length(cols + 2 * math.ceil(float(np.abs(shifts).max())) + 2)
     spectrum = torch.fft.rfft(data, n=padded, dim=-1)
     flipped = torch.fft.rfft(data.flip(-1), n=padded, dim=-1)
     first = torch.fft.fft(spectrum, n=2 * angles, dim=-2)
@@ -255,19 +247,6 @@ def _vo_metric(data: torch.Tensor, axes: np.ndarray, radius: float) -> np.ndarra
         combined = first_masked[:, None, :] + phase * second_masked[:, None, :]
         metrics[k0 : k0 + len(d)] = combined.abs().mean(dim=(0, 2)).double().cpu().numpy()
     return metrics
-
-
-def _fft_size(n: int) -> int:
-    """The smallest n' >= n with no prime factor above 5 (fast FFT lengths)."""
-    size = n
-    while True:
-        rest = size
-        for prime in (2, 3, 5):
-            while rest % prime == 0:
-                rest //= prime
-        if rest == 1:
-            return size
-        size += 1
 
 
 def _parabola_vertex(left: float, middle: float, right: float) -> float:

@@ -24,8 +24,9 @@ import math
 import numpy as np
 import torch
 
+from workers.conventions import from_tomopy_center, to_tomopy_center
 from workers.preprocess.arrays import Array, as_float_tensor, restore, sinogram_batch
-from workers.preprocess.center import find_center_360, from_tomopy_center, to_tomopy_center
+from workers.preprocess.center import find_center_360
 
 
 def find_half_acquisition_center(

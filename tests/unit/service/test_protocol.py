@@ -74,7 +74,7 @@ def test_defaults_theta_evenly_over_half_turn_and_center_middle() -> None:
 
 
 def test_a_centre_in_tomopys_convention_is_the_same_axis() -> None:
-    from workers.preprocess.center import from_tomopy_center
+    from workers.conventions import from_tomopy_center
 
     # TomoPy's find_center_vo puts a centred axis at pixel index (cols - 1) / 2 = 3.5 here
     tomopy = decode([header(center=3.5, center_convention="tomopy")], LIMITS)

@@ -9,14 +9,13 @@ import pytest
 import torch
 
 from tests.unit.workers.foam_scans import counts, foam_scan, minus_log, recon_error
+from workers.conventions import from_tomopy_center, to_tomopy_center
 from workers.phantom import FoamPhantom
 from workers.preprocess.center import (
     find_center,
     find_center_360,
     find_center_pair,
     find_center_vo,
-    from_tomopy_center,
-    to_tomopy_center,
 )
 from workers.recon import project
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from tests.unit.workers.foam_scans import counts, foam_scan, minus_log, recon_error
+from workers.conventions import to_tomopy_center
 from workers.gridding import GriddingFBP
-from workers.preprocess.center import find_center_vo, to_tomopy_center
+from workers.preprocess.center import find_center_vo
 from workers.recon import AutoFBP, ReconSession, make_reconstructor, recon, resolve_center
 
 
