@@ -97,6 +97,14 @@ class IngestSettings(_Section):
         "live scans silent for at least this long are evicted (failed, idle longest first) to "
         "make it; a silent client cannot lock the DAQ out",
     )
+    max_live_scans_per_client: int = Field(
+        2,
+        ge=0,
+        description="with CURVE on (security.server_secret_key): most scans one client key "
+        "may have live at once, so one key cannot hold every place in max_live_scans; that "
+        "client's own scans silent for idle_evict_s make way first. 0: no cap. Without CURVE "
+        "a client has no identity the service can trust, so the cap does not apply",
+    )
 
     _endpoint = field_validator("endpoint")(_check_endpoint)
 

@@ -180,6 +180,7 @@ class Ingest(StageThread):
             STORAGE_DTYPES[self.settings.sinogram_dtype],
             self.settings.idle_evict_s,
             self.preprocessor.frame_steps if self.preprocessor is not None else None,
+            self.settings.max_live_scans_per_client,
         )
         try:
             while not self.stopping:
@@ -201,7 +202,7 @@ class Ingest(StageThread):
         t0 = time.perf_counter()
         try:
             message = decode(frames, self.limits)
-            outcomes = assembler.handle(message)
+            outcomes = assembler.handle(message, self._client(frames[0]))
         except ProtocolError as exc:
             self.metrics.rejected.labels(exc.reason).inc()
             self._rejections.rejected(exc)
@@ -220,6 +221,17 @@ class Ingest(StageThread):
                 self.metrics.stage_seconds.labels("normalize").observe(elapsed)
                 return
         self.metrics.stage_seconds.labels("receive").observe(elapsed)
+
+    def _client(self, frame: zmq.Frame) -> str | None:
+        """The sender's authenticated identity: its CURVE key (z85, ZeroMQ's User-Id, which
+        the authenticator sets), or None without CURVE (a peer address proves nothing)."""
+        if self.curve is None:
+            return None
+        try:
+            user = frame.get("User-Id")
+        except zmq.ZMQError:
+            return None
+        return str(user) if user else None
 
     def _dispatch(self, outcomes: list[Outcome] | list[Failed]) -> None:
         assert self._channel is not None

@@ -156,6 +156,13 @@ class Metrics:
             "Reconstructed or denoised pixels that were NaN or infinite, published as 0",
             registry=r,
         )
+        self.late_dropped = Counter(
+            "tomocast_late_slices_dropped_total",
+            "Slices of a scan whose end had already been published (a batch the worker was "
+            "writing when the drain timeout failed its scan), not sent, by topic",
+            ["topic"],
+            registry=r,
+        )
         self.archive_abandoned = Counter(
             "tomocast_archive_abandoned_total",
             "Scan archive files abandoned on a write error (their .partial removed)",

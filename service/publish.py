@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from dataclasses import replace
 from typing import Any
 
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 HELLO_PREFIX = b"hello."
 _STOP = b"\x00stop"
 _INPROC = "inproc://tomocast-publisher-{}"
+# scans whose end went out, remembered so that a late slice of theirs is not sent after it
+ENDED_REMEMBERED = 4096
+_SLICE_TOPICS = (b"slice", b"recon")
+_END_EVENTS = ("scan_completed", "scan_failed")
 
 
 class Publisher(StageThread):
@@ -58,6 +63,8 @@ class Publisher(StageThread):
         self._xpub: zmq.Socket[Any] | None = None
         self._pull: zmq.Socket[Any] | None = None
         self.endpoint = settings.endpoint
+        # publisher thread only: scan_ids whose end event was forwarded, oldest first
+        self._ended: OrderedDict[str, None] = OrderedDict()
 
     def bind(self) -> None:
         """Bind the XPUB socket (`endpoint` then says where) and the producers' inproc one."""
@@ -134,11 +141,37 @@ class Publisher(StageThread):
         # that sees a gap in `pub_seq` knows it lost messages (PUB drops silently for a slow
         # viewer; only the viewer can count what it missed).
         header = msgpack.unpackb(frames[1].bytes)
+        if self._late(topic, header):
+            return
         header["pub_seq"] = sequence[topic] = sequence.get(topic, -1) + 1
         try:
             self._xpub.send_multipart([topic, msgpack.packb(header), *frames[2:]], copy=False)
         except zmq.ZMQError as exc:  # one message lost, never the publisher
             self.error(f"a {topic[:16]!r} message", exc)
+
+    def _late(self, topic: bytes, header: dict[str, Any]) -> bool:
+        """Whether this is a slice of a scan whose end event already went out: dropped and
+        counted, so every viewer sees a scan's slices, then its end, and nothing after (the
+        drain timeout fails a scan from another thread while the worker may still be writing
+        its batch). Also files the scan ends and starts (a scan_id may be used again)."""
+        scan_id = header.get("scan_id")
+        if not isinstance(scan_id, str):
+            return False
+        if topic == EVENT_TOPIC.encode():
+            event = header.get("event")
+            if event in _END_EVENTS:
+                self._ended[scan_id] = None
+                self._ended.move_to_end(scan_id)
+                while len(self._ended) > ENDED_REMEMBERED:
+                    self._ended.popitem(last=False)
+            elif event == "scan_started":
+                self._ended.pop(scan_id, None)
+            return False
+        if topic in _SLICE_TOPICS and scan_id in self._ended:
+            self.metrics.late_dropped.labels(topic.decode()).inc()
+            log.warning("scan_id=%s: a %s slice after the scan's end, not sent", scan_id, topic)
+            return True
+        return False
 
 
 class PublishChannel:

@@ -88,6 +88,12 @@ class ScanAssembler:
     `max_live_bytes`; `storage` the sinogram dtype (`ingest.sinogram_dtype`). A `scan_start`
     that finds no room evicts live scans silent for `idle_evict_s` or more, idle longest first,
     when that makes room (`ingest.idle_evict_s`).
+
+    `per_client` (`ingest.max_live_scans_per_client`, 0: none) caps the live scans of one
+    authenticated client (its CURVE key, passed to `handle` as `client`): a start beyond it
+    first evicts that client's own silent scans, else is refused, so one key cannot hold every
+    place. Messages for a scan from another authenticated client than the one that started it
+    are refused as `unknown_scan`. Without a `client` (no CURVE) neither applies.
     """
 
     def __init__(
@@ -97,7 +103,10 @@ class ScanAssembler:
         storage: torch.dtype = torch.float32,
         idle_evict_s: float = 30.0,
         frame_steps: Callable[[ScanStart], FrameSteps] | None = None,
+        per_client: int = 0,
     ) -> None:
+        self.per_client = per_client
+        self.clients: dict[str, str] = {}  # scan_id -> the client key that started it
         self.device = device
         self.frame_steps = frame_steps  # a scan's steps before -log ([preprocess])
         self.storage = storage
@@ -109,12 +118,21 @@ class ScanAssembler:
     def live_scans(self) -> int:
         return len(self.scans)
 
-    def handle(self, message: Message) -> list[Outcome]:
-        """Apply one message. Raises ProtocolError when the message is rejected; the scan's
-        state is then unchanged except for its rejection count."""
+    def handle(self, message: Message, client: str | None = None) -> list[Outcome]:
+        """Apply one message; `client`: the sender's authenticated identity, if any. Raises
+        ProtocolError when the message is rejected; the scan's state is then unchanged except
+        for its rejection count."""
         if isinstance(message, ScanStart):
-            return self._start(message)
+            return self._start(message, client)
         scan = self.scans.get(message.scan_id)
+        owner = self.clients.get(message.scan_id)
+        if scan is not None and client is not None and owner is not None and owner != client:
+            raise refused(
+                message,
+                "unknown_scan",
+                f"scan {message.scan_id!r} was started by another client key; only the "
+                "client that started a scan may send to it",
+            )
         if scan is None:
             raise refused(
                 message,
@@ -162,9 +180,10 @@ class ScanAssembler:
 
     # ---- message kinds ---------------------------------------------------------------------
 
-    def _start(self, start: ScanStart) -> list[Outcome]:
+    def _start(self, start: ScanStart, client: str | None = None) -> list[Outcome]:
         self._check_new(start)
-        evicted = self._evict_for(start)
+        evicted = self._evict_own(start, client)
+        evicted += self._evict_for(start)
         self._check_room(start)
         try:
             steps = self.frame_steps(start) if self.frame_steps is not None else None
@@ -178,6 +197,8 @@ class ScanAssembler:
         if scan.references_ready:
             scan.finalise_references()
         self.scans[start.scan_id] = scan
+        if client is not None:
+            self.clients[start.scan_id] = client
         log.info(
             "scan_id=%s seq=%d started: %d rows x %d cols x %d angles %s",
             start.scan_id,
@@ -202,6 +223,43 @@ class ScanAssembler:
             live < self.limits.max_live_scans
             and held + self._bytes(start) <= self.limits.max_live_bytes
         )
+
+    def _evict_own(self, start: ScanStart, client: str | None) -> list[Outcome]:
+        """Make room under `per_client` for `client`'s new scan from its own scans silent for
+        `idle_evict_s` or more, idle longest first; refuse the start when they do not."""
+        if client is None or self.per_client <= 0:
+            return []
+        own = [s for s in self.scans.values() if self.clients.get(s.start.scan_id) == client]
+        excess = len(own) - self.per_client + 1
+        if excess <= 0:
+            return []
+        now = time.monotonic()
+        idle = sorted(
+            (s for s in own if now - s.t_last_message >= self.idle_evict_s),
+            key=lambda s: s.t_last_message,
+        )
+        if len(idle) < excess:
+            log.warning(
+                "scan_id=%s refused: client %s already has %d live scans "
+                "(ingest.max_live_scans_per_client=%d)",
+                *(start.scan_id, client[:8], len(own), self.per_client),
+            )
+            raise refused(
+                start,
+                "too_many_scans",
+                f"this client key already has {len(own)} live scans "
+                f"(ingest.max_live_scans_per_client={self.per_client}); end one first",
+            )
+        evicted: list[Outcome] = []
+        for scan in idle[:excess]:
+            silent = now - scan.t_last_message
+            why = (
+                f"evicted: silent for {silent:.1f} s (ingest.idle_evict_s={self.idle_evict_s:g})"
+                f" when the same client started scan {start.scan_id!r} "
+                f"(ingest.max_live_scans_per_client={self.per_client})"
+            )
+            evicted.append(self._fail(scan, why, evicted=True))
+        return evicted
 
     def _evict_for(self, start: ScanStart) -> list[Outcome]:
         """Fail the scans idle for `idle_evict_s` or more, idle longest first, that `start`
@@ -359,6 +417,7 @@ class ScanAssembler:
         if received < MIN_ANGLES:
             return [*outcomes, self._fail(scan, f"only {received} projections arrived")]
         del self.scans[scan.start.scan_id]
+        self.clients.pop(scan.start.scan_id, None)
         keep = np.flatnonzero(scan.received)
         sinogram = scan.sinogram
         if len(keep) < scan.start.n_angles:
@@ -388,6 +447,7 @@ class ScanAssembler:
 
     def _fail(self, scan: ScanBuffer, reason: str, evicted: bool = False) -> Failed:
         self.scans.pop(scan.start.scan_id, None)
+        self.clients.pop(scan.start.scan_id, None)
         log.error("scan_id=%s failed: %s", scan.start.scan_id, reason)
         return Failed(scan.start, reason, evicted)
 

@@ -35,6 +35,7 @@ BENCHES: MappingProxyType[str, str] = MappingProxyType(
         "preprocess": "service.bench.preprocess",
         "guard": "service.bench.guard",
         "cluster": "service.bench.cluster",
+        "archive": "service.bench.archive",
     }
 )
 

@@ -17,6 +17,7 @@ from service.errors import ConfigError
 from service.events import ScanCompleted
 from service.protocol import ScanStart, encode
 from service.security import ClientKeys, generate_keys
+from tests.support.helpers import wait_for
 
 ROWS, COLS, ANGLES = 4, 32, 20
 rng = np.random.default_rng(3)
@@ -51,10 +52,12 @@ def intruder(
 
 @pytest.fixture
 def keys(tmp_path: Path) -> dict[str, Path]:
-    made = {name: generate_keys(tmp_path / "keys", name) for name in ("server", "good", "intruder")}
+    names = ("server", "good", "colleague", "intruder")
+    made = {name: generate_keys(tmp_path / "keys", name) for name in names}
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     shutil.copy(made["good"][0], allowed)
+    shutil.copy(made["colleague"][0], allowed)
     return {
         "allowed": allowed,
         **{f"{n}.public": p for n, (p, _) in made.items()},
@@ -123,3 +126,46 @@ def test_half_configured_curve_is_a_clear_error(keys: dict[str, Path]) -> None:
         load_settings(None, {"security": {"server_secret_key": str(keys["server.secret"])}})
     with pytest.raises(ConfigError, match="no secret key"):
         ClientKeys.from_files(keys["good.public"], keys["server.public"])
+
+
+def test_one_client_key_cannot_hold_every_live_scan(
+    start_service: Any, keys: dict[str, Path]
+) -> None:
+    """An allowed key that starts scans and goes silent (a crashed DAQ, or a stolen key) gets
+    at most ingest.max_live_scans_per_client places; another key's scan still gets in."""
+    service, endpoints = start_service(
+        security={
+            "server_secret_key": str(keys["server.secret"]),
+            "allowed_clients": str(keys["allowed"]),
+        },
+        # no eviction within the test: only the per-client cap can let the colleague in
+        ingest={"max_live_scans": 3, "max_live_scans_per_client": 2, "idle_evict_s": 3600},
+    )
+    counter = service.metrics.registry.get_sample_value
+    assembler = service.ingest.assembler
+    assert assembler is not None
+    squatter = ClientKeys.from_files(keys["good.secret"], keys["server.public"])
+    colleague = ClientKeys.from_files(keys["colleague.secret"], keys["server.public"])
+    with (
+        Subscriber(endpoints.publish, curve=colleague) as viewer,
+        Detector(endpoints.ingest, curve=squatter) as hog,
+        Detector(endpoints.ingest, curve=colleague) as daq,
+    ):
+        viewer.wait_ready()
+        for n in range(3):
+            hog.start_scan(f"held-{n}", ROWS, COLS, ANGLES, "uint16", n_flat=1)
+        wait_for(
+            "the third start of one key to be refused",
+            lambda: counter("tomocast_rejected_messages_total", {"reason": "too_many_scans"})
+            == 1,
+        )
+        assert sorted(assembler.scans) == ["held-0", "held-1"]
+        daq.send_scan("genuine", PROJECTIONS, flats=FLATS)
+        seen = []
+        while not seen or not isinstance(seen[-1].event(), ScanCompleted):
+            message = viewer.recv(timeout=60.0)
+            assert message is not None, "the other key's scan did not complete"
+            seen.append(message)
+    slices = [m for m in seen if m.topic == "slice"]
+    assert {m.header["scan_id"] for m in slices} == {"genuine"}
+    assert sorted(m.header["index"] for m in slices) == list(range(ROWS))

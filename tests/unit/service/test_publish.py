@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import threading
+import time
 
+import numpy as np
 import zmq
 
 from service.client import Subscriber
 from service.config import PublishSettings
-from service.events import ScanFailed
+from service.events import ScanFailed, ScanStarted, SliceHeader
 from service.metrics import Metrics
 from service.publish import Publisher
+from tests.support.helpers import wait_for
 
 
 def test_stop_forwards_every_queued_message_in_order() -> None:
@@ -46,3 +49,57 @@ def test_stop_forwards_every_queued_message_in_order() -> None:
     assert [h["scan_id"] for h in got] == [f"s{i}" for i in range(count)]
     assert [h["pub_seq"] for h in got] == list(range(count))
     assert viewer.dropped == {}
+
+
+def test_no_slice_of_a_scan_goes_out_after_its_end() -> None:
+    """The drain timeout fails a scan from the stopping thread while the worker may still be
+    writing a batch of it: the publisher sends nothing of a scan after its end event, and a
+    scan_id used again (a new scan_started) publishes as any other."""
+    context = zmq.Context()
+    metrics = Metrics()
+    publisher = Publisher(
+        PublishSettings(endpoint="tcp://127.0.0.1:*"), context, metrics, {"service": "test"}
+    )
+    publisher.start()
+    data = np.ones((2, 2), np.float32)
+
+    def drained() -> bool:
+        return metrics.registry.get_sample_value("tomocast_queue_depth", {"queue": "publish"}) == 0
+
+    def header(scan_id: str, index: int) -> SliceHeader:
+        return SliceHeader(scan_id, 2, "m", time.time(), index, {})
+
+    with Subscriber(publisher.endpoint, ("slice", "event"), context=context) as viewer:
+        viewer.wait_ready()
+        stopping, worker = publisher.channel(), publisher.channel()
+        worker.send_slice("slice", header("s", 0), data)
+        worker.send_slice("slice", header("s", 1), data)
+        wait_for("two slices forwarded", lambda: drained())
+        stopping.send_event(ScanFailed("s", "drain timeout"))
+        wait_for("the end forwarded", lambda: drained())
+        worker.send_slice("slice", header("s", 2), data)  # the batch the worker was in
+        worker.send_event(ScanStarted("s", 2, 2, 4))  # the same id, a new scan
+        worker.send_slice("slice", header("s", 0), data)
+        worker.send_event(ScanFailed("end", "marker"))
+        got = []
+        while (message := viewer.recv(timeout=10.0)) is not None:
+            got.append((message.topic, message.header.get("event"), message.header["scan_id"]))
+            if message.header["scan_id"] == "end":
+                break
+        for channel in (stopping, worker):
+            channel.close()
+    publisher.stop()
+    assert publisher.join(30)
+    context.term()
+    assert [(t, e) for t, e, _ in got] == [
+        ("slice", None),
+        ("slice", None),
+        ("event", "scan_failed"),
+        ("event", "scan_started"),
+        ("slice", None),
+        ("event", "scan_failed"),
+    ]
+    late = metrics.registry.get_sample_value(
+        "tomocast_late_slices_dropped_total", {"topic": "slice"}
+    )
+    assert late == 1

@@ -306,3 +306,34 @@ def test_outcomes_say_what_each_message_led_to(data: dict[str, np.ndarray]) -> N
     assert assembler.live_scans == 0
     assembler.handle(ScanStart("t", 0, ROWS, COLS, ANGLES, "uint16", n_flat=3))
     assert [f.event for f in assembler.drop_all("stopping")] == [ScanFailed("t", "stopping")]
+
+
+def test_one_client_gets_at_most_its_share_of_live_scans(data: dict[str, np.ndarray]) -> None:
+    assembler = ScanAssembler(
+        torch.device("cpu"), Limits(max_live_scans=4), idle_evict_s=30.0, per_client=2
+    )
+
+    def start(scan_id: str, client: str | None) -> list[Outcome]:
+        message = ScanStart(scan_id, 0, ROWS, COLS, ANGLES, "uint16", n_flat=3)
+        return assembler.handle(message, client)
+
+    start("a1", "key-a")
+    start("a2", "key-a")
+    with pytest.raises(ProtocolError) as refusal:
+        start("a3", "key-a")  # its own scans are not silent long enough to make way
+    assert refusal.value.reason == "too_many_scans"
+    assert "max_live_scans_per_client=2" in str(refusal.value)
+    start("b1", "key-b")  # another key still gets in
+    start("anon", None)  # without CURVE there is no identity to cap
+    # the same key, once its oldest scan has been silent for idle_evict_s: that one makes way
+    assembler.scans["a1"].t_last_message -= 31.0
+    outcomes = start("a3", "key-a")
+    failed = [o for o in outcomes if isinstance(o, Failed)]
+    assert [f.start.scan_id for f in failed] == ["a1"] and failed[0].evicted
+    assert sorted(assembler.scans) == ["a2", "a3", "anon", "b1"]
+    # scans belong to the key that started them
+    with pytest.raises(ProtocolError) as foreign:
+        assembler.handle(frames("flat", 1, 0, data["flats"], scan_id="b1"), "key-a")
+    assert foreign.value.reason == "unknown_scan"
+    assembler.handle(frames("flat", 1, 0, data["flats"], scan_id="b1"), "key-b")
+    assert len(assembler.scans["b1"].flats.seen) == 3
