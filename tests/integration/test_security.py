@@ -156,8 +156,7 @@ def test_one_client_key_cannot_hold_every_live_scan(
             hog.start_scan(f"held-{n}", ROWS, COLS, ANGLES, "uint16", n_flat=1)
         wait_for(
             "the third start of one key to be refused",
-            lambda: counter("tomocast_rejected_messages_total", {"reason": "too_many_scans"})
-            == 1,
+            lambda: counter("tomocast_rejected_messages_total", {"reason": "too_many_scans"}) == 1,
         )
         assert sorted(assembler.scans) == ["held-0", "held-1"]
         daq.send_scan("genuine", PROJECTIONS, flats=FLATS)
