@@ -189,7 +189,10 @@ class RowEngine:
         scan = part.scan(self.device)
         self._batches = []
         try:
-            done = self._loop.reconstruct_rows(scan, scale)
+            # the unit counts NaN/inf in the rows it publishes only: a halo row is counted by
+            # the unit that owns it, once, as on one device
+            owned = (unit.first - unit.lo, unit.stop - unit.lo)
+            done = self._loop.reconstruct_rows(scan, scale, owned)
         finally:
             self._release()
         batches = [kept for batch in self._batches if (kept := _crop(batch, unit)) is not None]

@@ -27,7 +27,7 @@ from service.engine import (
     plan_units,
     probe_unit,
 )
-from service.events import ScanEnded
+from service.events import ScanCompleted, ScanEnded
 from service.metrics import Metrics
 from service.protocol import ScanStart
 from service.reconstruct import Worker
@@ -44,6 +44,7 @@ class Collect:
 
     def __init__(self) -> None:
         self.batches: list[SliceBatch] = []
+        self.outcomes: list[ScanEnded] = []
 
     def begin(self, scan: ScanDescription) -> None:
         pass
@@ -52,7 +53,7 @@ class Collect:
         self.batches.append(batch)
 
     def end(self, outcome: ScanEnded) -> None:
-        pass
+        self.outcomes.append(outcome)
 
     def by_row(self, topic: str) -> dict[int, np.ndarray]:
         rows: dict[int, np.ndarray] = {}
@@ -252,3 +253,38 @@ def test_a_failed_scan_leaves_the_engines_free_for_the_next() -> None:
     assert sorted(got.by_row("slice")) == list(range(12))
     # the unit left hanging by the failed scan holds no room: both engines work on the next
     assert all(any(index >= 0 for index in e.units) for e in engines)
+
+
+@pytest.mark.parametrize("nan_row", [2, 3])
+def test_non_finite_pixels_of_a_halo_row_are_counted_once(nan_row: int) -> None:
+    """Units of 4 rows with a halo of 1: row 2 ends unit 0 and is reconstructed again in unit
+    1's halo, row 3 starts unit 1 and is in unit 0's. The scan's count is one device's."""
+    rows, batch, depth = 23, 4, 3
+    assert [(u.first, u.stop) for u in plan_units(rows, batch, 1, 4)][:2] == [(0, 3), (3, 7)]
+    scan = make_scan(rows)
+    scan.sinogram[nan_row, 1, 5] = float("nan")
+
+    def completed(spread: Spread | None) -> ScanCompleted:
+        sink = Collect()
+        Worker(
+            WorkerSettings(device="cpu", batch_rows=batch),
+            PublishSettings(),
+            queue.Queue(),
+            ReusingReconstructor(CPU),
+            WeighingDenoiser(depth, CPU),
+            [sink],
+            Metrics(),
+            spread=spread,
+        ).process(scan)
+        assert len(sink.outcomes) == 1 and isinstance(sink.outcomes[0], ScanCompleted)
+        return sink.outcomes[0]
+
+    one = completed(None)
+    settings = ClusterSettings(unit_rows=4, in_flight=2)
+    engines = [LocalEngine(str(i), engine(batch, depth)) for i in range(2)]
+    spread = Spread(list(engines), batch, 1, True, settings, Metrics())
+    two = completed(spread)
+    spread.close()
+    # the stand-in FBP spreads the NaN over one column of its slice: cols pixels
+    assert one.non_finite_pixels == COLS
+    assert two.non_finite_pixels == one.non_finite_pixels
