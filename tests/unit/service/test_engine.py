@@ -184,6 +184,9 @@ class FlakyEngine:
         self.held[-1] = future = self.local.submit(part, unit, scale)
         return future
 
+    def prepare(self, theta: np.ndarray, center: float, cols: int) -> Future[bool]:
+        return self.local.prepare(theta, center, cols)
+
     def lost(self) -> None:
         self._alive = False
 
@@ -221,6 +224,87 @@ def test_a_lost_engine_has_its_units_rerun_elsewhere_each_slice_once() -> None:
     retried = metrics.registry.get_sample_value("tomocast_cluster_units_retried_total")
     assert retried is not None and retried >= 1
     assert healthy.most_held <= 2 and dying.most_held <= 2
+
+
+def started(error: BaseException | None = None) -> Future[object]:
+    """A replacement's start, over: ready, or failed with `error`."""
+    future: Future[object] = Future()
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+    return future
+
+
+def one_device_slices(scan: CompletedScan, batch: int, depth: int) -> dict[int, np.ndarray]:
+    reference = Collect()
+    Worker(
+        WorkerSettings(device="cpu", batch_rows=batch),
+        PublishSettings(),
+        queue.Queue(),
+        ReusingReconstructor(CPU),
+        WeighingDenoiser(depth, CPU),
+        [reference],
+        Metrics(),
+    ).process(scan)
+    return reference.by_row("slice")
+
+
+def test_a_lost_engine_is_replaced_and_the_workers_come_back_to_their_number() -> None:
+    rows, batch, depth = 40, 2, 3
+    scan = make_scan(rows)
+    metrics = Metrics()
+    new: list[FlakyEngine] = []
+
+    def restart(index: int) -> tuple[FlakyEngine, Future[object]]:
+        new.append(FlakyEngine(f"new-{index}", engine(batch, depth), None))
+        return new[-1], started()
+
+    dying = FlakyEngine("b", engine(batch, depth), 2)
+    healthy = FlakyEngine("a", engine(batch, depth), None)
+    settings = ClusterSettings(unit_rows=4, in_flight=2)
+    spread = Spread([healthy, dying], batch, 1, True, settings, metrics, restart=restart)
+    got = Collect()
+    spread.reconstruct(scan, got.write, threading.Event())
+    assert spread.wait_started(timeout=10)
+    spread.close()
+    want, have = one_device_slices(scan, batch, depth), got.by_row("slice")
+    assert sorted(have) == list(range(rows))
+    for row, data in want.items():
+        np.testing.assert_array_equal(have[row], data)
+    assert len(new) == 1 and spread.engines == [healthy, new[0]]
+    assert any(index >= 0 for index in new[0].units), "the replacement ran no unit"
+    sample = metrics.registry.get_sample_value
+    assert sample("tomocast_cluster_workers") == 2
+    assert sample("tomocast_cluster_workers_lost_total") == 1
+    assert sample("tomocast_cluster_workers_replaced_total") == 1
+
+
+def test_replacements_that_never_start_are_given_up_after_cluster_replacements() -> None:
+    rows, batch, depth = 24, 2, 3
+    scan = make_scan(rows)
+    metrics = Metrics()
+    tries: list[int] = []
+
+    def restart(index: int) -> tuple[FlakyEngine, Future[object]]:
+        tries.append(index)
+        doomed = FlakyEngine(f"new-{index}", engine(batch, depth), None)
+        return doomed, started(EngineLost("no room on the cluster"))
+
+    healthy = FlakyEngine("a", engine(batch, depth), None)
+    dying = FlakyEngine("b", engine(batch, depth), 1)
+    settings = ClusterSettings(unit_rows=4, in_flight=2, replacements=2)
+    spread = Spread([healthy, dying], batch, 1, True, settings, metrics, restart=restart)
+    got = Collect()
+    spread.reconstruct(scan, got.write, threading.Event())
+    spread.close()
+    assert sorted(got.by_row("slice")) == list(range(rows))
+    assert tries == [1, 1]
+    sample = metrics.registry.get_sample_value
+    assert sample("tomocast_cluster_workers") == 1
+    assert sample("tomocast_cluster_workers_replaced_total") == 2
+    # the lost engine and both replacements that did not start
+    assert sample("tomocast_cluster_workers_lost_total") == 3
 
 
 class BreakingEngine(FlakyEngine):
