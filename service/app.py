@@ -359,6 +359,8 @@ class Service:
         self._ready.clear()
         self._why_not_ready = "stopping"
         self._stop_preparer(timeout)
+        if self.spread is not None:  # a lost Ray actor is not replaced while stopping
+            self.spread.stop_replacing()
         if self.ingest is not None:
             # the ingest ends the loop's stream (its sentinel) as it stops
             self.ingest.stop(max(0.0, deadline - time.monotonic()))

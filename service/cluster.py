@@ -144,6 +144,8 @@ class Spread:
         self._on_close = on_close
         self._restart = restart
         self.start_timeout_s = start_timeout_s  # for a replacement, when no other engine works
+        self._replacing = threading.Event()  # cleared by `stop_replacing`
+        self._replacing.set()
         for index in range(len(engines)):
             metrics.cluster_unit_seconds.labels(str(index))
         metrics.cluster_workers.set_function(lambda: sum(s.ready for s in self._slots))
@@ -151,6 +153,12 @@ class Spread:
     @property
     def engines(self) -> list[Engine]:
         return [slot.engine for slot in self._slots]
+
+    def stop_replacing(self) -> None:
+        """The service is stopping: no lost engine is replaced from now on, and none being
+        started is waited for (under a supervisor that signals the whole process group, Ray's
+        own processes are stopping too). Any thread."""
+        self._replacing.clear()
 
     def wait_started(self, timeout: float) -> bool:
         """Wait for the replacements being started; whether none is left starting."""
@@ -314,6 +322,9 @@ class Spread:
         slot.starting = None
         if self._restart is None:
             return
+        if not self._replacing.is_set():
+            log.info("cluster worker %s not replaced: the service is stopping", slot.label)
+            return
         if slot.replaced >= self.settings.replacements:
             log.error(
                 "cluster worker %s not replaced: %d replacements in a row did not complete a "
@@ -342,6 +353,9 @@ class Spread:
                 self._lose(slot, f"it did not start: {why}")
 
     def _starting(self) -> list[Future[object]]:
+        """The replacements still starting (none waited for once the service is stopping)."""
+        if not self._replacing.is_set():
+            return []
         return [
             slot.starting
             for slot in self._slots

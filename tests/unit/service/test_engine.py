@@ -307,6 +307,29 @@ def test_replacements_that_never_start_are_given_up_after_cluster_replacements()
     assert sample("tomocast_cluster_workers_lost_total") == 3
 
 
+def test_a_stopping_service_replaces_no_engine() -> None:
+    rows, batch, depth = 24, 2, 3
+    tries: list[int] = []
+
+    def restart(index: int) -> tuple[FlakyEngine, Future[object]]:
+        tries.append(index)
+        return FlakyEngine(f"new-{index}", engine(batch, depth), None), started()
+
+    metrics = Metrics()
+    healthy = FlakyEngine("a", engine(batch, depth), None)
+    dying = FlakyEngine("b", engine(batch, depth), 1)
+    settings = ClusterSettings(unit_rows=4, in_flight=2)
+    spread = Spread([healthy, dying], batch, 1, True, settings, metrics, restart=restart)
+    spread.stop_replacing()
+    got = Collect()
+    spread.reconstruct(make_scan(rows), got.write, threading.Event())
+    spread.close()
+    assert sorted(got.by_row("slice")) == list(range(rows))
+    assert tries == []
+    assert metrics.registry.get_sample_value("tomocast_cluster_workers_replaced_total") == 0
+    assert metrics.registry.get_sample_value("tomocast_cluster_workers") == 1
+
+
 class BreakingEngine(FlakyEngine):
     """On scan "bad" (after its probe): unit 0 never finishes, the others fail with an error of
     the computation (not a lost engine)."""
