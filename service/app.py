@@ -134,7 +134,7 @@ class Service:
             self._why_not_ready = "starting the cluster's worker actors"
             self.spread, self.denoiser = build_ray_spread(self.settings, self.metrics)
             if self.denoiser is not None:
-                self._model_info(self.denoiser)
+                self._model_info(self.denoiser, str(self.denoiser.device))
         else:
             self._why_not_ready = "loading the model"
             self.denoiser = self._load_denoiser()
@@ -195,10 +195,10 @@ class Service:
             memory_limit_bytes=self.settings.model.memory_bytes,
             field_width=self.settings.model.field_width,
         )
-        self._model_info(denoiser)
+        self._model_info(denoiser, str(self.device))
         return denoiser
 
-    def _model_info(self, denoiser: DenoiseEngine | ClusterModel) -> None:
+    def _model_info(self, denoiser: DenoiseEngine | ClusterModel, device: str) -> None:
         meta = denoiser.metadata
         self.metrics.model.info(
             {
@@ -208,7 +208,7 @@ class Service:
                 "precision": denoiser.precision,
                 "trained": str(meta.trained).lower(),
                 "version": meta.tomocast_version,
-                "device": str(denoiser.device),
+                "device": device,
             }
         )
 

@@ -97,7 +97,7 @@ class ClusterModel:
 
 # starts an engine in the place of the lost one at an index: the engine, and a future that is
 # done when it is ready (failed when it did not start)
-Restart = Callable[[int], tuple[Engine, "Future[object]"]]
+Restart = Callable[[int], tuple[Engine, "Future[Any]"]]
 
 
 @dataclass
@@ -105,7 +105,7 @@ class _Slot:
     engine: Engine
     label: str  # its `worker` label in the metrics: its index
     in_flight: int = 0
-    starting: Future[object] | None = None  # a replacement engine being started
+    starting: Future[Any] | None = None  # a replacement engine being started
     replaced: int = 0  # replacements in a row without a unit completed
 
     @property
@@ -352,7 +352,7 @@ class Spread:
             elif slot.engine.alive:
                 self._lose(slot, f"it did not start: {why}")
 
-    def _starting(self) -> list[Future[object]]:
+    def _starting(self) -> list[Future[Any]]:
         """The replacements still starting (none waited for once the service is stopping)."""
         if not self._replacing.is_set():
             return []

@@ -207,12 +207,11 @@ class RayWorkers:
         )
         return [RayEngine(f"ray-{i}", actor) for i, actor in enumerate(actors)]
 
-    def replacement(self, index: int) -> tuple[Engine, Future[object]]:
+    def replacement(self, index: int) -> tuple[Engine, Future[Any]]:
         """A new actor in place `index`, starting (Ray schedules it where there is room); and
         a future done when it is ready."""
         engine = RayEngine(f"ray-{index}", self._actor_class.remote(self._config))
-        ready: Future[object] = engine.ready()  # type: ignore[assignment]
-        return engine, ready
+        return engine, engine.ready()
 
     def close(self) -> None:
         """Disconnect; a Ray instance started here is stopped."""
