@@ -26,14 +26,14 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from service import __version__
 from service.archive import Archive
-from service.cluster import Spread, build_spread
+from service.cluster import ClusterModel, Spread, build_ray_spread, build_spread
 from service.config import Settings
 from service.events import ScanFailed
 from service.health import HealthServer
 from service.ingest import POLL_MS, Ingest
 from service.live import CenterControl, LiveScans
 from service.metrics import Metrics
-from service.prepare import GeometryPreparer
+from service.prepare import GeometryPreparer, Prepares
 from service.preprocess import ScanPreprocessor
 from service.preview import Previewer, PreviewTap
 from service.publish import PublishChannel, Publisher
@@ -93,7 +93,8 @@ class Service:
         self.context = zmq.Context()
         self._ready = threading.Event()
         self._why_not_ready = "starting"
-        self.denoiser: DenoiseEngine | None = None
+        # with Ray, the model as the actors loaded it (the service process loads none)
+        self.denoiser: DenoiseEngine | ClusterModel | None = None
         self.scans: queue.Queue[CompletedScan | None] = queue.Queue(settings.worker.queue_scans)
         self.metrics.watch_queue("scans", self.scans.qsize)
         self.metrics.batch_size.set(settings.worker.batch_rows)
@@ -128,14 +129,24 @@ class Service:
         """Build the stages from the settings, then start them in reverse flow order: each
         stage's consumer runs before anything reaches it."""
         self.health.start()
-        self._why_not_ready = "loading the model"
-        self.denoiser = self._load_denoiser()
+        if self.settings.cluster.engine == "ray":
+            # the actors load the denoiser and their FBP; this process only describes the model
+            self._why_not_ready = "starting the cluster's worker actors"
+            self.spread, self.denoiser = build_ray_spread(self.settings, self.metrics)
+            if self.denoiser is not None:
+                self._model_info(self.denoiser, str(self.denoiser.device))
+        else:
+            self._why_not_ready = "loading the model"
+            self.denoiser = self._load_denoiser()
+        # with Ray the loop's own FBP is never run: built (no geometry, no warm-up), not used
         reconstructor = self._reconstructor or make_reconstructor(
             self.settings.worker.fbp_method,
             self.device,
             filter_name=self.settings.worker.filter_name,
             circle_mask=self.settings.worker.circle_mask,
         )
+        if self.spread is None:  # several devices of this process, or None
+            self.spread = build_spread(self.settings, reconstructor, self.denoiser, self.metrics)
         self._why_not_ready = "binding sockets"
         curve = self._curve()
         self.publisher = self._build_publisher(curve)
@@ -184,6 +195,10 @@ class Service:
             memory_limit_bytes=self.settings.model.memory_bytes,
             field_width=self.settings.model.field_width,
         )
+        self._model_info(denoiser, str(self.device))
+        return denoiser
+
+    def _model_info(self, denoiser: DenoiseEngine | ClusterModel, device: str) -> None:
         meta = denoiser.metadata
         self.metrics.model.info(
             {
@@ -193,10 +208,9 @@ class Service:
                 "precision": denoiser.precision,
                 "trained": str(meta.trained).lower(),
                 "version": meta.tomocast_version,
-                "device": str(self.device),
+                "device": device,
             }
         )
-        return denoiser
 
     def _curve(self) -> ServerKeys | None:
         """The service's CURVE keys, with the authenticator of the allowed clients running;
@@ -258,18 +272,20 @@ class Service:
         )
 
     def _build_preparer(self, reconstructor: Reconstructor) -> GeometryPreparer | None:
-        if not (
-            self.settings.worker.prepare_geometry
-            and isinstance(reconstructor, PreparableReconstructor)
-        ):
+        if not self.settings.worker.prepare_geometry:
             return None
-        if self.settings.cluster.engine == "ray":  # the actors build their own geometry
+        target: Prepares
+        if self.spread is not None:  # every device or actor builds it (service.cluster)
+            target = self.spread
+        elif isinstance(reconstructor, PreparableReconstructor):
+            target = reconstructor
+        else:
             return None
         # one per scan that can be assembling at once. The reconstructor's cache may hold
         # fewer (gridding: the scan in progress and one more): with more scans started than
         # that, the earliest prepared are evicted again before their turn
         return GeometryPreparer(
-            reconstructor,
+            target,
             self.metrics,
             self.settings.ingest.max_live_scans,
             self.preprocessor.known_center,
@@ -308,7 +324,6 @@ class Service:
         return sinks
 
     def _build_worker(self, reconstructor: Reconstructor) -> Worker:
-        self.spread = build_spread(self.settings, reconstructor, self.denoiser, self.metrics)
         worker = Worker(
             self.settings.worker,
             self.settings.publish,
@@ -344,6 +359,8 @@ class Service:
         self._ready.clear()
         self._why_not_ready = "stopping"
         self._stop_preparer(timeout)
+        if self.spread is not None:  # a lost Ray actor is not replaced while stopping
+            self.spread.stop_replacing()
         if self.ingest is not None:
             # the ingest ends the loop's stream (its sentinel) as it stops
             self.ingest.stop(max(0.0, deadline - time.monotonic()))
@@ -451,13 +468,16 @@ class Service:
         return True, "ok"
 
     def _warm_up(self, reconstructor: Reconstructor) -> None:
-        """One small reconstruct + denoise so the first scan pays no start-up cost."""
+        """One small reconstruct + denoise so the first scan pays no start-up cost (with Ray,
+        the actors warmed up their own)."""
+        if self.settings.cluster.engine == "ray":
+            return
         cols, angles = 64, 32
         sinogram = torch.zeros((1, angles, cols), device=self.device)
         theta = torch.linspace(0, torch.pi, angles)  # on the CPU, as the worker's
         volume = reconstructor.reconstruct(sinogram, theta, cols / 2)
         if isinstance(reconstructor, PreparableReconstructor):
             reconstructor.release()  # no scan uses the warm-up's geometry: unpin it
-        if self.denoiser is not None:
+        if isinstance(self.denoiser, DenoiseEngine):
             self.denoiser.warmup((1, cols, cols))
             self.denoiser.denoise(volume.expand(self.denoiser.depth, -1, -1)[None])

@@ -25,9 +25,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
+from models.artifact import ModelMetadata
 from service.config import ClusterSettings, Settings
 from service.engine import (
     Engine,
@@ -58,17 +60,69 @@ class ClusterError(TomocastError):
     """No engine is left to run a scan's rows."""
 
 
+# how long the prepare thread waits for the engines to build a scan's geometry (a build takes
+# seconds; one that takes longer goes on, and the units find it cached or wait for it)
+PREPARE_WAIT_S = 120.0
+
+
+class ClusterModel:
+    """The denoiser as the cluster's actors loaded it, seen from the service process: its name,
+    depth, metadata and precision (for slice headers, the archive, /metrics, the halo), without
+    the network, which only the actors load and run. The loop takes it as its `Denoiser` for
+    that bookkeeping only: with the rows on the actors it never denoises, and `scale_for` and
+    `denoise` raise."""
+
+    def __init__(self, metadata: ModelMetadata, precision: str, device: torch.device) -> None:
+        self.metadata, self.precision, self._device = metadata, precision, device
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def depth(self) -> int:
+        return self.metadata.depth
+
+    @property
+    def device(self) -> torch.device:
+        """The actors' device type (cuda when the cluster gave them GPUs)."""
+        return self._device
+
+    def scale_for(self, slices: torch.Tensor) -> float:
+        raise ClusterError("the denoiser runs on the cluster's actors, not in the service")
+
+    def denoise(self, stack: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        raise ClusterError("the denoiser runs on the cluster's actors, not in the service")
+
+
+# starts an engine in the place of the lost one at an index: the engine, and a future that is
+# done when it is ready (failed when it did not start)
+Restart = Callable[[int], tuple[Engine, "Future[Any]"]]
+
+
 @dataclass
 class _Slot:
     engine: Engine
     label: str  # its `worker` label in the metrics: its index
     in_flight: int = 0
+    starting: Future[Any] | None = None  # a replacement engine being started
+    replaced: int = 0  # replacements in a row without a unit completed
+
+    @property
+    def ready(self) -> bool:
+        """Its engine takes units: alive, and started."""
+        if not self.engine.alive:
+            return False
+        start = self.starting
+        return start is None or (start.done() and not start.cancelled() and not start.exception())
 
 
 class Spread:
     """The coordinator (`service.reconstruct.RowSpread`): a scan's work units over `engines`,
-    results to the loop's sinks in row order. Called from the loop's thread only; owns the
-    engines (closed by `close`)."""
+    results to the loop's sinks in row order. `reconstruct` is called from the loop's thread
+    only, and only it changes the engines (a lost one replaced by `restart`, when given, at
+    most `settings.replacements` times in a row); `prepare` (the prepare thread) reads them.
+    Owns the engines (closed by `close`)."""
 
     def __init__(
         self,
@@ -79,6 +133,8 @@ class Spread:
         settings: ClusterSettings,
         metrics: Metrics,
         on_close: Callable[[], None] = lambda: None,
+        restart: Restart | None = None,
+        start_timeout_s: float = 120.0,
     ) -> None:
         self._slots = [_Slot(engine, str(i)) for i, engine in enumerate(engines)]
         self.batch_rows, self.halo = batch_rows, halo
@@ -86,13 +142,54 @@ class Spread:
         self.settings = settings
         self.metrics = metrics
         self._on_close = on_close
+        self._restart = restart
+        self.start_timeout_s = start_timeout_s  # for a replacement, when no other engine works
+        self._replacing = threading.Event()  # cleared by `stop_replacing`
+        self._replacing.set()
         for index in range(len(engines)):
             metrics.cluster_unit_seconds.labels(str(index))
-        metrics.cluster_workers.set_function(lambda: sum(s.engine.alive for s in self._slots))
+        metrics.cluster_workers.set_function(lambda: sum(s.ready for s in self._slots))
 
     @property
     def engines(self) -> list[Engine]:
         return [slot.engine for slot in self._slots]
+
+    def stop_replacing(self) -> None:
+        """The service is stopping: no lost engine is replaced from now on, and none being
+        started is waited for (under a supervisor that signals the whole process group, Ray's
+        own processes are stopping too). Any thread."""
+        self._replacing.clear()
+
+    def wait_started(self, timeout: float) -> bool:
+        """Wait for the replacements being started; whether none is left starting."""
+        starting = [s.starting for s in self._slots if s.starting is not None]
+        return not wait(starting, timeout=timeout).not_done
+
+    def prepare(self, theta: torch.Tensor, center: float, cols: int) -> bool:
+        """A scan's geometry built by every engine, beside the units they run
+        (`service.prepare.GeometryPreparer`, at scan_start). True if any built it. An engine
+        lost meanwhile is left to the loop; another error is raised once all have answered."""
+        angles = theta.numpy()
+        futures = [slot.engine.prepare(angles, center, cols) for slot in self._slots if slot.ready]
+        done, not_done = wait(futures, timeout=PREPARE_WAIT_S)
+        if not_done:
+            log.warning(
+                "%d cluster workers still building a geometry after %.0f s: their units wait "
+                "for it",
+                len(not_done),
+                PREPARE_WAIT_S,
+            )
+        built, failure = False, None
+        for future in done:
+            try:
+                built = future.result() or built
+            except EngineLost:
+                pass  # the loop notices when it sends it a unit
+            except Exception as exc:
+                failure = exc
+        if failure is not None:
+            raise failure
+        return built
 
     def reconstruct(
         self,
@@ -107,7 +204,7 @@ class Spread:
             scale = self._run_one(scan, probe_unit(rows, self.batch_rows, self.halo)).done.scale
         units = plan_units(rows, self.batch_rows, self.halo, self.settings.unit_rows)
         pending = list(units)
-        running: dict[Future[UnitResult], tuple[_Slot, WorkUnit, float]] = {}
+        running: dict[Future[UnitResult], tuple[_Slot, Engine, WorkUnit, float]] = {}
         results: dict[int, UnitResult] = {}
         total = RowsDone([], [], 0, scale)
         published = 0
@@ -115,14 +212,26 @@ class Spread:
             while published < len(units):
                 if abandoned.is_set():
                     break
+                self._check_started()
                 self._submit(scan, pending, running, published, scale)
-                if not running:
+                starting = self._starting()
+                if not running and not starting:
                     raise ClusterError(f"scan_id={scan.start.scan_id}: no cluster worker is left")
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                # a replacement that starts (or fails to) wakes the loop as a unit's end does
+                timeout = None if running else self.start_timeout_s
+                watched: list[Future[Any]] = [*running, *starting]
+                finished, _ = wait(watched, timeout, FIRST_COMPLETED)
+                if not finished:
+                    raise ClusterError(
+                        f"scan_id={scan.start.scan_id}: no cluster worker started within "
+                        f"{self.start_timeout_s:.0f} s"
+                    )
                 for future in finished:
-                    slot, unit, t0 = running.pop(future)
+                    if future not in running:
+                        continue  # a replacement: seen by _check_started
+                    slot, engine, unit, t0 = running.pop(future)
                     slot.in_flight -= 1
-                    result = self._result(future, slot, unit, pending)
+                    result = self._result(future, slot, engine, unit, pending)
                     if result is not None:
                         self.metrics.cluster_unit_seconds.labels(slot.label).observe(
                             time.perf_counter() - t0
@@ -134,7 +243,7 @@ class Spread:
         finally:
             # abandoned, or a unit failed the scan: what is still out is not wanted (a unit
             # already running finishes, unread), and its room is the next scan's
-            for future, (slot, _, _) in running.items():
+            for future, (slot, _, _, _) in running.items():
                 future.cancel()
                 slot.in_flight -= 1
         return total
@@ -163,13 +272,13 @@ class Spread:
         self,
         scan: CompletedScan,
         pending: list[WorkUnit],
-        running: dict[Future[UnitResult], tuple[_Slot, WorkUnit, float]],
+        running: dict[Future[UnitResult], tuple[_Slot, Engine, WorkUnit, float]],
         published: int,
         scale: float | None,
     ) -> None:
         """Units to the engines with room, in row order, never more than the engines can hold
         ahead of the next unit to publish (the reorder buffer stays bounded)."""
-        live = [slot for slot in self._slots if slot.engine.alive]
+        live = [slot for slot in self._slots if slot.ready]
         ahead = max(1, len(live)) * self.settings.in_flight
         while pending and pending[0].index < published + ahead:
             free = [slot for slot in live if slot.in_flight < self.settings.in_flight]
@@ -179,34 +288,101 @@ class Spread:
             unit = pending.pop(0)
             future = slot.engine.submit(ScanPart.of(scan, unit), unit, scale)
             slot.in_flight += 1
-            running[future] = (slot, unit, time.perf_counter())
+            running[future] = (slot, slot.engine, unit, time.perf_counter())
 
     def _result(
-        self, future: Future[UnitResult], slot: _Slot, unit: WorkUnit, pending: list[WorkUnit]
+        self,
+        future: Future[UnitResult],
+        slot: _Slot,
+        engine: Engine,
+        unit: WorkUnit,
+        pending: list[WorkUnit],
     ) -> UnitResult | None:
         """The unit's result; None when its engine was lost (the unit goes back in line)."""
         try:
-            return future.result()
+            result = future.result()
         except EngineLost as exc:
-            if slot.engine.alive:
-                self.metrics.cluster_workers_lost.inc()
-                log.error("cluster worker %s lost (%s): its work is re-run", slot.engine.name, exc)
-                slot.engine.lost()
+            if engine is slot.engine and engine.alive:  # not yet seen lost, nor replaced
+                self._lose(slot, f"{exc}: its work is re-run")
             self.metrics.cluster_units_retried.inc()
             pending.append(unit)
             pending.sort(key=lambda u: u.index)
             return None
+        if engine is slot.engine:
+            slot.replaced = 0  # it works: a later loss may be replaced again
+        if result.geometry_built:
+            self.metrics.cluster_geometry_builds.inc()
+        return result
+
+    def _lose(self, slot: _Slot, why: str) -> None:
+        """`slot`'s engine is gone: counted, sent nothing more, replaced where it may be."""
+        self.metrics.cluster_workers_lost.inc()
+        log.error("cluster worker %s lost (%s)", slot.engine.name, why)
+        slot.engine.lost()
+        slot.starting = None
+        if self._restart is None:
+            return
+        if not self._replacing.is_set():
+            log.info("cluster worker %s not replaced: the service is stopping", slot.label)
+            return
+        if slot.replaced >= self.settings.replacements:
+            log.error(
+                "cluster worker %s not replaced: %d replacements in a row did not complete a "
+                "unit (cluster.replacements=%d)",
+                slot.label,
+                slot.replaced,
+                self.settings.replacements,
+            )
+            return
+        slot.replaced += 1
+        slot.engine, slot.starting = self._restart(int(slot.label))
+        self.metrics.cluster_workers_replaced.inc()
+        log.info("cluster worker %s: a replacement is starting", slot.engine.name)
+
+    def _check_started(self) -> None:
+        """Replacements that finished starting: ready, or lost (and replaced again)."""
+        for slot in self._slots:
+            start = slot.starting
+            if start is None or not start.done():
+                continue
+            why = "cancelled" if start.cancelled() else start.exception()
+            if why is None:
+                slot.starting = None
+                log.info("cluster worker %s started", slot.engine.name)
+            elif slot.engine.alive:
+                self._lose(slot, f"it did not start: {why}")
+
+    def _starting(self) -> list[Future[Any]]:
+        """The replacements still starting (none waited for once the service is stopping)."""
+        if not self._replacing.is_set():
+            return []
+        return [
+            slot.starting
+            for slot in self._slots
+            if slot.starting is not None and not slot.starting.done()
+        ]
 
     def _run_one(self, scan: CompletedScan, unit: WorkUnit) -> UnitResult:
-        """One unit to the first live engine, re-run on the next while engines are lost."""
-        while live := [slot for slot in self._slots if slot.engine.alive]:
-            pending: list[WorkUnit] = []
-            result = self._result(
-                live[0].engine.submit(ScanPart.of(scan, unit), unit, None), live[0], unit, pending
-            )
-            if result is not None:
-                return result
-        raise ClusterError(f"scan_id={scan.start.scan_id}: no cluster worker is left")
+        """One unit to the first live engine, re-run on the next while engines are lost (and on
+        a replacement once it has started)."""
+        while True:
+            self._check_started()
+            live = [slot for slot in self._slots if slot.ready]
+            if live:
+                slot = live[0]
+                future = slot.engine.submit(ScanPart.of(scan, unit), unit, None)
+                result = self._result(future, slot, slot.engine, unit, [])
+                if result is not None:
+                    return result
+                continue
+            starting = self._starting()
+            if not starting:
+                raise ClusterError(f"scan_id={scan.start.scan_id}: no cluster worker is left")
+            if not wait(starting, self.start_timeout_s, FIRST_COMPLETED).done:
+                raise ClusterError(
+                    f"scan_id={scan.start.scan_id}: no cluster worker started within "
+                    f"{self.start_timeout_s:.0f} s"
+                )
 
     def close(self) -> None:
         for slot in self._slots:
@@ -220,18 +396,14 @@ def build_spread(
     denoiser: Denoiser | None,
     metrics: Metrics,
 ) -> Spread | None:
-    """The coordinator the settings ask for: None for one local device (the loop's own
-    conveyor, unchanged), local engines for several `worker.devices`, Ray actors for
-    `cluster.engine = "ray"`. The first local device uses the service's own `reconstructor`
-    and `denoiser` (warmed up and prepared by the service)."""
+    """The coordinator for this process's devices: None for one local device (the loop's own
+    conveyor, unchanged), local engines for several `worker.devices`. The first device uses
+    the service's own `reconstructor` and `denoiser` (warmed up by the service). Ray actors:
+    `build_ray_spread`."""
     worker, cluster = settings.worker, settings.cluster
-    halo = denoiser.depth // 2 if denoiser is not None else 0
     if cluster.engine == "ray":
-        from service.ray_actors import start_ray_engines
-
-        actors, on_close = start_ray_engines(settings)
-        denoised = denoiser is not None
-        return Spread(actors, worker.batch_rows, halo, denoised, cluster, metrics, on_close)
+        raise ValueError("cluster.engine=ray: its coordinator comes from build_ray_spread")
+    halo = denoiser.depth // 2 if denoiser is not None else 0
     if len(worker.devices) < 2:
         return None
     engines: list[Engine] = []
@@ -255,3 +427,31 @@ def build_spread(
             row_engine.warm_up()  # the first's is warmed up by the service
         engines.append(LocalEngine(f"{index}:{name}", row_engine))
     return Spread(engines, worker.batch_rows, halo, denoiser is not None, cluster, metrics)
+
+
+def build_ray_spread(settings: Settings, metrics: Metrics) -> tuple[Spread, ClusterModel | None]:
+    """`cluster.workers` Ray actors, started and ready, under a coordinator that replaces the
+    lost ones; and the model as they loaded it (None: denoising off). The service process loads
+    neither a denoiser nor an FBP of its own for them."""
+    from service.ray_actors import ACTOR_START_S, RayWorkers
+
+    workers = RayWorkers(settings)
+    try:
+        engines = workers.start()
+    except BaseException:
+        workers.close()
+        raise
+    model = workers.model
+    halo = model.depth // 2 if model is not None else 0
+    spread = Spread(
+        list(engines),
+        settings.worker.batch_rows,
+        halo,
+        model is not None,
+        settings.cluster,
+        metrics,
+        workers.close,
+        restart=workers.replacement,
+        start_timeout_s=ACTOR_START_S,
+    )
+    return spread, model

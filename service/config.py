@@ -436,6 +436,12 @@ class ClusterSettings(_Section):
     in_flight: int = Field(
         2, ge=1, description="work units queued per device or actor (backpressure)"
     )
+    replacements: int = Field(
+        3,
+        ge=0,
+        description="Ray: a lost actor is replaced by a new one, at most this many times in a "
+        "row without a unit completed (0: never replaced)",
+    )
 
 
 # Settings that moved: old (section, name) -> new (section, name). Old keys are accepted, with a

@@ -42,6 +42,7 @@ from service.sinks import ScanDescription, SliceBatch
 from service.sinogram import CompletedScan
 from workers.denoise import DenoiseEngine, load_denoiser
 from workers.protocols import Denoiser, PreparableReconstructor, Reconstructor
+from workers.rows import theta_tensor
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,9 @@ class UnitResult:
     batches: list[SliceBatch]
     done: RowsDone
     seconds: float  # on the engine, compute only
+    # the engine built the scan's FBP geometry for this unit: it was not prepared ahead
+    # (`RowEngine.prepare`, at scan_start) nor left by an earlier unit
+    geometry_built: bool = False
 
 
 class RowEngine:
@@ -163,6 +167,7 @@ class RowEngine:
         """`loop_options`: further keyword arguments of the loop (`Worker`), as the service
         gives its own loop (`loop_options` below)."""
         self.device = reconstructor.device
+        self.reconstructor = reconstructor
         self.denoiser = denoiser
         self._batches: list[SliceBatch] = []
         # the loop's conveyor, with its own metrics: the coordinator counts what is published
@@ -189,12 +194,27 @@ class RowEngine:
         scan = part.scan(self.device)
         self._batches = []
         try:
-            done = self._loop.reconstruct_rows(scan, scale)
+            # what the first FBP batch would build, built (or found) here: so it is known
+            built = self._prepare(theta_tensor(part.theta), part.center, part.start.cols)
+            # the unit counts NaN/inf in the rows it publishes only: a halo row is counted by
+            # the unit that owns it, once, as on one device
+            owned = (unit.first - unit.lo, unit.stop - unit.lo)
+            done = self._loop.reconstruct_rows(scan, scale, owned)
         finally:
             self._release()
         batches = [kept for batch in self._batches if (kept := _crop(batch, unit)) is not None]
         self._batches = []
-        return UnitResult(unit, batches, done, time.perf_counter() - t0)
+        return UnitResult(unit, batches, done, time.perf_counter() - t0, built)
+
+    def prepare(self, theta: np.ndarray, center: float, cols: int) -> bool:
+        """Build a scan's FBP geometry ahead of its units (`service.prepare`, at scan_start);
+        callable from any thread, also while `run` runs. True if this call built it."""
+        return self._prepare(theta_tensor(theta), center, cols)
+
+    def _prepare(self, theta: torch.Tensor, center: float, cols: int) -> bool:
+        if not isinstance(self.reconstructor, PreparableReconstructor):
+            return False
+        return self.reconstructor.prepare(theta, center, cols)
 
     def warm_up(self) -> None:
         """One small scan through the conveyor, so the first unit pays no start-up cost."""
@@ -258,6 +278,12 @@ class Engine(Protocol):
 
     def submit(self, part: ScanPart, unit: WorkUnit, scale: float | None) -> Future[UnitResult]: ...
 
+    def prepare(self, theta: np.ndarray, center: float, cols: int) -> Future[bool]:
+        """Build a scan's FBP geometry ahead of its units, beside the unit running (never queued
+        behind it): True once built, False when it was there already (or the engine's FBP keeps
+        no geometry)."""
+        ...
+
     def lost(self) -> None:
         """The coordinator saw this engine fail: send it nothing more."""
         ...
@@ -289,6 +315,15 @@ class LocalEngine:
     def submit(self, part: ScanPart, unit: WorkUnit, scale: float | None) -> Future[UnitResult]:
         future: Future[UnitResult] = Future()
         self._queue.put((part, unit, scale, future))
+        return future
+
+    def prepare(self, theta: np.ndarray, center: float, cols: int) -> Future[bool]:
+        """On the caller's thread (the reconstructor's `prepare` is thread-safe)."""
+        future: Future[bool] = Future()
+        try:
+            future.set_result(self.engine.prepare(theta, center, cols))
+        except Exception as exc:  # the caller's to log and count
+            future.set_exception(exc)
         return future
 
     def lost(self) -> None:

@@ -317,6 +317,17 @@ class Metrics:
             "Cluster workers (Ray actors) lost while the service ran",
             registry=r,
         )
+        self.cluster_workers_replaced = Counter(
+            "tomocast_cluster_workers_replaced_total",
+            "Ray actors started in the place of lost ones (cluster.replacements in a row at most)",
+            registry=r,
+        )
+        self.cluster_geometry_builds = Counter(
+            "tomocast_cluster_unit_geometry_builds_total",
+            "Work units whose engine built the scan's FBP geometry itself, in the scan's tail "
+            "(not prepared at scan_start)",
+            registry=r,
+        )
         # worker "0" always exists (the one device, or the first engine); the coordinator
         # creates the others' label sets as it starts
         self.cluster_unit_seconds.labels("0")

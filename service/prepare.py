@@ -9,6 +9,11 @@ loop finds it cached.
     [ingest thread] --scan_start--> bounded queue (drop, log) --> [prepare thread]
         --reconstructor.prepare()--> the reconstructor's geometry cache <-- [worker thread]
 
+With several devices or Ray actors (`service.cluster`) the target is the coordinator: every
+engine builds the geometry beside the units it runs (a Ray actor on a thread of its own), and
+the prepare thread waits for all of them; the scan's units then find it cached
+(`tomocast_cluster_unit_geometry_builds_total` counts those that did not).
+
 Policy: drop. The ingest never waits for this thread; a scan whose start finds the queue full
 (more scans starting than geometries can be built) is not prepared, and its first batch builds
 its geometry as it would without this thread. A scan that fails (times out, is refused at its
@@ -24,27 +29,37 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
+
+import torch
 
 from service.metrics import Metrics
 from service.protocol import ScanStart
 from service.stage import StageThread
-from workers.protocols import PreparableReconstructor
 from workers.rows import theta_tensor
 
 log = logging.getLogger(__name__)
+
+
+class Prepares(Protocol):
+    """What builds a scan's geometry ahead: a `PreparableReconstructor`, or the coordinator of
+    several engines (`service.cluster.Spread`). Thread-safe `prepare`; True if it built."""
+
+    def prepare(self, theta: torch.Tensor, center: float, cols: int) -> bool: ...
 
 
 class GeometryPreparer(StageThread):
     """Prepares each started scan's geometry on its own thread.
 
     Threading: `submit` and `cancel` are called from the ingest thread and never block;
-    `start`, `stop` and `join` from the owner's. The reconstructor is shared with the worker
-    thread through its thread-safe `prepare` (`workers.protocols.PreparableReconstructor`).
+    `start`, `stop` and `join` from the owner's. The reconstructor (or the engines) is shared
+    with the worker thread through its thread-safe `prepare`
+    (`workers.protocols.PreparableReconstructor`).
     """
 
     def __init__(
         self,
-        reconstructor: PreparableReconstructor,
+        reconstructor: Prepares,
         metrics: Metrics,
         pending: int,
         center_for: Callable[[ScanStart], float | None] = ScanStart.rotation_center,

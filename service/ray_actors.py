@@ -16,8 +16,11 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+import numpy as np
 import torch
 
+from models.artifact import ModelMetadata
+from service.cluster import ClusterModel
 from service.config import Settings
 from service.engine import (
     Engine,
@@ -36,6 +39,8 @@ log = logging.getLogger(__name__)
 
 # the object store of a Ray instance the service starts itself (units in flight live there)
 LOCAL_OBJECT_STORE_BYTES = 1 << 30
+# the actor's concurrency group for `prepare`: its own thread, beside the units' (one at a time)
+PREPARE_GROUP = "prepare"
 # how long the actors may take to load torch and the model before the service gives up
 ACTOR_START_S = 120.0
 
@@ -54,7 +59,8 @@ def _ray() -> Any:
 class RowActor:
     """A Ray actor: one device (the GPU Ray gave it, else the CPU), its reconstructor, its
     denoiser and the loop's conveyor (`service.engine.RowEngine`): the same code as in-process.
-    Ray runs its methods one at a time."""
+    Ray runs `run` one call at a time; `prepare` runs beside it, on the actor's "prepare"
+    thread (the reconstructor's `prepare` is thread-safe)."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
         config = Settings.model_validate(settings)
@@ -66,17 +72,27 @@ class RowActor:
             filter_name=worker.filter_name,
             circle_mask=worker.circle_mask,
         )
+        self.denoiser = load_model(config.model, device)
         self.engine = RowEngine(
             worker,
             config.publish.recon,
             reconstructor,
-            load_model(config.model, device),
+            self.denoiser,
             loop_options(config),
         )
         self.engine.warm_up()
 
-    def where(self) -> str:
-        return str(self.engine.device)
+    def describe(self) -> dict[str, Any]:
+        """Its device, and its denoiser as loaded (None: off): what the service says of the
+        model (`service.cluster.ClusterModel`)."""
+        model = None
+        if self.denoiser is not None:
+            metadata = self.denoiser.metadata.model_dump_json()
+            model = {"metadata": metadata, "precision": self.denoiser.precision}
+        return {"device": str(self.engine.device), "model": model}
+
+    def prepare(self, theta: np.ndarray, center: float, cols: int) -> bool:
+        return self.engine.prepare(theta, center, cols)
 
     def run(self, part: ScanPart, unit: WorkUnit, scale: float | None) -> UnitResult:
         return self.engine.run(part, unit, scale)
@@ -99,25 +115,26 @@ class RayEngine:
         return self._alive
 
     def submit(self, part: ScanPart, unit: WorkUnit, scale: float | None) -> Future[UnitResult]:
-        ray = _ray()
-
-        out: Future[UnitResult] = Future()
         if not self._alive:
+            out: Future[UnitResult] = Future()
             out.set_exception(EngineLost(f"{self._name} is gone"))
             return out
         # numpy rows go into the object store as one buffer; the actor maps them
-        ref = self.actor.run.remote(part.on_host(), unit, scale)
+        return _answer(self.actor.run.remote(part.on_host(), unit, scale))
 
-        def done(inner: Future[UnitResult]) -> None:
-            try:
-                out.set_result(inner.result())
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                out.set_exception(EngineLost(str(exc).splitlines()[0]))
-            except BaseException as exc:
-                out.set_exception(exc)
+    def prepare(self, theta: np.ndarray, center: float, cols: int) -> Future[bool]:
+        if not self._alive:
+            out: Future[bool] = Future()
+            out.set_exception(EngineLost(f"{self._name} is gone"))
+            return out
+        # on the actor's own "prepare" thread: never queued behind the units it holds
+        return _answer(
+            self.actor.prepare.options(concurrency_group=PREPARE_GROUP).remote(theta, center, cols)
+        )
 
-        ref.future().add_done_callback(done)
-        return out
+    def ready(self) -> Future[dict[str, Any]]:
+        """Done when the actor has started (its `describe`), failed when it did not."""
+        return _answer(self.actor.describe.remote())
 
     def lost(self) -> None:
         self._alive = False
@@ -130,45 +147,107 @@ class RayEngine:
         self._alive = False
 
 
-def start_ray_engines(settings: Settings) -> tuple[list[Engine], Callable[[], None]]:
-    """`cluster.workers` actors on the Ray instance of `cluster.address` (or one started here
-    on 127.0.0.1, or the one this process is already connected to), ready to work; and what
-    disconnects (stops a Ray instance started here) at the service's stop."""
+def _answer(ref: Any) -> Future[Any]:
+    """A Ray call's result as a future; `EngineLost` when its actor died or is unreachable."""
     ray = _ray()
-    cluster = settings.cluster
-    owned = not ray.is_initialized()
-    if owned:
-        # Ray's core installs its own SIGTERM/SIGINT handlers (log, then die): the service's
-        # (drain, then exit) are put back once it is connected
-        handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-        if cluster.address:
-            ray.init(address=cluster.address, logging_level=logging.WARNING)
-        else:
-            ray.init(
-                num_cpus=cluster.workers,
-                num_gpus=torch.cuda.device_count(),
-                object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                logging_level=logging.WARNING,
+    out: Future[Any] = Future()
+
+    def done(inner: Future[Any]) -> None:
+        try:
+            out.set_result(inner.result())
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            out.set_exception(EngineLost(str(exc).splitlines()[0]))
+        except BaseException as exc:
+            out.set_exception(exc)
+
+    ref.future().add_done_callback(done)
+    return out
+
+
+class RayWorkers:
+    """This service's actors on one Ray instance: `cluster.address`'s, one started here on
+    127.0.0.1 (stopped by `close`), or the one this process is already connected to. Starts
+    them (`start`) and one more in a lost one's place (`replacement`). Called from one thread
+    at a time (the service's start, then its loop)."""
+
+    def __init__(self, settings: Settings) -> None:
+        ray = _ray()
+        cluster = settings.cluster
+        self._count = cluster.workers
+        self._owned = not ray.is_initialized()
+        if self._owned:
+            _connect(ray, settings)
+        gpus = ray.cluster_resources().get("GPU", 0) > 0
+        options = {"num_gpus": 1, "num_cpus": 0} if gpus else {"num_cpus": 1}
+        self._actor_class = ray.remote(concurrency_groups={PREPARE_GROUP: 1})(RowActor).options(
+            **options
+        )
+        self._config = settings.model_dump(mode="json")
+        self.model: ClusterModel | None = None  # as the actors loaded it, once started
+
+    def start(self) -> list[RayEngine]:
+        """`cluster.workers` actors, ready to work (ACTOR_START_S at most)."""
+        ray = _ray()
+        actors = [self._actor_class.remote(self._config) for _ in range(self._count)]
+        try:
+            described = ray.get(
+                [actor.describe.remote() for actor in actors], timeout=ACTOR_START_S
             )
-        if threading.current_thread() is threading.main_thread():
-            for signum, handler in handlers.items():
-                if handler is not None:
-                    signal.signal(signum, handler)
-    gpus = ray.cluster_resources().get("GPU", 0) > 0
-    options = {"num_gpus": 1, "num_cpus": 0} if gpus else {"num_cpus": 1}
-    actor_class = ray.remote(RowActor).options(**options)
-    config = settings.model_dump(mode="json")
-    actors = [actor_class.remote(config) for _ in range(cluster.workers)]
+        except BaseException:
+            for actor in actors:
+                ray.kill(actor)
+            raise
+        first = described[0]
+        if first["model"] is not None:
+            metadata = ModelMetadata.model_validate_json(first["model"]["metadata"])
+            device = torch.device(first["device"])
+            self.model = ClusterModel(metadata, first["model"]["precision"], device)
+        log.info(
+            "ray: %d worker actors on %s", len(actors), ", ".join(d["device"] for d in described)
+        )
+        return [RayEngine(f"ray-{i}", actor) for i, actor in enumerate(actors)]
+
+    def replacement(self, index: int) -> tuple[Engine, Future[Any]]:
+        """A new actor in place `index`, starting (Ray schedules it where there is room); and
+        a future done when it is ready."""
+        engine = RayEngine(f"ray-{index}", self._actor_class.remote(self._config))
+        return engine, engine.ready()
+
+    def close(self) -> None:
+        """Disconnect; a Ray instance started here is stopped."""
+        if self._owned:
+            _ray().shutdown()
+
+
+def _connect(ray: Any, settings: Settings) -> None:
+    cluster = settings.cluster
+    # Ray's core installs its own SIGTERM/SIGINT handlers (log, then die): the service's
+    # (drain, then exit) are put back once it is connected
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    if cluster.address:
+        ray.init(address=cluster.address, logging_level=logging.WARNING)
+    else:
+        ray.init(
+            num_cpus=cluster.workers,
+            num_gpus=torch.cuda.device_count(),
+            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level=logging.WARNING,
+        )
+    if threading.current_thread() is threading.main_thread():
+        for signum, handler in handlers.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
+def start_ray_engines(settings: Settings) -> tuple[list[Engine], Callable[[], None]]:
+    """`cluster.workers` actors, ready to work, and what disconnects (stops a Ray instance
+    started here) at the end (`RayWorkers`)."""
+    workers = RayWorkers(settings)
     try:
-        where = ray.get([actor.where.remote() for actor in actors], timeout=ACTOR_START_S)
+        engines: list[Engine] = list(workers.start())
     except BaseException:
-        for actor in actors:
-            ray.kill(actor)
-        if owned:
-            ray.shutdown()
+        workers.close()
         raise
-    log.info("ray: %d worker actors on %s", len(actors), ", ".join(where))
-    engines: list[Engine] = [RayEngine(f"ray-{i}", actor) for i, actor in enumerate(actors)]
-    return engines, (ray.shutdown if owned else lambda: None)
+    return engines, workers.close

@@ -89,6 +89,19 @@ class _Run:
     guard: ScanGuard | None = None  # the no-harm guard (with a denoiser, guard.enabled)
     guard_s: list[float] = field(default_factory=list)  # per slice, as batches are delivered
     fallbacks: int = 0  # denoised slices the guard replaced by FBP
+    # rows whose NaN/inf pixels this run counts ([first, stop), a work unit's own: its halo rows
+    # are its neighbours' to count); None: every row
+    owned: tuple[int, int] | None = None
+
+    def zero_non_finite(self, values: torch.Tensor, first: int) -> None:
+        """Replace NaN/inf in `values` (rows first, first + 1, ...) by 0; count the owned rows'."""
+        if self.owned is None:
+            self.non_finite = self.non_finite + zero_non_finite_(values)
+            return
+        a, b = (min(len(values), max(0, edge - first)) for edge in self.owned)
+        if a < b:
+            self.non_finite = self.non_finite + zero_non_finite_(values[a:b])
+        zero_non_finite_(values)
 
 
 @dataclass
@@ -296,12 +309,18 @@ class Worker(StageThread):
         for sink in self.sinks:
             sink.end(outcome)
 
-    def reconstruct_rows(self, scan: CompletedScan, scale: float | None = None) -> RowsDone:
+    def reconstruct_rows(
+        self,
+        scan: CompletedScan,
+        scale: float | None = None,
+        owned: tuple[int, int] | None = None,
+    ) -> RowsDone:
         """The conveyor alone: every row of `scan` through FBP and the denoiser (with the scan's
         `scale` when given, else measured as `process` does), each batch to the sinks; no
-        `begin`/`end`, no metrics. What a device of `service.cluster` runs on its rows."""
+        `begin`/`end`, no metrics. What a device of `service.cluster` runs on its rows; NaN/inf
+        pixels are counted only in rows [`owned`) when given (a unit's own, not its halo)."""
         halo = self.denoiser.depth // 2 if self.denoiser is not None else 0
-        run = _Run(scan.start.scan_id, 0.0, halo, scale=scale)
+        run = _Run(scan.start.scan_id, 0.0, halo, scale=scale, owned=owned)
         self._reconstruct(scan, run)
         fbp_s = [span.per_row() for span in run.fbp]
         done = RowsDone(fbp_s, run.denoise_s, int(run.non_finite), run.scale)
@@ -357,7 +376,7 @@ class Worker(StageThread):
         )
         # before the window: a denoiser never reads NaN (an int8 or fp16 engine would turn it
         # into finite, plausible pixels), and no sink ever gets it
-        run.non_finite = run.non_finite + zero_non_finite_(reconstructed)
+        run.zero_non_finite(reconstructed, r0)
         if self.denoiser is not None:
             self._window.drop_before(run.denoised_to - run.halo)
             reconstructed = self._window.append(reconstructed)
@@ -386,7 +405,7 @@ class Worker(StageThread):
                 adjacent_stack(window.held(), d0 - window.first, d1 - window.first, denoiser.depth),
                 scale=run.scale,
             )
-            run.non_finite = run.non_finite + zero_non_finite_(denoised)
+            run.zero_non_finite(denoised, d0)
             denoise = Span(start, transfer.mark(), d1 - d0)
             guard, verdict = None, None
             if run.guard is not None:  # the FBP of rows [d0, d1) replaces what the data refute

@@ -6,15 +6,20 @@ for batch sizes below, at and above the denoiser's halo."""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from service.client import Detector, Published, Subscriber
 from service.config import Settings
 from service.events import ScanCompleted, ScanEnded
 from service.sim.simulate import SimulatedScan, simulate_scan
+from tests.support.helpers import wait_for
+from workers.geometry_cache import geometry_key
+from workers.rows import theta_tensor
 
 ROWS, COLS, ANGLES = 21, 48, 40
 
@@ -100,3 +105,69 @@ def _loop_part(header: dict[str, Any]) -> dict[str, Any]:
         for key, value in header.items()
         if key not in ("timing", "t_published", "t_last_projection", "pub_seq")
     }
+
+
+@pytest.mark.parametrize("prepare", [True, False])
+def test_every_device_builds_the_geometry_at_scan_start(
+    start_service: Any, scan: SimulatedScan, prepare: bool
+) -> None:
+    """With `worker.prepare_geometry`, scan_start has every device build the scan's gridding
+    geometry, before any projection is sent: no unit builds it in the scan's tail. Without,
+    the units do (the counter is not trivially 0)."""
+    service, endpoints = start_service(
+        worker={
+            "devices": ["cpu", "cpu"],
+            "fbp_method": "gridding",
+            "batch_rows": 4,
+            "prepare_geometry": prepare,
+        },
+        model={"enabled": False},
+        cluster={"unit_rows": 4},
+    )
+    engines = service.spread.engines
+    assert len(engines) == 2
+
+    def metric(name: str, **labels: str) -> float:
+        value = service.metrics.registry.get_sample_value(name, labels)
+        assert value is not None, name
+        return value
+
+    center = COLS / 2 + 0.25  # declared: an estimated centre comes from the data, not ahead
+    start = replace(scan.start, center=center)
+    theta = theta_tensor(start.theta_array()).to(torch.float64).numpy()
+    key = geometry_key(theta, start.rotation_center(), COLS)
+    held_before_data: list[bool] = []
+
+    def first_chunk_after_prepare(count: int) -> None:
+        """Called before each chunk of projections: the first waits for the prepare."""
+        if prepare and not held_before_data:
+            wait_for(
+                "the devices' geometry",
+                lambda: metric("tomocast_geometry_prepares_total", outcome="built") == 1,
+            )
+            held_before_data.append(all(key in e.engine.reconstructor.geometries for e in engines))
+
+    ended: list[ScanEnded] = []
+    with Subscriber(endpoints.publish) as viewer, Detector(endpoints.ingest) as detector:
+        viewer.wait_ready()
+        detector.send_scan(
+            "dev-scan",
+            scan.projections,
+            flats=scan.flats,
+            chunk=16,
+            center=center,
+            pace=first_chunk_after_prepare,
+        )
+        while not ended:
+            message = viewer.recv(timeout=30.0)
+            assert message is not None, "nothing published for 30 s"
+            if isinstance(event := message.event(), ScanEnded):
+                ended.append(event)
+    assert isinstance(ended[0], ScanCompleted), ended[0]
+    builds = metric("tomocast_cluster_unit_geometry_builds_total")
+    if prepare:
+        assert held_before_data == [True], "a device had not built the geometry"
+        assert builds == 0, "a unit built the geometry prepared at scan_start"
+        assert metric("tomocast_errors_total", stage="prepare") == 0
+    else:
+        assert builds >= 1

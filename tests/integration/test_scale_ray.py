@@ -1,9 +1,11 @@
 """`cluster.engine = "ray"`: a scan's work units go to Ray worker actors (their own
 reconstructor and denoiser) through the object store. Against one local Ray instance on
 loopback for the module (2 CPUs, no dashboard, stopped at the end): a real service with two
-actors publishes the slices the in-process engine does, /metrics shows both actors, and an
-actor killed mid-scan has its units re-run on the other, every slice published exactly once.
-Skipped when ray is not installed (`pip install 'tomocast[ray]'`)."""
+actors (and no denoiser or FBP of its own at work) publishes the slices the in-process engine
+does, /metrics shows both actors, every actor builds a scan's geometry at its scan_start, and
+an actor killed mid-scan has its units re-run on the other, every slice published exactly once,
+and is replaced: the live count comes back to two. Skipped when ray is not installed
+(`pip install 'tomocast[ray]'`)."""
 
 from __future__ import annotations
 
@@ -18,11 +20,14 @@ import pytest
 
 from service.app import Endpoints, Service
 from service.client import Detector, Subscriber
+from service.cluster import ClusterModel
 from service.config import load_settings
 from service.engine import ScanPart, UnitResult, WorkUnit
 from service.events import ScanCompleted, ScanEnded
 from service.ray_actors import RayEngine
 from service.sim.simulate import SimulatedScan, simulate_scan
+from tests.support.helpers import wait_for
+from workers.denoise import DenoiseEngine
 
 # any ImportError: not installed, or a wheel that does not load on this platform
 ray = pytest.importorskip("ray", exc_type=ImportError)
@@ -80,13 +85,14 @@ def serve(**overrides: Any) -> tuple[Service, Endpoints]:
         raise
 
 
-def run_scan(endpoints: Endpoints, scan: SimulatedScan) -> Slices:
-    """One scan through a service; every slice, checked to be published exactly once."""
+def run_scan(endpoints: Endpoints, scan: SimulatedScan, **options: Any) -> Slices:
+    """One scan through a service; every slice, checked to be published exactly once.
+    `options`: of `Detector.send_scan`."""
     published: list[tuple[str, int, np.ndarray]] = []
     ended: list[ScanEnded] = []
     with Subscriber(endpoints.publish) as viewer, Detector(endpoints.ingest) as detector:
         viewer.wait_ready()
-        detector.send_scan("ray-scan", scan.projections, flats=scan.flats, chunk=10)
+        detector.send_scan("ray-scan", scan.projections, flats=scan.flats, chunk=10, **options)
         while not ended:
             message = viewer.recv(timeout=60.0)
             assert message is not None, "nothing published for 60 s"
@@ -104,7 +110,8 @@ def run_scan(endpoints: Endpoints, scan: SimulatedScan) -> Slices:
 
 
 def scrape(service: Service, name: str) -> float:
-    """`name`'s value as Prometheus reads it from /metrics."""
+    """`name`'s value (with its labels, if any: `name{label="value"}`) as Prometheus reads it
+    from /metrics."""
     url = f"http://127.0.0.1:{service.health.port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
         for line in response.read().decode().splitlines():
@@ -145,10 +152,47 @@ def test_two_ray_actors_publish_the_in_process_slices(
     service, endpoints = on_ray
     engines = service.spread.engines if service.spread else []
     assert len(engines) == 2 and all(isinstance(e, RayEngine) for e in engines)
+    # the model as the actors loaded it: the service process loaded no network of its own
+    assert isinstance(service.denoiser, ClusterModel)
+    assert not isinstance(service.worker.denoiser if service.worker else None, DenoiseEngine)
+    assert service.denoiser.name == "tomogan-beamline-d3" and service.denoiser.depth == 3
     assert scrape(service, "tomocast_cluster_workers") == 2
     assert_same_slices(run_scan(endpoints, scan), in_process)
     assert scrape(service, "tomocast_cluster_workers") == 2
     assert scrape(service, "tomocast_cluster_units_retried_total") == 0
+
+
+def test_every_actor_builds_the_geometry_at_scan_start(
+    on_ray: tuple[Service, Endpoints], scan: SimulatedScan, in_process: Slices
+) -> None:
+    """A geometry no unit has built yet (a declared centre: an estimated one comes from the
+    data), built by both actors between scan_start and the first projection: no unit of the
+    scan builds it."""
+    service, endpoints = on_ray
+    registry = service.metrics.registry
+
+    def sample(name: str, **labels: str) -> float:
+        value = registry.get_sample_value(name, labels)
+        assert value is not None, name
+        return value
+
+    built = sample("tomocast_geometry_prepares_total", outcome="built")
+    unit_builds = sample("tomocast_cluster_unit_geometry_builds_total")
+    waited: list[int] = []
+
+    def after_the_prepare(count: int) -> None:
+        """Before each chunk of projections: the first waits for the actors' prepare."""
+        if not waited:
+            wait_for(
+                "the actors' geometry",
+                lambda: sample("tomocast_geometry_prepares_total", outcome="built") == built + 1,
+            )
+            waited.append(count)
+
+    run_scan(endpoints, scan, center=COLS / 2 + 0.25, pace=after_the_prepare)
+    assert waited
+    assert sample("tomocast_cluster_unit_geometry_builds_total") == unit_builds
+    assert sample("tomocast_errors_total", stage="prepare") == 0
 
 
 def test_an_actor_killed_mid_scan_loses_nothing(
@@ -173,6 +217,17 @@ def test_an_actor_killed_mid_scan_loses_nothing(
     slices = run_scan(endpoints, scan)
     assert killed
     assert_same_slices(slices, in_process)
-    assert scrape(service, "tomocast_cluster_workers") == 1
     assert scrape(service, "tomocast_cluster_workers_lost_total") == 1
     assert scrape(service, "tomocast_cluster_units_retried_total") >= 1
+    # a new actor takes the lost one's place: the live count comes back to 2
+    assert scrape(service, "tomocast_cluster_workers_replaced_total") == 1
+    assert service.spread.wait_started(timeout=120), "the replacement did not start"
+    assert scrape(service, "tomocast_cluster_workers") == 2
+    replacement = service.spread.engines[1]
+    assert isinstance(replacement, RayEngine) and replacement is not victim
+    # and it works: the next scan's units reach it, the slices are the same
+    ran = scrape(service, 'tomocast_cluster_unit_seconds_count{worker="1"}')
+    assert_same_slices(run_scan(endpoints, scan), in_process)
+    assert scrape(service, 'tomocast_cluster_unit_seconds_count{worker="1"}') > ran
+    assert scrape(service, "tomocast_cluster_workers") == 2
+    assert scrape(service, "tomocast_cluster_workers_lost_total") == 1

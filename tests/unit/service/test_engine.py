@@ -27,7 +27,7 @@ from service.engine import (
     plan_units,
     probe_unit,
 )
-from service.events import ScanEnded
+from service.events import ScanCompleted, ScanEnded
 from service.metrics import Metrics
 from service.protocol import ScanStart
 from service.reconstruct import Worker
@@ -44,6 +44,7 @@ class Collect:
 
     def __init__(self) -> None:
         self.batches: list[SliceBatch] = []
+        self.outcomes: list[ScanEnded] = []
 
     def begin(self, scan: ScanDescription) -> None:
         pass
@@ -52,7 +53,7 @@ class Collect:
         self.batches.append(batch)
 
     def end(self, outcome: ScanEnded) -> None:
-        pass
+        self.outcomes.append(outcome)
 
     def by_row(self, topic: str) -> dict[int, np.ndarray]:
         rows: dict[int, np.ndarray] = {}
@@ -183,6 +184,9 @@ class FlakyEngine:
         self.held[-1] = future = self.local.submit(part, unit, scale)
         return future
 
+    def prepare(self, theta: np.ndarray, center: float, cols: int) -> Future[bool]:
+        return self.local.prepare(theta, center, cols)
+
     def lost(self) -> None:
         self._alive = False
 
@@ -222,6 +226,110 @@ def test_a_lost_engine_has_its_units_rerun_elsewhere_each_slice_once() -> None:
     assert healthy.most_held <= 2 and dying.most_held <= 2
 
 
+def started(error: BaseException | None = None) -> Future[object]:
+    """A replacement's start, over: ready, or failed with `error`."""
+    future: Future[object] = Future()
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+    return future
+
+
+def one_device_slices(scan: CompletedScan, batch: int, depth: int) -> dict[int, np.ndarray]:
+    reference = Collect()
+    Worker(
+        WorkerSettings(device="cpu", batch_rows=batch),
+        PublishSettings(),
+        queue.Queue(),
+        ReusingReconstructor(CPU),
+        WeighingDenoiser(depth, CPU),
+        [reference],
+        Metrics(),
+    ).process(scan)
+    return reference.by_row("slice")
+
+
+def test_a_lost_engine_is_replaced_and_the_workers_come_back_to_their_number() -> None:
+    rows, batch, depth = 40, 2, 3
+    scan = make_scan(rows)
+    metrics = Metrics()
+    new: list[FlakyEngine] = []
+
+    def restart(index: int) -> tuple[FlakyEngine, Future[object]]:
+        new.append(FlakyEngine(f"new-{index}", engine(batch, depth), None))
+        return new[-1], started()
+
+    dying = FlakyEngine("b", engine(batch, depth), 2)
+    healthy = FlakyEngine("a", engine(batch, depth), None)
+    settings = ClusterSettings(unit_rows=4, in_flight=2)
+    spread = Spread([healthy, dying], batch, 1, True, settings, metrics, restart=restart)
+    got = Collect()
+    spread.reconstruct(scan, got.write, threading.Event())
+    assert spread.wait_started(timeout=10)
+    spread.close()
+    want, have = one_device_slices(scan, batch, depth), got.by_row("slice")
+    assert sorted(have) == list(range(rows))
+    for row, data in want.items():
+        np.testing.assert_array_equal(have[row], data)
+    assert len(new) == 1 and spread.engines == [healthy, new[0]]
+    assert any(index >= 0 for index in new[0].units), "the replacement ran no unit"
+    sample = metrics.registry.get_sample_value
+    assert sample("tomocast_cluster_workers") == 2
+    assert sample("tomocast_cluster_workers_lost_total") == 1
+    assert sample("tomocast_cluster_workers_replaced_total") == 1
+
+
+def test_replacements_that_never_start_are_given_up_after_cluster_replacements() -> None:
+    rows, batch, depth = 24, 2, 3
+    scan = make_scan(rows)
+    metrics = Metrics()
+    tries: list[int] = []
+
+    def restart(index: int) -> tuple[FlakyEngine, Future[object]]:
+        tries.append(index)
+        doomed = FlakyEngine(f"new-{index}", engine(batch, depth), None)
+        return doomed, started(EngineLost("no room on the cluster"))
+
+    healthy = FlakyEngine("a", engine(batch, depth), None)
+    dying = FlakyEngine("b", engine(batch, depth), 1)
+    settings = ClusterSettings(unit_rows=4, in_flight=2, replacements=2)
+    spread = Spread([healthy, dying], batch, 1, True, settings, metrics, restart=restart)
+    got = Collect()
+    spread.reconstruct(scan, got.write, threading.Event())
+    spread.close()
+    assert sorted(got.by_row("slice")) == list(range(rows))
+    assert tries == [1, 1]
+    sample = metrics.registry.get_sample_value
+    assert sample("tomocast_cluster_workers") == 1
+    assert sample("tomocast_cluster_workers_replaced_total") == 2
+    # the lost engine and both replacements that did not start
+    assert sample("tomocast_cluster_workers_lost_total") == 3
+
+
+def test_a_stopping_service_replaces_no_engine() -> None:
+    rows, batch, depth = 24, 2, 3
+    tries: list[int] = []
+
+    def restart(index: int) -> tuple[FlakyEngine, Future[object]]:
+        tries.append(index)
+        return FlakyEngine(f"new-{index}", engine(batch, depth), None), started()
+
+    metrics = Metrics()
+    healthy = FlakyEngine("a", engine(batch, depth), None)
+    dying = FlakyEngine("b", engine(batch, depth), 1)
+    settings = ClusterSettings(unit_rows=4, in_flight=2)
+    spread = Spread([healthy, dying], batch, 1, True, settings, metrics, restart=restart)
+    spread.stop_replacing()
+    got = Collect()
+    spread.reconstruct(make_scan(rows), got.write, threading.Event())
+    spread.close()
+    assert sorted(got.by_row("slice")) == list(range(rows))
+    assert tries == []
+    assert metrics.registry.get_sample_value("tomocast_cluster_workers_replaced_total") == 0
+    assert metrics.registry.get_sample_value("tomocast_cluster_workers") == 1
+
+
 class BreakingEngine(FlakyEngine):
     """On scan "bad" (after its probe): unit 0 never finishes, the others fail with an error of
     the computation (not a lost engine)."""
@@ -252,3 +360,38 @@ def test_a_failed_scan_leaves_the_engines_free_for_the_next() -> None:
     assert sorted(got.by_row("slice")) == list(range(12))
     # the unit left hanging by the failed scan holds no room: both engines work on the next
     assert all(any(index >= 0 for index in e.units) for e in engines)
+
+
+@pytest.mark.parametrize("nan_row", [2, 3])
+def test_non_finite_pixels_of_a_halo_row_are_counted_once(nan_row: int) -> None:
+    """Units of 4 rows with a halo of 1: row 2 ends unit 0 and is reconstructed again in unit
+    1's halo, row 3 starts unit 1 and is in unit 0's. The scan's count is one device's."""
+    rows, batch, depth = 23, 4, 3
+    assert [(u.first, u.stop) for u in plan_units(rows, batch, 1, 4)][:2] == [(0, 3), (3, 7)]
+    scan = make_scan(rows)
+    scan.sinogram[nan_row, 1, 5] = float("nan")
+
+    def completed(spread: Spread | None) -> ScanCompleted:
+        sink = Collect()
+        Worker(
+            WorkerSettings(device="cpu", batch_rows=batch),
+            PublishSettings(),
+            queue.Queue(),
+            ReusingReconstructor(CPU),
+            WeighingDenoiser(depth, CPU),
+            [sink],
+            Metrics(),
+            spread=spread,
+        ).process(scan)
+        assert len(sink.outcomes) == 1 and isinstance(sink.outcomes[0], ScanCompleted)
+        return sink.outcomes[0]
+
+    one = completed(None)
+    settings = ClusterSettings(unit_rows=4, in_flight=2)
+    engines = [LocalEngine(str(i), engine(batch, depth)) for i in range(2)]
+    spread = Spread(list(engines), batch, 1, True, settings, Metrics())
+    two = completed(spread)
+    spread.close()
+    # the stand-in FBP spreads the NaN over one column of its slice: cols pixels
+    assert one.non_finite_pixels == COLS
+    assert two.non_finite_pixels == one.non_finite_pixels
