@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -233,11 +233,7 @@ class ScanAssembler:
         excess = len(own) - self.per_client + 1
         if excess <= 0:
             return []
-        now = time.monotonic()
-        idle = sorted(
-            (s for s in own if now - s.t_last_message >= self.idle_evict_s),
-            key=lambda s: s.t_last_message,
-        )
+        idle = self._idle(own)
         if len(idle) < excess:
             log.warning(
                 "scan_id=%s refused: client %s already has %d live scans "
@@ -250,38 +246,39 @@ class ScanAssembler:
                 f"this client key already has {len(own)} live scans "
                 f"(ingest.max_live_scans_per_client={self.per_client}); end one first",
             )
-        evicted: list[Outcome] = []
-        for scan in idle[:excess]:
-            silent = now - scan.t_last_message
-            why = (
-                f"evicted: silent for {silent:.1f} s (ingest.idle_evict_s={self.idle_evict_s:g})"
-                f" when the same client started scan {start.scan_id!r} "
-                f"(ingest.max_live_scans_per_client={self.per_client})"
-            )
-            evicted.append(self._fail(scan, why, evicted=True))
-        return evicted
+        because = (
+            f"when the same client started scan {start.scan_id!r} "
+            f"(ingest.max_live_scans_per_client={self.per_client})"
+        )
+        return self._evict(idle[:excess], because)
 
     def _evict_for(self, start: ScanStart) -> list[Outcome]:
         """Fail the scans idle for `idle_evict_s` or more, idle longest first, that `start`
         needs gone to fit; none when evicting all of them would still not make room."""
         if self._fits(start, []):
             return []
-        now = time.monotonic()
-        idle = sorted(
-            (s for s in self.scans.values() if now - s.t_last_message >= self.idle_evict_s),
-            key=lambda s: s.t_last_message,
-        )
+        idle = self._idle(self.scans.values())
         for n in range(1, len(idle) + 1):
             if self._fits(start, idle[:n]):
                 break
         else:
             return []
-        evicted: list[Outcome] = []
-        for scan in idle[:n]:
+        return self._evict(idle[:n], f"when scan {start.scan_id!r} needed its room")
+
+    def _idle(self, scans: Iterable[ScanBuffer]) -> list[ScanBuffer]:
+        """Those of `scans` silent for `idle_evict_s` or more, idle longest first."""
+        now = time.monotonic()
+        idle = [s for s in scans if now - s.t_last_message >= self.idle_evict_s]
+        return sorted(idle, key=lambda s: s.t_last_message)
+
+    def _evict(self, scans: list[ScanBuffer], because: str) -> list[Outcome]:
+        """Fail `scans` as evicted (`scan_failed`, reason "evicted: ..." + `because`)."""
+        now, evicted = time.monotonic(), list[Outcome]()
+        for scan in scans:
             silent = now - scan.t_last_message
             why = (
                 f"evicted: silent for {silent:.1f} s (ingest.idle_evict_s={self.idle_evict_s:g})"
-                f" when scan {start.scan_id!r} needed its room"
+                f" {because}"
             )
             evicted.append(self._fail(scan, why, evicted=True))
         return evicted
