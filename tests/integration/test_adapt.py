@@ -11,6 +11,7 @@ scan's FBP in fp32: tests/unit/service/test_adapt.py holds the unit checks).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +119,42 @@ def test_adapted_weights_are_swapped_in_between_scans_and_improve_the_next(
     assert adapted >= shipped + MIN_GAIN_DB, (shipped, adapted)
     assert service.stop()
     assert service.adapter is not None and not service.adapter.alive
+
+
+def test_an_adaptation_under_way_is_cancelled_at_stop_and_the_weights_stay(
+    start_service: Any, measured: Measured
+) -> None:
+    service, endpoints = start_service(
+        model={"adapt": True, "adapt_seconds": 600.0, "precision": "fp32"}
+    )
+    with (
+        Subscriber(endpoints.publish, ("slice", "event")) as viewer,
+        Detector(endpoints.ingest) as detector,
+    ):
+        viewer.wait_ready()
+        send_and_collect(viewer, detector, "adapt-stop", measured)
+    adapter = service.adapter
+    assert adapter is not None
+    directory = adapter.directory  # a temporary folder: removed at stop
+    started = time.monotonic()
+    assert service.stop()
+    assert adapter.join(30.0)  # at most a set-up or a training step after the stop
+    stopped = time.monotonic() - started
+    samples = {
+        outcome: service.metrics.registry.get_sample_value(
+            "tomocast_model_updates_total", {"outcome": outcome}
+        )
+        for outcome in ("updated", "cancelled", "failed")
+    }
+    assert samples == {"updated": 0, "cancelled": 1, "failed": 0}, samples
+    assert adapter.slot.current is service.denoiser
+    assert not directory.exists()
+    assert stopped < 30.0
+
+
+def test_the_placeholder_cannot_be_adapted(start_service: Any) -> None:
+    from service.errors import ConfigError
+    from workers.denoise import placeholder_artifact_path
+
+    with pytest.raises(ConfigError, match=r"model\.adapt.*placeholder"):
+        start_service(model={"adapt": True, "path": str(placeholder_artifact_path())})
