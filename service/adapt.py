@@ -113,7 +113,7 @@ def keep_rows(scan: CompletedScan, budget_bytes: int) -> KeptScan | None:
     part = scan.sinogram[first : first + take].float().cpu().numpy()
     return KeptScan(
         scan.start.scan_id,
-        np.ascontiguousarray(part.transpose(1, 0, 2)),
+        np.array(part.transpose(1, 0, 2), order="C"),  # a copy: never a view of the scan
         np.asarray(scan.theta, dtype=np.float64),
         float(scan.center),
         first,
