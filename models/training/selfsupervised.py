@@ -20,6 +20,10 @@ over the artifact's (`workers.denoise.DenoiseEngine.scale_for`). The pairs are d
 factor and the artifact's input_offset, input_scale, reference_level and reference_width are
 kept, so the adapted artifact maps every scan exactly as the one it started from.
 
+The service runs the same code on each completed scan with `model.adapt = true`
+(`service.adapt`): it hands `adapter` the scan's kept rows as `ScanLineIntegrals` and its own FBP
+settings as `FBPChoice`, and `adapt` a stop callable.
+
 Raw data: DXchange (`service.sim.replay`) or NXtomo (`service.sim.nxtomo`) files, flat-field
 corrected and -log'ed as the service does (`workers.preprocess.flatfield`); files without flats
 hold line integrals already. A range of detector rows bounds memory and time on large detectors.
