@@ -25,6 +25,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from service import __version__
+from service.adapt import Adapter, ModelSlot
 from service.archive import Archive
 from service.cluster import ClusterModel, Spread, build_ray_spread, build_spread
 from service.config import Settings
@@ -53,6 +54,9 @@ log = logging.getLogger(__name__)
 PREPARE_JOIN_S = 1.0
 # after a drain timeout: how long the archive may take to close its files before the process exits
 ARCHIVE_JOIN_S = 10.0
+# at stop, how long an adaptation under way may take to notice (its current training step or
+# set-up) before it is left behind
+ADAPT_JOIN_S = 10.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -124,6 +128,7 @@ class Service:
         self.authenticator: ThreadAuthenticator | None = None
         self._worker_channel: PublishChannel | None = None  # the loop's, closed after it ends
         self.spread: Spread | None = None  # several devices or Ray actors (closed after the loop)
+        self.adapter: Adapter | None = None  # with model.adapt (service/adapt.py)
 
     def start(self) -> Endpoints:
         """Build the stages from the settings, then start them in reverse flow order: each
@@ -163,6 +168,7 @@ class Service:
             self.archive,
             self.pva,
             self.previewer,
+            self.adapter,
             self.worker,
             self.preparer,
             self.ingest,
@@ -324,6 +330,7 @@ class Service:
         return sinks
 
     def _build_worker(self, reconstructor: Reconstructor) -> Worker:
+        self.adapter = self._build_adapter()
         worker = Worker(
             self.settings.worker,
             self.settings.publish,
@@ -335,6 +342,7 @@ class Service:
             self.settings.guard,
             self.preprocessor,
             self.spread,
+            models=self.adapter,
         )
         ingest = self.ingest
         assert ingest is not None
@@ -358,6 +366,8 @@ class Service:
         deadline = time.monotonic() + timeout
         self._ready.clear()
         self._why_not_ready = "stopping"
+        if self.adapter is not None:  # an adaptation under way stops at its next step
+            self.adapter.stop()
         self._stop_preparer(timeout)
         if self.spread is not None:  # a lost Ray actor is not replaced while stopping
             self.spread.stop_replacing()
@@ -371,6 +381,7 @@ class Service:
         else:
             if self._worker_channel is not None:
                 self._worker_channel.close()
+            self._close_adapter()
             if self.spread is not None:
                 self.spread.close()
             if self.archive is not None:
@@ -404,7 +415,42 @@ class Service:
         self.worker.join()
         if self._worker_channel is not None:
             self._worker_channel.close()
+        self._close_adapter()
         self.context.term()
+
+    def _build_adapter(self) -> Adapter | None:
+        """Adaptation of the denoiser to completed scans (model.adapt), swapped in by the loop
+        between scans."""
+        if not self.settings.model.adapt:
+            return None
+        from service.errors import ConfigError
+
+        assert self.denoiser is not None and self.publisher is not None  # model.enabled
+        if self.spread is not None or not isinstance(self.denoiser, DenoiseEngine):
+            raise ConfigError(
+                "model.adapt runs on one device: it cannot swap the weights of several devices "
+                "or Ray actors (worker.devices, cluster.engine); turn one of them off"
+            )
+        if self.denoiser.metadata.arch == "placeholder":
+            raise ConfigError(
+                f"model.adapt: {self.denoiser.path} is the placeholder filter, which has "
+                "nothing to fine-tune: serve a trained model"
+            )
+        slot = ModelSlot(self.denoiser, self.publisher.channel(), self.metrics)
+        return Adapter(self.settings.model, self.settings.worker, slot, self.device, self.metrics)
+
+    def _close_adapter(self) -> None:
+        """After the loop has ended: the adaptation under way is left behind if it does not
+        stop within ADAPT_JOIN_S (a daemon thread); its channel closes, its temporary folder
+        goes."""
+        if self.adapter is None:
+            return
+        self.adapter.stop()
+        if not self.adapter.join(ADAPT_JOIN_S):
+            log.warning("stopping with an adaptation still running; it ends with the process")
+        if not self.adapter.slot.close(ADAPT_JOIN_S):
+            log.error("the adaptation held the model slot past %.0f s at stop", ADAPT_JOIN_S)
+        self.adapter.remove_directory()
 
     def _fail_undrained(self, timeout: float) -> None:
         """The drain timeout ran out: every scan still in the loop or queued for it ends for

@@ -213,6 +213,42 @@ class ModelSettings(_Section):
         "read out a region of interest: the model's input scale follows it instead of each "
         "slice's width (docs/model-card.md)",
     )
+    # ---- adaptation to the user's sample (service/adapt.py, docs/adaptation.md) ----
+    adapt: bool = Field(
+        False,
+        description="after each completed scan, fine-tune a copy of the denoiser on it in the "
+        "background (Noise2Inverse, no ground truth) and swap the weights in between scans "
+        "(event model_updated; docs/operations.md, 'Adaptation')",
+    )
+    adapt_seconds: float = Field(
+        120.0, gt=0, description="training seconds per adaptation (steps only, not set-up)"
+    )
+    adapt_threads: int = Field(
+        1,
+        ge=1,
+        description="CPU threads the adaptation computes on (its share of the machine; on "
+        "CUDA it trains only while no scan is being reconstructed)",
+    )
+    adapt_memory_bytes: int = Field(
+        1 << 30,
+        ge=1 << 20,
+        description="what adaptation may hold per scan (kept sinogram rows + training pairs): "
+        "a larger scan is adapted on its central rows that fit",
+    )
+    adapt_steps: int | None = Field(
+        None, ge=1, description="at most this many training steps per adaptation (None: no cap)"
+    )
+    adapt_dir: Path | None = Field(
+        None,
+        description="where adapted artifacts are kept (default: a temporary folder removed "
+        "at stop)",
+    )
+
+    @model_validator(mode="after")
+    def _adapt_needs_a_denoiser(self) -> ModelSettings:
+        if self.adapt and not self.enabled:
+            raise ValueError("model.adapt = true needs the denoiser: set model.enabled = true")
+        return self
 
 
 # workers.guard's DEFAULT_THRESHOLD and DEFAULT_MAX_ANGLES, written out so that loading settings

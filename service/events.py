@@ -163,12 +163,66 @@ class ScanFailed:
         return cls(_str(header, "scan_id"), _str(header, "reason"))
 
 
-Event = ScanStarted | ScanCompleted | ScanFailed
+@dataclass(frozen=True)
+class ModelUpdated:
+    """Adapted weights were swapped in, between scans (`service.adapt`, model.adapt): slices of
+    every later scan carry `model` in their header. `scan_id` and `rows`: the scan (and how many
+    of its rows) the weights were fine-tuned on; `validation_psnr_db`: the adapted network's
+    prediction of held-out angles' reconstruction (noise included: compare it with
+    `validation_gain_db`, its gain over the weights it replaces, not with a PSNR against a
+    truth); `seconds`: the whole adaptation, set-up to swap; `train_seconds`, `steps`: its
+    training steps."""
+
+    model: str
+    previous: str
+    scan_id: str
+    rows: int
+    validation_psnr_db: float
+    validation_gain_db: float
+    seconds: float
+    train_seconds: float
+    steps: int
+    type: Literal["model_updated"] = field(default="model_updated", init=False)
+
+    def encode(self) -> dict[str, Any]:
+        return {
+            "event": self.type,
+            "model": self.model,
+            "previous": self.previous,
+            "scan_id": self.scan_id,
+            "rows": self.rows,
+            "validation_psnr_db": self.validation_psnr_db,
+            "validation_gain_db": self.validation_gain_db,
+            "seconds": self.seconds,
+            "train_seconds": self.train_seconds,
+            "steps": self.steps,
+        }
+
+    @classmethod
+    def decode(cls, header: Mapping[str, Any]) -> ModelUpdated:
+        _expect(header, "model_updated")
+        return cls(
+            _str(header, "model"),
+            _str(header, "previous"),
+            _str(header, "scan_id"),
+            _int(header, "rows"),
+            _float(header, "validation_psnr_db"),
+            _float(header, "validation_gain_db"),
+            _float(header, "seconds"),
+            _float(header, "train_seconds"),
+            _int(header, "steps"),
+        )
+
+
+Event = ScanStarted | ScanCompleted | ScanFailed | ModelUpdated
 ScanEnded = ScanCompleted | ScanFailed  # a scan's last event: isinstance(event, ScanEnded)
-SCAN_EVENTS: dict[str, type[ScanStarted] | type[ScanCompleted] | type[ScanFailed]] = {
+SCAN_EVENTS: dict[
+    str, type[ScanStarted] | type[ScanCompleted] | type[ScanFailed] | type[ModelUpdated]
+] = {
     "scan_started": ScanStarted,
     "scan_completed": ScanCompleted,
     "scan_failed": ScanFailed,
+    "model_updated": ModelUpdated,
 }
 
 

@@ -45,7 +45,7 @@ TAIL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 120
 # published. guard: the no-harm guard's check of a denoised slice (service/guard.py).
 STAGES = ("receive", "normalize", "wait", "fbp", "denoise", "guard", "publish", "end_to_end")
 QUEUES = ("scans", "publish")
-ERROR_STAGES = ("ingest", "prepare", "worker", "publish", "archive", "pva", "preview")
+ERROR_STAGES = ("ingest", "prepare", "worker", "publish", "archive", "pva", "preview", "adapt")
 SCAN_OUTCOMES = ("completed", "failed")
 # EPICS PV Access image PVs (service.pva), `<publish.pva_prefix><name>`
 PVA_IMAGES = ("Slice", "Recon")
@@ -70,6 +70,11 @@ PREVIEW_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 PREVIEW_DROP_REASONS = ("queue_full", "final_begun")
 # POST /scans/{scan_id}/center (service.live): applied, or refused (bad value, no live scan).
 CENTER_CHANGE_OUTCOMES = ("accepted", "rejected")
+# What became of each adaptation of the denoiser to a completed scan (service/adapt.py):
+# updated (swapped in between scans), rejected (it predicted the held-out angles no better),
+# failed (an error, in the log), cancelled (stop came first), skipped (the scan cannot be
+# adapted on, or a newer one replaced it before its turn).
+MODEL_UPDATE_OUTCOMES = ("updated", "rejected", "failed", "cancelled", "skipped")
 
 
 class Metrics:
@@ -92,6 +97,7 @@ class Metrics:
         self._preprocess(self.registry)
 
         self._cluster(self.registry)
+        self._adapt(self.registry)
         self._create_labels()
 
     def _latency(self, r: CollectorRegistry) -> None:
@@ -332,6 +338,16 @@ class Metrics:
         # creates the others' label sets as it starts
         self.cluster_unit_seconds.labels("0")
 
+    def _adapt(self, r: CollectorRegistry) -> None:
+        """Adaptation of the denoiser to completed scans (service/adapt.py, model.adapt)."""
+        self.model_updates = Counter(
+            "tomocast_model_updates_total",
+            "Adaptations of the denoiser to a completed scan, by outcome (updated: the adapted "
+            "weights were swapped in between scans)",
+            ["outcome"],
+            registry=r,
+        )
+
     def _create_labels(self) -> None:
         """Every label set up front: dashboards show zeros before the first scan."""
         for metric, labels in (
@@ -345,6 +361,7 @@ class Metrics:
             (self.geometry_prepares, PREPARE_OUTCOMES),
             (self.guard_fallbacks, GUARD_FALLBACK_REASONS),
             (self.centers, CENTER_SOURCES),
+            (self.model_updates, MODEL_UPDATE_OUTCOMES),
         ):
             for label in labels:
                 metric.labels(label)

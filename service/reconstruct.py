@@ -23,7 +23,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -126,6 +127,16 @@ class RowSpread(Protocol):
     ) -> RowsDone: ...
 
 
+class ModelSwap(Protocol):
+    """Another denoiser may take over between scans, never inside one (`service.adapt`,
+    model.adapt): the loop holds `scan()` for each scan and runs the denoiser it yields, and
+    hands each completed scan (after [preprocess], as reconstructed) to `completed`."""
+
+    def scan(self) -> AbstractContextManager[Denoiser]: ...
+
+    def completed(self, scan: CompletedScan) -> None: ...
+
+
 class Worker(StageThread):
     """The reconstruct loop: consumes `scans` on its own thread until it takes `None` from the
     queue (the end of stream, put there by the ingest as it stops).
@@ -151,9 +162,12 @@ class Worker(StageThread):
         guard: GuardSettings | None = None,
         preprocessor: ScanPreprocessor | None = None,
         spread: RowSpread | None = None,
+        models: ModelSwap | None = None,
     ) -> None:
-        """`spread`: the scan's rows go there rather than through this loop's own conveyor."""
+        """`spread`: the scan's rows go there rather than through this loop's own conveyor.
+        `models`: where the denoiser of each scan comes from (None: `denoiser`, always)."""
         super().__init__("worker", metrics)
+        self.models = models
         self.preprocessor = preprocessor  # the whole-scan steps before FBP ([preprocess])
         self.spread = spread
         self.settings = settings
@@ -215,7 +229,21 @@ class Worker(StageThread):
                 self.busy = False
 
     def process(self, scan: CompletedScan) -> None:
-        """Reconstruct, denoise and hand over one scan, then its `ScanCompleted`."""
+        """Reconstruct, denoise and hand over one scan, then its `ScanCompleted`, with one
+        denoiser from start to end (`models` may swap it in between scans only)."""
+        with self._model_for_scan():
+            self._process(scan)
+
+    @contextmanager
+    def _model_for_scan(self) -> Iterator[None]:
+        if self.models is None:
+            yield
+            return
+        with self.models.scan() as denoiser:
+            self.denoiser, self.model_name = denoiser, denoiser.name
+            yield
+
+    def _process(self, scan: CompletedScan) -> None:
         wait = time.time() - scan.t_last_projection
         self.metrics.stage_seconds.labels("wait").observe(wait)
         if self.preprocessor is not None:  # stripes, the centre, half-acquisition stitching
@@ -258,6 +286,8 @@ class Worker(StageThread):
                 scan.start.rows,
             )
         self._end(self._completed(scan, tail, fbp_s, run))
+        if self.models is not None:  # what adaptation learns from (service.adapt)
+            self.models.completed(scan)
 
     def _describe(self, scan: CompletedScan) -> ScanDescription:
         return ScanDescription(

@@ -5,7 +5,9 @@ python tools/adapt_eval.py scan --family cells --photons 200 --seed 1000000 --ou
 python tools/adapt_eval.py score DIR --model A.pt --model B.pt
     the full scan's FBP (as the service reconstructs it), each model run as the engine runs
     it (CPU fp32, one factor for the scan), scored against the phantom: PSNR and SSIM (data
-    range = the phantom's), detail SNR (models.training.metrics.detail_snr); means over rows
+    range = the phantom's), detail SNR (models.training.metrics.detail_snr); means over rows;
+    --blend FRAC also scores the last model inside its own output's support (smoothed, above
+    FRAC of its maximum) with the first model outside it (an experiment: docs/adaptation.md)
 """
 
 from __future__ import annotations
@@ -82,6 +84,17 @@ def scores(image: np.ndarray, truth: np.ndarray) -> tuple[float, float, float, f
     )
 
 
+def support(image: np.ndarray, fraction: float) -> np.ndarray:
+    """Where `image` (rows, H, W), smoothed (Gaussian, sigma 2 px), exceeds `fraction` of its
+    maximum: the sample as a denoised slice shows it, no truth used."""
+    t = torch.from_numpy(image)[:, None]
+    kernel = torch.exp(-(torch.arange(-6, 7.0) ** 2) / 8)
+    kernel = kernel / kernel.sum()
+    smooth = F.conv2d(t, kernel.view(1, 1, 1, -1), padding=(0, 6))
+    smooth = F.conv2d(smooth, kernel.view(1, 1, -1, 1), padding=(6, 0))
+    return (smooth[:, 0] > fraction * float(smooth.amax())).numpy()
+
+
 def score(args: argparse.Namespace) -> int:
     folder = Path(args.folder)
     scan = read_scan(folder / "scan.h5")
@@ -90,12 +103,19 @@ def score(args: argparse.Namespace) -> int:
     fbp = recon(scan.sinogram, scan.theta, scan.center, device="cpu")
     rows = [("FBP", *scores(fbp, truth))]
     volume = torch.from_numpy(fbp)
+    outputs = []
     for model in args.model:
         engine = load_denoiser(model, "cpu")
         factor = engine.scale_for(volume)
         stack = adjacent_stack(volume, 0, len(volume), engine.depth)
         out = torch.cat([engine.denoise(part, scale=factor) for part in torch.split(stack, 4)])
+        outputs.append((engine.name, out.numpy()))
         rows.append((engine.name, *scores(out.numpy(), truth)))
+    if args.blend is not None and len(outputs) >= 2:
+        (first, outside), (last, inside) = outputs[0], outputs[-1]
+        blended = np.where(support(inside, args.blend), inside, outside)
+        name = f"{last} inside its support ({args.blend:g}), {first} outside"
+        rows.append((name, *scores(blended, truth)))
     sys.stdout.write(
         "| method | PSNR (dB) | SSIM | detail SNR (dB) | PSNR inside the sample (dB) |\n"
         "|---|---:|---:|---:|---:|\n"
@@ -126,6 +146,7 @@ def main() -> int:
         default="volume",
         help="score against the phantom's voxels (volume) or the noise-free FBP (fbp)",
     )
+    s.add_argument("--blend", type=float, help="see the module docstring")
     s.set_defaults(run=score)
     args = parser.parse_args()
     torch.set_num_threads(1)

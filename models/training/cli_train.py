@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from models.training.cli import Command
@@ -230,7 +230,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         init = _recorded_init(args.resume) if args.resume is not None else None
     init = init or default_artifact_path("cpu")
     scan = read_scan(args.self_supervised, _row_range(args.rows), args.center, args.entry)
-    settings: dict[str, object] = {
+    settings: dict[str, Any] = {
         "steps": args.steps,
         "val_every": args.val_every,
         "checkpoint_every": args.checkpoint_every,

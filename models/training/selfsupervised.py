@@ -20,6 +20,10 @@ over the artifact's (`workers.denoise.DenoiseEngine.scale_for`). The pairs are d
 factor and the artifact's input_offset, input_scale, reference_level and reference_width are
 kept, so the adapted artifact maps every scan exactly as the one it started from.
 
+The service runs the same code on each completed scan with `model.adapt = true`
+(`service.adapt`): it hands `adapter` the scan's kept rows as `ScanLineIntegrals` and its own FBP
+settings as `FBPChoice`, and `adapt` a stop callable.
+
 Raw data: DXchange (`service.sim.replay`) or NXtomo (`service.sim.nxtomo`) files, flat-field
 corrected and -log'ed as the service does (`workers.preprocess.flatfield`); files without flats
 hold line integrals already. A range of detector rows bounds memory and time on large detectors.
@@ -52,6 +56,17 @@ DEFAULT_SUBSETS = 2
 TUNED = {"all": (), "head": ("head.",)}
 # Projections read from the file at a time: memory stays at one chunk of whole frames.
 READ_CHUNK = 32
+
+
+@dataclass(frozen=True)
+class FBPChoice:
+    """How the subsets are reconstructed: `workers.recon.recon`'s method, filter and circle
+    mask. The service passes its own (`[worker]` fbp_method, filter_name, circle_mask), so the
+    network learns on the reconstructions it will denoise."""
+
+    method: str = "auto"
+    filter_name: str = "ramp"
+    circle_mask: bool = False
 
 
 @dataclass(frozen=True)
@@ -149,13 +164,25 @@ def subset_reconstructions(
     subsets: int = DEFAULT_SUBSETS,
     device: str | None = "cpu",
     session: ReconSession | None = None,
+    fbp: FBPChoice = FBPChoice(),
 ) -> np.ndarray:
     """(K, rows, N, N) float32: the FBP of each interleaved angle subset (`split_angles`)."""
     session = session or ReconSession()
     volumes = []
     for chosen in split_angles(len(scan.theta), subsets):
         sinogram, theta = scan.sinogram[chosen], scan.theta[chosen]
-        volumes.append(recon(sinogram, theta, scan.center, device=device, session=session))
+        volumes.append(
+            recon(
+                sinogram,
+                theta,
+                scan.center,
+                filter_name=fbp.filter_name,
+                device=device,
+                circle_mask=fbp.circle_mask,
+                method=fbp.method,
+                session=session,
+            )
+        )
     return np.stack(volumes)
 
 
@@ -194,6 +221,7 @@ def adaptation_data(
     init: str | Path,
     subsets: int = DEFAULT_SUBSETS,
     device: str | None = "cpu",
+    fbp: FBPChoice = FBPChoice(),
 ) -> AdaptationData:
     """The training pairs of `scan` for fine-tuning the artifact `init`: K pairs of volumes
     (`noise2inverse_pairs`), divided by the scan's factor (its full FBP's intensity level over
@@ -205,7 +233,7 @@ def adaptation_data(
 
     _, metadata = load_artifact(init, "cpu")
     session = ReconSession()
-    reconstructions = subset_reconstructions(scan, subsets, device, session)
+    reconstructions = subset_reconstructions(scan, subsets, device, session, fbp)
     # The mean of the subsets' FBPs is the full scan's FBP (FBP is linear, each subset weighs
     # its angles by pi / its count; exactly so when K divides the angles): the scan's level as
     # the engine will measure it.
@@ -263,14 +291,16 @@ def adapter(
     command: str = "",
     resume_from: str | Path | None = None,
     tune: str = "all",
+    fbp: FBPChoice = FBPChoice(),
     **settings: Any,
 ) -> Trainer:
     """A Trainer fine-tuning `init` on `scan` (new), or the one saved at `resume_from`
     (`settings` may then change steps, val_every, checkpoint_every only). `tune`: which
-    weights change (`TUNED`); the others are frozen."""
+    weights change (`TUNED`); the others are frozen. `fbp`: how the subsets are
+    reconstructed."""
     if tune not in TUNED:
         raise ValueError(f"tune={tune!r}: choose one of {', '.join(TUNED)}")
-    data = adaptation_data(scan, init, subsets, device)
+    data = adaptation_data(scan, init, subsets, device, fbp)
     if resume_from is not None:
         trainer = resume(resume_from, data, device, command=command, **settings)
     else:

@@ -12,6 +12,7 @@ import torch
 
 from models.artifact import load_artifact
 from models.training.selfsupervised import (
+    FBPChoice,
     adaptation_data,
     adapter,
     noise2inverse_pairs,
@@ -71,6 +72,27 @@ def test_the_subsets_reconstruct_the_full_scan_between_them(scan_file: Path) -> 
     np.testing.assert_allclose(halves.mean(axis=0), full, atol=2e-3 * peak)
     # and each half is a reconstruction on its own, noisier than the full one
     assert np.std(halves[0] - full) > 0.01 * peak
+
+
+def test_the_subsets_are_reconstructed_as_the_service_is_set_to(scan_file: Path) -> None:
+    # the service's [worker] fbp_method, filter_name and circle_mask (service/adapt.py)
+    scan = read_scan(scan_file)
+    chosen = FBPChoice(method="direct", filter_name="shepp-logan", circle_mask=True)
+    halves = subset_reconstructions(scan, 2, fbp=chosen)
+    even = split_angles(len(scan.theta), 2)[0]
+    expected = recon(
+        scan.sinogram[even],
+        scan.theta[even],
+        scan.center,
+        filter_name="shepp-logan",
+        device="cpu",
+        circle_mask=True,
+        method="direct",
+    )
+    np.testing.assert_array_equal(halves[0], expected)
+    plain = subset_reconstructions(scan, 2)[0]
+    assert not np.allclose(plain, expected)  # the choice made a difference
+    assert np.all(halves[:, :, 0, 0] == 0)  # outside the circle
 
 
 def test_read_scan_flat_fields_raw_counts(scan_file: Path) -> None:
