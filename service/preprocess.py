@@ -118,7 +118,7 @@ class FrameSteps:
         else:
             # the median test on counts above the dark, where the noise is Poisson
             counts = flat_field(frames, dark, dark + 1.0)
-            counts, found = remove_zingers(counts)
+            counts, found = remove_zingers(counts, in_place=True)  # counts is ours
             self.zinger_pixels += found
             if found and self.metrics is not None:
                 self.metrics.zinger_pixels.inc(found)

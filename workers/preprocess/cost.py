@@ -2,7 +2,8 @@
 benchmark can report the chain's share of the reconstruction time in one run.
 
 A slice is one detector row: its sinogram for the row-wise steps (stripes), its share of the
-projections for the frame-wise ones (flat-field, zingers: a chunk's time over its rows). Phase
+projections for the frame-wise ones (flat-field, zingers: a chunk's time over its rows; zingers
+cleaned in place, as the service cleans the flat-field's output). Phase
 retrieval filters whole projections in 2D, padded at their edges, so it is timed on
 `_PHASE_FRAMES` square projections (cols x cols, the scan's rows repeated) and scaled to the
 scan's angles: per slice, its time x angles / (frames x cols).
@@ -86,9 +87,10 @@ def measure_costs(
         return best
 
     fbp = timed(lambda: reconstructor.reconstruct(sinograms, theta_t, cols / 2)) / rows
+    own = transmission.clone()  # the service cleans the flat-field's own output in place
     per_slice = {
         "flat-field + -log": lambda: minus_log(flat_field(frames, dark, flat)),
-        "zingers": lambda: remove_zingers(transmission),
+        "zingers": lambda: remove_zingers(own, in_place=True),
         "stripes (auto)": lambda: remove_stripes(sinograms, "auto"),
         "stripes (fourier-wavelet)": lambda: remove_stripes(sinograms, "fourier-wavelet"),
     }

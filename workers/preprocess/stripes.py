@@ -42,17 +42,17 @@ detector's width, as a sample's features do.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 from workers.preprocess.arrays import Array, as_float_tensor, restore, sinogram_batch
+from workers.preprocess.median import running_median
 from workers.preprocess.wavelets import daubechies, dwt2, idwt2
 
 METHODS = ("auto", "sorting", "filtering", "large", "vo-all", "fourier-wavelet")
-# Median-filter temporaries per call (values x window), bounded by chunking the batch.
-_MEDIAN_ELEMENTS = 1 << 24
 # Least spread of the column offsets "large" measures stripes against, in line-integral units
 # (a 0.1% gain): on noiseless data the spread is ~0 and every column would stand out.
 _LEAST_SPREAD = 1e-3
@@ -96,9 +96,10 @@ def remove_stripes_filtering(
     the tests); `size` defaults to `default_window(cols)`.
 
     The smooth part is band-limited, so it is sampled at `_smooth_samples(sigma)` angles
-    (evaluated directly from its cosine series, one matrix product), sorted and filtered there,
-    and the correction, as smooth along the angles as the part it came from, is interpolated
-    back linearly: the sort and the median, the costly steps, run on a few dozen angles.
+    (evaluated from its few cosine coefficients: two thin matrix products), sorted and filtered
+    there, and the correction, as smooth along the angles as the part it came from, is
+    interpolated back linearly: the sort and the median, the costly steps, run on a few dozen
+    angles.
     """
     if sigma <= 0:
         raise ValueError(f"sigma={sigma} must be positive")
@@ -107,11 +108,13 @@ def remove_stripes_filtering(
     angles = batch.shape[1]
     size = _window(size, batch.shape[-1])
     samples = min(angles, _smooth_samples(sigma))
-    lowpass, interpolate = _lowpass_operators(angles, samples, sigma, batch)
-    smooth = torch.matmul(lowpass, batch)  # (batch, samples, cols)
-    correction = _sorted_median_correction(smooth, size, rank_block=1)
-    result = batch + torch.matmul(interpolate, correction)
-    return restore(result.reshape(data.shape), sinograms)
+    analysis, synthesis = _lowpass_operators(angles, samples, sigma, batch)
+    # (batch, cols, samples): each column's smooth part contiguous, for the sort
+    smooth = torch.matmul(torch.matmul(analysis, batch).transpose(1, 2), synthesis.T)
+    ordered, order = torch.sort(smooth, dim=-1)
+    median = _median_along_cols(ordered.transpose(1, 2).contiguous(), size).transpose(1, 2)
+    correction = torch.empty_like(ordered).scatter_(-1, order, median - ordered)
+    return restore(_add_interpolated(batch, correction).reshape(data.shape), sinograms)
 
 
 def remove_large_stripes(
@@ -221,25 +224,7 @@ def _sorted_median_correction(smooth: torch.Tensor, size: int, rank_block: int) 
 
 def _median_along_cols(data: torch.Tensor, size: int) -> torch.Tensor:
     """Median over `size` neighbouring columns (reflect at the edges) of (batch, rows, cols)."""
-    half = size // 2
-    batch, rows, cols = data.shape
-    flat = data.reshape(batch * rows, cols)
-    out = torch.empty_like(flat)
-    step = max(1, _MEDIAN_ELEMENTS // (cols * size))
-    for r0 in range(0, flat.shape[0], step):
-        part = F.pad(flat[r0 : r0 + step, None], (half, half), mode="reflect")[:, 0]
-        out[r0 : r0 + step] = part.unfold(1, size, 1).median(dim=-1).values
-    return out.reshape(batch, rows, cols)
-
-
-def _detrended_median(data: torch.Tensor, size: int) -> torch.Tensor:
-    """`_median_along_cols` of `data` minus its running mean over the window, plus that mean:
-    a median of values that slope across the window returns the middle one whatever offset it
-    carries, a median of the residuals about the local mean does not."""
-    half = size // 2
-    padded = F.pad(data.reshape(-1, 1, data.shape[-1]), (half, half), mode="reflect")
-    trend = F.avg_pool1d(padded, size, 1).reshape(data.shape)
-    return _median_along_cols(data - trend, size) + trend
+    return running_median(data, size)
 
 
 def _smooth_samples(sigma: float) -> int:
@@ -257,12 +242,20 @@ def _harmonics(sigma: float) -> int:
 def _lowpass_operators(
     angles: int, samples: int, sigma: float, like: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(samples, angles) matrix: the Gaussian low-pass of a column, reflected at both ends (so
-    its ends do not wrap onto each other), evaluated at `samples` evenly spaced angles; and the
-    (angles, samples) linear interpolation back. The reflected column's Fourier series is the
-    cosine series sum_k c_k cos(pi k (t + 1/2) / angles), c_k = (2 - [k = 0]) / angles
-    sum_t x_t cos(pi k (t + 1/2) / angles) (a DCT-II), weighted by exp(-k^2 / (2 (2 sigma)^2))
-    (k counts cycles per two scans, hence 2 sigma)."""
+    """The Gaussian low-pass of a column, reflected at both ends (so its ends do not wrap onto
+    each other), evaluated at `samples` evenly spaced angles, as two factors: (harmonics,
+    angles) `analysis`, the column's weighted cosine coefficients, and (samples, harmonics)
+    `synthesis`; `synthesis @ analysis` is the (samples, angles) low-pass. The reflected
+    column's Fourier series is the cosine series sum_k c_k cos(pi k (t + 1/2) / angles),
+    c_k = (2 - [k = 0]) / angles sum_t x_t cos(pi k (t + 1/2) / angles) (a DCT-II), weighted by
+    exp(-k^2 / (2 (2 sigma)^2)) (k counts cycles per two scans, hence 2 sigma)."""
+    analysis, synthesis = _lowpass_factors(angles, samples, sigma)
+    return analysis.to(like.device, like.dtype), synthesis.to(like.device, like.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _lowpass_factors(angles: int, samples: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_lowpass_operators` in float64 on the CPU, built once per geometry."""
     harmonics = torch.arange(min(angles, _harmonics(sigma) + 1), dtype=torch.float64)
     t = torch.arange(angles, dtype=torch.float64)
     analysis = torch.cos(math.pi * harmonics[:, None] * (t[None, :] + 0.5) / angles)
@@ -271,20 +264,30 @@ def _lowpass_operators(
     # sample j stands for the block of angles around (j + 1/2) angles / samples - 1/2
     tau = (torch.arange(samples, dtype=torch.float64) + 0.5) * angles / samples - 0.5
     synthesis = torch.cos(math.pi * harmonics[None, :] * (tau[:, None] + 0.5) / angles)
-    lowpass = synthesis @ (weight[:, None] * analysis)
-    # back: angle t sits at (t + 1/2) samples / angles - 1/2 on the samples' axis, clamped
+    return weight[:, None] * analysis, synthesis
+
+
+@functools.lru_cache(maxsize=16)
+def _interpolation(angles: int, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear interpolation from `samples` evenly spaced angles (as `_lowpass_factors` places
+    them) back to all `angles`: angle t sits at (t + 1/2) samples / angles - 1/2 on the
+    samples' axis, clamped to it; (angles,) index of the sample below and weight of the one
+    above."""
+    t = torch.arange(angles, dtype=torch.float64)
     position = ((t + 0.5) * samples / angles - 0.5).clamp(0, samples - 1)
-    left = position.floor().clamp(max=max(samples - 2, 0)).long()
-    fraction = position - left
-    interpolate = torch.zeros((angles, samples), dtype=torch.float64)
-    rows = torch.arange(angles)
-    interpolate[rows, left] = 1 - fraction
-    if samples > 1:
-        interpolate[rows, left + 1] += fraction
-    return (
-        lowpass.to(like.device, like.dtype),
-        interpolate.to(like.device, like.dtype),
-    )
+    left = position.floor().clamp(max=max(samples - 2, 0))
+    return left.long(), position - left
+
+
+def _add_interpolated(batch: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
+    """(batch, angles, cols) plus the (batch, cols, samples) `correction` interpolated
+    linearly along the samples to the angles (`_interpolation`)."""
+    left, fraction = _interpolation(batch.shape[1], correction.shape[-1])
+    left, fraction = left.to(batch.device), fraction.to(batch.device, batch.dtype)
+    by_sample = correction.transpose(1, 2).contiguous()  # (batch, samples, cols)
+    step = torch.diff(by_sample, dim=1, append=by_sample[:, -1:])  # next sample minus this
+    result = torch.addcmul(batch, step.index_select(1, left), fraction[:, None])
+    return result.add_(by_sample.index_select(1, left))
 
 
 def _outliers(values: torch.Tensor, snr: float) -> torch.Tensor:

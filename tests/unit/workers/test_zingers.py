@@ -33,6 +33,11 @@ def test_zingers_are_found_and_replaced_by_their_median() -> None:
     median = median_filter(zinged.astype(np.float32), size=(1, 3, 3), mode="nearest")
     np.testing.assert_array_equal(cleaned[found], median[found])
     np.testing.assert_array_equal(cleaned[~found], zinged.astype(np.float32)[~found])
+    # in place (frames tested a few at a time): the same pixels, in the caller's own tensor
+    own = torch.from_numpy(zinged.astype(np.float32))
+    same, same_count = remove_zingers(own, in_place=True)
+    assert same_count == count and same.data_ptr() == own.data_ptr()
+    np.testing.assert_array_equal(own.numpy(), cleaned)
 
 
 def test_transmission_and_torch_and_clean_frames() -> None:
