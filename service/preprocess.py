@@ -313,7 +313,9 @@ def _remove_stripes(scan: CompletedScan, method: str) -> str:
     try:
         for r0 in range(0, sinogram.shape[0], ROW_BLOCK):
             block = sinogram[r0 : r0 + ROW_BLOCK]
-            block.copy_(remove_stripes(block.float(), method))
+            cleaned = remove_stripes(block.float(), method, in_place=True)  # float32: the block
+            if cleaned.data_ptr() != block.data_ptr():
+                block.copy_(cleaned)
     except ValueError as exc:  # raised by the first block, before anything is written
         log.warning("scan_id=%s stripes not removed: %s", scan.start.scan_id, exc)
         return f"skipped: {exc}"

@@ -2,8 +2,8 @@
 benchmark can report the chain's share of the reconstruction time in one run.
 
 A slice is one detector row: its sinogram for the row-wise steps (stripes), its share of the
-projections for the frame-wise ones (flat-field, zingers: a chunk's time over its rows; zingers
-cleaned in place, as the service cleans the flat-field's output). Phase
+projections for the frame-wise ones (flat-field, zingers: a chunk's time over its rows). Zingers
+and stripes are removed in place, as the service removes them from data it owns. Phase
 retrieval filters whole projections in 2D, padded at their edges, so it is timed on
 `_PHASE_FRAMES` square projections (cols x cols, the scan's rows repeated) and scaled to the
 scan's angles: per slice, its time x angles / (frames x cols).
@@ -87,11 +87,12 @@ def measure_costs(
         return best
 
     fbp = timed(lambda: reconstructor.reconstruct(sinograms, theta_t, cols / 2)) / rows
-    own = transmission.clone()  # the service cleans the flat-field's own output in place
+    # the service cleans the flat-field's output and its own sinogram in place
+    own, own_sinograms = transmission.clone(), sinograms.clone()
     per_slice = {
         "flat-field + -log": lambda: minus_log(flat_field(frames, dark, flat)),
         "zingers": lambda: remove_zingers(own, in_place=True),
-        "stripes (auto)": lambda: remove_stripes(sinograms, "auto"),
+        "stripes (auto)": lambda: remove_stripes(own_sinograms, "auto", in_place=True),
         "stripes (fourier-wavelet)": lambda: remove_stripes(sinograms, "fourier-wavelet"),
     }
     costs = [StepCost("fbp", fbp, "slice", 1.0)]

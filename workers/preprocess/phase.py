@@ -91,7 +91,8 @@ def paganin_filter(
     step = max(1, _CHUNK_ELEMENTS // (height * width))
     for f0 in range(0, frames.shape[0], step):
         padded = F.pad(frames[f0 : f0 + step, None], padding, mode="replicate")[:, 0]
-        spectrum = torch.fft.rfft2(padded).mul_(response)
+        spectrum = torch.fft.rfft2(padded)
+        torch.view_as_real(spectrum).mul_(response)  # real x real: no complex copy
         filtered = torch.fft.irfft2(spectrum, s=(height, width))
         result[f0 : f0 + step] = filtered[:, pad_rows : pad_rows + rows, pad_cols : pad_cols + cols]
     return restore(result.reshape(data.shape), transmission)
@@ -106,10 +107,11 @@ def _response(
     device: torch.device,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """(height, width // 2 + 1) Paganin filter 1 / (1 + strength |f|^2) at the rfft2
-    frequencies of a `height` x `width` frame, f in cycles per metre; built once per
+    """(height, width // 2 + 1, 2) Paganin filter 1 / (1 + strength |f|^2) at the rfft2
+    frequencies of a `height` x `width` frame, f in cycles per metre, each value twice (for the
+    real and imaginary parts of the spectrum, `torch.view_as_real`); built once per
     geometry."""
     fy = torch.fft.fftfreq(height, d=pixel_size_m, dtype=torch.float64)
     fx = torch.fft.rfftfreq(width, d=pixel_size_m, dtype=torch.float64)
     response = torch.reciprocal(1 + strength * (fy[:, None] ** 2 + fx[None, :] ** 2))
-    return response.to(device, dtype)
+    return response[..., None].expand(-1, -1, 2).to(device, dtype).contiguous()
