@@ -24,7 +24,7 @@ import torch
 
 from workers.phantom import FoamPhantom
 from workers.preprocess.center import find_center_vo
-from workers.preprocess.flatfield import flat_field, minus_log
+from workers.preprocess.flatfield import flat_field, minus_log, normalize
 from workers.preprocess.phase import paganin_filter
 from workers.preprocess.stripes import remove_stripes
 from workers.preprocess.zingers import remove_zingers
@@ -97,7 +97,7 @@ def measure_costs(
     # the service cleans the flat-field's output and its own sinogram in place
     own, own_sinograms = transmission.clone(), sinograms.clone()
     per_slice = {
-        "flat-field + -log": lambda: minus_log(flat_field(frames, dark, flat)),
+        "flat-field + -log": lambda: normalize(frames, dark, flat),
         "zingers": lambda: remove_zingers(own, in_place=True),
         "stripes (auto)": lambda: remove_stripes(own_sinograms, "auto", in_place=True),
         "stripes (fourier-wavelet)": lambda: remove_stripes(sinograms, "fourier-wavelet"),

@@ -18,6 +18,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from workers.preprocess.arrays import chunk_elements
+
 # Elements per shifted copy at a time: the copies of one chunk stay in the CPU's caches.
 _CHUNK_ELEMENTS = 1 << 15
 # Above this window a selection per window is cheaper than the network (n log^2 n steps).
@@ -38,7 +40,7 @@ def running_median(data: torch.Tensor, size: int) -> torch.Tensor:
         return padded.unfold(1, size, 1).median(dim=-1).values.reshape(data.shape)
     out = torch.empty_like(flat)
     steps = median_network(size)
-    rows = max(1, _CHUNK_ELEMENTS // length)
+    rows = max(1, chunk_elements(data.device, _CHUNK_ELEMENTS) // length)
     for r0 in range(0, flat.shape[0], rows):
         part = padded[r0 : r0 + rows]
         wires = [part[:, i : i + length] for i in range(size)]

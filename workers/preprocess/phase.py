@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.gridding import fast_fft_length
-from workers.preprocess.arrays import Array, as_float_tensor, restore
+from workers.preprocess.arrays import Array, as_float_tensor, chunk_elements, restore
 
 # h c in metre keV.
 PLANCK_C_M_KEV = 1.23984198e-9
@@ -88,7 +88,7 @@ def paganin_filter(
     padding = (pad_cols, width - cols - pad_cols, pad_rows, height - rows - pad_rows)
     response = _response(height, width, strength, pixel_size_m, frames.device, frames.dtype)
     result = torch.empty_like(frames)
-    step = max(1, _CHUNK_ELEMENTS // (height * width))
+    step = max(1, chunk_elements(frames.device, _CHUNK_ELEMENTS) // (height * width))
     for f0 in range(0, frames.shape[0], step):
         padded = F.pad(frames[f0 : f0 + step, None], padding, mode="replicate")[:, 0]
         spectrum = torch.fft.rfft2(padded)

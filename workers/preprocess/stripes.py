@@ -48,7 +48,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from workers.preprocess.arrays import Array, as_float_tensor, restore, sinogram_batch
+from workers.preprocess.arrays import (
+    Array,
+    as_float_tensor,
+    chunk_elements,
+    restore,
+    sinogram_batch,
+)
 from workers.preprocess.median import running_median
 from workers.preprocess.wavelets import daubechies, dwt2, idwt2
 
@@ -300,7 +306,7 @@ def _add_interpolated(
     left, fraction = left.to(batch.device), fraction.to(batch.device, batch.dtype)
     by_sample = correction.transpose(1, 2).contiguous()  # (batch, samples, cols)
     step = torch.diff(by_sample, dim=1, append=by_sample[:, -1:])  # next sample minus this
-    chunk = max(1, _CHUNK_ELEMENTS // (batch.shape[0] * cols))
+    chunk = max(1, chunk_elements(batch.device, _CHUNK_ELEMENTS) // (batch.shape[0] * cols))
     for a0 in range(0, angles, chunk):
         below, weight = left[a0 : a0 + chunk], fraction[a0 : a0 + chunk, None]
         out = result[:, a0 : a0 + chunk]

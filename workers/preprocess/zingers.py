@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workers.preprocess.arrays import Array, as_float_tensor, restore
+from workers.preprocess.arrays import Array, as_float_tensor, chunk_elements, restore
 
 # Pixels of frames tested at a time; pixels (every few rows of every frame) sampled to
 # measure the noise.
@@ -66,7 +66,7 @@ def remove_zingers(
     cleaned = frames if in_place else torch.empty_like(frames)
     count = 0
     # a few frames at a time: the passes of `_mask` then work in the CPU's caches
-    step = max(1, _CHUNK_ELEMENTS // frames[0].numel())
+    step = max(1, chunk_elements(frames.device, _CHUNK_ELEMENTS) // frames[0].numel())
     for f0 in range(0, frames.shape[0], step):
         part, out = frames[f0 : f0 + step], cleaned[f0 : f0 + step]
         if not in_place:
