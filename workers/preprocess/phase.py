@@ -30,7 +30,6 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 
 from workers.gridding import fast_fft_length
 from workers.preprocess.arrays import Array, as_float_tensor, chunk_elements, restore
@@ -39,6 +38,7 @@ from workers.preprocess.arrays import Array, as_float_tensor, chunk_elements, re
 PLANCK_C_M_KEV = 1.23984198e-9
 # Padded pixels transformed at a time (whole projections; at least one).
 _CHUNK_ELEMENTS = 1 << 18
+_COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 
 def wavelength(energy_kev: float) -> float:
@@ -85,17 +85,36 @@ def paganin_filter(
     else:
         pad_rows, pad_cols = min(int(pad), rows), min(int(pad), cols)
         height, width = rows + 2 * pad_rows, cols + 2 * pad_cols
-    padding = (pad_cols, width - cols - pad_cols, pad_rows, height - rows - pad_rows)
     response = _response(height, width, strength, pixel_size_m, frames.device, frames.dtype)
     result = torch.empty_like(frames)
     step = max(1, chunk_elements(frames.device, _CHUNK_ELEMENTS) // (height * width))
+    step = max(1, min(step, frames.shape[0]))
+    # one set of buffers for every chunk: fresh pages for each would cost more than the copies
+    padded = frames.new_empty((step, height, width))
+    spectrum = torch.empty(response.shape[:-1], dtype=_COMPLEX[frames.dtype], device=frames.device)
+    spectrum = spectrum.expand(step, -1, -1).contiguous()
+    filtered = torch.empty_like(padded)
     for f0 in range(0, frames.shape[0], step):
-        padded = F.pad(frames[f0 : f0 + step, None], padding, mode="replicate")[:, 0]
-        spectrum = torch.fft.rfft2(padded)
-        torch.view_as_real(spectrum).mul_(response)  # real x real: no complex copy
-        filtered = torch.fft.irfft2(spectrum, s=(height, width))
-        result[f0 : f0 + step] = filtered[:, pad_rows : pad_rows + rows, pad_cols : pad_cols + cols]
+        part = frames[f0 : f0 + step]
+        n = part.shape[0]
+        _replicate_pad(part, padded[:n], pad_rows, pad_cols)
+        torch.fft.rfft2(padded[:n], out=spectrum[:n])
+        torch.view_as_real(spectrum[:n]).mul_(response)  # real x real: no complex copy
+        torch.fft.irfft2(spectrum[:n], s=(height, width), out=filtered[:n])
+        result[f0 : f0 + n] = filtered[:n, pad_rows : pad_rows + rows, pad_cols : pad_cols + cols]
     return restore(result.reshape(data.shape), transmission)
+
+
+def _replicate_pad(frames: torch.Tensor, out: torch.Tensor, top: int, left: int) -> None:
+    """`frames` into `out` at (`top`, `left`), the rest of `out` filled with the nearest edge
+    pixel (as `F.pad(mode="replicate")`)."""
+    rows, cols = frames.shape[-2:]
+    inside = out[:, top : top + rows]
+    inside[..., left : left + cols] = frames
+    inside[..., :left] = frames[..., :1]
+    inside[..., left + cols :] = frames[..., -1:]
+    out[:, :top] = out[:, top : top + 1]
+    out[:, top + rows :] = out[:, top + rows - 1 : top + rows]
 
 
 @functools.lru_cache(maxsize=8)
