@@ -38,6 +38,9 @@ structure varies with angle; a stripe does not. The methods:
 A median across columns cannot tell a stripe from the sample where the sinogram changes across
 the window by more than the stripe's height; so the window (`default_window`) follows the
 detector's width, as a sample's features do.
+
+Every median across columns is a running median by a selection network
+(`workers.preprocess.median`): the same values as a median per window, vectorised.
 """
 
 from __future__ import annotations
