@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from workers.preprocess.arrays import Array, as_float_tensor, chunk_elements, restore
 
-# Pixels of frames tested at a time; pixels (every few rows of every frame) sampled to
+# Pixels of frames tested at a time; pixels (every few rows of every few frames) sampled to
 # measure the noise.
 _CHUNK_ELEMENTS = 1 << 17
 _NOISE_SAMPLE = 1 << 16
@@ -62,10 +62,12 @@ def remove_zingers(
             f"projections must be (rows, cols) or (count, rows, cols), got {tuple(data.shape)}"
         )
     frames = data.reshape(-1, *data.shape[-2:])
+    if not frames.numel():
+        return restore(data if in_place else data.clone(), projections), 0
     margin = threshold * _noise(frames)
     cleaned = frames if in_place else torch.empty_like(frames)
     count = 0
-    # a few frames at a time: the passes of `_mask` then work in the CPU's caches
+    # a few frames at a time: the passes of `_find` then work in the CPU's caches
     step = max(1, chunk_elements(frames.device, _CHUNK_ELEMENTS) // frames[0].numel())
     for f0 in range(0, frames.shape[0], step):
         part, out = frames[f0 : f0 + step], cleaned[f0 : f0 + step]

@@ -52,6 +52,8 @@ def test_transmission_and_torch_and_clean_frames() -> None:
     np.testing.assert_allclose(cleaned.numpy() * photons, from_counts, rtol=1e-9)
     _, none = remove_zingers(scan.line_integrals[0] * 0 + np.exp(-scan.line_integrals[0]))
     assert none == 0  # noiseless, smooth frames: nothing stands out
+    empty, none = remove_zingers(np.zeros((0, 8, 128), np.float32))
+    assert empty.shape == (0, 8, 128) and none == 0
     with pytest.raises(ValueError, match="threshold"):
         remove_zingers(zinged, threshold=0)
 
