@@ -309,7 +309,12 @@ class Service:
             curve,
             self.preparer,
             self.preprocessor,
-            PreviewTap(self.settings.preview, self.live, self.previewer),
+            PreviewTap(
+                self.settings.preview,
+                self.live,
+                self.previewer,
+                early_center=self.preprocessor.early_center,
+            ),
         )
         ingest.bind()
         return ingest

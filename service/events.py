@@ -345,9 +345,9 @@ PREVIEW_TOPIC = "preview"  # the publisher's topic of partial reconstructions du
 class PreviewHeader:
     """The header of one preview (topic `preview`): row `index` of scan `scan_id` reconstructed
     from the `angles` projections received so far (`fraction` of the `n_angles` declared),
-    about `center` (`center_source`: declared, config, operator, previous, default). Filled by
-    `service.preview`; `PublishChannel.send_preview` stamps `shape`, `t_published`, the
-    forwarding thread `pub_seq`."""
+    about `center` (`center_source`: declared, config, operator, previous, default,
+    estimated). Filled by `service.preview`; `PublishChannel.send_preview` stamps `shape`,
+    `t_published`, the forwarding thread `pub_seq`."""
 
     scan_id: str
     rows: int  # detector rows of the scan

@@ -52,7 +52,7 @@ class LiveScan:
     scan_id: str
     cols: int
     center: float
-    source: str  # declared, config, previous, default, operator
+    source: str  # declared, config, previous, default, estimated, operator
     operator: bool = False  # the centre was set by POST: the final slices use it
 
 
@@ -112,6 +112,19 @@ class LiveScans:
         without a known centre is previewed about it."""
         with self._lock:
             self._previous[cols] = center
+
+    def estimated(self, scan_id: str, center: float) -> bool:
+        """The centre of live scan `scan_id`, estimated from its data as they arrived
+        (`ScanPreprocessor.early_center`), replaces a provisional one (default, previous);
+        never a declared, configured or operator's centre. Whether it did."""
+        with self._lock:
+            scan = self._scans.get(scan_id)
+            if scan is None or scan.source not in ("default", "previous"):
+                return False
+            scan.center, scan.source = center, "estimated"
+        for listener in self._listeners:
+            listener(scan_id)
+        return True
 
     def set_center(self, scan_id: str, value: Any) -> tuple[float, float]:
         """Move scan `scan_id`'s axis to `value` (pixels, tomocast's convention); returns

@@ -18,7 +18,10 @@ Where the centre came from is one of `CENTER_SOURCES`: "declared" (scan_start), 
 cols/2, when an estimate was impossible: fewer than 8 angles or columns, uneven angles; logged).
 The centre the geometry preparer can know ahead (`known_center`) is the declared or configured
 one; an estimated centre gives the scan its own geometry key in the reconstructor's cache,
-built by the scan's first batch.
+built by the scan's first batch. A 180-degree scan's centre is estimated as soon as all its
+angles are in, on the ingest thread (`early_center`, called by `service.preview.PreviewTap`,
+which hands it to the previews and, through `estimated_early`, to the final slices); the
+end-of-scan estimate is the fallback.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from workers.preprocess import (
 from workers.preprocess.halfacq import stitched_width
 
 if TYPE_CHECKING:
-    from service.sinogram import CompletedScan
+    from service.sinogram import CompletedScan, ScanBuffer
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +121,7 @@ class FrameSteps:
         else:
             # the median test on counts above the dark, where the noise is Poisson
             counts = flat_field(frames, dark, dark + 1.0)
-            counts, found = remove_zingers(counts)
+            counts, found = remove_zingers(counts, in_place=True)  # counts is ours
             self.zinger_pixels += found
             if found and self.metrics is not None:
                 self.metrics.zinger_pixels.inc(found)
@@ -191,6 +194,39 @@ class ScanPreprocessor:
             return float(self.settings.center)
         return None
 
+    def early_center(self, scan: ScanBuffer) -> tuple[bool, float | None]:
+        """The centre of a 180-degree scan being received, estimated as soon as its angles
+        span [0, 180) (all of its projections are in, before its scan_end): (due, centre).
+        Never due for a scan whose centre is known ahead (`known_center`) or that is not a
+        half-turn (a full turn is estimated at its end by mirror registration, which also
+        finds an axis near the detector's edge); due and None when the estimate failed (the
+        end-of-scan estimate then decides). Called on the ingest thread: one estimate, once
+        it is due."""
+        start = scan.start
+        if self.known_center(start) is not None or not isinstance(self.settings.center, str):
+            return False, None
+        theta = np.asarray(scan.theta, dtype=np.float64)
+        if not _half_turn(theta) or not (scan.received & ~scan.raw).all():
+            return False, None
+        rows = scan.sinogram.shape[0]
+        picked = np.unique(np.linspace(rows / 4, (3 * rows - 1) / 4, CENTER_ROWS).astype(int))
+        sinograms = scan.sinogram[torch.as_tensor(picked, device=scan.sinogram.device)].float()
+        try:
+            center = find_center(sinograms, theta)
+        except ValueError as exc:
+            log.info("scan_id=%s no centre before the scan's end: %s", start.scan_id, exc)
+            return True, None
+        if not (math.isfinite(center) and 0 <= center <= start.cols):
+            return True, None
+        log.info(
+            "scan_id=%s centre %.3f px estimated as the projections arrived (the detector's "
+            "middle is %g)",
+            start.scan_id,
+            center,
+            start.cols / 2,
+        )
+        return True, center
+
     # ---- at scan end (worker thread) -----------------------------------------------------
 
     def apply(self, scan: CompletedScan) -> CompletedScan:
@@ -246,6 +282,8 @@ class ScanPreprocessor:
             return float(start.center), "declared"
         if not isinstance(self.settings.center, str):
             return float(self.settings.center), "config"
+        if scan.preprocessing is not None and scan.preprocessing.center_source == "estimated":
+            return scan.center, "estimated"  # as the projections arrived (`early_center`)
         rows = scan.sinogram.shape[0]
         picked = np.unique(np.linspace(rows / 4, (3 * rows - 1) / 4, CENTER_ROWS).astype(int))
         sinograms = scan.sinogram[torch.as_tensor(picked, device=scan.sinogram.device)].float()
@@ -296,6 +334,13 @@ class ScanPreprocessor:
         return replace(scan, start=start, sinogram=stitched, theta=theta, center=wide_center)
 
 
+def estimated_early(scan: CompletedScan, center: float) -> CompletedScan:
+    """`scan` to be reconstructed about `center`, estimated while its projections arrived
+    (`ScanPreprocessor.early_center`): the end-of-scan estimate is not made again."""
+    done = scan.preprocessing or Preprocessing("default")
+    return replace(scan, center=center, preprocessing=replace(done, center_source="estimated"))
+
+
 def preprocessing_fields(scan: CompletedScan) -> dict[str, Any]:
     """`center_source` and `preprocessing` of `scan`, as `ScanDescription` and `ScanCompleted`
     take them (a scan no `ScanPreprocessor` saw: its centre declared or the default)."""
@@ -313,11 +358,21 @@ def _remove_stripes(scan: CompletedScan, method: str) -> str:
     try:
         for r0 in range(0, sinogram.shape[0], ROW_BLOCK):
             block = sinogram[r0 : r0 + ROW_BLOCK]
-            block.copy_(remove_stripes(block.float(), method))
+            cleaned = remove_stripes(block.float(), method, in_place=True)  # float32: the block
+            if cleaned.data_ptr() != block.data_ptr():
+                block.copy_(cleaned)
     except ValueError as exc:  # raised by the first block, before anything is written
         log.warning("scan_id=%s stripes not removed: %s", scan.start.scan_id, exc)
         return f"skipped: {exc}"
     return method
+
+
+def _half_turn(theta: np.ndarray) -> bool:
+    """Whether `theta` (radians, as received) spans [0, pi) in evenly spaced angles."""
+    if len(theta) < 2:
+        return False
+    step = float(np.median(np.diff(theta)))
+    return step > 0 and abs(step * len(theta) - math.pi) < 1.5 * step
 
 
 def _full_turn(theta: np.ndarray) -> bool:

@@ -36,7 +36,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -46,6 +46,7 @@ from service.config import PreviewSettings, WorkerSettings
 from service.events import PreviewHeader, ScanEnded
 from service.live import LiveScans
 from service.metrics import Metrics
+from service.preprocess import estimated_early
 from service.protocol import ScanStart
 from service.publish import PublishChannel, Publisher
 from service.sinks import ScanDescription, SliceBatch
@@ -292,23 +293,39 @@ class PreviewTap:
     one costs that snapshot (logged and counted under stage `preview`), never the message."""
 
     def __init__(
-        self, settings: PreviewSettings, live: LiveScans, previewer: Previewer | None
+        self,
+        settings: PreviewSettings,
+        live: LiveScans,
+        previewer: Previewer | None,
+        early_center: Callable[[ScanBuffer], tuple[bool, float | None]] | None = None,
     ) -> None:
         self.settings = settings
         self.live = live
         self.previewer = previewer
         self.period = 1.0 / settings.rate_hz
         self._due: dict[str, _Due] = {}
+        # scans whose centre may be estimated as their projections arrive
+        # (`ScanPreprocessor.early_center`), until it is
+        self.early_center = early_center
+        self._centering: set[str] = set()
 
     def started(self, start: ScanStart) -> None:
-        self.live.open(start)
+        live = self.live.open(start)
+        if self.early_center is not None and live.source in ("default", "previous"):
+            self._centering.add(start.scan_id)
         rows = preview_rows(self.settings, start.rows)
         if self.previewer is not None and rows:
             self._due[start.scan_id] = _Due(rows)
 
     def frames(self, scan: ScanBuffer) -> None:
         """Projections (or the references that make raw ones usable) arrived: a snapshot when
-        one is due."""
+        one is due; the scan's centre once its first half-turn is in."""
+        if scan.start.scan_id in self._centering and self.early_center is not None:
+            tried, center = self.early_center(scan)
+            if tried:
+                self._centering.discard(scan.start.scan_id)
+            if center is not None:
+                self.live.estimated(scan.start.scan_id, center)
         due = self._due.get(scan.start.scan_id)
         if due is None or self.previewer is None:
             return
@@ -356,7 +373,10 @@ class PreviewTap:
             )
         if self.previewer is not None:
             self.previewer.final_queued()
+        self._centering.discard(scan_id)
         live = self.live.close(scan_id)
+        if live is not None and live.source == "estimated":
+            return estimated_early(scan, live.center)
         if live is None or not live.operator:
             return scan
         log.info("scan_id=%s reconstructed about the operator's centre %.3f", scan_id, live.center)
@@ -364,6 +384,7 @@ class PreviewTap:
 
     def failed(self, start: ScanStart) -> None:
         self._due.pop(start.scan_id, None)
+        self._centering.discard(start.scan_id)
         self.live.close(start.scan_id)
         if self.previewer is not None:
             self.previewer.end_previews(start.scan_id)

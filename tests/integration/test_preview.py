@@ -227,22 +227,34 @@ def test_a_live_centre_reaches_the_previews_within_a_second_and_the_final_slices
 def test_without_a_declared_centre_previews_use_the_middle_then_the_previous_scans(
     start_service: Any, scan: SimulatedScan
 ) -> None:
+    """Until a scan's angles span [0, 180) its previews use cols/2, then the previous scan's
+    centre; once they do (before scan_end) the centre estimated from them, which the final
+    slices use too (issue 15: the centre as soon as enough projections are in)."""
     _, endpoints = start_service(**SETTINGS)
+    half = ANGLES // 2
     with (
         Subscriber(endpoints.publish, ("event", "preview")) as viewer,
         Detector(endpoints.ingest) as detector,
     ):
         viewer.wait_ready()
-        centers = []
+        centers, estimates, completions = [], [], []
         for scan_id in ("pv-a", "pv-b"):
-            send_paced(detector, scan, scan_id, ANGLES)
-            got = receive(viewer, lambda m: is_preview(m, ANGLES) and m.header["index"] == 6)
+            send_paced(detector, scan, scan_id, half)
+            got = receive(viewer, lambda m: is_preview(m, half) and m.header["index"] == 6)
             centers.append(PreviewHeader.decode(got[-1].header))
+            send_paced(detector, scan, scan_id, ANGLES, first=half)
+            got = receive(viewer, lambda m: is_preview(m, ANGLES) and m.header["index"] == 6)
+            estimates.append(PreviewHeader.decode(got[-1].header))
             detector.end_scan(scan_id, ANGLES)
             done = receive(viewer, lambda m: isinstance(m.event(), ScanEnded))
             completed = done[-1].event()
             assert isinstance(completed, ScanCompleted)
             assert completed.center_source == "estimated"
+            completions.append(completed)
     assert (centers[0].center, centers[0].center_source) == (COLS / 2, "default")
     assert centers[1].center_source == "previous"
-    assert math.isclose(centers[1].center, completed.center)
+    assert math.isclose(centers[1].center, completions[0].center)
+    for estimate, completed in zip(estimates, completions, strict=True):
+        assert estimate.center_source == "estimated"
+        assert abs(estimate.center - CENTER) <= 0.25  # issue 15's accuracy
+        assert math.isclose(estimate.center, completed.center)  # not estimated again

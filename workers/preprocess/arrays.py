@@ -38,3 +38,10 @@ def sinogram_batch(sinograms: torch.Tensor, name: str = "sinograms") -> torch.Te
             f"{name} must be (angles, cols) or (batch, angles, cols), got {tuple(sinograms.shape)}"
         )
     return sinograms
+
+
+def chunk_elements(device: torch.device, on_cpu: int) -> int:
+    """How many elements a step works on at a time on `device`: `on_cpu` on the CPU (so that
+    a chunk's passes stay in its caches), everything at once on an accelerator (where a chunk
+    is a kernel launch, or a sync, more and caches are not the point)."""
+    return on_cpu if device.type == "cpu" else 1 << 62

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import torch
 
+from workers.preprocess.arrays import chunk_elements
+
 # 1e-6 is below any transmission a detector can measure (a 16-bit one resolves 1 / 65535 = 1.5e-5),
 # so clipping only touches pixels that carry no information; -log(1e-6) = 13.8 marks them as
 # opaque with a finite value that float32 and the ramp filter handle without overflow.
 TRANSMISSION_FLOOR = 1e-6
 # Frames converted to float64 at a time when averaging (bounds the temporary to ~this many frames).
 _AVERAGE_CHUNK = 16
+# Pixels normalised at a time (`normalize`).
+_CHUNK_ELEMENTS = 1 << 17
 
 
 def flat_field(
@@ -24,19 +28,39 @@ def flat_field(
     """(count, rows, cols) raw frames of any numeric dtype -> float32 transmission
     (frame - dark) / (flat - dark), unclipped: the input of the steps that work before -log
     (zingers, phase retrieval). `dark`, `flat` and `out` as in `normalize`."""
+    out = _checked_out(frames, dark, flat, out)
+    dark, inverse_range = _dark_and_inverse_range(dark, flat, out.device)
+    return _flat_field(frames, dark, inverse_range, out)
+
+
+def _checked_out(
+    frames: torch.Tensor, dark: torch.Tensor, flat: torch.Tensor, out: torch.Tensor | None
+) -> torch.Tensor:
+    """`out`, or a new float32 buffer for `frames`, once the shapes are checked."""
     if frames.ndim != 3 or frames.shape[1:] != dark.shape or dark.shape != flat.shape:
         raise ValueError(
             f"frames {tuple(frames.shape)} must be (count, rows, cols) with dark "
             f"{tuple(dark.shape)} and flat {tuple(flat.shape)} of shape (rows, cols)"
         )
     if out is None:
-        out = torch.empty(frames.shape, dtype=torch.float32, device=frames.device)
-    elif out.shape != frames.shape or out.dtype != torch.float32:
+        return torch.empty(frames.shape, dtype=torch.float32, device=frames.device)
+    if out.shape != frames.shape or out.dtype != torch.float32:
         raise ValueError(
             f"out must be float32 {tuple(frames.shape)}, got {out.dtype} {tuple(out.shape)}"
         )
-    dark = dark.to(out.device, torch.float32)
-    inverse_range = torch.reciprocal(flat.to(out.device, torch.float32) - dark)
+    return out
+
+
+def _dark_and_inverse_range(
+    dark: torch.Tensor, flat: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dark = dark.to(device, torch.float32)
+    return dark, torch.reciprocal(flat.to(device, torch.float32) - dark)
+
+
+def _flat_field(
+    frames: torch.Tensor, dark: torch.Tensor, inverse_range: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
     out.copy_(frames)  # copy_ converts any integer dtype, unlike arithmetic on uint16/uint32
     return out.sub_(dark).mul_(inverse_range)
 
@@ -66,7 +90,16 @@ def normalize(
     so a caller can reuse one buffer per chunk. The count is the number of pixels whose
     transmission was replaced by the clip (see the module docstring); counting syncs the device.
     """
-    return minus_log(flat_field(frames, dark, flat, out))
+    out = _checked_out(frames, dark, flat, out)
+    dark, inverse_range = _dark_and_inverse_range(dark, flat, out.device)
+    clipped = 0
+    # a few frames at a time, so that the passes of both steps work in the CPU's caches
+    elements = chunk_elements(out.device, _CHUNK_ELEMENTS)
+    step = max(1, elements // max(1, frames[0].numel())) if len(frames) else 1
+    for f0 in range(0, frames.shape[0], step):
+        part = _flat_field(frames[f0 : f0 + step], dark, inverse_range, out[f0 : f0 + step])
+        clipped += minus_log(part)[1]
+    return out, clipped
 
 
 def average_frames(frames: torch.Tensor) -> torch.Tensor:

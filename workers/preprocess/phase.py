@@ -18,20 +18,27 @@ the usual -log gives mu T, the line integral of the attenuation, ready for FBP (
 Each projection is padded at its edges (replicated) before the 2D FFT, so the filter's tail does
 not wrap one side of the detector onto the other; `pad` pixels a side (default: four decay
 lengths of the filter's kernel, sqrt(lambda z (delta/beta) / (4 pi)) / pixel (the kernel is
-K0(r / that)), at least 8, at most the frame's own size).
+K0(r / that)), at least 8, at most the frame's own size, and the far sides padded further to a
+fast FFT length: no prime factor above 5). The filter's response depends only on the padded
+shape and the physics, so it is built once per scan geometry (cached), and the projections are
+transformed a few at a time, so the transforms work in the CPU's caches.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
-import torch.nn.functional as F
 
-from workers.preprocess.arrays import Array, as_float_tensor, restore
+from workers.gridding import fast_fft_length
+from workers.preprocess.arrays import Array, as_float_tensor, chunk_elements, restore
 
 # h c in metre keV.
 PLANCK_C_M_KEV = 1.23984198e-9
+# Padded pixels transformed at a time (whole projections; at least one).
+_CHUNK_ELEMENTS = 1 << 18
+_COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 
 def wavelength(energy_kev: float) -> float:
@@ -71,16 +78,59 @@ def paganin_filter(
     strength = math.pi * wavelength(energy_kev) * distance_m * delta_beta  # m^2
     if pad is None:
         decay = math.sqrt(strength) / (2 * math.pi) / pixel_size_m  # kernel ~ K0(r / decay)
-        pad = max(8, math.ceil(4 * decay))
-    pad_rows, pad_cols = min(int(pad), rows), min(int(pad), cols)
-    padded = F.pad(frames[:, None], (pad_cols, pad_cols, pad_rows, pad_rows), mode="replicate")
-    padded = padded[:, 0]
-    height, width = padded.shape[-2:]
-    device = frames.device
-    fy = torch.fft.fftfreq(height, d=pixel_size_m, device=device, dtype=torch.float64)
-    fx = torch.fft.rfftfreq(width, d=pixel_size_m, device=device, dtype=torch.float64)
-    response = 1 / (1 + strength * (fy[:, None] ** 2 + fx[None, :] ** 2))
-    spectrum = torch.fft.rfft2(padded) * response.to(padded.dtype)
-    filtered = torch.fft.irfft2(spectrum, s=(height, width))
-    result = filtered[:, pad_rows : pad_rows + rows, pad_cols : pad_cols + cols]
-    return restore(result.reshape(data.shape).contiguous(), transmission)
+        pad_rows = pad_cols = max(8, math.ceil(4 * decay))
+        pad_rows, pad_cols = min(pad_rows, rows), min(pad_cols, cols)
+        height = fast_fft_length(rows + 2 * pad_rows)
+        width = fast_fft_length(cols + 2 * pad_cols, even=True)
+    else:
+        pad_rows, pad_cols = min(int(pad), rows), min(int(pad), cols)
+        height, width = rows + 2 * pad_rows, cols + 2 * pad_cols
+    response = _response(height, width, strength, pixel_size_m, frames.device, frames.dtype)
+    result = torch.empty_like(frames)
+    step = max(1, chunk_elements(frames.device, _CHUNK_ELEMENTS) // (height * width))
+    step = max(1, min(step, frames.shape[0]))
+    # one set of buffers for every chunk: fresh pages for each would cost more than the copies
+    padded = frames.new_empty((step, height, width))
+    spectrum = torch.empty(response.shape[:-1], dtype=_COMPLEX[frames.dtype], device=frames.device)
+    spectrum = spectrum.expand(step, -1, -1).contiguous()
+    filtered = torch.empty_like(padded)
+    for f0 in range(0, frames.shape[0], step):
+        part = frames[f0 : f0 + step]
+        n = part.shape[0]
+        _replicate_pad(part, padded[:n], pad_rows, pad_cols)
+        torch.fft.rfft2(padded[:n], out=spectrum[:n])
+        torch.view_as_real(spectrum[:n]).mul_(response)  # real x real: no complex copy
+        torch.fft.irfft2(spectrum[:n], s=(height, width), out=filtered[:n])
+        result[f0 : f0 + n] = filtered[:n, pad_rows : pad_rows + rows, pad_cols : pad_cols + cols]
+    return restore(result.reshape(data.shape), transmission)
+
+
+def _replicate_pad(frames: torch.Tensor, out: torch.Tensor, top: int, left: int) -> None:
+    """`frames` into `out` at (`top`, `left`), the rest of `out` filled with the nearest edge
+    pixel (as `F.pad(mode="replicate")`)."""
+    rows, cols = frames.shape[-2:]
+    inside = out[:, top : top + rows]
+    inside[..., left : left + cols] = frames
+    inside[..., :left] = frames[..., :1]
+    inside[..., left + cols :] = frames[..., -1:]
+    out[:, :top] = out[:, top : top + 1]
+    out[:, top + rows :] = out[:, top + rows - 1 : top + rows]
+
+
+@functools.lru_cache(maxsize=8)
+def _response(
+    height: int,
+    width: int,
+    strength: float,
+    pixel_size_m: float,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """(height, width // 2 + 1, 2) Paganin filter 1 / (1 + strength |f|^2) at the rfft2
+    frequencies of a `height` x `width` frame, f in cycles per metre, each value twice (for the
+    real and imaginary parts of the spectrum, `torch.view_as_real`); built once per
+    geometry."""
+    fy = torch.fft.fftfreq(height, d=pixel_size_m, dtype=torch.float64)
+    fx = torch.fft.rfftfreq(width, d=pixel_size_m, dtype=torch.float64)
+    response = torch.reciprocal(1 + strength * (fy[:, None] ** 2 + fx[None, :] ** 2))
+    return response[..., None].expand(-1, -1, 2).to(device, dtype).contiguous()

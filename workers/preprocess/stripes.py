@@ -38,21 +38,32 @@ structure varies with angle; a stripe does not. The methods:
 A median across columns cannot tell a stripe from the sample where the sinogram changes across
 the window by more than the stripe's height; so the window (`default_window`) follows the
 detector's width, as a sample's features do.
+
+Every median across columns is a running median by a selection network
+(`workers.preprocess.median`): the same values as a median per window, vectorised.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from workers.preprocess.arrays import Array, as_float_tensor, restore, sinogram_batch
+from workers.preprocess.arrays import (
+    Array,
+    as_float_tensor,
+    chunk_elements,
+    restore,
+    sinogram_batch,
+)
+from workers.preprocess.median import running_median
 from workers.preprocess.wavelets import daubechies, dwt2, idwt2
 
 METHODS = ("auto", "sorting", "filtering", "large", "vo-all", "fourier-wavelet")
-# Median-filter temporaries per call (values x window), bounded by chunking the batch.
-_MEDIAN_ELEMENTS = 1 << 24
+# Elements of the data interpolated and added at a time (they stay in the CPU's caches).
+_CHUNK_ELEMENTS = 1 << 16
 # Least spread of the column offsets "large" measures stripes against, in line-integral units
 # (a 0.1% gain): on noiseless data the spread is ~0 and every column would stand out.
 _LEAST_SPREAD = 1e-3
@@ -60,9 +71,14 @@ _LEAST_SPREAD = 1e-3
 _MAD_TO_SIGMA = 1.4826
 
 
-def remove_stripes(sinograms: Array, method: str = "auto", **options: float) -> Array:
+def remove_stripes(
+    sinograms: Array, method: str = "auto", in_place: bool = False, **options: float
+) -> Array:
     """(angles, cols) or (batch, angles, cols) line integrals -> the same with stripes removed
-    by `method` (see the module docstring); `options` go to that method's function."""
+    by `method` (see the module docstring); `options` go to that method's function.
+    `in_place`: a float32/float64 `sinograms` may be overwritten with the result (what a
+    caller that owns it wants: at a detector's width the data no longer fit the CPU's caches
+    and each copy costs); use the returned value either way."""
     functions = {
         "sorting": remove_stripes_sorting,
         "filtering": remove_stripes_filtering,
@@ -73,7 +89,9 @@ def remove_stripes(sinograms: Array, method: str = "auto", **options: float) -> 
     name = "filtering" if method == "auto" else method
     if name not in functions:
         raise ValueError(f"stripe removal method={method!r}: choose one of {', '.join(METHODS)}")
-    return functions[name](sinograms, **options)  # type: ignore[operator]
+    if name == "filtering":
+        return remove_stripes_filtering(sinograms, in_place=in_place, **options)  # type: ignore[arg-type]
+    return functions[name](sinograms, **options)  # type: ignore[operator,no-any-return]
 
 
 def remove_stripes_sorting(sinograms: Array, size: int | None = None, rank_block: int = 4) -> Array:
@@ -87,7 +105,7 @@ def remove_stripes_sorting(sinograms: Array, size: int | None = None, rank_block
 
 
 def remove_stripes_filtering(
-    sinograms: Array, sigma: float = 0.5, size: int | None = None
+    sinograms: Array, sigma: float = 0.5, size: int | None = None, in_place: bool = False
 ) -> Array:
     """Vo et al. 2018, algorithm 2 with sorting (see the module docstring). `sigma`: width of
     the Gaussian low-pass along the angles, in angular frequency samples (the paper's 3 keeps
@@ -96,9 +114,10 @@ def remove_stripes_filtering(
     the tests); `size` defaults to `default_window(cols)`.
 
     The smooth part is band-limited, so it is sampled at `_smooth_samples(sigma)` angles
-    (evaluated directly from its cosine series, one matrix product), sorted and filtered there,
-    and the correction, as smooth along the angles as the part it came from, is interpolated
-    back linearly: the sort and the median, the costly steps, run on a few dozen angles.
+    (evaluated from its few cosine coefficients: two thin matrix products), sorted and filtered
+    there, and the correction, as smooth along the angles as the part it came from, is
+    interpolated back linearly: the sort and the median, the costly steps, run on a few dozen
+    angles. `in_place`: see `remove_stripes`.
     """
     if sigma <= 0:
         raise ValueError(f"sigma={sigma} must be positive")
@@ -107,10 +126,13 @@ def remove_stripes_filtering(
     angles = batch.shape[1]
     size = _window(size, batch.shape[-1])
     samples = min(angles, _smooth_samples(sigma))
-    lowpass, interpolate = _lowpass_operators(angles, samples, sigma, batch)
-    smooth = torch.matmul(lowpass, batch)  # (batch, samples, cols)
-    correction = _sorted_median_correction(smooth, size, rank_block=1)
-    result = batch + torch.matmul(interpolate, correction)
+    analysis, synthesis = _lowpass_operators(angles, samples, sigma, batch)
+    # (batch, cols, samples): each column's smooth part contiguous, for the sort
+    smooth = torch.matmul(torch.matmul(analysis, batch).transpose(1, 2), synthesis.T)
+    ordered, order = torch.sort(smooth, dim=-1)
+    median = _median_along_cols(ordered.transpose(1, 2).contiguous(), size).transpose(1, 2)
+    correction = torch.empty_like(ordered).scatter_(-1, order, median - ordered)
+    result = _add_interpolated(batch, correction, batch if in_place else torch.empty_like(batch))
     return restore(result.reshape(data.shape), sinograms)
 
 
@@ -221,25 +243,7 @@ def _sorted_median_correction(smooth: torch.Tensor, size: int, rank_block: int) 
 
 def _median_along_cols(data: torch.Tensor, size: int) -> torch.Tensor:
     """Median over `size` neighbouring columns (reflect at the edges) of (batch, rows, cols)."""
-    half = size // 2
-    batch, rows, cols = data.shape
-    flat = data.reshape(batch * rows, cols)
-    out = torch.empty_like(flat)
-    step = max(1, _MEDIAN_ELEMENTS // (cols * size))
-    for r0 in range(0, flat.shape[0], step):
-        part = F.pad(flat[r0 : r0 + step, None], (half, half), mode="reflect")[:, 0]
-        out[r0 : r0 + step] = part.unfold(1, size, 1).median(dim=-1).values
-    return out.reshape(batch, rows, cols)
-
-
-def _detrended_median(data: torch.Tensor, size: int) -> torch.Tensor:
-    """`_median_along_cols` of `data` minus its running mean over the window, plus that mean:
-    a median of values that slope across the window returns the middle one whatever offset it
-    carries, a median of the residuals about the local mean does not."""
-    half = size // 2
-    padded = F.pad(data.reshape(-1, 1, data.shape[-1]), (half, half), mode="reflect")
-    trend = F.avg_pool1d(padded, size, 1).reshape(data.shape)
-    return _median_along_cols(data - trend, size) + trend
+    return running_median(data, size)
 
 
 def _smooth_samples(sigma: float) -> int:
@@ -257,12 +261,20 @@ def _harmonics(sigma: float) -> int:
 def _lowpass_operators(
     angles: int, samples: int, sigma: float, like: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(samples, angles) matrix: the Gaussian low-pass of a column, reflected at both ends (so
-    its ends do not wrap onto each other), evaluated at `samples` evenly spaced angles; and the
-    (angles, samples) linear interpolation back. The reflected column's Fourier series is the
-    cosine series sum_k c_k cos(pi k (t + 1/2) / angles), c_k = (2 - [k = 0]) / angles
-    sum_t x_t cos(pi k (t + 1/2) / angles) (a DCT-II), weighted by exp(-k^2 / (2 (2 sigma)^2))
-    (k counts cycles per two scans, hence 2 sigma)."""
+    """The Gaussian low-pass of a column, reflected at both ends (so its ends do not wrap onto
+    each other), evaluated at `samples` evenly spaced angles, as two factors: (harmonics,
+    angles) `analysis`, the column's weighted cosine coefficients, and (samples, harmonics)
+    `synthesis`; `synthesis @ analysis` is the (samples, angles) low-pass. The reflected
+    column's Fourier series is the cosine series sum_k c_k cos(pi k (t + 1/2) / angles),
+    c_k = (2 - [k = 0]) / angles sum_t x_t cos(pi k (t + 1/2) / angles) (a DCT-II), weighted by
+    exp(-k^2 / (2 (2 sigma)^2)) (k counts cycles per two scans, hence 2 sigma)."""
+    analysis, synthesis = _lowpass_factors(angles, samples, sigma)
+    return analysis.to(like.device, like.dtype), synthesis.to(like.device, like.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _lowpass_factors(angles: int, samples: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_lowpass_operators` in float64 on the CPU, built once per geometry."""
     harmonics = torch.arange(min(angles, _harmonics(sigma) + 1), dtype=torch.float64)
     t = torch.arange(angles, dtype=torch.float64)
     analysis = torch.cos(math.pi * harmonics[:, None] * (t[None, :] + 0.5) / angles)
@@ -271,20 +283,39 @@ def _lowpass_operators(
     # sample j stands for the block of angles around (j + 1/2) angles / samples - 1/2
     tau = (torch.arange(samples, dtype=torch.float64) + 0.5) * angles / samples - 0.5
     synthesis = torch.cos(math.pi * harmonics[None, :] * (tau[:, None] + 0.5) / angles)
-    lowpass = synthesis @ (weight[:, None] * analysis)
-    # back: angle t sits at (t + 1/2) samples / angles - 1/2 on the samples' axis, clamped
+    return weight[:, None] * analysis, synthesis
+
+
+@functools.lru_cache(maxsize=16)
+def _interpolation(angles: int, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear interpolation from `samples` evenly spaced angles (as `_lowpass_factors` places
+    them) back to all `angles`: angle t sits at (t + 1/2) samples / angles - 1/2 on the
+    samples' axis, clamped to it; (angles,) index of the sample below and weight of the one
+    above."""
+    t = torch.arange(angles, dtype=torch.float64)
     position = ((t + 0.5) * samples / angles - 0.5).clamp(0, samples - 1)
-    left = position.floor().clamp(max=max(samples - 2, 0)).long()
-    fraction = position - left
-    interpolate = torch.zeros((angles, samples), dtype=torch.float64)
-    rows = torch.arange(angles)
-    interpolate[rows, left] = 1 - fraction
-    if samples > 1:
-        interpolate[rows, left + 1] += fraction
-    return (
-        lowpass.to(like.device, like.dtype),
-        interpolate.to(like.device, like.dtype),
-    )
+    left = position.floor().clamp(max=max(samples - 2, 0))
+    return left.long(), position - left
+
+
+def _add_interpolated(
+    batch: torch.Tensor, correction: torch.Tensor, result: torch.Tensor
+) -> torch.Tensor:
+    """(batch, angles, cols) plus the (batch, cols, samples) `correction` interpolated
+    linearly along the samples to the angles (`_interpolation`), into `result` (which may be
+    `batch`), a few angles at a time so that the data pass through memory once."""
+    angles, cols = batch.shape[1:]
+    left, fraction = _interpolation(angles, correction.shape[-1])
+    left, fraction = left.to(batch.device), fraction.to(batch.device, batch.dtype)
+    by_sample = correction.transpose(1, 2).contiguous()  # (batch, samples, cols)
+    step = torch.diff(by_sample, dim=1, append=by_sample[:, -1:])  # next sample minus this
+    chunk = max(1, chunk_elements(batch.device, _CHUNK_ELEMENTS) // (batch.shape[0] * cols))
+    for a0 in range(0, angles, chunk):
+        below, weight = left[a0 : a0 + chunk], fraction[a0 : a0 + chunk, None]
+        out = result[:, a0 : a0 + chunk]
+        torch.addcmul(batch[:, a0 : a0 + chunk], step.index_select(1, below), weight, out=out)
+        out.add_(by_sample.index_select(1, below))
+    return result
 
 
 def _outliers(values: torch.Tensor, snr: float) -> torch.Tensor:

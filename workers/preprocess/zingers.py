@@ -26,9 +26,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workers.preprocess.arrays import Array, as_float_tensor, restore
+from workers.preprocess.arrays import Array, as_float_tensor, chunk_elements, restore
 
-# Pixels (every few rows of every frame) sampled to measure the noise.
+# Pixels of frames tested at a time; pixels (every few rows of every few frames) sampled to
+# measure the noise.
+_CHUNK_ELEMENTS = 1 << 17
 _NOISE_SAMPLE = 1 << 16
 # Least noise, as a part of the frame's median sqrt-intensity (see the module docstring).
 _NOISE_FLOOR = 2e-3
@@ -40,13 +42,17 @@ _RESIDUAL_SPREAD = 1.25**0.5
 _NEIGHBOURS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
 
 
-def remove_zingers(projections: Array, threshold: float = 6.0) -> tuple[Array, int]:
+def remove_zingers(
+    projections: Array, threshold: float = 6.0, in_place: bool = False
+) -> tuple[Array, int]:
     """(count, rows, cols) or (rows, cols) intensities (raw counts less the dark, or
     flat-field-corrected transmission; before -log) -> (cleaned copy, zingers replaced).
 
     A pixel is replaced by the median of its 3 x 3 neighbourhood (edges replicated) where its
     square root exceeds that median's by more than `threshold` standard deviations of the
-    frames' noise (see the module docstring). Counting syncs the device.
+    frames' noise (see the module docstring). Counting syncs the device. `in_place`: clean a
+    float32/float64 `projections` itself (no copy: what a caller that owns it wants) and
+    return it.
     """
     if threshold <= 0:
         raise ValueError(f"threshold={threshold} must be a positive number of noise deviations")
@@ -56,23 +62,40 @@ def remove_zingers(projections: Array, threshold: float = 6.0) -> tuple[Array, i
             f"projections must be (rows, cols) or (count, rows, cols), got {tuple(data.shape)}"
         )
     frames = data.reshape(-1, *data.shape[-2:])
-    found = zinger_mask(frames, threshold)
-    where = torch.nonzero(found, as_tuple=True)
-    count = int(where[0].numel())
-    cleaned = frames.clone()
-    if count:
-        cleaned[where] = _local_median(frames, where)
+    if not frames.numel():
+        return restore(data if in_place else data.clone(), projections), 0
+    margin = threshold * _noise(frames)
+    cleaned = frames if in_place else torch.empty_like(frames)
+    count = 0
+    # a few frames at a time: the passes of `_find` then work in the CPU's caches
+    step = max(1, chunk_elements(frames.device, _CHUNK_ELEMENTS) // frames[0].numel())
+    for f0 in range(0, frames.shape[0], step):
+        part, out = frames[f0 : f0 + step], cleaned[f0 : f0 + step]
+        if not in_place:
+            out.copy_(part)
+        where = _find(part, margin)
+        if where[0].numel():
+            count += int(where[0].numel())
+            out[where] = _local_median(part, where)
     return restore(cleaned.reshape(data.shape), projections), count
 
 
 def zinger_mask(frames: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(count, rows, cols) bool: the zingers of `remove_zingers`.
+    """(count, rows, cols) bool: the zingers of `remove_zingers` (see `_find`)."""
+    found = torch.zeros(frames.shape, dtype=torch.bool, device=frames.device)
+    found[_find(frames, threshold * _noise(frames))] = True
+    return found
+
+
+def _find(frames: torch.Tensor, margin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(frame, row, col) indices of the pixels of (count, rows, cols) whose square root exceeds
+    that of at least 5 of their 8 neighbours by more than `margin`.
 
     Five of the 8 neighbours below the limit put both of some opposite pair below it (there
     are 4 pairs): so the pixels where no pair's larger value is below the limit are ruled out
     in 7 elementwise passes, and the 8 neighbours are counted only at the few left.
     """
-    root = frames.clamp_min(0).sqrt()
+    root = frames.clamp_min(0).sqrt_()
     rows, cols = frames.shape[-2:]
     padded = F.pad(root[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
 
@@ -80,35 +103,43 @@ def zinger_mask(frames: torch.Tensor, threshold: float) -> torch.Tensor:
         return padded[:, 1 + dy : 1 + dy + rows, 1 + dx : 1 + dx + cols]
 
     lowest_pair = torch.maximum(neighbour(0, -1), neighbour(0, 1))
+    pair = torch.empty_like(lowest_pair)
     for (ay, ax), (by, bx) in (((-1, 0), (1, 0)), ((-1, -1), (1, 1)), ((-1, 1), (1, -1))):
-        torch.minimum(
-            lowest_pair, torch.maximum(neighbour(ay, ax), neighbour(by, bx)), out=lowest_pair
-        )
-    margin = threshold * _noise(root)
+        torch.maximum(neighbour(ay, ax), neighbour(by, bx), out=pair)
+        torch.minimum(lowest_pair, pair, out=lowest_pair)
     candidates = torch.nonzero(lowest_pair.add_(margin) < root, as_tuple=True)
-    found = torch.zeros(frames.shape, dtype=torch.bool, device=frames.device)
-    if candidates[0].numel():
-        frame, row, col = candidates
-        limit = root[candidates] - margin
-        below = torch.zeros_like(limit, dtype=torch.int32)
-        for dy, dx in _NEIGHBOURS:
-            below += padded[frame, row + 1 + dy, col + 1 + dx] < limit
-        found[candidates] = below >= 5
-    return found
+    if not candidates[0].numel():
+        return candidates
+    frame, row, col = candidates
+    limit = root[candidates] - margin
+    # the 8 neighbours of each candidate in one gather from the flattened padded frames
+    width = cols + 2
+    at = (frame * (rows + 2) + row + 1) * width + col + 1
+    offsets = torch.tensor([dy * width + dx for dy, dx in _NEIGHBOURS], device=frames.device)
+    neighbours = padded.reshape(-1)[at[:, None] + offsets]
+    zinger = (neighbours < limit[:, None]).sum(dim=1) >= 5
+    return frame[zinger], row[zinger], col[zinger]
 
 
-def _noise(root: torch.Tensor) -> torch.Tensor:
+def _noise(frames: torch.Tensor) -> torch.Tensor:
     """The standard deviation of the sqrt-intensity noise, robustly, from about
-    `_NOISE_SAMPLE` pixels on every few rows of all the frames (one value: in sqrt-intensity
+    `_NOISE_SAMPLE` pixels on every few rows of every few frames (one value: in sqrt-intensity
     the Poisson spread is the same for every frame of a scan)."""
-    count, rows, cols = root.shape
+    count, rows, cols = frames.shape
     step = max(1, count * rows * cols // (4 * _NOISE_SAMPLE))
-    picked = torch.arange(0, rows, min(step, rows), device=root.device)
-    centre = root[:, picked]
+    picked = torch.arange(0, rows, min(step, rows), device=frames.device)
+    # and every few frames, where every few rows would still be too many
+    every = max(1, count * len(picked) * cols // _NOISE_SAMPLE)
+    sample = frames[::every]
+
+    def root(at: torch.Tensor) -> torch.Tensor:
+        return sample[:, at].clamp_min(0).sqrt_()
+
+    centre = root(picked)
     sides = F.pad(centre[:, None], (1, 1, 0, 0), mode="replicate")[:, 0]
     neighbours = (
-        root[:, (picked - 1).clamp(min=0)]
-        + root[:, (picked + 1).clamp(max=rows - 1)]
+        root((picked - 1).clamp(min=0))
+        + root((picked + 1).clamp(max=rows - 1))
         + sides[..., :-2]
         + sides[..., 2:]
     ) / 4

@@ -118,3 +118,20 @@ def test_flat_field_then_minus_log_is_normalize(
     reference, reference_clipped = normalize(*tensors)
     assert clipped == reference_clipped
     np.testing.assert_array_equal(line_integrals.numpy(), reference.numpy())
+
+
+def test_normalize_in_chunks_matches_numpy_and_counts_every_clip() -> None:
+    """More frames than one chunk of `normalize` (and pixels below the dark, clipped): the
+    same values and count as numpy's formula over the whole stack."""
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 4000, (40, 64, 80)).astype(np.uint16)  # 204,800 pixels
+    dark, flat = np.full((64, 80), 100.0), np.full((64, 80), 3000.0)
+    values, clipped = normalize(
+        torch.from_numpy(frames),
+        torch.from_numpy(dark).float(),
+        torch.from_numpy(flat).float(),
+    )
+    ratio = (frames - dark) / (flat - dark)
+    expected = -np.log(np.clip(ratio, 1e-6, 1e6))
+    assert clipped == int((ratio <= 0).sum()) > 0
+    np.testing.assert_allclose(values.numpy(), expected, rtol=1e-5, atol=1e-5)

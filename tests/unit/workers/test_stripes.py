@@ -12,6 +12,7 @@ import torch
 from tests.unit.workers.foam_scans import counts, foam_scan, minus_log, recon_error
 from workers.preprocess.stripes import (
     METHODS,
+    _add_interpolated,
     _lowpass_operators,
     default_window,
     remove_stripes,
@@ -60,10 +61,27 @@ def test_lowpass_operator_matches_an_fft_reference(sigma: float) -> None:
     window = np.exp(-(frequency**2) / (2 * (2 * sigma) ** 2))
     spectrum = np.fft.rfft(mirrored, axis=0) * window[:, None]
     reference = np.fft.irfft(spectrum, n=2 * angles, axis=0)[:angles]
-    lowpass, interpolate = _lowpass_operators(angles, samples, sigma, torch.zeros(1))
-    smooth = lowpass.double().numpy() @ column
+    analysis, synthesis = _lowpass_operators(angles, samples, sigma, torch.zeros(1))
+    smooth = synthesis.double().numpy() @ (analysis.double().numpy() @ column)
     np.testing.assert_allclose(smooth, reference, atol=1e-5 * np.abs(reference).max())
-    np.testing.assert_allclose(interpolate.numpy(), np.eye(angles), atol=1e-6)
+
+
+def test_the_correction_is_interpolated_linearly_back_to_the_angles() -> None:
+    """Samples stand for blocks of angles: sample j at angle (j + 1/2) angles/samples - 1/2;
+    in between linear (numpy's interp), clamped past the first and last sample."""
+    angles, samples, cols = 90, 16, 3
+    correction = torch.rand(2, cols, samples, dtype=torch.float64)
+    base = torch.rand(2, angles, cols, dtype=torch.float64)
+    result = _add_interpolated(base, correction, torch.empty_like(base)).numpy()
+    at = (np.arange(samples) + 0.5) * angles / samples - 0.5
+    for b in range(2):
+        for c in range(cols):
+            expected = np.interp(np.arange(angles), at, correction[b, c].numpy())
+            np.testing.assert_allclose(result[b, :, c] - base[b, :, c].numpy(), expected)
+    expected = base.numpy() + 1
+    same = _add_interpolated(base, torch.ones(2, cols, angles, dtype=torch.float64), base)
+    assert same is base
+    np.testing.assert_allclose(base.numpy(), expected)
 
 
 def _gain_scan(gain_spread: float) -> tuple[np.ndarray, np.ndarray, object]:
@@ -124,6 +142,10 @@ def test_batches_and_devices_agree_with_single_sinograms() -> None:
         np.testing.assert_allclose(
             batch[row].numpy(), remove_stripes(sinograms[row], "auto"), atol=1e-5
         )
+    own = torch.from_numpy(sinograms.copy())
+    in_place = remove_stripes(own, "auto", in_place=True)
+    assert in_place.data_ptr() == own.data_ptr()
+    np.testing.assert_array_equal(in_place.numpy(), batch.numpy())
     doubled = remove_stripes(torch.from_numpy(sinograms.astype(np.float64)), "sorting")
     assert doubled.dtype == torch.float64
     with pytest.raises(ValueError, match="method"):

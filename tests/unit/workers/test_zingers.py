@@ -33,6 +33,11 @@ def test_zingers_are_found_and_replaced_by_their_median() -> None:
     median = median_filter(zinged.astype(np.float32), size=(1, 3, 3), mode="nearest")
     np.testing.assert_array_equal(cleaned[found], median[found])
     np.testing.assert_array_equal(cleaned[~found], zinged.astype(np.float32)[~found])
+    # in place (frames tested a few at a time): the same pixels, in the caller's own tensor
+    own = torch.from_numpy(zinged.astype(np.float32))
+    same, same_count = remove_zingers(own, in_place=True)
+    assert same_count == count and same.data_ptr() == own.data_ptr()
+    np.testing.assert_array_equal(own.numpy(), cleaned)
 
 
 def test_transmission_and_torch_and_clean_frames() -> None:
@@ -47,6 +52,8 @@ def test_transmission_and_torch_and_clean_frames() -> None:
     np.testing.assert_allclose(cleaned.numpy() * photons, from_counts, rtol=1e-9)
     _, none = remove_zingers(scan.line_integrals[0] * 0 + np.exp(-scan.line_integrals[0]))
     assert none == 0  # noiseless, smooth frames: nothing stands out
+    empty, none = remove_zingers(np.zeros((0, 8, 128), np.float32))
+    assert empty.shape == (0, 8, 128) and none == 0
     with pytest.raises(ValueError, match="threshold"):
         remove_zingers(zinged, threshold=0)
 
