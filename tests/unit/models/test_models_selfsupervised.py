@@ -54,11 +54,28 @@ def test_split_angles_interleaves_every_angle_once() -> None:
 def test_pairs_are_the_mean_of_the_others_and_the_held_out_one() -> None:
     rng = np.random.default_rng(0)
     reconstructions = rng.standard_normal((3, 2, 4, 4)).astype(np.float32)
-    inputs, targets = noise2inverse_pairs(reconstructions)
+    inputs, targets = noise2inverse_pairs(reconstructions, field_of_view=False)
     for j in range(3):
         others = [reconstructions[i] for i in range(3) if i != j]
         np.testing.assert_allclose(inputs[j], (others[0] + others[1]) / 2, rtol=1e-6)
         np.testing.assert_array_equal(targets[j], reconstructions[j])
+
+
+def test_targets_are_zero_outside_the_field_of_view_only() -> None:
+    """The corners beyond the circle every angle sees get target 0 (what supervised training
+    taught there); inside it the target is the held-out subset's FBP, and the inputs are the
+    engine's, untouched."""
+    n = 16
+    rng = np.random.default_rng(1)
+    reconstructions = rng.uniform(1.0, 2.0, (2, 3, n, n)).astype(np.float32)
+    inputs, targets = noise2inverse_pairs(reconstructions)
+    centre = (n - 1) / 2
+    rows, cols = np.mgrid[:n, :n]
+    inside = np.hypot(rows - centre, cols - centre) <= n / 2  # pixel centres within n/2
+    assert 0 < (~inside).sum() < inside.sum()
+    np.testing.assert_array_equal(targets[:, :, inside], reconstructions[:, :, inside])
+    assert not targets[:, :, ~inside].any()
+    np.testing.assert_array_equal(inputs[0], reconstructions[1])  # K = 2: the other one
 
 
 def test_the_subsets_reconstruct_the_full_scan_between_them(scan_file: Path) -> None:
