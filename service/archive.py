@@ -308,8 +308,12 @@ class Archive(StageThread):
         nexus.write_angles(entry, scan.theta)
         disk.check()
         parameters = scan_parameters(scan)
-        process = nexus.write_process(entry, self.model, self.settings, parameters)
-        process.attrs.update(version=__version__, model=self.model_json)
+        model, model_json = self.model, self.model_json
+        if scan.model != self.model.get("name"):  # weights swapped since start (model.adapt)
+            model = {**self.model, "name": scan.model, "adapted_from": self.model.get("name")}
+            model_json = json.dumps(model, default=str)
+        process = nexus.write_process(entry, model, self.settings, parameters)
+        process.attrs.update(version=__version__, model=model_json)
         for name, target in LEGACY_LINKS.items():
             if target in f:
                 f[name] = h5py.SoftLink(target)

@@ -105,3 +105,26 @@ def test_an_unavailable_filter_is_a_clear_start_up_error(monkeypatch: pytest.Mon
     assert compression_options("gzip")["compression"] == "gzip"  # needs nothing extra
     with pytest.raises(ConfigError, match="not one of"):
         compression_options("zstd")
+
+
+def test_a_scan_made_by_adapted_weights_names_them(tmp_path: Path) -> None:
+    """model.adapt swaps the weights between scans: each file names the weights that made its
+    slices (the scan's model), not the ones the service started with."""
+    from dataclasses import replace
+
+    from tests.unit.service.test_slice_sinks import batch, describe
+
+    archive = Archive(tmp_path, False, 4, Metrics(), {"name": "test-model", "depth": 3})
+    archive.open_directory()
+    archive.start()
+    archive.begin(replace(describe("swapped"), model="test-model-adapted-1"))
+    archive.write(batch("swapped", "slice", 0, ROWS))
+    archive.end(completed("swapped"))
+    archive.stop()
+    assert archive.join(30)
+    with h5py.File(tmp_path / "swapped.h5") as f:
+        process = f["entry/tomocast"]
+        assert process["model_name"][()] == b"test-model-adapted-1"
+        model = json.loads(process["model/data"][()])
+        assert model["adapted_from"] == "test-model" and model["depth"] == 3
+        assert json.loads(process.attrs["model"])["name"] == "test-model-adapted-1"
