@@ -33,6 +33,7 @@ import torch
 from service.config import GuardSettings, PublishSettings, WorkerSettings
 from service.events import ScanCompleted, ScanEnded, ScanFailed, ScanLatency
 from service.guard import Pending, ScanGuard, record
+from service.incremental import Incremental, Partial
 from service.metrics import Metrics
 from service.preprocess import ScanPreprocessor, preprocessing_fields
 from service.sinks import ScanDescription, SliceBatch, SliceSink, SliceTiming, Topic
@@ -89,6 +90,7 @@ class _Run:
     guard: ScanGuard | None = None  # the no-harm guard (with a denoiser, guard.enabled)
     guard_s: list[float] = field(default_factory=list)  # per slice, as batches are delivered
     fallbacks: int = 0  # denoised slices the guard replaced by FBP
+    partial: Partial | None = None  # rows folded in as the scan arrived (service.incremental)
 
 
 @dataclass
@@ -138,8 +140,11 @@ class Worker(StageThread):
         guard: GuardSettings | None = None,
         preprocessor: ScanPreprocessor | None = None,
         spread: RowSpread | None = None,
+        incremental: Incremental | None = None,
     ) -> None:
-        """`spread`: the scan's rows go there rather than through this loop's own conveyor."""
+        """`spread`: the scan's rows go there rather than through this loop's own conveyor.
+        `incremental`: where scans' FBP done while they arrived is taken from."""
+        self.incremental = incremental
         super().__init__("worker", metrics)
         self.preprocessor = preprocessor  # the whole-scan steps before FBP ([preprocess])
         self.spread = spread
@@ -197,6 +202,8 @@ class Worker(StageThread):
                         ScanFailed(scan.start.scan_id, "internal error in the worker (see the log)")
                     )
             finally:
+                if self.incremental is not None:  # a scan that failed before taking it
+                    self.incremental.forget(scan.start.scan_id)
                 self._release()
                 self._current = None
                 self.busy = False
@@ -212,6 +219,8 @@ class Worker(StageThread):
             sink.begin(description)
         halo = self.denoiser.depth // 2 if self.denoiser is not None else 0
         run = _Run(scan.start.scan_id, wait, halo)
+        if self.incremental is not None and self.spread is None:
+            run.partial = self.incremental.take(scan)
         if self.spread is None:
             self._reconstruct(scan, run)
             fbp_s = [span.per_row() for span in run.fbp]
@@ -352,9 +361,7 @@ class Worker(StageThread):
         start = transfer.mark()
         # float32 as the Reconstructor contract says (a no-op unless the scan is stored in
         # float16, ingest.sinogram_dtype)
-        reconstructed = self.reconstructor.reconstruct(
-            scan.sinogram[r0:r1].float(), theta, scan.center
-        )
+        reconstructed = self._fbp_rows(scan, theta, r0, r1, run.partial)
         # before the window: a denoiser never reads NaN (an int8 or fp16 engine would turn it
         # into finite, plausible pixels), and no sink ever gets it
         run.non_finite = run.non_finite + zero_non_finite_(reconstructed)
@@ -370,6 +377,20 @@ class Worker(StageThread):
             topic: Topic = "recon" if self.denoiser is not None else "slice"
             transfer.submit(reconstructed.clone(), BatchTag(topic, r0, fbp))
         return fbp
+
+    def _fbp_rows(
+        self, scan: CompletedScan, theta: torch.Tensor, r0: int, r1: int, partial: Partial | None
+    ) -> torch.Tensor:
+        """Rows [r0, r1): those folded in while the scan arrived finished from the
+        accumulators (service.incremental), the others by the reconstructor."""
+        done = 0 if partial is None else min(r1, max(r0, partial.rows))
+        parts = [partial.slices(r0, done)] if partial is not None and done > r0 else []
+        if done < r1:
+            rest = max(r0, done)
+            parts.append(
+                self.reconstructor.reconstruct(scan.sinogram[rest:r1].float(), theta, scan.center)
+            )
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _denoise(self, ready: int, fbp: Span, transfer: HostTransfer, run: _Run) -> None:
         """Denoise the rows up to `ready`, in batches of at most `batch_rows`."""
