@@ -143,9 +143,9 @@ class Service:
         self.publisher = self._build_publisher(curve)
         self.archive = self._build_archive()
         self.pva = self._build_pva()
+        self.incremental = self._build_incremental()
         self.previewer = self._build_previewer()
         self.preparer = self._build_preparer(reconstructor)
-        self.incremental = self._build_incremental()
         self.ingest = self._build_ingest(curve)
         self.worker = self._build_worker(reconstructor)
         self._why_not_ready = "warming up the device"
@@ -259,6 +259,7 @@ class Service:
             self.publisher,
             self.live,
             self.metrics,
+            self.incremental,
         )
 
     def _build_preparer(self, reconstructor: Reconstructor) -> GeometryPreparer | None:

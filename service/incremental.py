@@ -130,7 +130,14 @@ class Incremental(StageThread):
         self._plans_lock = threading.Lock()
         self._engines: dict[str, DirectSum | GriddingSum] = {}  # the thread's, by method
         self._finishers: dict[str, DirectSum | GriddingSum] = {}  # the loop's, by method
+        self._previewers: dict[str, DirectSum | GriddingSum] = {}  # the preview thread's
+        self._listeners: list[Callable[[str], None]] = []  # told of each block folded in
         metrics.incremental_bytes.set_function(lambda: self._held)
+
+    def on_fold(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(scan_id)` (on the incremental thread; it must not block) after each
+        block folded in: the previewer re-renders the scan from its accumulators."""
+        self._listeners.append(listener)
 
     # ---- the tap (ingest thread) -----------------------------------------------------------
 
@@ -233,6 +240,41 @@ class Incremental(StageThread):
                 finisher.finish,
             )
 
+    # ---- previews (the preview thread) ------------------------------------------------------
+
+    def preview(
+        self, scan_id: str, rows: tuple[int, ...], center: float
+    ) -> tuple[torch.Tensor, int] | None:
+        """Rows `rows` of scan `scan_id` from the angles folded in so far, (k, N, N) float32,
+        and how many angles those are (0 and no slices: none yet); None when the scan is not
+        incremental here, a row is beyond its accumulators or `center` is not theirs (the
+        preview then renders from its snapshot). Each angle has its weight in the whole scan: for a
+        scan arriving in angle order that is the FBP of the angles folded in alone."""
+        with self._lock:
+            state = self._scans.get(scan_id)
+        if state is None or any(row >= state.rows for row in rows) or center != state.center:
+            return None
+        with state.lock:
+            if state.closed:
+                return None
+            if not state.done or state.plan is None or state.accumulator is None:
+                return torch.empty(0), 0  # the first block folded in re-renders
+            assert state.sinogram is not None
+            engine = self._previewers.setdefault(state.method, self._make(state.method))
+            slices = []
+            for row in rows:
+                if state.method == "gridding":  # the pair's grid; no remaining block to read
+                    pair = row - row % 2
+                    grids = state.accumulator[:, pair : pair + 2]
+                    sinograms = state.sinogram[pair : min(pair + 2, state.rows), :0]
+                    slices.append(engine.finish(state.plan, grids, sinograms, [])[row - pair])
+                else:
+                    grids = state.accumulator[row : row + 1]
+                    sinograms = state.sinogram[row : row + 1, :0]
+                    slices.append(engine.finish(state.plan, grids, sinograms, [])[0])
+            angles = sum(stop - first for first, stop in map(state.plan.span, state.done))
+        return torch.stack(slices), angles
+
     def forget(self, scan_id: str) -> None:
         """The loop is done with the scan (or failed it before `take`): free its budget."""
         with self._lock:
@@ -281,6 +323,8 @@ class Incremental(StageThread):
             engine.add(state.plan, b, rows, state.accumulator)
             state.done.add(b)
         self.metrics.incremental_blocks.labels("arrival").inc()
+        for listener in self._listeners:
+            listener(state.start.scan_id)
 
     # ---- helpers ---------------------------------------------------------------------------
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from service.client import Detector, Published, Subscriber
-from service.events import ScanCompleted, ScanEnded
+from service.events import PreviewHeader, ScanCompleted, ScanEnded
 from service.sim.simulate import SimulatedScan, simulate_scan
-from tests.integration.test_preview import line_integrals
-from tests.support.helpers import wait_for
+from tests.integration.test_preview import is_preview, line_integrals, receive, send_paced
+from tests.support.helpers import in_thread, wait_for
 from workers.gridding import GriddingFBP
 from workers.recon import recon
 
@@ -173,3 +173,49 @@ def test_scans_whose_centre_is_estimated_or_that_miss_projections_take_the_end_o
         np.testing.assert_allclose(slices[row], offline[row], rtol=0, atol=1e-4 * scale)
     held = service.metrics.registry.get_sample_value("tomocast_incremental_bytes")
     assert held == 0  # every scan's accumulators were given back
+
+
+def test_previews_of_an_incremental_scan_come_from_its_accumulators(
+    start_service: Any, scan: SimulatedScan
+) -> None:
+    """Previews read the angles folded in so far: a partial one is the FBP of those angles
+    (they arrive in order), one with every block is the row's final slice."""
+    _, endpoints = start_service(
+        model={"enabled": False},
+        preview={"rate_hz": 20.0},
+        worker={"fbp_method": "direct"},
+        incremental={"enabled": True, "block_angles": BLOCK},
+    )
+    with (
+        Subscriber(endpoints.publish, ("slice", "event", "preview")) as viewer,
+        Detector(endpoints.ingest) as detector,
+    ):
+        viewer.wait_ready()
+        sender, result = in_thread(lambda: send_paced(detector, scan, "pv", ANGLES, center=CENTER))
+        before = receive(viewer, lambda m: is_preview(m, ANGLES) and m.header["index"] == 6)
+        sender.join(30)
+        assert result == [None], result
+        detector.end_scan("pv", ANGLES)
+        final, completed = _until_end(viewer, "pv")
+    assert isinstance(completed, ScanCompleted)
+    previews = [m for m in before if m.topic == "preview"]
+    # from the accumulators: only whole blocks (or every angle) are ever shown
+    assert all(m.header["angles"] % BLOCK == 0 or m.header["angles"] == ANGLES for m in previews)
+    reference = line_integrals(scan)
+    partial = [m for m in previews if m.header["angles"] <= ANGLES // 2]
+    assert partial, "no preview while the scan arrived"
+    header = PreviewHeader.decode(partial[0].header)
+    offline = recon(
+        reference[: header.angles],
+        scan.start.theta_array()[: header.angles],
+        center=CENTER,
+        device="cpu",
+        method="direct",
+    )[header.index]
+    scale = float(np.abs(offline).max())
+    np.testing.assert_allclose(partial[0].data, offline, rtol=0, atol=1e-4 * scale)
+    for message in previews:
+        if message.header["angles"] == ANGLES:
+            row = message.header["index"]
+            scale = float(np.abs(final[row]).max())
+            np.testing.assert_allclose(message.data, final[row], rtol=0, atol=1e-5 * scale)
