@@ -360,7 +360,7 @@ class IncrementalSettings(_Section):
         "reconstructed at scan_end as without incremental",
     )
     block_angles: int = Field(
-        64, ge=1, description="projections per block folded in at once (the last one at scan_end)"
+        32, ge=1, description="projections per block folded in at once (the last one at scan_end)"
     )
 
 

@@ -85,17 +85,15 @@ class Partial:
     accumulator: torch.Tensor
     remaining: list[int]  # blocks the loop folds in
     sinogram: torch.Tensor
-    finish: Callable[[BlockPlan, torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
+    engine: DirectSum | GriddingSum  # the loop's own (its FFT buffers)
 
     def slices(self, r0: int, r1: int) -> torch.Tensor:
         """Rows [r0, r1) (r1 <= rows), float32 (r1 - r0, N, N) on the accumulators' device."""
-        if self.plan.method == "gridding":  # a complex grid holds a pair of rows
-            p0, p1 = r0 - r0 % 2, min(r1 + r1 % 2, self.accumulator.shape[1])
-            pair_rows = self.sinogram[p0 : min(p1, self.rows)].float()
-            out = self.finish(self.plan, self.accumulator[:, p0:p1], pair_rows, self.remaining)
-            return out[r0 - p0 : r1 - p0]
-        rows = self.sinogram[r0:r1].float()
-        return self.finish(self.plan, self.accumulator[r0:r1], rows, self.remaining)
+        first = r0 - r0 % 2 if self.plan.method == "gridding" else r0  # grids hold row pairs
+        last = min(r1 + r1 % 2, self.rows) if self.plan.method == "gridding" else r1
+        accumulator = self.engine.rows_of(self.accumulator, first, last)
+        rows = self.sinogram[first:last].float()
+        return self.engine.finish(self.plan, accumulator, rows, self.remaining)[r0 - first :]
 
 
 class Incremental(StageThread):
@@ -237,7 +235,7 @@ class Incremental(StageThread):
                 state.accumulator,
                 remaining,
                 scan.sinogram,
-                finisher.finish,
+                finisher,
             )
 
     # ---- previews (the preview thread) ------------------------------------------------------
@@ -262,16 +260,13 @@ class Incremental(StageThread):
             assert state.sinogram is not None
             engine = self._previewers.setdefault(state.method, self._make(state.method))
             slices = []
-            for row in rows:
-                if state.method == "gridding":  # the pair's grid; no remaining block to read
-                    pair = row - row % 2
-                    grids = state.accumulator[:, pair : pair + 2]
-                    sinograms = state.sinogram[pair : min(pair + 2, state.rows), :0]
-                    slices.append(engine.finish(state.plan, grids, sinograms, [])[row - pair])
-                else:
-                    grids = state.accumulator[row : row + 1]
-                    sinograms = state.sinogram[row : row + 1, :0]
-                    slices.append(engine.finish(state.plan, grids, sinograms, [])[0])
+            for row in rows:  # a row pair's grid for gridding; no remaining block to read
+                first = row - row % 2 if state.method == "gridding" else row
+                last = min(row + 1 + (row + 1) % 2, state.rows)
+                last = last if state.method == "gridding" else row + 1
+                grids = engine.rows_of(state.accumulator, first, last)
+                empty = state.sinogram[first:last, :0]
+                slices.append(engine.finish(state.plan, grids, empty, [])[row - first])
             angles = sum(stop - first for first, stop in map(state.plan.span, state.done))
         return torch.stack(slices), angles
 

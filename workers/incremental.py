@@ -43,7 +43,7 @@ class BlockPlan:
     block: int
     center: float
     base: _FBPGeometry | _GriddingGeometry  # the whole scan's filter, weights, mask
-    parts: tuple[BackProjectionGeometry | SpreadingMatrix, ...]
+    parts: tuple[BackProjectionGeometry | BlockSpread, ...]
 
     @property
     def blocks(self) -> int:
@@ -56,7 +56,7 @@ class BlockPlan:
         """Bytes of the blocks' state (matrices, cos/sin tables)."""
         total = 0
         for part in self.parts:
-            if isinstance(part, SpreadingMatrix):
+            if isinstance(part, BlockSpread):
                 total += part.nbytes
             else:
                 total += 4 * (part.col_term.numel() + part.row_term.numel())
@@ -79,6 +79,8 @@ class AngleSum(Protocol):
     def plan(self, theta64: torch.Tensor, center: float, cols: int, block: int) -> BlockPlan: ...
 
     def accumulator(self, plan: BlockPlan, rows: int) -> torch.Tensor: ...
+
+    def rows_of(self, accumulator: torch.Tensor, r0: int, r1: int) -> torch.Tensor: ...
 
     def add(
         self, plan: BlockPlan, b: int, sinograms: torch.Tensor, accumulator: torch.Tensor
@@ -109,6 +111,10 @@ class DirectSum(FBP):
 
     def accumulator(self, plan: BlockPlan, rows: int) -> torch.Tensor:
         return torch.zeros((rows, plan.cols, plan.cols), dtype=torch.float32, device=self.device)
+
+    def rows_of(self, accumulator: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """The accumulator of rows [r0, r1)."""
+        return accumulator[r0:r1]
 
     def _contribution(self, plan: BlockPlan, b: int, sinograms: torch.Tensor) -> torch.Tensor:
         base = plan.base
@@ -171,12 +177,14 @@ class GriddingSum(GriddingFBP):
         beta = kernel_beta(self.width, self.oversampling)
         rows, cols_ = -radius * sin, radius * cos
         parts = tuple(
-            SpreadingMatrix.build(
-                rows[a0 : a0 + block].flatten(),
-                cols_[a0 : a0 + block].flatten(),
-                grid,
-                self.width,
-                beta,
+            _touched(
+                SpreadingMatrix.build(
+                    rows[a0 : a0 + block].flatten(),
+                    cols_[a0 : a0 + block].flatten(),
+                    grid,
+                    self.width,
+                    beta,
+                )
             )
             for a0 in range(0, len(theta64), block)
         )
@@ -187,7 +195,7 @@ class GriddingSum(GriddingFBP):
             deapodize = deapodize * make_circle_mask(cols, device)
         size, response = filter_response(self.filter_name, cols, device)
         base = _GriddingGeometry(
-            parts[0],
+            parts[0].matrix,
             response,
             factor[..., None].to(torch.complex64),
             deapodize.float(),
@@ -198,26 +206,38 @@ class GriddingSum(GriddingFBP):
         return BlockPlan("gridding", len(theta64), cols, block, center, base, parts)
 
     def accumulator(self, plan: BlockPlan, rows: int) -> torch.Tensor:
+        """(pairs, grid, grid, 2) float32: row 2k is the real, 2k + 1 the imaginary part of
+        pair k's grid, each pair contiguous (its inverse FFT at the end reads it in order)."""
         grid = self.grid_size(plan.cols)
-        return torch.zeros((grid * grid, rows + rows % 2), dtype=torch.float32, device=self.device)
+        pairs = (rows + 1) // 2
+        return torch.zeros((pairs, grid, grid, 2), dtype=torch.float32, device=self.device)
 
-    def _spread(self, plan: BlockPlan, b: int, sinograms: torch.Tensor) -> torch.Tensor:
-        """(B even, block angles, cols) -> (grid^2, B) block b's share of B / 2 pair grids."""
+    def rows_of(self, accumulator: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """The accumulator of rows [r0, r1), r0 even: pairs r0 / 2 .. (r1 - 1) / 2."""
+        return accumulator[r0 // 2 : (r1 + 1) // 2]
+
+    def _spread_into(
+        self, plan: BlockPlan, b: int, sinograms: torch.Tensor, grids: torch.Tensor
+    ) -> None:
+        """grids (B / 2, grid, grid, 2) += block b's share of (B even, block angles, cols)
+        sinograms: spread onto the grid points its polar samples reach, and added there."""
         base = plan.base
         assert isinstance(base, _GriddingGeometry)
         a0, a1 = plan.span(b)
         part = plan.parts[b]
-        assert isinstance(part, SpreadingMatrix)
-        geometry = replace(base, spreading=part, factor=base.factor[a0:a1])
+        assert isinstance(part, BlockSpread)
+        geometry = replace(base, spreading=part.matrix, factor=base.factor[a0:a1])
         table = self._table(sinograms.to(self.device, torch.float32), geometry)
-        return part.spread(table)
+        pairs = sinograms.shape[0] // 2
+        spread = part.matrix.spread(table).view(-1, pairs, 2).permute(1, 0, 2)
+        grids.view(pairs, -1, 2).index_add_(1, part.bags, spread)
 
     def add(
         self, plan: BlockPlan, b: int, sinograms: torch.Tensor, accumulator: torch.Tensor
     ) -> None:
-        """accumulator (grid^2, rows even) += block b of (rows, block angles, cols)."""
+        """accumulator (pairs, grid, grid, 2) += block b of (rows, block angles, cols)."""
         with torch.inference_mode():
-            accumulator += self._spread(plan, b, _even(sinograms))
+            self._spread_into(plan, b, _even(sinograms), accumulator)
 
     def finish(
         self,
@@ -226,25 +246,51 @@ class GriddingSum(GriddingFBP):
         sinograms: torch.Tensor,
         remaining: list[int],
     ) -> torch.Tensor:
-        """The slices of `sinograms` (rows, angles, cols), rows even: `accumulator`'s grids
-        (grid^2, rows) plus the `remaining` blocks, through the inverse FFT; the accumulator
-        is left as it was."""
+        """The slices of `sinograms` (rows, angles, cols): `accumulator`'s pair grids (`rows_of`
+        those rows) plus the `remaining` blocks, through the inverse FFT; the accumulator is
+        left as it was."""
         base = plan.base
         assert isinstance(base, _GriddingGeometry)
         batch, cols = sinograms.shape[0], plan.cols
-        grid = self.grid_size(cols)
+        crop = slice(base.crop, base.crop + cols)
         with torch.inference_mode():
-            spread = accumulator.clone(memory_format=torch.contiguous_format)
+            # the accumulator's pairs are read in place when nothing is added to them
+            grids = accumulator.clone() if remaining else accumulator
             for b in remaining:
                 a0, a1 = plan.span(b)
-                spread += self._spread(plan, b, _even(sinograms[:, a0:a1]))
-            pairs = spread.shape[1] // 2
-            image = torch.view_as_complex(spread.view(grid, grid, pairs, 2))
-            transformed = torch.fft.ifft2(image, dim=(0, 1), norm="forward")
-            crop = slice(base.crop, base.crop + cols)
-            real = torch.view_as_real(transformed[crop, crop]).permute(2, 3, 0, 1)
-            slices = (real * base.deapodize).reshape(2 * pairs, cols, cols)
+                self._spread_into(plan, b, _even(sinograms[:, a0:a1]), grids)
+            image = torch.view_as_complex(grids)  # (pairs, grid, grid)
+            # the 2D inverse FFT one axis at a time, cropped in between: the second pass
+            # transforms only the slice's columns
+            columns = torch.fft.ifft(image, dim=2, norm="forward")[:, :, crop]
+            transformed = torch.fft.ifft(columns, dim=1, norm="forward")[:, crop]
+            real = torch.view_as_real(transformed).permute(0, 3, 1, 2)  # (pairs, 2, N, N)
+            slices = (real * base.deapodize).reshape(-1, cols, cols)
             return slices[:batch].contiguous()
+
+
+@dataclass(frozen=True)
+class BlockSpread:
+    """A block's spreading matrix cut to the grid points its samples reach (`bags`, int64):
+    a block of angles covers a wedge of the Fourier plane, so most of the grid is untouched
+    and neither spread nor added."""
+
+    matrix: SpreadingMatrix  # offsets of the touched grid points only
+    bags: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.matrix.nbytes + self.bags.numel() * self.bags.element_size()
+
+
+def _touched(matrix: SpreadingMatrix) -> BlockSpread:
+    """`matrix` without its empty bags. Bag i of `embedding_bag` runs from offsets[i] to
+    offsets[i + 1]: with the empty ones gone, the next offset is still where bag i ends."""
+    offsets = matrix.offsets.long()
+    ends = torch.cat((offsets[1:], offsets.new_tensor([matrix.indices.numel()])))
+    bags = torch.nonzero(ends > offsets).flatten()
+    kept = SpreadingMatrix(matrix.grid, matrix.indices, matrix.weights, matrix.offsets[bags])
+    return BlockSpread(kept, bags)
 
 
 def _even(sinograms: torch.Tensor) -> torch.Tensor:

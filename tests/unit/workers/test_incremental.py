@@ -70,11 +70,18 @@ def test_finish_of_a_row_range_reads_the_accumulators_rows() -> None:
         accumulator = engine.accumulator(plan, rows)
         engine.add(plan, 1, sinograms[:, 25:50], accumulator)
         whole = engine.finish(plan, accumulator, sinograms, [0, 2])
-        rows_2_4 = accumulator[:, 2:4] if method == "gridding" else accumulator[2:4]
+        rows_2_4 = engine.rows_of(accumulator, 2, 4)
         part = engine.finish(plan, rows_2_4, sinograms[2:4], [0, 2])
         np.testing.assert_allclose(part.numpy(), whole[2:4].numpy(), atol=1e-6, rtol=0)
 
 
 def test_accumulator_bytes() -> None:
+    """What `incremental.max_bytes` is checked against is what the accumulators take."""
+    for method, grid in (("direct", 32), ("gridding", GriddingFBP().grid_size(32))):
+        engine = angle_sum(method, torch.device("cpu"), "ramp", False)
+        theta = torch.linspace(0, 3, 10, dtype=torch.float64)
+        accumulator = engine.accumulator(engine.plan(theta, 16.0, 32, 5), 3)
+        nbytes = accumulator.numel() * accumulator.element_size()
+        assert nbytes == accumulator_bytes(method, 3, 32, grid)
     assert accumulator_bytes("direct", 3, 10, 16) == 3 * 10 * 10 * 4
     assert accumulator_bytes("gridding", 3, 10, 16) == 4 * 16 * 16 * 4
