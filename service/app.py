@@ -31,6 +31,7 @@ from service.cluster import ClusterModel, Spread, build_ray_spread, build_spread
 from service.config import Settings
 from service.events import ScanFailed
 from service.health import HealthServer
+from service.incremental import Incremental
 from service.ingest import POLL_MS, Ingest
 from service.live import CenterControl, LiveScans
 from service.metrics import Metrics
@@ -125,6 +126,7 @@ class Service:
         self.archive: Archive | None = None
         self.pva: PVAServer | None = None  # EPICS PV Access, with publish.pva_prefix
         self.previewer: Previewer | None = None  # previews during a scan, with preview.enabled
+        self.incremental: Incremental | None = None  # FBP as scans arrive (incremental.enabled)
         self.authenticator: ThreadAuthenticator | None = None
         self._worker_channel: PublishChannel | None = None  # the loop's, closed after it ends
         self.spread: Spread | None = None  # several devices or Ray actors (closed after the loop)
@@ -157,6 +159,7 @@ class Service:
         self.publisher = self._build_publisher(curve)
         self.archive = self._build_archive()
         self.pva = self._build_pva()
+        self.incremental = self._build_incremental()
         self.previewer = self._build_previewer()
         self.preparer = self._build_preparer(reconstructor)
         self.ingest = self._build_ingest(curve)
@@ -169,6 +172,7 @@ class Service:
             self.pva,
             self.previewer,
             self.adapter,
+            self.incremental,
             self.worker,
             self.preparer,
             self.ingest,
@@ -275,6 +279,7 @@ class Service:
             self.publisher,
             self.live,
             self.metrics,
+            self.incremental,
         )
 
     def _build_preparer(self, reconstructor: Reconstructor) -> GeometryPreparer | None:
@@ -297,6 +302,24 @@ class Service:
             self.preprocessor.known_center,
         )
 
+    def _build_incremental(self) -> Incremental | None:
+        """The incremental stage, for one local device (with several, or Ray actors, the
+        scan's rows are spread at its end as ever)."""
+        settings = self.settings
+        if not settings.incremental.enabled:
+            return None
+        if len(settings.worker.devices) > 1 or settings.cluster.engine == "ray":
+            log.info("incremental reconstruction is off: it runs on one local device only")
+            return None
+        return Incremental(
+            settings.incremental,
+            settings.worker,
+            settings.preprocess,
+            self.device,
+            self.metrics,
+            self.preprocessor.known_center,
+        )
+
     def _build_ingest(self, curve: ServerKeys | None) -> Ingest:
         assert self.publisher is not None
         ingest = Ingest(
@@ -315,6 +338,7 @@ class Service:
                 self.previewer,
                 early_center=self.preprocessor.early_center,
             ),
+            self.incremental,
         )
         ingest.bind()
         return ingest
@@ -348,6 +372,7 @@ class Service:
             self.preprocessor,
             self.spread,
             models=self.adapter,
+            incremental=self.incremental,
         )
         ingest = self.ingest
         assert ingest is not None
@@ -392,6 +417,9 @@ class Service:
             if self.archive is not None:
                 self.archive.stop()
                 self.archive.join()
+        if self.incremental is not None:  # after the loop: it takes scans' results from it
+            self.incremental.stop()
+            self.incremental.join(ARCHIVE_JOIN_S)  # a block being folded in finishes
         if self.previewer is not None:
             self.previewer.stop()
             self.previewer.join()  # a render under way finishes; its channel closes before term()
@@ -513,6 +541,7 @@ class Service:
                 ("archive", self.archive),
                 ("pva", self.pva),
                 ("preview", self.previewer),
+                ("incremental", self.incremental),
             ):
                 if part is not None and not part.alive:
                     return False, f"the {name} thread has stopped (see the log)"

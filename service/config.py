@@ -387,6 +387,27 @@ class PreviewSettings(_Section):
         return tuple(sorted(set(value)))
 
 
+class IncrementalSettings(_Section):
+    """Incremental reconstruction: a scan's FBP done block by block while its projections
+    arrive (service.incremental, docs/operations.md, "Incremental reconstruction")."""
+
+    enabled: bool = Field(
+        False,
+        description="fold each block of projections into the scan's FBP as it arrives, so at "
+        "scan_end only the rest (and the denoiser) is left; for scans whose centre is known "
+        "at scan_start and that need no whole-sinogram preprocessing",
+    )
+    max_bytes: int = Field(
+        1 << 30,
+        ge=0,
+        description="accumulator bytes for all scans being received; rows beyond are "
+        "reconstructed at scan_end as without incremental",
+    )
+    block_angles: int = Field(
+        32, ge=1, description="projections per block folded in at once (the last one at scan_end)"
+    )
+
+
 # Stripe removal methods of workers.preprocess.stripes.METHODS (not imported here: the settings
 # load without torch); tests/unit/service/test_preprocess_settings.py keeps the two equal.
 StripeRemoval = Literal[
@@ -504,6 +525,7 @@ class Settings(BaseSettings):
     security: SecuritySettings = SecuritySettings()
     metrics: MetricsSettings = MetricsSettings()
     preview: PreviewSettings = PreviewSettings()
+    incremental: IncrementalSettings = IncrementalSettings()
     preprocess: PreprocessSettings = PreprocessSettings()
 
     cluster: ClusterSettings = ClusterSettings()

@@ -26,6 +26,7 @@ import zmq
 from service.config import IngestSettings
 from service.errors import ProtocolError
 from service.events import ScanFailed
+from service.incremental import Incremental
 from service.metrics import Metrics
 from service.prepare import GeometryPreparer
 from service.preprocess import ScanPreprocessor
@@ -115,8 +116,10 @@ class Ingest(StageThread):
         preparer: GeometryPreparer | None = None,
         preprocessor: ScanPreprocessor | None = None,
         tap: PreviewTap | None = None,
+        incremental: Incremental | None = None,
     ) -> None:
         super().__init__("ingest", metrics)
+        self.incremental = incremental  # FBP of blocks of projections as they arrive
         self.tap = tap  # live scans and their previews (service.preview), on this thread
         self.settings = settings
         self.context = context
@@ -210,6 +213,8 @@ class Ingest(StageThread):
         live = assembler.scans.get(message.scan_id) if isinstance(message, FrameChunk) else None
         if self.tap is not None and live is not None:
             self.tap.frames(live)
+        if self.incremental is not None and live is not None:
+            self.incremental.scan_frames(live)
         self._dispatch(outcomes)  # a complete scan may wait for the loop: timed as receive
         elapsed = time.perf_counter() - t0
         self.metrics.messages.labels(message.type).inc()
@@ -242,6 +247,8 @@ class Ingest(StageThread):
                 self._channel.send_event(outcome.event)
                 if self.tap is not None:
                     self.tap.started(outcome.start)
+                if self.incremental is not None:
+                    self.incremental.scan_started(outcome.start)
                 if self.preparer is not None:
                     self.preparer.submit(outcome.start)
             elif isinstance(outcome, Completed):
@@ -250,6 +257,8 @@ class Ingest(StageThread):
             else:
                 if self.tap is not None:
                     self.tap.failed(outcome.start)
+                if self.incremental is not None:
+                    self.incremental.scan_failed(outcome.start)
                 if outcome.evicted:
                     self.metrics.scans_evicted.inc()
                 if self.preparer is not None:

@@ -45,7 +45,17 @@ TAIL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 120
 # published. guard: the no-harm guard's check of a denoised slice (service/guard.py).
 STAGES = ("receive", "normalize", "wait", "fbp", "denoise", "guard", "publish", "end_to_end")
 QUEUES = ("scans", "publish")
-ERROR_STAGES = ("ingest", "prepare", "worker", "publish", "archive", "pva", "preview", "adapt")
+ERROR_STAGES = (
+    "ingest",
+    "prepare",
+    "worker",
+    "publish",
+    "archive",
+    "pva",
+    "preview",
+    "adapt",
+    "incremental",
+)
 SCAN_OUTCOMES = ("completed", "failed")
 # EPICS PV Access image PVs (service.pva), `<publish.pva_prefix><name>`
 PVA_IMAGES = ("Slice", "Recon")
@@ -75,6 +85,11 @@ CENTER_CHANGE_OUTCOMES = ("accepted", "rejected")
 # failed (an error, in the log), cancelled (stop came first), skipped (the scan cannot be
 # adapted on, or a newer one replaced it before its turn).
 MODEL_UPDATE_OUTCOMES = ("updated", "rejected", "failed", "cancelled", "skipped")
+# Incremental reconstruction (service.incremental): the path a scan's rows took (incremental:
+# folded in while the scan arrived; end_of_scan: not, or given up, see the log), and where each
+# block of angles was folded in (arrival: on the incremental thread; scan_end: by the loop).
+INCREMENTAL_PATHS = ("incremental", "end_of_scan")
+INCREMENTAL_BLOCK_PLACES = ("arrival", "scan_end")
 
 
 class Metrics:
@@ -95,6 +110,7 @@ class Metrics:
         self._pva(self.registry)
         self._preview(self.registry)
         self._preprocess(self.registry)
+        self._incremental(self.registry)
 
         self._cluster(self.registry)
         self._adapt(self.registry)
@@ -347,6 +363,32 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+
+    def _incremental(self, r: CollectorRegistry) -> None:
+        """Incremental reconstruction while scans arrive (service.incremental)."""
+        self.incremental_scans = Counter(
+            "tomocast_incremental_scans_total",
+            "Scans reconstructed with incremental.enabled, by path: incremental (blocks of "
+            "angles folded in as they arrived) or end_of_scan (all at the end; the log says why)",
+            ["path"],
+            registry=r,
+        )
+        self.incremental_blocks = Counter(
+            "tomocast_incremental_blocks_total",
+            "Blocks of angles folded into incremental scans' accumulators, by where: arrival "
+            "(while the scan arrived) or scan_end (the remainder, by the reconstruct loop)",
+            ["where"],
+            registry=r,
+        )
+        self.incremental_bytes = Gauge(
+            "tomocast_incremental_bytes",
+            "Bytes of accumulators held for scans being received (incremental.max_bytes bounds it)",
+            registry=r,
+        )
+        for path in INCREMENTAL_PATHS:
+            self.incremental_scans.labels(path)
+        for where in INCREMENTAL_BLOCK_PLACES:
+            self.incremental_blocks.labels(where)
 
     def _create_labels(self) -> None:
         """Every label set up front: dashboards show zeros before the first scan."""

@@ -44,6 +44,7 @@ import torch
 
 from service.config import PreviewSettings, WorkerSettings
 from service.events import PreviewHeader, ScanEnded
+from service.incremental import Incremental
 from service.live import LiveScans
 from service.metrics import Metrics
 from service.preprocess import estimated_early
@@ -127,8 +128,11 @@ class Previewer(StageThread):
         publisher: Publisher,
         live: LiveScans,
         metrics: Metrics,
+        incremental: Incremental | None = None,
     ) -> None:
+        """`incremental`: previews of its scans are read from their accumulators."""
         super().__init__("preview", metrics)
+        self.incremental = incremental
         self.settings = settings
         self.publisher = publisher
         self.live = live
@@ -142,6 +146,8 @@ class Previewer(StageThread):
         # the scan's preprocessing on), and a render stops between rows
         self._finals = 0
         live.on_change(self.rerender)
+        if incremental is not None:  # a block folded in: the scan's preview has more angles
+            incremental.on_fold(self.rerender)
 
     # ---- producers (any thread) -------------------------------------------------------------
 
@@ -264,6 +270,8 @@ class Previewer(StageThread):
             source,
             snapshot.t_last_projection,
         )
+        if self._render_folded(snapshot, header, channel):
+            return
         theta = theta_tensor(snapshot.theta)
         try:
             for i, row in enumerate(snapshot.row_index):
@@ -284,6 +292,27 @@ class Previewer(StageThread):
                 )
         finally:
             self.fbp.release()
+
+    def _render_folded(
+        self, snapshot: Snapshot, header: PreviewHeader, channel: PublishChannel
+    ) -> bool:
+        """Publish the snapshot's rows from the scan's incremental accumulators (the angles
+        folded in so far), if it has them about this centre: no FBP to run here."""
+        if self.incremental is None or self.ended(snapshot.scan_id):
+            return False
+        folded = self.incremental.preview(snapshot.scan_id, snapshot.row_index, header.center)
+        if folded is None:
+            return False
+        slices, angles = folded
+        if angles == 0:  # nothing folded in yet: the first block folded in re-renders
+            return True
+        zero_non_finite_(slices)
+        host = slices.cpu().numpy()
+        for i, row in enumerate(snapshot.row_index):
+            published = channel.send_preview(replace(header, index=row, angles=angles), host[i])
+            self.metrics.previews.inc()
+            self.metrics.preview_latency.observe(max(0.0, published - snapshot.t_last_projection))
+        return True
 
 
 class PreviewTap:

@@ -34,6 +34,7 @@ import torch
 from service.config import GuardSettings, PublishSettings, WorkerSettings
 from service.events import ScanCompleted, ScanEnded, ScanFailed, ScanLatency
 from service.guard import Pending, ScanGuard, record
+from service.incremental import Incremental, Partial
 from service.metrics import Metrics
 from service.preprocess import ScanPreprocessor, preprocessing_fields
 from service.sinks import ScanDescription, SliceBatch, SliceSink, SliceTiming, Topic
@@ -104,6 +105,8 @@ class _Run:
             self.non_finite = self.non_finite + zero_non_finite_(values[a:b])
         zero_non_finite_(values)
 
+    partial: Partial | None = None  # rows folded in as the scan arrived (service.incremental)
+
 
 @dataclass
 class RowsDone:
@@ -163,9 +166,12 @@ class Worker(StageThread):
         preprocessor: ScanPreprocessor | None = None,
         spread: RowSpread | None = None,
         models: ModelSwap | None = None,
+        incremental: Incremental | None = None,
     ) -> None:
         """`spread`: the scan's rows go there rather than through this loop's own conveyor.
-        `models`: where the denoiser of each scan comes from (None: `denoiser`, always)."""
+        `models`: where the denoiser of each scan comes from (None: `denoiser`, always).
+        `incremental`: where scans' FBP done while they arrived is taken from."""
+        self.incremental = incremental
         super().__init__("worker", metrics)
         self.models = models
         self.preprocessor = preprocessor  # the whole-scan steps before FBP ([preprocess])
@@ -224,6 +230,8 @@ class Worker(StageThread):
                         ScanFailed(scan.start.scan_id, "internal error in the worker (see the log)")
                     )
             finally:
+                if self.incremental is not None:  # a scan that failed before taking it
+                    self.incremental.forget(scan.start.scan_id)
                 self._release()
                 self._current = None
                 self.busy = False
@@ -253,6 +261,8 @@ class Worker(StageThread):
             sink.begin(description)
         halo = self.denoiser.depth // 2 if self.denoiser is not None else 0
         run = _Run(scan.start.scan_id, wait, halo)
+        if self.incremental is not None and self.spread is None:
+            run.partial = self.incremental.take(scan)
         if self.spread is None:
             self._reconstruct(scan, run)
             fbp_s = [span.per_row() for span in run.fbp]
@@ -401,9 +411,7 @@ class Worker(StageThread):
         start = transfer.mark()
         # float32 as the Reconstructor contract says (a no-op unless the scan is stored in
         # float16, ingest.sinogram_dtype)
-        reconstructed = self.reconstructor.reconstruct(
-            scan.sinogram[r0:r1].float(), theta, scan.center
-        )
+        reconstructed = self._fbp_rows(scan, theta, r0, r1, run.partial)
         # before the window: a denoiser never reads NaN (an int8 or fp16 engine would turn it
         # into finite, plausible pixels), and no sink ever gets it
         run.zero_non_finite(reconstructed, r0)
@@ -419,6 +427,20 @@ class Worker(StageThread):
             topic: Topic = "recon" if self.denoiser is not None else "slice"
             transfer.submit(reconstructed.clone(), BatchTag(topic, r0, fbp))
         return fbp
+
+    def _fbp_rows(
+        self, scan: CompletedScan, theta: torch.Tensor, r0: int, r1: int, partial: Partial | None
+    ) -> torch.Tensor:
+        """Rows [r0, r1): those folded in while the scan arrived finished from the
+        accumulators (service.incremental), the others by the reconstructor."""
+        done = 0 if partial is None else min(r1, max(r0, partial.rows))
+        parts = [partial.slices(r0, done)] if partial is not None and done > r0 else []
+        if done < r1:
+            rest = max(r0, done)
+            parts.append(
+                self.reconstructor.reconstruct(scan.sinogram[rest:r1].float(), theta, scan.center)
+            )
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _denoise(self, ready: int, fbp: Span, transfer: HostTransfer, run: _Run) -> None:
         """Denoise the rows up to `ready`, in batches of at most `batch_rows`."""

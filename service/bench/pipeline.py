@@ -11,6 +11,11 @@ Reported, from the slice headers and the scan_completed events:
 - p50/p95/p99 end-to-end latency: a slice's `t_published - t_last_projection` (its scan's last
   projection received -> the slice published),
 - tail: a scan's last projection -> its last slice published (what an operator waits for).
+
+`--burst-and-paced` sends each scan twice: first in a burst (as fast as the service takes it),
+then the same data at `--rate`, each copy once the one before has ended (so no scan's tail
+shares the machine with the next scan's arrival); the report has both tails and their ratio,
+measured in one run (what incremental reconstruction, `--incremental`, is judged by).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import numpy as np
 
 from service.bench import add_common_arguments, command_line, emit, heading, machine, set_threads
 from service.events import Event, ScanEnded, ScanFailed
+
+BURST_SUFFIX = "-burst"  # scan_id of a scan's burst copy (--burst-and-paced)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +77,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model.precision (auto, artifact, fp32, int8, ...; default: the service's setting)",
     )
     parser.add_argument(
+        "--fbp-method",
+        choices=["auto", "direct", "gridding"],
+        default="auto",
+        help="worker.fbp_method",
+    )
+    parser.add_argument(
+        "--incremental",
+        action="store_true",
+        help="incremental.enabled = true: FBP folded in while each scan arrives",
+    )
+    parser.add_argument("--block-angles", type=int, default=None, help="incremental.block_angles")
+    parser.add_argument(
+        "--declare-center",
+        action="store_true",
+        help="scan_start declares the rotation centre (else preprocess.center = auto "
+        "estimates it at scan end; incremental needs it declared)",
+    )
+    parser.add_argument(
+        "--burst-and-paced",
+        action="store_true",
+        help="send each scan first in a burst, then again at --rate; report both tails",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=600.0, help="give up after this many seconds"
     )
     add_common_arguments(parser, seed_help="phantom and noise seed", threads=True)
@@ -92,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args)
     angles = args.angles or round(1.5 * args.cols)
     scans = _simulate(args, angles)
+    if args.burst_and_paced and args.rate is None:
+        raise SystemExit("bench pipeline: --burst-and-paced needs --rate")
     load_before = os.getloadavg()[0]
     service = Service(load_settings(None, _overrides(args)))
     started = time.perf_counter()
@@ -133,9 +165,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             "device": args.device,
             "batch_rows": args.batch,
             "prepare_geometry": not args.no_prepare,
+            "fbp_method": args.fbp_method,
         },
         "model": {"enabled": not args.no_denoise, "path": args.model},
+        "incremental": {"enabled": args.incremental},
     }
+    if args.block_angles is not None:
+        overrides["incremental"]["block_angles"] = args.block_angles
     if args.precision is not None:
         overrides["model"]["precision"] = args.precision
     return overrides
@@ -148,33 +184,58 @@ def _stream(scans: list[Any], endpoints: Any, args: argparse.Namespace) -> _Seen
     from service.sim.simulate import ScanPacer
 
     seen = _Seen()
+    copies = 2 if args.burst_and_paced else 1
     with Subscriber(endpoints.publish, ("slice", "event")) as viewer:
         viewer.wait_ready()
+
+        # the scans' ends, set by this thread as their events arrive
+        ended = {
+            f"{scan.start.scan_id}{suffix}": threading.Event()
+            for scan in scans
+            for suffix in ("", BURST_SUFFIX)
+        }
+
+        def send(detector: Detector, scan: Any, scan_id: str, pacer: ScanPacer) -> None:
+            options = {"center": scan.start.rotation_center()} if args.declare_center else {}
+            seen.sent.append(time.time())
+            detector.send_scan(
+                scan_id,
+                scan.projections,
+                darks=scan.darks,
+                flats=scan.flats,
+                chunk=args.chunk,
+                pace=pacer.wait,
+                **options,
+            )
 
         def daq() -> None:
             pacer = ScanPacer(args.rate)
             with Detector(endpoints.ingest) as detector:
                 for scan in scans:
-                    seen.sent.append(time.time())
-                    detector.send_scan(
-                        scan.start.scan_id,
-                        scan.projections,
-                        darks=scan.darks,
-                        flats=scan.flats,
-                        chunk=args.chunk,
-                        pace=pacer.wait,
-                    )
+                    if args.burst_and_paced:
+                        burst = f"{scan.start.scan_id}{BURST_SUFFIX}"
+                        send(detector, scan, burst, ScanPacer(None))
+                        # the paced copy starts once the burst is done: one scan at a time
+                        if not ended[burst].wait(args.timeout):
+                            return
+                        pacer = ScanPacer(args.rate)
+                    send(detector, scan, scan.start.scan_id, pacer)
+                    # nor does the next burst begin before this scan is done
+                    if args.burst_and_paced and not ended[scan.start.scan_id].wait(args.timeout):
+                        return
 
         sender = threading.Thread(target=daq, name="bench-daq", daemon=True)
         sender.start()
         deadline = time.monotonic() + args.timeout
-        while sum(isinstance(e, ScanEnded) for e in seen.events) < len(scans):
+        while sum(isinstance(e, ScanEnded) for e in seen.events) < copies * len(scans):
             message = viewer.recv(timeout=max(0.0, deadline - time.monotonic()))
             if message is None:
                 raise SystemExit(f"bench pipeline: no message for {args.timeout:g} s")
             event = message.event()
             if event is not None:
                 seen.events.append(event)
+                if isinstance(event, ScanEnded) and event.scan_id in ended:
+                    ended[event.scan_id].set()
             else:
                 seen.headers.append(message.header)
         sender.join()
@@ -213,7 +274,20 @@ def _report(
     for h in headers:
         if h["scan_id"] not in last or h["t_published"] > last[h["scan_id"]]["t_published"]:
             last[h["scan_id"]] = h
-    tails = [h["t_published"] - h["t_last_projection"] for h in last.values()]
+    tail_of = {scan_id: h["t_published"] - h["t_last_projection"] for scan_id, h in last.items()}
+    tails = [t for scan_id, t in tail_of.items() if not scan_id.endswith(BURST_SUFFIX)]
+    bursts = [t for scan_id, t in tail_of.items() if scan_id.endswith(BURST_SUFFIX)]
+    # each scan's paced tail over its own burst's: the ratio incremental reconstruction cuts.
+    # The first scan's burst also builds the scan geometry (every later scan finds it cached):
+    # with more than one scan the median leaves it out
+    ratios = [
+        tail_of[scan_id] / tail_of[f"{scan_id}{BURST_SUFFIX}"]
+        for scan_id in tail_of
+        if f"{scan_id}{BURST_SUFFIX}" in tail_of and tail_of[f"{scan_id}{BURST_SUFFIX}"] > 0
+    ]
+    warm = ratios[1:] if len(ratios) > 1 else ratios
+    warm_bursts = bursts[1:] if len(bursts) > 1 else bursts
+    warm_tails = tails[1:] if len(tails) > 1 and ratios else tails
     span = max((h["t_published"] for h in headers), default=0.0) - min(seen.sent, default=0.0)
     return {
         "bench": "pipeline",
@@ -243,18 +317,36 @@ def _report(
             "max": max(tails, default=None),
             "each": tails,
         },
+        "fbp_method": args.fbp_method,
+        "incremental": args.incremental,
+        "center_declared": args.declare_center,
+        "burst_tail_s": {
+            "median": float(np.median(warm_bursts)) if warm_bursts else None,
+            "each": bursts,
+        },
+        "paced_tail_s": {
+            "median": float(np.median(warm_tails)) if ratios else None,
+            "each": tails if ratios else [],
+        },
+        "paced_over_burst": {
+            "median": float(np.median(warm)) if warm else None,
+            "each": ratios,
+        },
     }
 
 
 def _command(args: argparse.Namespace) -> str:
     scan = ["--rows", "--cols", "--scans", "--chunk", "--batch", "--photons"]
     optional = ["--angles", "--rate", "--model", "--precision", "--threads", "--sinogram-dtype"]
+    live = ["--fbp-method", "--incremental", "--block-angles", "--declare-center"]
+    live.append("--burst-and-paced")
     return command_line(
         "pipeline",
         args,
-        [*scan, "--device", "--seed", *optional, "--no-denoise", "--no-prepare"],
+        [*scan, "--device", "--seed", *optional, "--no-denoise", "--no-prepare", *live],
         photons=f"{args.photons:g}",
         sinogram_dtype=None if args.sinogram_dtype == "float32" else args.sinogram_dtype,
+        fbp_method=None if args.fbp_method == "auto" else args.fbp_method,
     )
 
 
@@ -288,4 +380,20 @@ def _table(report: dict[str, Any]) -> str:
             f"| last projection -> last slice (median / max) | {tail['median']:.2f} / "
             f"{tail['max']:.2f} s |"
         )
+    burst, paced, ratio = report["burst_tail_s"], report["paced_tail_s"], report["paced_over_burst"]
+    if burst["median"] is not None and paced["median"] is not None:
+        lines.append(
+            f"| tail paced / in a burst (median without the first scan's cold burst) | "
+            f"{paced['median']:.2f} / {burst['median']:.2f} s |"
+        )
+    if ratio["median"] is not None:
+        each = ", ".join(f"{r:.2f}" for r in ratio["each"])
+        lines.append(
+            f"| paced tail / burst tail (median, as above; each scan) | "
+            f"{ratio['median']:.2f}; {each} |"
+        )
+    lines.append(
+        f"| FBP method, incremental, centre declared | {report['fbp_method']}, "
+        f"{report['incremental']}, {report['center_declared']} |"
+    )
     return "\n".join(lines) + "\n"

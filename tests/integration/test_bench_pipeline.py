@@ -72,6 +72,34 @@ def test_bench_pipeline_paced_without_denoiser(capsys: pytest.CaptureFixture[str
     assert "end-to-end latency p50 / p95 / p99" in out
 
 
+def test_bench_pipeline_burst_and_paced_reports_both_tails_and_their_ratio(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out = _run(
+        capsys,
+        *("--rows", "4", "--cols", "32", "--angles", "48", "--scans", "2", "--rate", "400"),
+        *("--chunk", "4", "--no-denoise", "--incremental", "--block-angles", "8"),
+        *("--declare-center", "--burst-and-paced", "--json"),
+    )
+    assert code == 0
+    report = json.loads(out)
+    assert report["slices"] == 16 and report["failed_scans"] == 0  # 2 scans, each sent twice
+    assert report["incremental"] is True and report["center_declared"] is True
+    paced, bursts = report["scan_tail_s"]["each"], report["burst_tail_s"]["each"]
+    ratios = report["paced_over_burst"]["each"]
+    assert len(paced) == len(bursts) == len(ratios) == 2
+    np.testing.assert_allclose(ratios, np.asarray(paced) / np.asarray(bursts))
+    # the first scan's burst builds the geometry: the medians are of the second scan
+    assert report["paced_over_burst"]["median"] == pytest.approx(ratios[1])
+    assert report["burst_tail_s"]["median"] == pytest.approx(bursts[1])
+    assert "--burst-and-paced" in report["command"] and "--incremental" in report["command"]
+
+
+def test_bench_pipeline_burst_and_paced_needs_a_rate(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit, match="--rate"):
+        _run(capsys, "--rows", "2", "--cols", "16", "--scans", "1", "--burst-and-paced")
+
+
 @pytest.mark.gpu
 def test_bench_pipeline_on_cuda(capsys: pytest.CaptureFixture[str]) -> None:
     code, out = _run(
