@@ -134,6 +134,17 @@ class GriddingFBP(CachedGeometryFBP[_GriddingGeometry]):
         taps = angles * (2 * int(_REACH * period) + 1) * self.width**2
         return 8 * taps + 4 * self.grid_size(cols) ** 2
 
+    def deapodization(self, cols: int, beta: float) -> torch.Tensor:
+        """(cols, cols) float64: what undoes the spreading kernel's taper on the image (times
+        the circle mask with `circle_mask`), for a grid of `grid_size(cols)`."""
+        device, grid = self._device, self.grid_size(cols)
+        pixel = torch.arange(cols, dtype=torch.float64, device=device) - cols // 2
+        transform = kaiser_bessel_transform(pixel / grid, self.width, beta)
+        deapodize = 1 / (transform[:, None] * transform[None, :])
+        if self.circle_mask:
+            deapodize = deapodize * circle_mask(cols, device)
+        return deapodize
+
     def _build(self, theta64: torch.Tensor, center: float, cols: int) -> _GriddingGeometry:
         device, grid, half = self._device, self.grid_size(cols), cols // 2
         weights = torch.as_tensor(angle_weights(theta64.numpy()), device=device)[:, None]
@@ -150,11 +161,7 @@ class GriddingFBP(CachedGeometryFBP[_GriddingGeometry]):
         spreading = SpreadingMatrix.build(
             (-radius * sin).flatten(), (radius * cos).flatten(), grid, self.width, beta
         )
-        pixel = torch.arange(cols, dtype=torch.float64, device=device) - half
-        transform = kaiser_bessel_transform(pixel / grid, self.width, beta)
-        deapodize = 1 / (transform[:, None] * transform[None, :])
-        if self.circle_mask:
-            deapodize = deapodize * circle_mask(cols, device)
+        deapodize = self.deapodization(cols, beta)
         size, response = filter_response(self.filter_name, cols, device)
         return _GriddingGeometry(
             spreading,

@@ -26,10 +26,9 @@ import torch
 
 from workers.backproject import BackProjectionGeometry, backproject_geometry
 from workers.fbp import FBP, _FBPGeometry
-from workers.fbp_base import circle_mask as make_circle_mask
 from workers.filters import angle_weights, filter_response
 from workers.gridding import GriddingFBP, _GriddingGeometry, _period
-from workers.spreading import SpreadingMatrix, kaiser_bessel_transform, kernel_beta
+from workers.spreading import SpreadingMatrix, kernel_beta
 
 
 @dataclass(frozen=True)
@@ -188,11 +187,7 @@ class GriddingSum(GriddingFBP):
             )
             for a0 in range(0, len(theta64), block)
         )
-        pixel = torch.arange(cols, dtype=torch.float64, device=device) - half
-        transform = kaiser_bessel_transform(pixel / grid, self.width, beta)
-        deapodize = 1 / (transform[:, None] * transform[None, :])
-        if self.circle_mask:
-            deapodize = deapodize * make_circle_mask(cols, device)
+        deapodize = self.deapodization(cols, beta)
         size, response = filter_response(self.filter_name, cols, device)
         base = _GriddingGeometry(
             parts[0].matrix,
