@@ -25,6 +25,12 @@ complete scan is on its way through the loop (from its hand-over to its end even
 wait (the latest snapshot of each scan is kept) and a render under way stops between rows:
 previews use the compute the loop leaves idle, never its own.
 
+When every row of a scan is live (`preview.rows` names them all, or the scan's incremental
+accumulators hold them all and their slices fit in `VERTICAL_MAX_BYTES`), each render also
+publishes the vertical cut through the rows' slices at their middle slice row (header
+`plane: "xz"`, `index` that slice row, shape rows x N): with every angle, the same cut of the
+final slices.
+
 The tap also keeps `service.live.LiveScans` in step with the scans (opened at scan_start,
 closed at the end), and applies an operator's centre to the completed scan.
 """
@@ -63,6 +69,9 @@ log = logging.getLogger(__name__)
 POLL_S = 0.25  # how often an idle preview thread looks at the stop flag
 BUSY_POLL_S = 0.05  # how often it looks whether the reconstruct loop is done, to render
 ENDED_KEPT = 64  # scan_ids whose previews are over, remembered to drop late snapshots
+# The XZ preview from the incremental accumulators finishes every row's slice at once: only
+# for scans whose slices fit in this (48 rows of 512 x 512 take 48 MiB)
+VERTICAL_MAX_BYTES = 64 << 20
 
 
 def preview_rows(settings: PreviewSettings, rows: int) -> tuple[int, ...]:
@@ -273,6 +282,7 @@ class Previewer(StageThread):
         if self._render_folded(snapshot, header, channel):
             return
         theta = theta_tensor(snapshot.theta)
+        rendered: dict[int, np.ndarray] = {}
         try:
             for i, row in enumerate(snapshot.row_index):
                 if self.ended(snapshot.scan_id):
@@ -284,14 +294,29 @@ class Previewer(StageThread):
                     data = self.fbp.reconstruct(snapshot.sinograms[i : i + 1], theta, center)
                     zero_non_finite_(data)
                     host = data[0].cpu().numpy()
-                published = channel.send_preview(replace(header, index=row), host)
-                self.metrics.previews.inc()
-                # per preview slice: a render cut short by the loop still counts what it sent
-                self.metrics.preview_latency.observe(
-                    max(0.0, published - snapshot.t_last_projection)
-                )
+                self._send(channel, replace(header, index=row), host, snapshot)
+                rendered[row] = host
         finally:
             self.fbp.release()
+        if sorted(rendered) == list(range(snapshot.rows)):  # every row is previewed
+            self._send_vertical(channel, header, np.stack([rendered[r] for r in sorted(rendered)]))
+
+    def _send(
+        self, channel: PublishChannel, header: PreviewHeader, data: np.ndarray, snapshot: Snapshot
+    ) -> None:
+        published = channel.send_preview(header, data)
+        self.metrics.previews.inc()
+        # per preview message: a render cut short by the loop still counts what it sent
+        self.metrics.preview_latency.observe(max(0.0, published - snapshot.t_last_projection))
+
+    def _send_vertical(
+        self, channel: PublishChannel, header: PreviewHeader, slices: np.ndarray
+    ) -> None:
+        """The XZ preview: every row's slice (rows, N, N) cut at its middle slice row."""
+        middle = slices.shape[1] // 2
+        cut = np.ascontiguousarray(slices[:, middle, :])
+        channel.send_preview(replace(header, index=middle, plane="xz"), cut)
+        self.metrics.previews.inc()
 
     def _render_folded(
         self, snapshot: Snapshot, header: PreviewHeader, channel: PublishChannel
@@ -300,7 +325,14 @@ class Previewer(StageThread):
         folded in so far), if it has them about this centre: no FBP to run here."""
         if self.incremental is None or self.ended(snapshot.scan_id):
             return False
-        folded = self.incremental.preview(snapshot.scan_id, snapshot.row_index, header.center)
+        every_row = tuple(range(snapshot.rows))
+        n = snapshot.sinograms.shape[-1]  # the slices are cols x cols
+        folded = None
+        if snapshot.rows * n * n * 4 <= VERTICAL_MAX_BYTES:  # every row, for the XZ cut too
+            folded = self.incremental.preview(snapshot.scan_id, every_row, header.center)
+        picked = every_row if folded is not None else snapshot.row_index
+        if folded is None:
+            folded = self.incremental.preview(snapshot.scan_id, picked, header.center)
         if folded is None:
             return False
         slices, angles = folded
@@ -308,10 +340,12 @@ class Previewer(StageThread):
             return True
         zero_non_finite_(slices)
         host = slices.cpu().numpy()
-        for i, row in enumerate(snapshot.row_index):
-            published = channel.send_preview(replace(header, index=row, angles=angles), host[i])
-            self.metrics.previews.inc()
-            self.metrics.preview_latency.observe(max(0.0, published - snapshot.t_last_projection))
+        position = {row: i for i, row in enumerate(picked)}
+        for row in snapshot.row_index:
+            data = host[position[row]]
+            self._send(channel, replace(header, index=row, angles=angles), data, snapshot)
+        if picked == every_row:
+            self._send_vertical(channel, replace(header, angles=angles), host)
         return True
 
 
