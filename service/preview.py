@@ -38,6 +38,7 @@ closed at the end), and applies an operator's centre to the completed scan.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -150,6 +151,7 @@ class Previewer(StageThread):
         self._put = threading.Lock()  # producers: the ingest and HTTP threads
         self._ended: OrderedDict[str, None] = OrderedDict()  # under `_put`
         self._latest: dict[str, Snapshot] = {}  # the preview thread's
+        self._vertical_at: dict[str, float] = {}  # the preview thread's: monotonic, last XZ
         # complete scans handed to the reconstruct loop and not ended there (under `_put`):
         # while there are any, previews wait (they would take compute from the loop, from
         # the scan's preprocessing on), and a render stops between rows
@@ -244,6 +246,7 @@ class Previewer(StageThread):
         """Drop the latest snapshots of scans whose previews are over (completed, failed)."""
         for scan_id in [s for s in self._latest if self.ended(s)]:
             del self._latest[scan_id]
+            self._vertical_at.pop(scan_id, None)
             if scan_id in pending:
                 pending.discard(scan_id)
                 self.metrics.previews_dropped.labels("final_begun").inc()
@@ -325,14 +328,7 @@ class Previewer(StageThread):
         folded in so far), if it has them about this centre: no FBP to run here."""
         if self.incremental is None or self.ended(snapshot.scan_id):
             return False
-        every_row = tuple(range(snapshot.rows))
-        n = snapshot.sinograms.shape[-1]  # the slices are cols x cols
-        folded = None
-        if snapshot.rows * n * n * 4 <= VERTICAL_MAX_BYTES:  # every row, for the XZ cut too
-            folded = self.incremental.preview(snapshot.scan_id, every_row, header.center)
-        picked = every_row if folded is not None else snapshot.row_index
-        if folded is None:
-            folded = self.incremental.preview(snapshot.scan_id, picked, header.center)
+        folded = self.incremental.preview(snapshot.scan_id, snapshot.row_index, header.center)
         if folded is None:
             return False
         slices, angles = folded
@@ -340,12 +336,22 @@ class Previewer(StageThread):
             return True
         zero_non_finite_(slices)
         host = slices.cpu().numpy()
-        position = {row: i for i, row in enumerate(picked)}
-        for row in snapshot.row_index:
-            data = host[position[row]]
-            self._send(channel, replace(header, index=row, angles=angles), data, snapshot)
-        if picked == every_row:
-            self._send_vertical(channel, replace(header, angles=angles), host)
+        for i, row in enumerate(snapshot.row_index):
+            self._send(channel, replace(header, index=row, angles=angles), host[i], snapshot)
+        # every block folded in re-renders: the XZ cut (every row's slice finished, the cost of
+        # a final FBP's end for gridding) at most rate_hz times a second, and with every angle
+        n = snapshot.sinograms.shape[-1]  # the slices are cols x cols
+        now = time.monotonic()
+        last = self._vertical_at.get(snapshot.scan_id, -math.inf)
+        due = now - last >= 1.0 / self.settings.rate_hz or angles == header.n_angles
+        if snapshot.rows * n * n * 4 > VERTICAL_MAX_BYTES or not due:
+            return True
+        every_row = tuple(range(snapshot.rows))
+        every = self.incremental.preview(snapshot.scan_id, every_row, header.center)
+        if every is not None and every[1] > 0:  # every row in the accumulators
+            self._vertical_at[snapshot.scan_id] = now
+            zero_non_finite_(every[0])
+            self._send_vertical(channel, replace(header, angles=every[1]), every[0].cpu().numpy())
         return True
 
 
