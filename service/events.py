@@ -309,6 +309,9 @@ class SliceHeader:
             isinstance(shape, (list, tuple)) and all(_is_int(n) for n in shape)
         ):
             raise ValueError(f"shape={shape!r} is not a list of integers")
+        plane = header.get("plane", "xy")  # absent from the first senders' previews
+        if plane not in PREVIEW_PLANES:
+            raise ValueError(f"plane={plane!r} is not one of {PREVIEW_PLANES}")
         published = header.get("t_published")
         pub_seq = header.get("pub_seq")
         scale = header.get("scale")
@@ -339,6 +342,7 @@ class SliceHeader:
 
 
 PREVIEW_TOPIC = "preview"  # the publisher's topic of partial reconstructions during a scan
+PREVIEW_PLANES = ("xy", "xz")  # a row's slice; the vertical cut through every row's slice
 
 
 @dataclass(frozen=True)
@@ -347,7 +351,8 @@ class PreviewHeader:
     from the `angles` projections received so far (`fraction` of the `n_angles` declared),
     about `center` (`center_source`: declared, config, operator, previous, default,
     estimated). Filled by `service.preview`; `PublishChannel.send_preview` stamps `shape`,
-    `t_published`, the forwarding thread `pub_seq`."""
+    `t_published`, the forwarding thread `pub_seq`. `plane` "xy" is a row's slice; "xz" the
+    vertical cut through every row's slice at slice row `index`, shape (rows, N)."""
 
     scan_id: str
     rows: int  # detector rows of the scan
@@ -363,6 +368,7 @@ class PreviewHeader:
     dtype: str = "float32"
     t_published: float | None = None
     pub_seq: int | None = None
+    plane: str = "xy"  # PREVIEW_PLANES
 
     @property
     def fraction(self) -> float:
@@ -382,6 +388,7 @@ class PreviewHeader:
             "center_source": self.center_source,
             "t_last_projection": self.t_last_projection,
             "dtype": self.dtype,
+            "plane": self.plane,
         }
         if self.shape is not None:
             header["shape"] = list(self.shape)
@@ -401,6 +408,9 @@ class PreviewHeader:
             isinstance(shape, (list, tuple)) and all(_is_int(n) for n in shape)
         ):
             raise ValueError(f"shape={shape!r} is not a list of integers")
+        plane = header.get("plane", "xy")  # absent from the first senders' previews
+        if plane not in PREVIEW_PLANES:
+            raise ValueError(f"plane={plane!r} is not one of {PREVIEW_PLANES}")
         published = header.get("t_published")
         pub_seq = header.get("pub_seq")
         return cls(
@@ -417,6 +427,7 @@ class PreviewHeader:
             dtype=str(header.get("dtype", "float32")),
             t_published=None if published is None else _float(header, "t_published"),
             pub_seq=pub_seq if _is_int(pub_seq) else None,
+            plane=plane,
         )
 
 

@@ -25,6 +25,12 @@ complete scan is on its way through the loop (from its hand-over to its end even
 wait (the latest snapshot of each scan is kept) and a render under way stops between rows:
 previews use the compute the loop leaves idle, never its own.
 
+When every row of a scan is live (`preview.rows` names them all, or the scan's incremental
+accumulators hold them all and their slices fit in `VERTICAL_MAX_BYTES`), each render also
+publishes the vertical cut through the rows' slices at their middle slice row (header
+`plane: "xz"`, `index` that slice row, shape rows x N): with every angle, the same cut of the
+final slices.
+
 The tap also keeps `service.live.LiveScans` in step with the scans (opened at scan_start,
 closed at the end), and applies an operator's centre to the completed scan.
 """
@@ -32,6 +38,7 @@ closed at the end), and applies an operator's centre to the completed scan.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -63,6 +70,9 @@ log = logging.getLogger(__name__)
 POLL_S = 0.25  # how often an idle preview thread looks at the stop flag
 BUSY_POLL_S = 0.05  # how often it looks whether the reconstruct loop is done, to render
 ENDED_KEPT = 64  # scan_ids whose previews are over, remembered to drop late snapshots
+# The XZ preview from the incremental accumulators finishes every row's slice at once: only
+# for scans whose slices fit in this (48 rows of 512 x 512 take 48 MiB)
+VERTICAL_MAX_BYTES = 64 << 20
 
 
 def preview_rows(settings: PreviewSettings, rows: int) -> tuple[int, ...]:
@@ -141,6 +151,7 @@ class Previewer(StageThread):
         self._put = threading.Lock()  # producers: the ingest and HTTP threads
         self._ended: OrderedDict[str, None] = OrderedDict()  # under `_put`
         self._latest: dict[str, Snapshot] = {}  # the preview thread's
+        self._vertical_at: dict[str, float] = {}  # the preview thread's: monotonic, last XZ
         # complete scans handed to the reconstruct loop and not ended there (under `_put`):
         # while there are any, previews wait (they would take compute from the loop, from
         # the scan's preprocessing on), and a render stops between rows
@@ -235,6 +246,7 @@ class Previewer(StageThread):
         """Drop the latest snapshots of scans whose previews are over (completed, failed)."""
         for scan_id in [s for s in self._latest if self.ended(s)]:
             del self._latest[scan_id]
+            self._vertical_at.pop(scan_id, None)
             if scan_id in pending:
                 pending.discard(scan_id)
                 self.metrics.previews_dropped.labels("final_begun").inc()
@@ -273,6 +285,7 @@ class Previewer(StageThread):
         if self._render_folded(snapshot, header, channel):
             return
         theta = theta_tensor(snapshot.theta)
+        rendered: dict[int, np.ndarray] = {}
         try:
             for i, row in enumerate(snapshot.row_index):
                 if self.ended(snapshot.scan_id):
@@ -284,14 +297,29 @@ class Previewer(StageThread):
                     data = self.fbp.reconstruct(snapshot.sinograms[i : i + 1], theta, center)
                     zero_non_finite_(data)
                     host = data[0].cpu().numpy()
-                published = channel.send_preview(replace(header, index=row), host)
-                self.metrics.previews.inc()
-                # per preview slice: a render cut short by the loop still counts what it sent
-                self.metrics.preview_latency.observe(
-                    max(0.0, published - snapshot.t_last_projection)
-                )
+                self._send(channel, replace(header, index=row), host, snapshot)
+                rendered[row] = host
         finally:
             self.fbp.release()
+        if sorted(rendered) == list(range(snapshot.rows)):  # every row is previewed
+            self._send_vertical(channel, header, np.stack([rendered[r] for r in sorted(rendered)]))
+
+    def _send(
+        self, channel: PublishChannel, header: PreviewHeader, data: np.ndarray, snapshot: Snapshot
+    ) -> None:
+        published = channel.send_preview(header, data)
+        self.metrics.previews.inc()
+        # per preview message: a render cut short by the loop still counts what it sent
+        self.metrics.preview_latency.observe(max(0.0, published - snapshot.t_last_projection))
+
+    def _send_vertical(
+        self, channel: PublishChannel, header: PreviewHeader, slices: np.ndarray
+    ) -> None:
+        """The XZ preview: every row's slice (rows, N, N) cut at its middle slice row."""
+        middle = slices.shape[1] // 2
+        cut = np.ascontiguousarray(slices[:, middle, :])
+        channel.send_preview(replace(header, index=middle, plane="xz"), cut)
+        self.metrics.previews.inc()
 
     def _render_folded(
         self, snapshot: Snapshot, header: PreviewHeader, channel: PublishChannel
@@ -309,9 +337,21 @@ class Previewer(StageThread):
         zero_non_finite_(slices)
         host = slices.cpu().numpy()
         for i, row in enumerate(snapshot.row_index):
-            published = channel.send_preview(replace(header, index=row, angles=angles), host[i])
-            self.metrics.previews.inc()
-            self.metrics.preview_latency.observe(max(0.0, published - snapshot.t_last_projection))
+            self._send(channel, replace(header, index=row, angles=angles), host[i], snapshot)
+        # every block folded in re-renders: the XZ cut (every row's slice finished, the cost of
+        # a final FBP's end for gridding) at most rate_hz times a second, and with every angle
+        n = snapshot.sinograms.shape[-1]  # the slices are cols x cols
+        now = time.monotonic()
+        last = self._vertical_at.get(snapshot.scan_id, -math.inf)
+        due = now - last >= 1.0 / self.settings.rate_hz or angles == header.n_angles
+        if snapshot.rows * n * n * 4 > VERTICAL_MAX_BYTES or not due:
+            return True
+        every_row = tuple(range(snapshot.rows))
+        every = self.incremental.preview(snapshot.scan_id, every_row, header.center)
+        if every is not None and every[1] > 0:  # every row in the accumulators
+            self._vertical_at[snapshot.scan_id] = now
+            zero_non_finite_(every[0])
+            self._send_vertical(channel, replace(header, angles=every[1]), every[0].cpu().numpy())
         return True
 
 

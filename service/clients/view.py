@@ -104,8 +104,9 @@ def _preview(message: Published) -> None:
         log.warning("preview not understood, ignored: %s", exc)
         return
     behind = (header.t_published or header.t_last_projection) - header.t_last_projection
+    where = f"row {header.index}" if header.plane == "xy" else f"xz at slice row {header.index}"
     sys.stderr.write(
-        f"preview {header.scan_id} row {header.index}: {100 * header.fraction:.0f}% of "
+        f"preview {header.scan_id} {where}: {100 * header.fraction:.0f}% of "
         f"{header.n_angles} angles, centre {header.center:g} ({header.center_source}), "
         f"{behind:.2f} s behind the detector\n"
     )

@@ -21,13 +21,14 @@ from service.events import Event, ScanCompleted, ScanEnded, ScanStarted
 log = logging.getLogger(__name__)
 
 Message = bytes | str  # a binary frame or a JSON text message
+PREVIEW = "preview"  # the topic of partial reconstructions during a scan (`view --web --previews`)
 
 
 @dataclass(frozen=True)
 class SliceFrame:
     """One published slice, encoded for the browsers by the hub thread. Immutable."""
 
-    topic: str  # "slice" (denoised) or "recon" (plain FBP)
+    topic: str  # "slice" (denoised), "recon" (plain FBP) or "preview" (during the scan)
     scan_id: str
     index: int
     rows: int
@@ -215,8 +216,10 @@ class Broadcaster:
         self._to_all(dumps({"kind": "event", **published}))
 
     def on_frame(self, frame: SliceFrame) -> None:
+        """A slice for the browsers; kept for the slider unless it is a preview (the final
+        slices replace previews, and a page that joins late waits for them)."""
         self.frames_received += 1
-        if self.store.wants(frame.scan_id):
+        if frame.topic != PREVIEW and self.store.wants(frame.scan_id):
             self.store.add(frame)
         for client in self.clients.values():
             client.put(frame.live if client.follow else frame.meta, droppable=True)

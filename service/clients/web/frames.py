@@ -2,7 +2,9 @@
 
     uint32 LE  n         length of the JSON header
     n bytes    header    UTF-8 JSON: kind "frame", topic, scan_id, index, rows, shape [h, w],
-                         bin, model, t_last_projection, t_published, timing, t_viewer
+                         bin, model, t_last_projection, t_published, timing, t_viewer;
+                         previews (topic "preview") add plane, angles, n_angles, fraction,
+                         center, center_source
     0..3 bytes padding   so the payload starts on a 4-byte boundary (a Float32Array view)
     h*w*4      payload   float32 little-endian, row-major: the published slice, binned by `bin`
 
@@ -23,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-# Header keys of a published slice that the page uses; anything else stays behind.
+# Header keys of a published slice or preview that the page uses; anything else stays behind.
 FRAME_KEYS = ("scan_id", "index", "rows", "model", "t_last_projection", "t_published", "timing")
+PREVIEW_KEYS = ("plane", "angles", "n_angles", "fraction", "center", "center_source")
 
 
 def display_bin(shape: tuple[int, ...], max_size: int) -> int:
@@ -60,7 +63,8 @@ def frame_header(
 ) -> dict[str, Any]:
     """The JSON header of a frame: the published header's useful keys, plus what the page
     needs to read the payload."""
-    kept = {key: header[key] for key in FRAME_KEYS if key in header}
+    keys = FRAME_KEYS + PREVIEW_KEYS if topic == "preview" else FRAME_KEYS
+    kept = {key: header[key] for key in keys if key in header}
     return {"kind": "frame", "topic": topic, **kept, "shape": list(shape), "bin": factor}
 
 

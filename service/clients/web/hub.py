@@ -18,7 +18,7 @@ from typing import Any
 import zmq
 
 from service.client import Published, Subscriber
-from service.clients.web.broadcast import Broadcaster, SliceFrame
+from service.clients.web.broadcast import PREVIEW, Broadcaster, SliceFrame
 from service.clients.web.frames import (
     bin_slice,
     display_bin,
@@ -27,11 +27,12 @@ from service.clients.web.frames import (
     frame_header,
     store_bin,
 )
+from service.events import PreviewHeader, SliceHeader
 from service.security import ClientKeys
 
 log = logging.getLogger(__name__)
 
-TOPICS = ("slice", "recon", "event")
+TOPICS = ("slice", "recon", "event")  # and PREVIEW when the viewer shows previews
 HANDOFF_SLOTS = 256
 _POLL_S = 0.5  # how often a waiting thread looks at its stop flag
 
@@ -52,8 +53,11 @@ class SliceHub:
         max_size: int,
         cache_bytes: int,
         curve: ClientKeys | None = None,
+        previews: bool = False,
     ) -> None:
+        """`previews`: subscribe to topic `preview` too (without, the publisher sends none)."""
         self.endpoint = endpoint
+        self.topics = (*TOPICS, PREVIEW) if previews else TOPICS
         self.broadcaster = broadcaster
         self.loop = loop
         self.max_size = max_size
@@ -87,7 +91,7 @@ class SliceHub:
         wake.bind(self._wake)
         try:
             with Subscriber(
-                self.endpoint, TOPICS, context=self._context, curve=self.curve
+                self.endpoint, self.topics, context=self._context, curve=self.curve
             ) as subscriber:
                 info = self._handshake(subscriber)
                 if info is None:
@@ -132,7 +136,7 @@ class SliceHub:
                 return
             if event is not None:
                 self._hand_over(self.broadcaster.on_event, event, message.header)
-        elif message.topic in ("slice", "recon"):
+        elif message.topic in ("slice", "recon", PREVIEW):
             try:
                 frame = self.encode(message, received=time.time())
             except (KeyError, TypeError, ValueError) as exc:
@@ -151,7 +155,13 @@ class SliceHub:
         `received` (unix seconds) is when it arrived here."""
         assert message.data is not None
         header, data = message.header, message.data
-        typed = message.slice_header()
+        typed: SliceHeader | PreviewHeader
+        if message.topic == PREVIEW:
+            typed = PreviewHeader.decode(header)
+            end_to_end = None
+        else:
+            typed = message.slice_header()
+            end_to_end = typed.end_to_end
         if data.ndim != 2:
             raise ValueError(f"slice shape {data.shape} is not (h, w)")
         rows = typed.rows
@@ -162,7 +172,7 @@ class SliceHub:
         live_header["t_viewer"] = received  # splits the browser's delivery time in two
         live = encode_frame(live_header, live_data)
         stored = live
-        if kept_bin != live_bin:
+        if kept_bin != live_bin and message.topic != PREVIEW:  # previews are not kept
             kept_data = bin_slice(data, kept_bin)
             stored = encode_frame(
                 frame_header(message.topic, header, kept_data.shape, kept_bin), kept_data
@@ -175,7 +185,7 @@ class SliceHub:
             live=live,
             stored=stored,
             meta=dumps({**live_header, "kind": "meta"}),
-            end_to_end=typed.end_to_end,
+            end_to_end=end_to_end,
         )
 
     def _hand_over(self, method: Any, *args: Any) -> None:

@@ -51,6 +51,7 @@ class WebSettings:
     # second of a 1 Gb/s link, and a burst of 16 slices of 1024 x 512 px.
     client_queue_bytes: int = 32 << 20
     curve: ClientKeys | None = None  # when the service's publisher requires CURVE
+    previews: bool = False  # also show topic `preview` while scans arrive (`--previews`)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -75,6 +76,7 @@ def create_app(settings: WebSettings) -> Starlette:
             max_size=settings.max_size,
             cache_bytes=settings.cache_mb << 20,
             curve=settings.curve,
+            previews=settings.previews,
         )
         hub.start()
         try:
@@ -182,6 +184,7 @@ def run_web(args: argparse.Namespace) -> int:
         port=args.port,
         max_size=args.max_size,
         curve=client_keys(args),
+        previews=bool(getattr(args, "previews", False)),
     )
     server, sock = _server(settings)
     sys.stderr.write(f"web viewer on {_url(sock)} (publisher {settings.connect})\n")

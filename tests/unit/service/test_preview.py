@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,13 @@ def test_preview_header_round_trips_and_says_it_is_a_preview() -> None:
         PreviewHeader.decode({**encoded, "preview": False})
     with pytest.raises(ValueError, match="center"):
         PreviewHeader.decode({**encoded, "center": "middle"})
+    assert encoded["plane"] == "xy"
+    vertical = replace(header, index=32, plane="xz")
+    assert PreviewHeader.decode(vertical.encode()) == vertical
+    older = {k: v for k, v in encoded.items() if k != "plane"}  # the first senders' previews
+    assert PreviewHeader.decode(older).plane == "xy"
+    with pytest.raises(ValueError, match="plane"):
+        PreviewHeader.decode({**encoded, "plane": "yz"})
 
 
 def _start(scan_id: str, center: float | None = None) -> ScanStart:

@@ -156,3 +156,31 @@ def test_the_bound_is_in_bytes_so_a_burst_of_small_slices_passes_whole() -> None
     client.put(burst[0], droppable=True)
     client.put(huge, droppable=True)  # bigger than the bound: still shown, the rest go
     assert client.dropped == 1 and _drain(client) == [huge]
+
+
+def test_previews_reach_the_browsers_but_not_the_slider_store() -> None:
+    """Previews go to every browser; the scan kept for the slider holds final slices only, and
+    a preview frame's header carries what the page marks it with."""
+    hub = Broadcaster("tcp://127.0.0.1:1", max_bytes=1 << 20)
+    browser = hub.connect()
+    _drain(browser)
+    preview = {
+        "scan_id": "s1",
+        "index": 4,
+        "rows": 8,
+        "plane": "xy",
+        "angles": 60,
+        "n_angles": 120,
+        "fraction": 0.5,
+        "center": 31.5,
+        "center_source": "declared",
+    }
+    header = frame_header("preview", preview, (4, 4), 1)
+    assert {k: header[k] for k in preview} == preview
+    assert "fraction" not in frame_header("slice", preview, (4, 4), 1)  # slices: as before
+    live = encode_frame(header, np.zeros((4, 4), np.float32))
+    hub.on_frame(SliceFrame("preview", "s1", 4, 8, live, live, dumps(header), None))
+    hub.on_frame(_frame(4, rows=8))
+    sent = [decode_frame(m)[0] for m in _drain(browser) if isinstance(m, bytes)]
+    assert [(h["topic"], h["index"]) for h in sent] == [("preview", 4), ("slice", 4)]
+    assert list(hub.store.frames) == [("slice", 4)]

@@ -20,6 +20,10 @@ const state = {
   shownIndex: null,
   frames: new Map(),           // "topic:index" -> {header, pixels}
   shown: { recon: null, slice: null },
+  // Previews (`view --web --previews`): the latest of each row without its final slice yet,
+  // shown in the denoised panel until the final slice comes, and the latest XZ cut.
+  previews: new Map(),         // index -> frame
+  xz: null,
   // The viewer server's clock minus this browser's, in seconds, from the ping with the
   // shortest round trip; the service's clock is taken to agree with the viewer server's.
   clock: { offset: 0, rtt: Infinity, samples: [] },
@@ -32,7 +36,7 @@ const state = {
 
 function emptyScan(scanId, rows) {
   return { scanId, rows, status: scanId ? "running" : "idle", model: "", latency: new Map(),
-           received: { slice: new Set(), recon: new Set() }, ended: null };
+           received: { slice: new Set(), recon: new Set() }, ended: null, previewFraction: null };
 }
 
 // ---- the socket -------------------------------------------------------------------------------
@@ -134,6 +138,9 @@ function onEvent(event, log = true) {
   } else if (event.scan_id === state.scan.scanId) {
     state.scan.status = event.event === "scan_completed" ? "completed" : "failed";
     state.scan.ended = event;
+    // The scan is over: no more previews; a row still showing one switches to its final slice.
+    state.previews.clear();
+    if (state.shown.slice && state.shown.slice.header.topic === "preview") show(state.shownIndex, true);
   }
   if (log) logEvent(event);
   updateProgress();
@@ -165,6 +172,8 @@ function startScan(scanId, rows, status) {
   state.scan = emptyScan(scanId, rows);
   state.scan.status = status;
   state.frames.clear();
+  state.previews.clear();
+  state.xz = null;
   state.shown = { recon: null, slice: null };
   state.shownIndex = null;
   const slider = $("slider");
@@ -179,12 +188,14 @@ function startScan(scanId, rows, status) {
 
 function onFrame(frame) {
   const h = frame.header;
+  if (h.topic === "preview") return onPreview(frame);
   if (h.scan_id !== state.scan.scanId) startScan(h.scan_id, h.rows, "running");
   const scan = state.scan;
   if (h.model) scan.model = h.model;
   const firstTime = !scan.received[h.topic].has(h.index);
   if (firstTime) {
     scan.received[h.topic].add(h.index);
+    if (h.topic === "slice") state.previews.delete(h.index);
     if (h.topic === "slice") recordLatency(h);
     updateProgress();
   }
@@ -198,6 +209,34 @@ function onFrame(frame) {
   }
   if (frame.pixels && h.index === state.shownIndex) {
     state.shown[h.topic] = frame;
+    scheduleRender();
+  }
+}
+
+// A partial reconstruction while the scan arrives: shown in the denoised panel (marked) for a
+// row without its final slice; following, the previewed row nearest the middle.
+function onPreview(frame) {
+  const h = frame.header;
+  if (h.scan_id !== state.scan.scanId) startScan(h.scan_id, h.rows, "running");
+  const scan = state.scan;
+  if (scan.status !== "running" || !frame.pixels) return;
+  scan.previewFraction = Math.max(scan.previewFraction || 0, h.fraction);
+  updateProgress();
+  if ((h.plane || "xy") === "xz") {
+    state.xz = frame;
+    scheduleRender();
+    return;
+  }
+  if (scan.received.slice.has(h.index)) return;  // its final slice is here
+  state.previews.set(h.index, frame);
+  if (state.follow && scan.received.slice.size === 0) {
+    const middle = Math.floor(scan.rows / 2);
+    const nearest = [...state.previews.keys()].reduce(
+      (a, b) => (Math.abs(b - middle) < Math.abs(a - middle) ? b : a));
+    if (state.shownIndex !== nearest) return show(nearest, false);
+  }
+  if (h.index === state.shownIndex && !state.frames.has(`slice:${h.index}`)) {
+    state.shown.slice = frame;
     scheduleRender();
   }
 }
@@ -221,6 +260,7 @@ function show(index, request) {
     state.shown[topic] = state.frames.get(`${topic}:${index}`) || null;
     missing ||= state.shown[topic] === null;
   }
+  if (!state.shown.slice && state.previews.has(index)) state.shown.slice = state.previews.get(index);
   if (missing && request) send({ get: index });
   $("slider").value = String(index);
   scheduleRender();
@@ -234,7 +274,9 @@ function updateProgress() {
   $("scan-progress").value = received;
   $("scan-count").textContent = `${received} / ${scan.rows} slices`;
   const status = $("scan-status");
-  status.textContent = scan.status === "idle" ? "" : scan.status;
+  const preview = scan.status === "running" && scan.previewFraction != null
+    ? ` · preview ${Math.round(100 * scan.previewFraction)}% of angles` : "";
+  status.textContent = scan.status === "idle" ? "" : scan.status + preview;
   status.className = scan.status;
   body.dataset.received = String(received);
   body.dataset.status = scan.status;
@@ -257,6 +299,8 @@ function render() {
   }
   if ($("linked").checked && windowOf.slice) windowOf.recon = windowOf.slice;
   for (const topic of TOPICS) drawPanel(topic, state.shown[topic], windowOf[topic]);
+  $("panel-xz").hidden = !state.xz;
+  if (state.xz) drawPanel("xz", state.xz, contrastWindow(state.xz));
   const index = state.shownIndex;
   $("slider-label").textContent = index == null ? "slice –" : `slice ${index} / ${state.scan.rows - 1}`;
   body.dataset.shownIndex = index == null ? "" : String(index);
@@ -289,6 +333,7 @@ function drawPanel(topic, frame, window) {
   const canvas = $(`canvas-${topic}`);
   const placeholder = $(`placeholder-${topic}`);
   const caption = $(`caption-${topic}`);
+  markPreview(topic, canvas, frame && frame.header.topic === "preview" ? frame.header : null);
   if (!frame) {
     canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
     delete canvas.dataset.index;
@@ -308,7 +353,25 @@ function drawPanel(topic, frame, window) {
   Object.assign(canvas.dataset, { index: String(frame.header.index), scan: frame.header.scan_id,
                                   low: String(low), high: String(high), colormap: state.lutName });
   const binned = frame.header.bin > 1 ? ` · binned ${frame.header.bin}×` : "";
-  caption.textContent = `slice ${frame.header.index} · window ${fmt(low, 4)} … ${fmt(high, 4)}${binned}`;
+  const header = frame.header;
+  const where = topic === "xz" ? `through slice row ${header.index}` : `slice ${header.index}`;
+  const partial = header.topic === "preview" ? `preview · ${Math.round(100 * header.fraction)}% ` +
+    `of angles (${header.angles} / ${header.n_angles}) · ` : "";
+  caption.textContent = `${partial}${where} · window ${fmt(low, 4)} … ${fmt(high, 4)}${binned}`;
+}
+
+// Mark a panel as showing a preview (header) or not (null): its frame, title and data- state.
+function markPreview(topic, canvas, header) {
+  const figure = canvas.closest("figure");
+  if (header) {
+    figure.dataset.preview = "true";
+    Object.assign(canvas.dataset, { preview: "true", fraction: String(header.fraction),
+                                    angles: String(header.angles) });
+  } else {
+    delete figure.dataset.preview;
+    for (const key of ["preview", "fraction", "angles"]) delete canvas.dataset[key];
+  }
+  if (topic === "slice") $("title-slice").textContent = header ? "preview (plain FBP)" : "denoised";
 }
 
 function placeholderText(topic) {
