@@ -277,8 +277,9 @@ def _add_view(command: Command) -> None:
     view.add_argument(
         "--previews",
         action="store_true",
-        help="also take previews (topic preview) and print one line per preview while scans "
-        "arrive (they are not saved)",
+        help="also take previews (topic preview) while scans arrive: one line per preview, and "
+        "with --web the preview (and the vertical xz cut) shown until the final slices come "
+        "(previews are not saved)",
     )
     view.add_argument(
         "--scans",
