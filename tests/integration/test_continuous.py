@@ -1,0 +1,251 @@
+"""Continuous rotation (protocol v1.1) over real loopback sockets: one reconstruction per window,
+each equal to an offline `workers.recon.recon` of the same projections and angles (denoiser off),
+bounded memory over many turns, bad continuous headers rejected with their reasons, and a v1
+scan beside it unchanged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from service.client import Detector, Published, Subscriber
+from service.events import ScanCompleted, ScanEnded, ScanFailed
+from service.sim.continuous import send_continuous, turns_of_projections
+from workers.recon import recon
+
+ROWS, COLS, HALF_TURN, CHUNK = 2, 32, 24, 8
+WINDOW, EVERY = HALF_TURN, 12  # a half-turn every quarter-turn
+
+
+def _collect(viewer: Subscriber, scan_id: str) -> tuple[dict[int, dict[int, Any]], list[Any]]:
+    """Window slices by window_index and row, and the window events, until `scan_id` ends."""
+    windows: dict[int, dict[int, Any]] = {}
+    headers: dict[int, dict[str, Any]] = {}
+    events: list[Any] = []
+    while True:
+        message: Published | None = viewer.recv(timeout=60.0)
+        assert message is not None, "the service went quiet"
+        event = message.event()
+        if event is not None:
+            events.append(event)
+            if event.scan_id == scan_id and isinstance(event, ScanEnded):
+                return windows, [headers, events]
+            continue
+        header = message.header
+        if message.topic == "slice" and header.get("continuous_scan") == scan_id:
+            k = header["window_index"]
+            windows.setdefault(k, {})[header["index"]] = message.data
+            headers[k] = header
+
+
+def _metric(service: Any, name: str) -> float:
+    return float(service.metrics.registry.get_sample_value(name) or 0.0)
+
+
+def _send_in_step(
+    detector: Detector, viewer: Subscriber, scan_id: str, turns: int
+) -> tuple[int, dict[int, dict[int, Any]], dict[int, dict[str, Any]], list[Any]]:
+    """Send the scan chunk by chunk, and after each chunk receive the windows it completed
+    (up to their `scan_completed`), so that the loop is never behind (nothing dropped)."""
+    windows: dict[int, dict[int, Any]] = {}
+    headers: dict[int, dict[str, Any]] = {}
+    events: list[Any] = []
+    detector.start_scan(
+        scan_id,
+        ROWS,
+        COLS,
+        HALF_TURN,
+        "float32",
+        normalized=True,
+        continuous=True,
+        window=WINDOW,
+        every=EVERY,
+        center=COLS / 2,
+    )
+    sent, waited = 0, 0
+    for index, theta, frames in turns_of_projections(ROWS, COLS, HALF_TURN, turns, CHUNK):
+        detector.send_frames("projections", scan_id, index, frames, theta=theta.tolist())
+        sent = index + len(frames)
+        due = (sent - WINDOW) // EVERY + 1 if sent >= WINDOW else 0
+        while waited < due:
+            message: Published | None = viewer.recv(timeout=60.0)
+            assert message is not None, "the service went quiet"
+            event = message.event()
+            if event is not None:
+                events.append(event)
+                waited += isinstance(event, ScanEnded) and event.scan_id == f"{scan_id}.w{waited}"
+            elif message.topic == "slice":
+                k = message.header["window_index"]
+                windows.setdefault(k, {})[message.header["index"]] = message.data
+                headers[k] = message.header
+    detector.end_scan(scan_id, sent)
+    rest, (more, tail) = _collect(viewer, scan_id)
+    assert not rest and not more
+    return sent, windows, headers, events + tail
+
+
+def test_three_turns_give_one_reconstruction_per_window_equal_to_offline_fbp(
+    start_service: Any,
+) -> None:
+    service, endpoints = start_service(
+        model={"enabled": False}, preview={"enabled": False}, worker={"fbp_method": "direct"}
+    )
+    turns = 3
+    with (
+        Subscriber(endpoints.publish, ("slice", "event")) as viewer,
+        Detector(endpoints.ingest) as detector,
+    ):
+        viewer.wait_ready()
+        sent, windows, headers, events = _send_in_step(detector, viewer, "spin", turns)
+    expected = (sent - WINDOW) // EVERY + 1
+    assert sorted(windows) == list(range(expected))
+    end = events[-1]
+    assert isinstance(end, ScanCompleted) and end.windows == expected
+    completed = {e.scan_id for e in events if isinstance(e, ScanCompleted)}
+    assert {f"spin.w{k}" for k in range(expected)} <= completed
+    chunks = list(turns_of_projections(ROWS, COLS, HALF_TURN, turns, CHUNK))
+    theta = np.concatenate([c[1] for c in chunks])
+    frames = np.concatenate([c[2] for c in chunks])
+    assert theta.max() > 5 * np.pi  # the angles ran on past pi and wrapped
+    for k, rows in windows.items():
+        first, last = k * EVERY, k * EVERY + WINDOW - 1
+        assert (headers[k]["first_projection"], headers[k]["last_projection"]) == (first, last)
+        offline = recon(
+            frames[first : last + 1], theta[first : last + 1], device="cpu", method="direct"
+        )
+        scale = float(np.abs(offline).max())
+        assert sorted(rows) == list(range(ROWS))
+        for row in range(ROWS):
+            np.testing.assert_allclose(rows[row], offline[row], rtol=0, atol=1e-4 * scale)
+    # the sample changes: the first and last windows differ by far more than the tolerance
+    assert np.abs(windows[0][0] - windows[expected - 1][0]).max() > 0.1 * scale
+    assert _metric(service, "tomocast_continuous_windows_total") == expected
+    assert _metric(service, "tomocast_continuous_windows_dropped_total") == 0
+
+
+def test_memory_stays_flat_over_twenty_turns(start_service: Any) -> None:
+    service, endpoints = start_service(
+        model={"enabled": False}, preview={"enabled": False}, worker={"fbp_method": "direct"}
+    )
+    ring = ROWS * COLS * WINDOW * 4
+    seen: list[float] = []
+
+    def watch(_: int) -> None:
+        seen.append(_metric(service, "tomocast_continuous_buffer_bytes"))
+
+    with (
+        Subscriber(endpoints.publish, ("slice", "event")) as viewer,
+        Detector(endpoints.ingest) as detector,
+    ):
+        viewer.wait_ready()
+        send_continuous(
+            detector,
+            "long",
+            ROWS,
+            COLS,
+            HALF_TURN,
+            20,
+            window=WINDOW,
+            every=EVERY,
+            chunk=CHUNK,
+            progress=watch,
+        )
+        windows, (_, events) = _collect(viewer, "long")
+    assert isinstance(events[-1], ScanCompleted)
+    windows_total = _metric(service, "tomocast_continuous_windows_total")
+    dropped = _metric(service, "tomocast_continuous_windows_dropped_total")
+    assert windows_total == (20 * 2 * HALF_TURN - WINDOW) // EVERY + 1
+    assert len(windows) == windows_total - dropped
+    # the ring, plus at most MAX_PENDING_WINDOWS windows waiting: never more, however long
+    assert max(seen) <= ring * 3
+    assert _metric(service, "tomocast_continuous_buffer_bytes") == 0  # released at scan_end
+    assert service.ingest.assembler is not None
+    assert not service.ingest.assembler.continuous
+
+
+def _start(**keys: Any) -> list[bytes]:
+    header = {
+        "v": 1,
+        "type": "scan_start",
+        "scan_id": "bad",
+        "seq": 0,
+        "rows": ROWS,
+        "cols": COLS,
+        "n_angles": HALF_TURN,
+        "dtype": "float32",
+        "normalized": True,
+        **keys,
+    }
+    return [msgpack.packb(header)]
+
+
+def _rejected(service: Any, reason: str) -> float:
+    value = service.metrics.registry.get_sample_value(
+        "tomocast_rejected_messages_total", {"reason": reason}
+    )
+    return float(value or 0.0)
+
+
+def test_bad_continuous_headers_are_rejected_and_a_v1_scan_still_works(
+    start_service: Any,
+) -> None:
+    service, endpoints = start_service(
+        model={"enabled": False},
+        preview={"enabled": False},
+        worker={"fbp_method": "direct"},
+        ingest={"max_scan_bytes": ROWS * COLS * 4 * 1000},
+    )
+    bad = [
+        ("bad_value", _start(continuous=True, window=1)),
+        ("bad_value", _start(continuous=True, window=0)),
+        ("bad_value", _start(continuous=True, every="often")),
+        ("bad_value", _start(window=10)),  # window without continuous
+        ("bad_value", _start(continuous="yes")),
+        ("too_large", _start(continuous=True, window=1001)),  # the ring over max_scan_bytes
+    ]
+    with (
+        Subscriber(endpoints.publish, ("slice", "event")) as viewer,
+        Detector(endpoints.ingest) as detector,
+    ):
+        viewer.wait_ready()
+        for _, frames in bad:
+            detector.send_raw(frames)
+        # a continuous scan's projections: theta of the wrong length, NaN theta, out of order
+        detector.start_scan(
+            "c", ROWS, COLS, HALF_TURN, "float32", normalized=True, continuous=True, window=WINDOW
+        )
+        one = np.zeros((2, ROWS, COLS), np.float32)
+        detector.send_frames("projections", "c", 0, one, theta=[0.0])
+        detector.send_frames("projections", "c", 0, one, theta=[0.0, float("nan")])
+        detector.send_frames("projections", "c", 4, one)
+        detector.send_frames("projections", "c", 2, one)  # behind the next expected index
+        detector.end_scan("c", 2)
+        # a v1 scan beside them, unchanged
+        theta = np.arange(HALF_TURN) * np.pi / HALF_TURN
+        data = np.stack([np.full((ROWS, COLS), 0.01 * i, np.float32) for i in range(HALF_TURN)])
+        detector.send_scan("v1", data, normalized=True)
+        slices: dict[int, Any] = {}
+        events: list[Any] = []
+        while True:
+            message = viewer.recv(timeout=60.0)
+            assert message is not None
+            event = message.event()
+            if event is not None:
+                events.append(event)
+                if event.scan_id == "v1" and isinstance(event, ScanEnded):
+                    break
+            elif message.header["scan_id"] == "v1":
+                assert "window_index" not in message.header
+                slices[message.header["index"]] = message.data
+    assert _rejected(service, "bad_value") == 5 + 2
+    assert _rejected(service, "too_large") == 1
+    assert _rejected(service, "index_out_of_range") == 1
+    ends = {e.scan_id: e for e in events if isinstance(e, (ScanCompleted, ScanFailed))}
+    assert isinstance(ends["c"], ScanCompleted) and ends["c"].windows == 0
+    assert isinstance(ends["v1"], ScanCompleted) and ends["v1"].windows is None
+    offline = recon(data, theta, device="cpu", method="direct")
+    scale = float(np.abs(offline).max())
+    for row in range(ROWS):
+        np.testing.assert_allclose(slices[row], offline[row], rtol=0, atol=1e-4 * scale)
