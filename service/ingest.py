@@ -19,6 +19,7 @@ import logging
 import queue
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -140,6 +141,7 @@ class Ingest(StageThread):
         self._rejections = RejectionLog()
         # continuous scans' windows waiting for room in the loop's queue (drop-oldest)
         self._windows: deque[CompletedScan] = deque()
+        self._windows_dropped: dict[str, int] = {}  # by continuous scan, until its end
 
     @property
     def live_scans(self) -> int:
@@ -253,6 +255,10 @@ class Ingest(StageThread):
             elif isinstance(outcome, ContinuousEnded):
                 # after its windows, through the loop: its event follows their slices
                 self._offer_windows(block=True)
+                dropped = self._windows_dropped.pop(outcome.event.scan_id, 0)
+                if dropped:  # `windows`: those reconstructed
+                    windows = (outcome.event.windows or 0) - dropped
+                    outcome = ContinuousEnded(replace(outcome.event, windows=windows))
                 if not self._put(outcome, force=False):
                     self._channel.send_event(outcome.event)
             elif isinstance(outcome, Started) and outcome.start.continuous:
@@ -275,6 +281,7 @@ class Ingest(StageThread):
                     self.incremental.scan_failed(outcome.start)
                 if outcome.evicted:
                     self.metrics.scans_evicted.inc()
+                self._windows_dropped.pop(outcome.start.scan_id, None)
                 if self.preparer is not None:
                     self.preparer.cancel(outcome.start)
                 self._channel.send_event(outcome.event)
@@ -287,6 +294,9 @@ class Ingest(StageThread):
         while len(self._windows) > MAX_PENDING_WINDOWS:
             dropped = self._windows.popleft()
             self.metrics.continuous_windows_dropped.inc()
+            assert dropped.window is not None
+            of = dropped.window["continuous_scan"]
+            self._windows_dropped[of] = self._windows_dropped.get(of, 0) + 1
             log.warning(
                 "scan_id=%s dropped: the reconstruct loop is behind the continuous scan",
                 dropped.start.scan_id,

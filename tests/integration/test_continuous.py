@@ -5,6 +5,11 @@ scan beside it unchanged."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -15,6 +20,7 @@ from service.events import ScanCompleted, ScanEnded, ScanFailed
 from service.sim.continuous import send_continuous, turns_of_projections
 from workers.recon import recon
 
+DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 ROWS, COLS, HALF_TURN, CHUNK = 2, 32, 24, 8
 WINDOW, EVERY = HALF_TURN, 12  # a half-turn every quarter-turn
 
@@ -157,7 +163,7 @@ def test_memory_stays_flat_over_twenty_turns(start_service: Any) -> None:
     windows_total = _metric(service, "tomocast_continuous_windows_total")
     dropped = _metric(service, "tomocast_continuous_windows_dropped_total")
     assert windows_total == (20 * 2 * HALF_TURN - WINDOW) // EVERY + 1
-    assert len(windows) == windows_total - dropped
+    assert len(windows) == windows_total - dropped == events[-1].windows
     # the ring, plus at most MAX_PENDING_WINDOWS windows waiting: never more, however long
     assert max(seen) <= ring * 3
     assert _metric(service, "tomocast_continuous_buffer_bytes") == 0  # released at scan_end
@@ -249,3 +255,80 @@ def test_bad_continuous_headers_are_rejected_and_a_v1_scan_still_works(
     scale = float(np.abs(offline).max())
     for row in range(ROWS):
         np.testing.assert_allclose(slices[row], offline[row], rtol=0, atol=1e-4 * scale)
+
+
+def test_doc_continuous_sender_example_gets_one_reconstruction_per_window(
+    start_service: Any, tmp_path: Path
+) -> None:
+    """The continuous sender in docs/protocol.md runs as written: 3 turns of 120 projections,
+    a window of 60 every 30 -> 11 windows, each the disk of the example. The loop's queue holds
+    them all (worker.queue_scans), so none is dropped however fast the script sends."""
+    _, endpoints = start_service(
+        model={"enabled": False},
+        preview={"enabled": False},
+        worker={"fbp_method": "direct", "queue_scans": 16},
+    )
+    section = DOC.read_text().split("## Continuous rotation (v1.1)", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "docs/protocol.md lost its continuous sender example"
+    script = tmp_path / "continuous.py"
+    script.write_text(match.group(1))
+    with Subscriber(endpoints.publish, ("slice", "event")) as viewer:
+        viewer.wait_ready()
+        env = {**os.environ, "TOMOCAST_INGEST": endpoints.ingest, "SCAN_ID": "doc-spin"}
+        done = subprocess.run(
+            [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        windows, (_, events) = _collect(viewer, "doc-spin")
+    assert isinstance(events[-1], ScanCompleted) and events[-1].windows == 11
+    assert sorted(windows) == list(range(11))
+    yy, xx = np.mgrid[:64, :64] - 31.5
+    inside = xx**2 + yy**2 < 15**2
+    for rows in windows.values():
+        assert sorted(rows) == [0, 1, 2, 3]
+        assert abs(float(rows[0][inside].mean()) - 0.02) < 0.002
+
+
+def test_simulate_continuous_command_sends_turns_of_a_growing_inclusion(
+    start_service: Any,
+) -> None:
+    """`tomocast simulate --continuous --turns 2 --angles 16 --every 8` (in-process parser)."""
+    from service.cli import build_parser
+
+    _, endpoints = start_service(
+        model={"enabled": False},
+        preview={"enabled": False},
+        worker={"fbp_method": "direct", "queue_scans": 16},
+    )
+    args = build_parser().parse_args(
+        [
+            "simulate",
+            "--connect",
+            endpoints.ingest,
+            "--continuous",
+            "--turns",
+            "2",
+            "--angles",
+            "16",
+            "--every",
+            "8",
+            "--rows",
+            "2",
+            "--cols",
+            "32",
+            "--scan-id",
+            "cli",
+        ]
+    )
+    with Subscriber(endpoints.publish, ("slice", "event")) as viewer:
+        viewer.wait_ready()
+        assert args.func(args) == 0
+        windows, (_, events) = _collect(viewer, "cli")
+    # 64 projections, window 16 (a half-turn), every 8: 7 windows
+    assert isinstance(events[-1], ScanCompleted) and events[-1].windows == 7
+    assert sorted(windows) == list(range(7))
+    # a pixel 4 px right of the inclusion's seed: the disc (0.02) in turn 0, the grown
+    # inclusion (0.05) in turn 1 (window 6 spans projections 48..63: all of turn 1)
+    grown = windows[6][0][16, 23] - windows[0][0][16, 23]
+    assert 0.015 < grown < 0.045, grown
