@@ -77,6 +77,7 @@ def run_continuous(args: argparse.Namespace) -> int:
             turns=args.turns,
             window=args.window,
             every=args.every,
+            center=args.center,
             chunk=args.chunk,
             pace=ScanPacer(args.rate).wait,
             progress=bar.update,

@@ -53,16 +53,20 @@ def send_continuous(
     turns: int,
     window: int | None = None,
     every: int | None = None,
+    center: float | None = None,
     chunk: int = 8,
     pace: Callable[[int], object] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Send a continuous scan of `turns` turns; returns the projections sent."""
+    """Send a continuous scan of `turns` turns (`center`: declared, else the service's
+    default or estimate); returns the projections sent."""
     options: dict[str, object] = {"continuous": True, "normalized": True}
     if window is not None:
         options["window"] = window
     if every is not None:
         options["every"] = every
+    if center is not None:
+        options["center"] = center
     detector.start_scan(scan_id, rows, cols, half_turn, "float32", **options)
     sent = 0
     for index, theta, frames in turns_of_projections(rows, cols, half_turn, turns, chunk):

@@ -332,3 +332,22 @@ def test_simulate_continuous_command_sends_turns_of_a_growing_inclusion(
     # inclusion (0.05) in turn 1 (window 6 spans projections 48..63: all of turn 1)
     grown = windows[6][0][16, 23] - windows[0][0][16, 23]
     assert 0.015 < grown < 0.045, grown
+
+
+def test_windows_are_denoised_when_a_model_is_on(start_service: Any) -> None:
+    """The same engine as any scan: with the shipped model each window's slices are denoised."""
+    service, endpoints = start_service(
+        preview={"enabled": False}, worker={"fbp_method": "direct", "queue_scans": 16}
+    )
+    with (
+        Subscriber(endpoints.publish, ("slice", "event")) as viewer,
+        Detector(endpoints.ingest) as detector,
+    ):
+        viewer.wait_ready()
+        send_continuous(detector, "den", ROWS, COLS, HALF_TURN, 1, center=COLS / 2)
+        windows, (headers, events) = _collect(viewer, "den")
+    assert isinstance(events[-1], ScanCompleted) and events[-1].windows == 2  # a half-turn each
+    assert sorted(windows) == [0, 1]
+    for header in headers.values():
+        assert header["model"] != "none" and "denoised" in header
+        assert all(np.isfinite(s).all() for s in windows[header["window_index"]].values())
