@@ -336,7 +336,7 @@ def test_simulate_continuous_command_sends_turns_of_a_growing_inclusion(
 
 def test_windows_are_denoised_when_a_model_is_on(start_service: Any) -> None:
     """The same engine as any scan: with the shipped model each window's slices are denoised."""
-    service, endpoints = start_service(
+    _, endpoints = start_service(
         preview={"enabled": False}, worker={"fbp_method": "direct", "queue_scans": 16}
     )
     with (
