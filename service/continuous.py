@@ -31,7 +31,7 @@ import torch
 
 from service.events import ScanCompleted, ScanLatency
 from service.preprocess import FrameSteps
-from service.protocol import FrameChunk, ScanStart
+from service.protocol import FrameChunk, ScanStart, half_turn
 from service.sinogram import MIN_ANGLES, CompletedScan, ScanBuffer
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,10 @@ class ContinuousScan:
         storage: torch.dtype = torch.float32,
         steps: FrameSteps | None = None,
     ) -> None:
-        assert start.continuous and start.window is not None and start.every is not None
         self.start = start
-        self.window, self.every = start.window, start.every
+        # decode fills the defaults in; a ScanStart built in code may leave them None
+        self.window = start.window or half_turn(start.n_angles, start.theta)
+        self.every = start.every or self.window
         ring = replace(start, n_angles=self.window, theta=None, continuous=False)
         self.buffer = ScanBuffer(ring, device, storage, steps)  # darks, flats, the ring
         self.slot_theta = np.zeros(self.window, dtype=np.float64)

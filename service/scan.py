@@ -26,7 +26,7 @@ from service.continuous import ContinuousEnded, ContinuousScan, WindowReady
 from service.errors import ProtocolError
 from service.events import ScanFailed, ScanStarted
 from service.preprocess import FrameSteps
-from service.protocol import FrameChunk, Limits, Message, ScanEnd, ScanStart
+from service.protocol import FrameChunk, Limits, Message, ScanEnd, ScanStart, half_turn
 from service.sinogram import (
     MIN_ANGLES,
     CompletedScan,
@@ -227,7 +227,9 @@ class ScanAssembler:
         """The sinogram bytes scan `start` holds while it is assembled (a continuous scan:
         its ring of `window` projections)."""
         itemsize = storage_for(start, self.storage)[0].itemsize
-        angles = start.window if start.continuous and start.window else start.n_angles
+        angles = start.n_angles
+        if start.continuous:
+            angles = start.window or half_turn(start.n_angles, start.theta)
         return start.rows * angles * start.cols * itemsize
 
     @property

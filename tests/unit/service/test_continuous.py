@@ -121,3 +121,16 @@ def test_windows_of_raw_counts_equal_the_projections_sent() -> None:
         np.testing.assert_allclose(
             scan.sinogram.numpy(), expected[indices].transpose(1, 0, 2), rtol=1e-5, atol=1e-5
         )
+
+
+def test_a_silent_continuous_scan_times_out_and_frees_its_ring() -> None:
+    assembler = ScanAssembler(torch.device("cpu"), LIMITS)
+    start = ScanStart("c", 0, ROWS, COLS, 10, "float32", normalized=True, continuous=True, window=4)
+    assembler.handle(start)
+    assert assembler.held_bytes == ROWS * COLS * 4 * 4 and assembler.live_scans == 1
+    with pytest.raises(ProtocolError) as info:  # one scan_id, one live scan
+        assembler.handle(replace(start, continuous=False))
+    assert info.value.reason == "scan_exists"
+    (failed,) = assembler.expire(-1.0)
+    assert failed.start.scan_id == "c" and "no message" in failed.reason
+    assert assembler.held_bytes == 0 and assembler.live_scans == 0
