@@ -29,6 +29,7 @@ from service.adapt import Adapter, ModelSlot
 from service.archive import Archive
 from service.cluster import ClusterModel, Spread, build_ray_spread, build_spread
 from service.config import Settings
+from service.continuous import ContinuousEnded
 from service.events import ScanFailed
 from service.health import HealthServer
 from service.incremental import Incremental
@@ -100,7 +101,10 @@ class Service:
         self._why_not_ready = "starting"
         # with Ray, the model as the actors loaded it (the service process loads none)
         self.denoiser: DenoiseEngine | ClusterModel | None = None
-        self.scans: queue.Queue[CompletedScan | None] = queue.Queue(settings.worker.queue_scans)
+        # complete scans, and continuous scans' windows and ends (service.continuous)
+        self.scans: queue.Queue[CompletedScan | ContinuousEnded | None] = queue.Queue(
+            settings.worker.queue_scans
+        )
         self.metrics.watch_queue("scans", self.scans.qsize)
         self.metrics.batch_size.set(settings.worker.batch_rows)
         if self.device.type == "cuda":

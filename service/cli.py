@@ -184,7 +184,24 @@ def _add_simulate(command: Command) -> None:
         help="keep the phantom volume in this HDF5 file",
     )
     _add_fault_flags(sim)
+    _add_continuous_flags(sim)
     add_curve_flags(sim)
+
+
+def _add_continuous_flags(sim: argparse.ArgumentParser) -> None:
+    group = sim.add_argument_group("continuous rotation (protocol v1.1; docs/protocol.md)")
+    group.add_argument(
+        "--continuous",
+        action="store_true",
+        help="an open-ended rotation of a growing inclusion (--angles: projections a half-turn)",
+    )
+    group.add_argument("--turns", type=int, default=3, help="full turns to send")
+    group.add_argument(
+        "--window", type=int, default=None, help="projections per reconstruction (a half-turn)"
+    )
+    group.add_argument(
+        "--every", type=int, default=None, help="projections between reconstructions (window)"
+    )
 
 
 def _add_fault_flags(sim: argparse.ArgumentParser) -> None:

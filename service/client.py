@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import msgpack
@@ -80,7 +80,7 @@ class Detector:
         self, scan_id: str, rows: int, cols: int, n_angles: int, dtype: str, **options: Any
     ) -> ScanStart:
         """Send `scan_start`; `options` are the optional header keys (theta, center, n_dark,
-        n_flat, normalized, meta)."""
+        n_flat, normalized, meta; v1.1: continuous, window, every)."""
         if "theta" in options and options["theta"] is not None:
             options["theta"] = tuple(float(t) for t in options["theta"])
         start = ScanStart(scan_id, self.next_seq(scan_id), rows, cols, n_angles, dtype, **options)
@@ -93,8 +93,13 @@ class Detector:
         scan_id: str,
         index: int,
         data: np.ndarray,
+        theta: Sequence[float] | None = None,
     ) -> None:
-        self.send(FrameChunk.from_array(kind, scan_id, self.next_seq(scan_id), index, data))
+        """`theta`: one angle per projection (radians, protocol v1.1), e.g. of a fly scan."""
+        chunk = FrameChunk.from_array(kind, scan_id, self.next_seq(scan_id), index, data)
+        if theta is not None:
+            chunk = replace(chunk, theta=tuple(float(t) for t in theta))
+        self.send(chunk)
 
     def end_scan(self, scan_id: str, count: int) -> None:
         self.send(ScanEnd(scan_id, self.next_seq(scan_id), count))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 EVENT_TOPIC = "event"  # the publisher's topic of every scan event
@@ -104,6 +104,8 @@ class ScanCompleted:
     center_source: str | None = None
     preprocessing: dict[str, str] = field(default_factory=dict)
     zinger_pixels: int = 0
+    # a continuous scan's end (service.continuous): the windows reconstructed; None otherwise
+    windows: int | None = None
     type: Literal["scan_completed"] = field(default="scan_completed", init=False)
 
     def encode(self) -> dict[str, Any]:
@@ -125,6 +127,8 @@ class ScanCompleted:
                 preprocessing=dict(self.preprocessing),
                 zinger_pixels=self.zinger_pixels,
             )
+        if self.windows is not None:
+            header["windows"] = self.windows
         return header
 
     @classmethod
@@ -133,7 +137,7 @@ class ScanCompleted:
         latency = header.get("latency")
         if not isinstance(latency, Mapping):
             raise ValueError(f"scan_completed: latency={latency!r} is not a map")
-        return cls(
+        completed = cls(
             _str(header, "scan_id"),
             _int(header, "slices"),
             _int(header, "missing_projections"),
@@ -144,6 +148,9 @@ class ScanCompleted:
             _int(header, "non_finite_pixels") if "non_finite_pixels" in header else 0,
             *_centre(header),
         )
+        if "windows" in header:
+            completed = replace(completed, windows=_int(header, "windows"))
+        return completed
 
 
 @dataclass(frozen=True)
@@ -271,6 +278,10 @@ class SliceHeader:
     # when the guard did not score the slice (no denoiser, guard off, topic `recon`, or a score
     # that is not finite: then `denoised` is False)
     consistency: float | None = None
+    # a continuous scan's window (service.continuous): `window_index`, `first_projection`,
+    # `last_projection` (ints) and `continuous_scan` (the scan_id of the scan_start); None
+    # for other scans, whose headers have none of these keys
+    window: dict[str, Any] | None = None
 
     def encode(self) -> dict[str, Any]:
         header: dict[str, Any] = {
@@ -296,6 +307,8 @@ class SliceHeader:
             header["denoised"] = self.denoised
         if self.consistency is not None and math.isfinite(self.consistency):
             header["consistency"] = self.consistency
+        if self.window is not None:
+            header.update(self.window)
         return header
 
     @classmethod
@@ -332,6 +345,7 @@ class SliceHeader:
             scale=_float(header, "scale") if _is_number(scale) else None,
             denoised=denoised if isinstance(denoised, bool) else None,
             consistency=_finite_or_none(consistency),
+            window=_window(header),
         )
 
     @property
@@ -491,3 +505,16 @@ def _float(header: Mapping[str, Any], key: str) -> float:
     if not _is_number(value):
         raise ValueError(f"{key}={value!r} is not a number")
     return float(value)
+
+
+WINDOW_KEYS = ("window_index", "first_projection", "last_projection")
+
+
+def _window(header: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A continuous scan's window keys of a slice header, or None when it has none."""
+    if "window_index" not in header:
+        return None
+    window: dict[str, Any] = {key: _int(header, key) for key in WINDOW_KEYS}
+    if isinstance(header.get("continuous_scan"), str):
+        window["continuous_scan"] = header["continuous_scan"]
+    return window

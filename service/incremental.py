@@ -349,6 +349,8 @@ class Incremental(StageThread):
             return f"its centre moved from {state.center:g} to {scan.center:g}"
         if tuple(scan.sinogram.shape) != (start.rows, start.n_angles, start.cols):
             return "its preprocessing changed the sinogram's shape"
+        if not np.array_equal(scan.theta, start.theta_array()):  # protocol v1.1 chunk theta
+            return "its projections carried angles other than the scan_start's"
         return ""
 
     def _give_up(self, state: _Scan, why: str) -> None:

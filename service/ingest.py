@@ -18,12 +18,15 @@ from __future__ import annotations
 import logging
 import queue
 import time
+from collections import deque
+from dataclasses import replace
 from typing import Any
 
 import torch
 import zmq
 
 from service.config import IngestSettings
+from service.continuous import MAX_PENDING_WINDOWS, ContinuousEnded, WindowReady
 from service.errors import ProtocolError
 from service.events import ScanFailed
 from service.incremental import Incremental
@@ -109,7 +112,7 @@ class Ingest(StageThread):
         settings: IngestSettings,
         context: zmq.Context[Any],
         device: torch.device,
-        scans: queue.Queue[CompletedScan | None],
+        scans: queue.Queue[CompletedScan | ContinuousEnded | None],
         publisher: Publisher,
         metrics: Metrics,
         curve: ServerKeys | None = None,
@@ -136,6 +139,9 @@ class Ingest(StageThread):
         self._channel: PublishChannel | None = None
         self._drain_deadline = float("inf")
         self._rejections = RejectionLog()
+        # continuous scans' windows waiting for room in the loop's queue (drop-oldest)
+        self._windows: deque[CompletedScan] = deque()
+        self._windows_dropped: dict[str, int] = {}  # by continuous scan, until its end
 
     @property
     def live_scans(self) -> int:
@@ -191,6 +197,7 @@ class Ingest(StageThread):
                     frames = self._socket.recv_multipart(copy=False)
                     self.guarded("an ingest message (dropped)", self._handle, assembler, frames)
                 self._dispatch(assembler.expire(self.settings.scan_timeout_s))
+                self._offer_windows()
                 if self.tap is not None:  # projections not previewed yet, once one is due
                     self.tap.tick(assembler.scans.values())
                 self._rejections.tick()
@@ -243,6 +250,19 @@ class Ingest(StageThread):
         for outcome in outcomes:
             if isinstance(outcome, Clipped):
                 self.metrics.clipped_pixels.inc(outcome.pixels)
+            elif isinstance(outcome, WindowReady):
+                self._window_ready(outcome.scan)
+            elif isinstance(outcome, ContinuousEnded):
+                # after its windows, through the loop: its event follows their slices
+                self._offer_windows(block=True)
+                dropped = self._windows_dropped.pop(outcome.event.scan_id, 0)
+                if dropped:  # `windows`: those reconstructed
+                    windows = (outcome.event.windows or 0) - dropped
+                    outcome = ContinuousEnded(replace(outcome.event, windows=windows))
+                if not self._put(outcome, force=False):
+                    self._channel.send_event(outcome.event)
+            elif isinstance(outcome, Started) and outcome.start.continuous:
+                self._channel.send_event(outcome.event)  # no previews or incremental FBP
             elif isinstance(outcome, Started):
                 self._channel.send_event(outcome.event)
                 if self.tap is not None:
@@ -261,9 +281,43 @@ class Ingest(StageThread):
                     self.incremental.scan_failed(outcome.start)
                 if outcome.evicted:
                     self.metrics.scans_evicted.inc()
+                self._windows_dropped.pop(outcome.start.scan_id, None)
                 if self.preparer is not None:
                     self.preparer.cancel(outcome.start)
                 self._channel.send_event(outcome.event)
+
+    def _window_ready(self, scan: CompletedScan) -> None:
+        """A continuous scan's window: to the loop's queue when it has room, else it waits;
+        more than MAX_PENDING_WINDOWS waiting: the oldest is dropped (the loop is behind)."""
+        self._windows.append(scan)
+        self.metrics.continuous_windows.inc()
+        while len(self._windows) > MAX_PENDING_WINDOWS:
+            dropped = self._windows.popleft()
+            self.metrics.continuous_windows_dropped.inc()
+            assert dropped.window is not None
+            of = dropped.window["continuous_scan"]
+            self._windows_dropped[of] = self._windows_dropped.get(of, 0) + 1
+            log.warning(
+                "scan_id=%s dropped: the reconstruct loop is behind the continuous scan",
+                dropped.start.scan_id,
+            )
+        self._offer_windows()
+
+    def _offer_windows(self, block: bool = False) -> None:
+        """Hand waiting windows to the loop: as far as its queue has room, or all (`block`)."""
+        while self._windows:
+            if block:
+                self._hand_over(self._windows.popleft())
+                continue
+            try:
+                self.scans.put_nowait(self._windows[0])
+            except queue.Full:
+                break
+            self._windows.popleft()
+        if self.assembler is not None:
+            pending = sum(w.sinogram.numel() * w.sinogram.element_size() for w in self._windows)
+            rings = sum(r.nbytes for r in self.assembler.continuous.values())
+            self.metrics.continuous_buffer_bytes.set(rings + pending)
 
     def _hand_over(self, scan: CompletedScan) -> None:
         t0 = time.monotonic()
@@ -285,7 +339,7 @@ class Ingest(StageThread):
                 )
             )
 
-    def _put(self, item: CompletedScan | None, force: bool) -> bool:
+    def _put(self, item: CompletedScan | ContinuousEnded | None, force: bool) -> bool:
         """Block while the loop is busy (backpressure). After stop, a scan waits until the
         drain deadline; the end-of-stream sentinel (force) is always delivered."""
         while True:

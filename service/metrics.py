@@ -156,6 +156,22 @@ class Metrics:
             "Live scans failed to make room for a new one after ingest.idle_evict_s of silence",
             registry=r,
         )
+        # continuous scans (protocol v1.1, service.continuous)
+        self.continuous_windows = Counter(
+            "tomocast_continuous_windows_total",
+            "Windows of continuous scans cut for reconstruction (rate: windows per second)",
+            registry=r,
+        )
+        self.continuous_windows_dropped = Counter(
+            "tomocast_continuous_windows_dropped_total",
+            "Windows of continuous scans dropped because the reconstruct loop was behind",
+            registry=r,
+        )
+        self.continuous_buffer_bytes = Gauge(
+            "tomocast_continuous_buffer_bytes",
+            "Ring buffers of live continuous scans plus their windows waiting for the loop",
+            registry=r,
+        )
         self.geometry_prepares = Counter(
             "tomocast_geometry_prepares_total",
             "FBP geometries asked for at scan start, by outcome",

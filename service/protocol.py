@@ -93,6 +93,12 @@ class ScanStart:
     n_flat: int = 0
     normalized: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
+    # v1.1 continuous rotation (service.continuous): open-ended, a reconstruction of the
+    # latest `window` projections every `every` projections; None: the defaults (decode fills
+    # them in for a continuous scan)
+    continuous: bool = False
+    window: int | None = None
+    every: int | None = None
 
     @property
     def type(self) -> str:
@@ -119,6 +125,7 @@ class FrameChunk:
     index: int
     count: int
     payload: bytes | memoryview
+    theta: tuple[float, ...] | None = None  # v1.1 projections: one angle each, radians
 
     @property
     def type(self) -> str:
@@ -215,9 +222,16 @@ def encode(message: Message) -> list[bytes | memoryview]:
             header["center"] = float(message.center)
         if message.meta:
             header["meta"] = message.meta
+        if message.continuous:
+            header["continuous"] = True
+            for key in ("window", "every"):
+                if getattr(message, key) is not None:
+                    header[key] = getattr(message, key)
         return [msgpack.packb(header)]
     if isinstance(message, FrameChunk):
         header.update(index=message.index, count=message.count)
+        if message.theta is not None:
+            header["theta"] = [float(t) for t in message.theta]
         return [msgpack.packb(header), message.payload]
     header["count"] = message.count
     return [msgpack.packb(header)]
@@ -276,9 +290,74 @@ def decode(frames: Sequence[Any], limits: Limits) -> Message:
     index = get.int_("index", minimum=0)
     count = get.int_("count", minimum=1)
     bound = limits.max_angles if kind == "projections" else limits.max_reference_frames
-    if index + count > bound:
+    if kind == "projections" and count <= bound and index <= MAX_CONTINUOUS_INDEX:
+        # continuous scans number projections without end: the scan checks the index range
+        pass
+    elif index + count > bound:
         raise fail("too_large", f"index+count={index + count} exceeds the limit of {bound} frames")
-    return FrameChunk(kind, scan_id, seq, index, count, _frame_bytes(frames[1]))
+    theta = None
+    if kind == "projections":
+        theta = _theta(get.optional("theta", list), count, "count", fail)
+    return FrameChunk(kind, scan_id, seq, index, count, _frame_bytes(frames[1]), theta)
+
+
+# v1.1: a continuous scan's projection index may pass n_angles; a bound all the same (2**48
+# projections: years at 1 MHz) so that index arithmetic stays exact in float64
+MAX_CONTINUOUS_INDEX = 1 << 48
+
+
+def _theta(theta: list[Any] | None, n: int, name: str, fail: Any) -> tuple[float, ...] | None:
+    """A theta list as sent: `n` finite numbers (radians) within float32's range, or None."""
+    if theta is None:
+        return None
+    if len(theta) != n:
+        raise fail("bad_value", f"theta has {len(theta)} angles, {name}={n}")
+    if not all(_is_number(t) and abs(t) <= FLOAT32_MAX for t in theta):
+        # the loop computes in float32: 1e39 is finite here and inf there
+        raise fail(
+            "bad_value",
+            f"theta must be a list of finite numbers (radians) within float32's "
+            f"+-{FLOAT32_MAX:.4g}",
+        )
+    return tuple(float(t) for t in theta)
+
+
+def _continuous(
+    get: _Getter, rows: int, cols: int, n_angles: int, theta: Any, limits: Limits, fail: Any
+) -> tuple[bool, int | None, int | None]:
+    """v1.1 `continuous`, `window`, `every` of a scan_start: checked, defaults filled in."""
+    continuous = bool(get.optional("continuous", bool))
+    if not continuous:
+        for key in ("window", "every"):
+            if key in get.header:
+                raise fail("bad_value", f"{key} is only meaningful with continuous=true")
+        return False, None, None
+    window = get.int_("window", minimum=1, default=0) or half_turn(n_angles, theta)
+    every = get.int_("every", minimum=1, default=0) or window
+    if window < 2:
+        raise fail("bad_value", f"window={window} must be >= 2 projections")
+    if window > limits.max_angles:
+        raise fail("bad_value", f"window={window} exceeds max_angles={limits.max_angles}")
+    if every > limits.max_angles:
+        raise fail("bad_value", f"every={every} exceeds max_angles={limits.max_angles}")
+    ring = rows * cols * window * 4
+    if ring > limits.max_scan_bytes:
+        raise fail(
+            "too_large",
+            f"the ring buffer window*rows*cols*4 = {ring} bytes exceeds "
+            f"max_scan_bytes={limits.max_scan_bytes}: a smaller window or bin the detector",
+        )
+    return True, window, every
+
+
+def half_turn(n_angles: int, theta: tuple[float, ...] | None) -> int:
+    """Projections in a half-turn: pi over the declared theta's step when it has one, else
+    n_angles (the default theta spans [0, pi) in n_angles steps)."""
+    if theta is not None and len(theta) >= 2:
+        step = abs(theta[1] - theta[0])
+        if step > 0 and math.isfinite(math.pi / step):
+            return max(2, min(1 << 30, round(math.pi / step)))
+    return n_angles
 
 
 def _scan_start(get: _Getter, scan_id: str, seq: int, limits: Limits, fail: Any) -> ScanStart:
@@ -302,18 +381,8 @@ def _scan_start(get: _Getter, scan_id: str, seq: int, limits: Limits, fail: Any)
             f"rows*n_angles*cols*4 = {scan_bytes} bytes exceeds "
             f"max_scan_bytes={limits.max_scan_bytes}",
         )
-    theta = get.optional("theta", list)
-    if theta is not None:
-        if len(theta) != n_angles:
-            raise fail("bad_value", f"theta has {len(theta)} angles, n_angles={n_angles}")
-        if not all(_is_number(t) and abs(t) <= FLOAT32_MAX for t in theta):
-            # the loop computes in float32: 1e39 is finite here and inf there
-            raise fail(
-                "bad_value",
-                f"theta must be a list of finite numbers (radians) within float32's "
-                f"+-{FLOAT32_MAX:.4g}",
-            )
-        theta = tuple(float(t) for t in theta)
+    theta = _theta(get.optional("theta", list), n_angles, "n_angles", fail)
+    continuous, window, every = _continuous(get, rows, cols, n_angles, theta, limits, fail)
     center = get.optional("center", (int, float))
     convention = get.optional("center_convention", str)
     if convention is not None and convention not in CENTER_CONVENTIONS:
@@ -352,6 +421,9 @@ def _scan_start(get: _Getter, scan_id: str, seq: int, limits: Limits, fail: Any)
         n_flat,
         bool(normalized),
         meta,
+        continuous,
+        window,
+        every,
     )
 
 

@@ -192,7 +192,7 @@ class PublishChannel:
 
     def begin(self, scan: ScanDescription) -> None:
         self._headers[scan.scan_id] = SliceHeader(
-            scan.scan_id, scan.rows, scan.model, scan.t_last_projection, 0, {}
+            scan.scan_id, scan.rows, scan.model, scan.t_last_projection, 0, {}, window=scan.window
         )
 
     def write(self, batch: SliceBatch) -> None:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from service.config import GuardSettings, PublishSettings, WorkerSettings
+from service.continuous import ContinuousEnded
 from service.events import ScanCompleted, ScanEnded, ScanFailed, ScanLatency
 from service.guard import Pending, ScanGuard, record
 from service.incremental import Incremental, Partial
@@ -157,7 +158,7 @@ class Worker(StageThread):
         self,
         settings: WorkerSettings,
         publish: PublishSettings,
-        scans: queue.Queue[CompletedScan | None],
+        scans: queue.Queue[CompletedScan | ContinuousEnded | None],
         reconstructor: Reconstructor,
         denoiser: Denoiser | None,
         sinks: list[SliceSink],
@@ -216,11 +217,16 @@ class Worker(StageThread):
                 scan = self.scans.get_nowait()
             except queue.Empty:
                 return lost
-            if scan is not None:
+            if isinstance(scan, ContinuousEnded):
+                lost.append(scan.event.scan_id)
+            elif scan is not None:
                 lost.append(scan.start.scan_id)
 
     def _run(self) -> None:
         while not self._abandoned.is_set() and (scan := self.scans.get()) is not None:
+            if isinstance(scan, ContinuousEnded):  # after its windows' slices
+                self._end(scan.event)
+                continue
             self.metrics.queue_depth.labels("scans").set(self.scans.qsize())
             self.busy = True
             self._current = scan.start.scan_id
@@ -310,6 +316,7 @@ class Worker(StageThread):
             t_last_projection=scan.t_last_projection,
             meta=scan.start.meta,
             **preprocessing_fields(scan),
+            window=scan.window,
         )
 
     def _completed(

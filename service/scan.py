@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from service.continuous import ContinuousEnded, ContinuousScan, WindowReady
 from service.errors import ProtocolError
 from service.events import ScanFailed, ScanStarted
 from service.preprocess import FrameSteps
-from service.protocol import FrameChunk, Limits, Message, ScanEnd, ScanStart
+from service.protocol import FrameChunk, Limits, Message, ScanEnd, ScanStart, half_turn
 from service.sinogram import (
     MIN_ANGLES,
     CompletedScan,
@@ -77,7 +78,7 @@ class Clipped:
     pixels: int
 
 
-Outcome = Started | Completed | Failed | Clipped
+Outcome = Started | Completed | Failed | Clipped | WindowReady | ContinuousEnded
 
 
 class ScanAssembler:
@@ -113,10 +114,11 @@ class ScanAssembler:
         self.idle_evict_s = idle_evict_s
         self.limits = limits if limits is not None else Limits()
         self.scans: dict[str, ScanBuffer] = {}
+        self.continuous: dict[str, ContinuousScan] = {}  # v1.1 continuous scans (their rings)
 
     @property
     def live_scans(self) -> int:
-        return len(self.scans)
+        return len(self.scans) + len(self.continuous)
 
     def handle(self, message: Message, client: str | None = None) -> list[Outcome]:
         """Apply one message; `client`: the sender's authenticated identity, if any. Raises
@@ -124,6 +126,8 @@ class ScanAssembler:
         for its rejection count."""
         if isinstance(message, ScanStart):
             return self._start(message, client)
+        if message.scan_id in self.continuous:
+            return self._continuous(self.continuous[message.scan_id], message, client)
         scan = self.scans.get(message.scan_id)
         owner = self.clients.get(message.scan_id)
         if scan is not None and client is not None and owner is not None and owner != client:
@@ -168,20 +172,29 @@ class ScanAssembler:
             received = f"{int(scan.received.sum())} of {scan.start.n_angles} projections"
             why = f"no message for {timeout_s:g} s (ingest.scan_timeout_s); {received} had arrived"
             failed.append(self._fail(scan, why))
+        rings = self.continuous.values()
+        for ring in [r for r in rings if now - r.buffer.t_last_message > timeout_s]:
+            why = f"no message for {timeout_s:g} s (ingest.scan_timeout_s); {ring.windows} windows"
+            failed.append(self._fail_continuous(ring, why))
         return failed
 
     def extend_deadlines(self, seconds: float) -> None:
         """Credit every live scan with `seconds` of silence that was not the DAQ's doing."""
         for scan in self.scans.values():
             scan.t_last_message += seconds
+        for ring in self.continuous.values():
+            ring.buffer.t_last_message += seconds
 
     def drop_all(self, reason: str) -> list[Failed]:
-        return [self._fail(scan, reason) for scan in list(self.scans.values())]
+        rings = [self._fail_continuous(r, reason) for r in list(self.continuous.values())]
+        return [self._fail(scan, reason) for scan in list(self.scans.values())] + rings
 
     # ---- message kinds ---------------------------------------------------------------------
 
     def _start(self, start: ScanStart, client: str | None = None) -> list[Outcome]:
         self._check_new(start)
+        if start.continuous:
+            return self._start_continuous(start, client)
         evicted = self._evict_own(start, client)
         evicted += self._evict_for(start)
         self._check_room(start)
@@ -211,9 +224,97 @@ class ScanAssembler:
         return [*evicted, Started(start)]
 
     def _bytes(self, start: ScanStart) -> int:
-        """The sinogram bytes scan `start` holds while it is assembled."""
+        """The sinogram bytes scan `start` holds while it is assembled (a continuous scan:
+        its ring of `window` projections)."""
         itemsize = storage_for(start, self.storage)[0].itemsize
-        return start.rows * start.n_angles * start.cols * itemsize
+        angles = start.n_angles
+        if start.continuous:
+            angles = start.window or half_turn(start.n_angles, start.theta)
+        return start.rows * angles * start.cols * itemsize
+
+    @property
+    def held_bytes(self) -> int:
+        """Sinogram and ring bytes of the live scans."""
+        rings = sum(r.nbytes for r in self.continuous.values())
+        return sum(s.nbytes for s in self.scans.values()) + rings
+
+    # ---- continuous scans (v1.1, service.continuous) ----------------------------------------
+
+    def _start_continuous(self, start: ScanStart, client: str | None) -> list[Outcome]:
+        if start.scan_id in self.continuous:
+            raise refused(start, "scan_exists", f"scan {start.scan_id!r} is already live")
+        self._check_room(start)
+        try:
+            steps = self.frame_steps(start) if self.frame_steps is not None else None
+            ring = ContinuousScan(start, self.device, self.storage, steps)
+        except torch.cuda.OutOfMemoryError:
+            raise refused(
+                start, "too_large", f"the device has no room for a {self._bytes(start)} byte ring"
+            ) from None
+        if ring.buffer.references_ready:
+            ring.buffer.finalise_references()
+        self.continuous[start.scan_id] = ring
+        if client is not None:
+            self.clients[start.scan_id] = client
+        log.info(
+            "scan_id=%s seq=%d started continuous: %d rows x %d cols, window %d every %d",
+            *(start.scan_id, start.seq, start.rows, start.cols, start.window, start.every),
+        )
+        return [Started(start)]
+
+    def _continuous(
+        self, ring: ContinuousScan, message: FrameChunk | ScanEnd, client: str | None
+    ) -> list[Outcome]:
+        owner = self.clients.get(message.scan_id)
+        if client is not None and owner is not None and owner != client:
+            raise refused(message, "unknown_scan", "another client key started this scan")
+        if message.seq <= ring.max_seq:
+            # a continuous scan keeps no set of seqs (it would grow without end): in order only
+            ring.buffer.rejected += 1
+            raise refused(
+                message,
+                "duplicate",
+                f"seq {message.seq} <= {ring.max_seq} already received (a continuous scan's "
+                "messages come in seq order)",
+            )
+        try:
+            outcomes = self._continuous_message(ring, message)
+        except ProtocolError:
+            ring.buffer.rejected += 1
+            raise
+        ring.max_seq = message.seq
+        ring.buffer.t_last_message = time.monotonic()
+        return outcomes
+
+    def _continuous_message(
+        self, ring: ContinuousScan, message: FrameChunk | ScanEnd
+    ) -> list[Outcome]:
+        if isinstance(message, ScanEnd):
+            self.continuous.pop(message.scan_id, None)
+            self.clients.pop(message.scan_id, None)
+            log.info(
+                "scan_id=%s continuous scan ended: %d windows (%d skipped)",
+                *(message.scan_id, ring.windows, ring.skipped),
+            )
+            return [ContinuousEnded(ring.ended())]
+        if message.kind != "projections":
+            return self._frames(ring.buffer, message)
+        if message.index < ring.next_index:
+            raise refused(
+                message,
+                "index_out_of_range",
+                f"projection index {message.index} < {ring.next_index}, the next expected: a "
+                "continuous scan's projections come in increasing index order",
+            )
+        data = message.to_array(ring.buffer.start)
+        clipped, windows = ring.store(message, data)
+        return [*_clipped(clipped), *(WindowReady(w) for w in windows)]
+
+    def _fail_continuous(self, ring: ContinuousScan, reason: str) -> Failed:
+        self.continuous.pop(ring.start.scan_id, None)
+        self.clients.pop(ring.start.scan_id, None)
+        log.error("scan_id=%s failed: %s", ring.start.scan_id, reason)
+        return Failed(ring.start, reason)
 
     def _fits(self, start: ScanStart, leaving: list[ScanBuffer]) -> bool:
         """Whether scan `start` fits the live limits once the scans `leaving` are gone."""
@@ -285,7 +386,7 @@ class ScanAssembler:
 
     def _check_new(self, start: ScanStart) -> None:
         """Refuse a start that is not new or cannot be flat-field corrected."""
-        if start.scan_id in self.scans:
+        if start.scan_id in self.scans or start.scan_id in self.continuous:
             raise refused(
                 start,
                 "scan_exists",
@@ -302,14 +403,15 @@ class ScanAssembler:
     def _check_room(self, start: ScanStart) -> None:
         """Refuse a start that does not fit beside the live scans."""
         limit = self.limits.max_live_scans
-        if len(self.scans) >= limit:
+        live = len(self.scans) + len(self.continuous)
+        if live >= limit:
             raise refused(
                 start,
                 "too_many_scans",
-                f"{len(self.scans)} scans are live (ingest.max_live_scans={limit})",
+                f"{live} scans are live (ingest.max_live_scans={limit})",
             )
         need = self._bytes(start)
-        held = sum(s.nbytes for s in self.scans.values())
+        held = self.held_bytes
         if held + need > self.limits.max_live_bytes:
             raise refused(
                 start,
@@ -358,6 +460,8 @@ class ScanAssembler:
                     f"projections {span.start}..{span.stop - 1} overlap ones already received",
                 )
             clipped = scan.store(chunk.index, data)
+            if chunk.theta is not None:  # v1.1: the angles measured with these frames
+                scan.theta[chunk.index : chunk.index + chunk.count] = chunk.theta
             scan.t_last_projection = time.time()
             return _clipped(clipped)
         refs = scan.darks if chunk.kind == "dark" else scan.flats

@@ -47,6 +47,8 @@ class ScanDescription:
     center_source: str = "declared"
     # what `[preprocess]` applied before FBP: setting -> what ran (service.preprocess)
     preprocessing: dict[str, str] = field(default_factory=dict)
+    # a window of a continuous scan: the slice header keys it adds (service.continuous)
+    window: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

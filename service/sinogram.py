@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,6 +62,9 @@ class CompletedScan:
     # estimates the noise from the sinogram.
     flat_counts: torch.Tensor | None = None
     preprocessing: Preprocessing | None = None  # what [preprocess] did (service.preprocess)
+    # a window of a continuous scan (service.continuous): the slice header keys
+    # `window_index`, `first_projection`, `last_projection`, `continuous_scan`; None otherwise
+    window: dict[str, Any] | None = None
 
 
 @dataclass

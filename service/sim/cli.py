@@ -18,6 +18,8 @@ from service.sim.simulate import Faults, ScanPacer, simulate_scan, write_truth
 
 
 def run_simulate(args: argparse.Namespace) -> int:
+    if args.continuous:
+        return run_continuous(args)
     with Detector(args.connect, curve=client_keys(args)) as detector:
         for i in range(args.scans):
             scan_id = args.scan_id if args.scans == 1 else f"{args.scan_id}-{i:04d}"
@@ -55,6 +57,31 @@ def run_simulate(args: argparse.Namespace) -> int:
                     theta=None if scan.start.theta is None else list(scan.start.theta),
                     meta=scan.start.meta,
                 )
+    return 0
+
+
+def run_continuous(args: argparse.Namespace) -> int:
+    """`simulate --continuous`: `--turns` turns of a growing inclusion, `--angles` a half-turn."""
+    from service.sim.continuous import send_continuous
+
+    with (
+        Detector(args.connect, curve=client_keys(args)) as detector,
+        tqdm(total=2 * args.angles * args.turns, desc=args.scan_id, file=sys.stderr) as bar,
+    ):
+        send_continuous(
+            detector,
+            args.scan_id,
+            rows=args.rows,
+            cols=args.cols,
+            half_turn=args.angles,
+            turns=args.turns,
+            window=args.window,
+            every=args.every,
+            center=args.center,
+            chunk=args.chunk,
+            pace=ScanPacer(args.rate).wait,
+            progress=bar.update,
+        )
     return 0
 
 

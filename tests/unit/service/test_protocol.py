@@ -155,11 +155,16 @@ def test_frames_need_a_payload_and_sane_index() -> None:
             "type": "projections",
             "scan_id": "s",
             "seq": 1,
-            "index": LIMITS.max_angles,
-            "count": 1,
+            "index": 0,
+            "count": LIMITS.max_angles + 1,
         }
     )
     assert reason_of([big, b""]) == "too_large"
+    # v1.1: continuous scans number projections past max_angles (the scan checks the index)
+    far = msgpack.packb(
+        {"v": 1, "type": "projections", "scan_id": "s", "seq": 1, "index": 1 << 49, "count": 1}
+    )
+    assert reason_of([far, b""]) == "too_large"
 
 
 def test_payload_size_and_non_finite_are_checked_against_the_scan() -> None:
