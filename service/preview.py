@@ -155,7 +155,7 @@ class Previewer(StageThread):
         # complete scans handed to the reconstruct loop and not ended there (under `_put`):
         # while there are any, previews wait (they would take compute from the loop, from
         # the scan's preprocessing on), and a render stops between rows
-        self._finals = 0
+        self._finals: set[str] = set()  # scans handed to the loop and not ended yet
         live.on_change(self.rerender)
         if incremental is not None:  # a block folded in: the scan's preview has more angles
             incremental.on_fold(self.rerender)
@@ -201,19 +201,19 @@ class Previewer(StageThread):
 
     def end(self, outcome: ScanEnded) -> None:
         self.end_previews(outcome.scan_id)  # also a scan that failed before `begin`
-        with self._put:
-            self._finals = max(0, self._finals - 1)
+        with self._put:  # only scans counted in: a continuous scan's windows never were
+            self._finals.discard(outcome.scan_id)
 
-    def final_queued(self) -> None:
+    def final_queued(self, scan_id: str) -> None:
         """A complete scan goes to the reconstruct loop (the ingest thread, as it hands it
         over): previews wait until the loop has ended it."""
         with self._put:
-            self._finals += 1
+            self._finals.add(scan_id)
 
     @property
     def loop_busy(self) -> bool:
         with self._put:
-            return self._finals > 0
+            return bool(self._finals)
 
     # ---- the preview thread -----------------------------------------------------------------
 
@@ -441,7 +441,7 @@ class PreviewTap:
                 scan.t_last_projection,
             )
         if self.previewer is not None:
-            self.previewer.final_queued()
+            self.previewer.final_queued(scan_id)
         self._centering.discard(scan_id)
         live = self.live.close(scan_id)
         if live is not None and live.source == "estimated":

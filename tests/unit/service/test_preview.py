@@ -189,7 +189,10 @@ def test_previews_wait_while_the_loop_works_and_end_when_final_slices_begin() ->
     try:
         with Subscriber(publisher.endpoint, ("preview",), context=context) as viewer:
             viewer.wait_ready()
-            previewer.final_queued()  # another scan goes to the loop
+            previewer.final_queued("other")  # another scan goes to the loop
+            # the end of a scan never counted in (a continuous scan's window) frees nothing
+            previewer.end(ScanFailed("continuous.w0", "test"))
+            assert previewer.loop_busy
             previewer.begin(description("other"))
             previewer.submit(snapshot("a"))
             assert viewer.recv(timeout=0.3) is None, "a preview while the loop was busy"
@@ -197,7 +200,7 @@ def test_previews_wait_while_the_loop_works_and_end_when_final_slices_begin() ->
             got = [viewer.recv(timeout=10) for _ in range(2)]
             assert all(m is not None and m.topic == "preview" for m in got)
             assert [m.header["index"] for m in got if m is not None] == [1, 2]
-            previewer.final_queued()
+            previewer.final_queued("a")
             previewer.begin(description("a"))  # the final slices of "a" begin
             previewer.submit(snapshot("a"))
             previewer.end(ScanFailed("a", "test"))
