@@ -36,6 +36,11 @@ class SliceFrame:
     stored: bytes  # binned to fit the scan cache (the same bytes when the bins agree)
     meta: str  # the frame's JSON header alone, for browsers that are not following
     end_to_end: float | None  # seconds, last projection -> published
+    # a continuous scan's window (protocol v1.1): its scan_start's scan_id, the window's index
+    # and the projections it spans (inclusive); None for the slices of other scans
+    continuous_scan: str | None = None
+    window_index: int | None = None
+    projections: tuple[int, int] | None = None
 
 
 class ClientQueue:
@@ -171,6 +176,64 @@ class ScanStore:
         }
 
 
+WINDOWS_KEPT = 64  # the last windows of a continuous scan kept for the time control
+
+
+@dataclass
+class WindowStore:
+    """The windows of the current continuous scan, for the page's time control: every row of
+    the last `kept` windows (older ones are dropped whole), so memory is bounded however long
+    the sample turns. Owned by the event loop thread."""
+
+    kept: int = WINDOWS_KEPT
+    scan_id: str | None = None
+    windows: dict[int, dict[tuple[str, int], bytes]] = field(default_factory=dict)
+    spans: dict[int, tuple[int, int]] = field(default_factory=dict)  # k -> projections
+    latest: int | None = None
+
+    def add(self, frame: SliceFrame) -> None:
+        assert frame.window_index is not None
+        if frame.continuous_scan != self.scan_id:
+            self.scan_id, self.windows, self.spans, self.latest = (
+                frame.continuous_scan,
+                {},
+                {},
+                None,
+            )
+        k = frame.window_index
+        if k not in self.windows:
+            if self.windows and k < min(self.windows) and len(self.windows) >= self.kept:
+                return  # older than all kept: it would be the one dropped
+            self.windows[k] = {}
+            while len(self.windows) > self.kept:
+                oldest = min(self.windows)
+                del self.windows[oldest]
+                self.spans.pop(oldest, None)
+        self.windows[k][(frame.topic, frame.index)] = frame.stored
+        if frame.projections is not None:
+            self.spans[k] = frame.projections
+        self.latest = k if self.latest is None else max(self.latest, k)
+
+    def get(self, k: int, index: int) -> list[bytes]:
+        frames = self.windows.get(k, {})
+        return [frames[(topic, index)] for topic in ("recon", "slice") if (topic, index) in frames]
+
+    def newest(self) -> list[bytes]:
+        """Every slice of the newest window (for a page that joins)."""
+        if self.latest is None:
+            return []
+        frames = self.windows[self.latest]
+        return [frames[key] for key in sorted(frames, key=lambda key: (key[1], key[0]))]
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "continuous_scan": self.scan_id,
+            "kept": self.kept,
+            "windows": sorted(self.windows),
+            "spans": {str(k): list(span) for k, span in sorted(self.spans.items())},
+        }
+
+
 class Broadcaster:
     """Routes the hub's messages to every browser's queue and answers the browsers' requests.
     Owned by the event loop thread."""
@@ -179,6 +242,7 @@ class Broadcaster:
         self.max_bytes = max_bytes
         self.clients: dict[int, ClientQueue] = {}
         self.store = ScanStore()
+        self.windows = WindowStore()
         self.publisher: dict[str, Any] = {"endpoint": endpoint, "connected": False, "info": None}
         self.frames_received = 0
         self._ids = itertools.count(1)
@@ -188,8 +252,14 @@ class Broadcaster:
         client = ClientQueue(next(self._ids), self.max_bytes)
         self.clients[client.id] = client
         client.put(dumps({"kind": "publisher", **self.publisher}), droppable=False)
-        client.put(dumps({"kind": "scan", **self.store.state()}), droppable=False)
-        if self.store.latest is not None:
+        client.put(
+            dumps({"kind": "scan", **self.store.state(), "windows": self.windows.state()}),
+            droppable=False,
+        )
+        if self.windows.scan_id is not None and self.windows.scan_id == self.store.scan_id:
+            for frame in self.windows.newest():
+                client.put(frame, droppable=True)
+        elif self.store.latest is not None:
             for frame in self.store.get(self.store.latest):
                 client.put(frame, droppable=True)
         log.info("browser %d connected (%d now)", client.id, len(self.clients))
@@ -219,13 +289,17 @@ class Broadcaster:
         """A slice for the browsers; kept for the slider unless it is a preview (the final
         slices replace previews, and a page that joins late waits for them)."""
         self.frames_received += 1
-        if frame.topic != PREVIEW and self.store.wants(frame.scan_id):
+        if frame.window_index is not None:
+            if frame.topic != PREVIEW:
+                self.windows.add(frame)  # a continuous scan's window: not a scan of its own
+        elif frame.topic != PREVIEW and self.store.wants(frame.scan_id):
             self.store.add(frame)
         for client in self.clients.values():
             client.put(frame.live if client.follow else frame.meta, droppable=True)
 
     def handle(self, client: ClientQueue, request: dict[str, Any]) -> None:
-        """A browser's request: {"get": index}, {"follow": bool} or {"ping": t}."""
+        """A browser's request: {"get": index}, {"get": index, "window": k} (a continuous
+        scan's window k), {"follow": bool} or {"ping": t}."""
         if "ping" in request:
             client.put_urgent(
                 dumps({"kind": "pong", "client": request["ping"], "server": time.time()})
@@ -233,10 +307,15 @@ class Broadcaster:
         if "follow" in request:
             client.follow = bool(request["follow"])
         if "get" in request:
-            index = request["get"]
-            reply: list[Message] = list(self.store.get(index)) if isinstance(index, int) else []
+            index, k = request["get"], request.get("window")
+            reply: list[Message] = []
+            if isinstance(index, int) and isinstance(k, int):
+                reply = list(self.windows.get(k, index))
+            elif isinstance(index, int) and k is None:
+                reply = list(self.store.get(index))
             if not reply:
-                reply = [dumps({"kind": "missing", "scan_id": self.store.scan_id, "index": index})]
+                missing = {"kind": "missing", "scan_id": self.store.scan_id, "index": index}
+                reply = [dumps(missing if k is None else {**missing, "window": k})]
             client.put_reply(reply)
 
     def status(self) -> dict[str, Any]:
@@ -250,6 +329,12 @@ class Broadcaster:
                 "status": store.status,
                 "frames_kept": len(store.frames),
                 "bytes_kept": sum(len(f) for f in store.frames.values()),
+            },
+            "windows": {
+                **self.windows.state(),
+                "bytes_kept": sum(
+                    len(f) for w in self.windows.windows.values() for f in w.values()
+                ),
             },
             "browsers": [
                 {

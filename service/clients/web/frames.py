@@ -3,6 +3,8 @@
     uint32 LE  n         length of the JSON header
     n bytes    header    UTF-8 JSON: kind "frame", topic, scan_id, index, rows, shape [h, w],
                          bin, model, t_last_projection, t_published, timing, t_viewer;
+                         a continuous scan's windows add window_index, first_projection,
+                         last_projection, continuous_scan;
                          previews (topic "preview") add plane, angles, n_angles, fraction,
                          center, center_source
     0..3 bytes padding   so the payload starts on a 4-byte boundary (a Float32Array view)
@@ -26,7 +28,20 @@ from typing import Any
 import numpy as np
 
 # Header keys of a published slice or preview that the page uses; anything else stays behind.
-FRAME_KEYS = ("scan_id", "index", "rows", "model", "t_last_projection", "t_published", "timing")
+FRAME_KEYS = (
+    "scan_id",
+    "index",
+    "rows",
+    "model",
+    "t_last_projection",
+    "t_published",
+    "timing",
+    # a continuous scan's window (protocol v1.1); absent for other scans
+    "window_index",
+    "first_projection",
+    "last_projection",
+    "continuous_scan",
+)
 PREVIEW_KEYS = ("plane", "angles", "n_angles", "fraction", "center", "center_source")
 
 

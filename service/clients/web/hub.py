@@ -18,7 +18,7 @@ from typing import Any
 import zmq
 
 from service.client import Published, Subscriber
-from service.clients.web.broadcast import PREVIEW, Broadcaster, SliceFrame
+from service.clients.web.broadcast import PREVIEW, WINDOWS_KEPT, Broadcaster, SliceFrame
 from service.clients.web.frames import (
     bin_slice,
     display_bin,
@@ -165,8 +165,10 @@ class SliceHub:
         if data.ndim != 2:
             raise ValueError(f"slice shape {data.shape} is not (h, w)")
         rows = typed.rows
+        window = typed.window if isinstance(typed, SliceHeader) else None
         live_bin = display_bin(data.shape, self.max_size)
-        kept_bin = store_bin(rows, data.shape, 2, self.cache_bytes, at_least=live_bin)
+        kept_rows = rows * WINDOWS_KEPT if window else rows  # the last windows share the cache
+        kept_bin = store_bin(kept_rows, data.shape, 2, self.cache_bytes, at_least=live_bin)
         live_data = bin_slice(data, live_bin)
         live_header = frame_header(message.topic, header, live_data.shape, live_bin)
         live_header["t_viewer"] = received  # splits the browser's delivery time in two
@@ -186,6 +188,9 @@ class SliceHub:
             stored=stored,
             meta=dumps({**live_header, "kind": "meta"}),
             end_to_end=end_to_end,
+            continuous_scan=window.get("continuous_scan") if window else None,
+            window_index=window["window_index"] if window else None,
+            projections=(window["first_projection"], window["last_projection"]) if window else None,
         )
 
     def _hand_over(self, method: Any, *args: Any) -> None:

@@ -7,6 +7,8 @@ const BUDGET_MS = 70;        // the service's per-slice latency budget
 const SPARK_POINTS = 150;    // slices shown in the sparkline
 const FRAME_CACHE = 64;      // recent frames kept here (the server keeps the whole scan)
 const TOPICS = ["recon", "slice"];
+const WINDOWS_KEPT = 64;     // windows of a continuous scan kept (as the server: WINDOWS_KEPT)
+const PLAY_MS = 400;         // one window per step when playing
 
 const $ = (id) => document.getElementById(id);
 const body = document.body;
@@ -24,6 +26,9 @@ const state = {
   // shown in the denoised panel until the final slice comes, and the latest XZ cut.
   previews: new Map(),         // index -> frame
   xz: null,
+  // A continuous scan's windows (protocol v1.1): their projection spans, the frames of the
+  // chosen row, and the window shown (null: none yet).
+  windows: emptyWindows(),
   // The viewer server's clock minus this browser's, in seconds, from the ping with the
   // shortest round trip; the service's clock is taken to agree with the viewer server's.
   clock: { offset: 0, rtt: Infinity, samples: [] },
@@ -33,6 +38,10 @@ const state = {
   lut: makeLut("gray"),
   lutName: "gray",
 };
+
+function emptyWindows() {
+  return { spans: new Map(), frames: new Map(), shown: null, playing: null };
+}
 
 function emptyScan(scanId, rows) {
   return { scanId, rows, status: scanId ? "running" : "idle", model: "", latency: new Map(),
@@ -93,7 +102,7 @@ function onText(message) {
       $("dropped-count").textContent = String(message.dropped);
       $("dropped").classList.toggle("lossy", message.dropped > 0);
       return;
-    case "missing": return;  // the slider asked for a slice the server has not got (yet)
+    case "missing": return;  // (or a window the server no longer keeps)  // the slider asked for a slice the server has not got (yet)
   }
 }
 
@@ -128,6 +137,11 @@ function onScanState(message) {
   for (const [index, seconds] of message.latency) {
     state.scan.latency.set(index, { pipeline: seconds * 1000, delivery: null, timing: {} });
   }
+  const windows = message.windows;
+  if (windows && windows.continuous_scan === message.scan_id) {
+    for (const [k, span] of Object.entries(windows.spans)) state.windows.spans.set(Number(k), span);
+    state.scan.continuous = windows.windows.length > 0;
+  }
   if (message.ended) onEvent(message.ended, false);
   updateProgress();
 }
@@ -135,6 +149,8 @@ function onScanState(message) {
 function onEvent(event, log = true) {
   if (event.event === "scan_started") {
     startScan(event.scan_id, event.rows, "running");
+  } else if (state.scan.continuous && event.scan_id.startsWith(`${state.scan.scanId}.w`)) {
+    return;  // a window's own scan_completed: the time control shows the window
   } else if (event.scan_id === state.scan.scanId) {
     state.scan.status = event.event === "scan_completed" ? "completed" : "failed";
     state.scan.ended = event;
@@ -176,6 +192,9 @@ function startScan(scanId, rows, status) {
   state.xz = null;
   state.shown = { recon: null, slice: null };
   state.shownIndex = null;
+  stopPlaying();
+  state.windows = emptyWindows();
+  $("window-row").hidden = true;
   const slider = $("slider");
   slider.max = String(Math.max(0, rows - 1));
   slider.disabled = rows < 1;
@@ -189,6 +208,7 @@ function startScan(scanId, rows, status) {
 function onFrame(frame) {
   const h = frame.header;
   if (h.topic === "preview") return onPreview(frame);
+  if (h.window_index != null) return onWindow(frame);
   if (h.scan_id !== state.scan.scanId) startScan(h.scan_id, h.rows, "running");
   const scan = state.scan;
   if (h.model) scan.model = h.model;
@@ -241,6 +261,72 @@ function onPreview(frame) {
   }
 }
 
+// A slice of a continuous scan's window k: grouped under the continuous scan. Following, the
+// newest window is shown at the chosen row (the middle one until the row slider moves).
+function onWindow(frame) {
+  const h = frame.header;
+  const scanId = h.continuous_scan || h.scan_id.replace(/\.w\d+$/, "");
+  if (scanId !== state.scan.scanId) startScan(scanId, h.rows, "running");
+  const scan = state.scan;
+  const windows = state.windows;
+  const k = h.window_index;
+  scan.continuous = true;
+  scan.rows = h.rows;
+  windows.spans.set(k, [h.first_projection, h.last_projection]);
+  while (windows.spans.size > WINDOWS_KEPT) windows.spans.delete(Math.min(...windows.spans.keys()));
+  if (state.shownIndex == null) state.shownIndex = Math.floor(h.rows / 2);
+  const row = state.shownIndex;
+  if (frame.pixels && h.index === row) {
+    windows.frames.set(`${h.topic}:${k}`, frame);
+    while (windows.frames.size > 2 * WINDOWS_KEPT) {
+      windows.frames.delete(windows.frames.keys().next().value);
+    }
+  }
+  $("window-row").hidden = false;
+  const slider = $("window-slider");
+  slider.min = String(Math.min(...windows.spans.keys()));
+  slider.max = String(Math.max(...windows.spans.keys()));
+  if (state.follow && h.index === row && (windows.shown == null || k >= windows.shown)) {
+    showWindow(k, false);
+  } else if (frame.pixels && k === windows.shown && h.index === row) {
+    state.shown[h.topic] = frame;
+    scheduleRender();
+  }
+  updateProgress();
+}
+
+// Show window k at the chosen row; ask the server for what is not here.
+function showWindow(k, request) {
+  const windows = state.windows;
+  windows.shown = k;
+  let missing = false;
+  for (const topic of TOPICS) {
+    state.shown[topic] = windows.frames.get(`${topic}:${k}`) || null;
+    missing ||= state.shown[topic] === null;
+  }
+  if (missing && request) send({ get: state.shownIndex, window: k });
+  $("window-slider").value = String(k);
+  $("slider").value = String(state.shownIndex);
+  scheduleRender();
+}
+
+function stepWindow(delta) {
+  const keys = [...state.windows.spans.keys()].sort((a, b) => a - b);
+  if (!keys.length) return false;
+  const now = state.windows.shown == null ? keys[keys.length - 1] : state.windows.shown;
+  const target = delta < 0 ? keys.filter((k) => k < now).pop() : keys.find((k) => k > now);
+  if (target == null) return false;
+  setFollow(false);
+  showWindow(target, true);
+  return true;
+}
+
+function stopPlaying() {
+  if (state.windows.playing != null) clearInterval(state.windows.playing);
+  state.windows.playing = null;
+  $("window-play").textContent = "play";
+}
+
 function recordLatency(h) {
   const pipeline = h.timing && h.timing.end_to_end != null ? h.timing.end_to_end * 1000 : null;
   const delivery = (Date.now() / 1000 + state.clock.offset - h.t_published) * 1000;
@@ -272,7 +358,9 @@ function updateProgress() {
   $("scan-id").textContent = scan.scanId || "no scan yet";
   $("scan-progress").max = Math.max(1, scan.rows);
   $("scan-progress").value = received;
-  $("scan-count").textContent = `${received} / ${scan.rows} slices`;
+  $("scan-count").textContent = scan.continuous
+    ? `continuous · ${state.windows.spans.size} windows kept (last ${WINDOWS_KEPT})`
+    : `${received} / ${scan.rows} slices`;
   const status = $("scan-status");
   const preview = scan.status === "running" && scan.previewFraction != null
     ? ` · preview ${Math.round(100 * scan.previewFraction)}% of angles` : "";
@@ -302,6 +390,11 @@ function render() {
   $("panel-xz").hidden = !state.xz;
   if (state.xz) drawPanel("xz", state.xz, contrastWindow(state.xz));
   const index = state.shownIndex;
+  const k = state.windows.shown;
+  const span = k == null ? null : state.windows.spans.get(k);
+  $("window-label").textContent = k == null ? "window –"
+    : `window ${k}${span ? ` (projections ${span[0]}-${span[1]})` : ""}`;
+  body.dataset.window = k == null ? "" : String(k);
   $("slider-label").textContent = index == null ? "slice –" : `slice ${index} / ${state.scan.rows - 1}`;
   body.dataset.shownIndex = index == null ? "" : String(index);
   body.dataset.follow = String(state.follow);
@@ -350,11 +443,14 @@ function drawPanel(topic, frame, window) {
   paint(canvas, frame.pixels, window, state.lut);
   const [low, high] = window;
   placeholder.hidden = true;
+  if (frame.header.window_index != null) canvas.dataset.window = String(frame.header.window_index);
+  else delete canvas.dataset.window;
   Object.assign(canvas.dataset, { index: String(frame.header.index), scan: frame.header.scan_id,
                                   low: String(low), high: String(high), colormap: state.lutName });
   const binned = frame.header.bin > 1 ? ` · binned ${frame.header.bin}×` : "";
   const header = frame.header;
-  const where = topic === "xz" ? `through slice row ${header.index}` : `slice ${header.index}`;
+  const where = (header.window_index != null ? `window ${header.window_index} · ` : "") +
+    (topic === "xz" ? `through slice row ${header.index}` : `slice ${header.index}`);
   const partial = header.topic === "preview" ? `preview · ${Math.round(100 * header.fraction)}% ` +
     `of angles (${header.angles} / ${header.n_angles}) · ` : "";
   caption.textContent = `${partial}${where} · window ${fmt(low, 4)} … ${fmt(high, 4)}${binned}`;
@@ -439,7 +535,11 @@ function setFollow(follow) {
   state.follow = follow;
   $("follow").checked = follow;
   send({ follow });
-  if (follow) {
+  if (follow && state.scan.continuous) {
+    stopPlaying();
+    const keys = [...state.windows.spans.keys()];
+    if (keys.length) showWindow(Math.max(...keys), true);
+  } else if (follow) {
     const received = state.scan.received.slice;
     if (received.size) show(Math.max(...received), true);
   }
@@ -447,8 +547,31 @@ function setFollow(follow) {
 }
 
 $("slider").addEventListener("input", (event) => {
+  if (state.scan.continuous) {  // another row: the same window there (following stays)
+    state.shownIndex = parseInt(event.target.value, 10);
+    state.windows.frames.clear();
+    const keys = [...state.windows.spans.keys()];
+    if (keys.length) showWindow(state.windows.shown ?? Math.max(...keys), true);
+    return;
+  }
   setFollow(false);
   show(parseInt(event.target.value, 10), true);
+});
+$("window-slider").addEventListener("input", (event) => {
+  stopPlaying();
+  setFollow(false);
+  showWindow(parseInt(event.target.value, 10), true);
+});
+$("window-prev").addEventListener("click", () => { stopPlaying(); stepWindow(-1); });
+$("window-next").addEventListener("click", () => { stopPlaying(); stepWindow(1); });
+$("window-play").addEventListener("click", () => {
+  if (state.windows.playing != null) return stopPlaying();
+  const keys = [...state.windows.spans.keys()];
+  if (!keys.length) return;
+  setFollow(false);
+  showWindow(Math.min(...keys), true);  // from the oldest kept window to the newest
+  state.windows.playing = setInterval(() => { if (!stepWindow(1)) stopPlaying(); }, PLAY_MS);
+  $("window-play").textContent = "pause";
 });
 $("follow").addEventListener("change", (event) => setFollow(event.target.checked));
 $("colormap").addEventListener("change", (event) => {
