@@ -60,6 +60,15 @@ def test_the_browser_plays_a_continuous_scans_windows_then_shows_a_normal_scan(
         assert page.locator("#scan-id").inner_text() == "web-spin"  # not web-spin.w<k>
         assert "continuous" in page.locator("#scan-count").inner_text()
 
+        # a page that joins now gets the newest window, grouped under the continuous scan
+        late = browser.new_page()
+        late.goto(viewer.url)
+        _wait_slice(late, f'c.window === "{last}" && c.index === "{ROW}"')
+        _assert_matches(late, "slice", windows[last][ROW], windows[last][ROW])
+        assert late.locator("#window-label").inner_text() == label
+        late.close()
+        page.bring_to_front()  # a background tab does not paint (requestAnimationFrame)
+
         # one step back with the button, then to the first window with the slider
         page.locator("#window-prev").click()
         _wait_slice(page, f'c.window === "{last - 1}"')
@@ -76,6 +85,17 @@ def test_the_browser_plays_a_continuous_scans_windows_then_shows_a_normal_scan(
         page.keyboard.press("Home")
         _wait_slice(page, 'c.window === "0" && c.index === "0"')
         _assert_matches(page, "slice", windows[0][0], windows[0][0])
+
+        # play: from the oldest kept window onwards, one window a step; pause stops it
+        page.locator("#window-play").click()
+        _wait_slice(page, 'Number(c.window) >= 2 && c.index === "0"')
+        page.locator("#window-play").click()
+        assert page.locator("#window-play").inner_text() == "play"
+        # paused: the panel settles on the window the control is at, with its pixels
+        _wait_slice(page, "c.window === document.body.dataset.window")
+        k = int(page.evaluate("document.body.dataset.window"))
+        assert 2 <= k <= last
+        _assert_matches(page, "slice", windows[k][0], windows[k][0])
 
         # a normal scan afterwards: as before, and the time control goes away
         page.locator("#follow").check()
