@@ -18,11 +18,12 @@ Targets outside the field of view are 0. The pixels beyond the circle of diamete
 axis (the slice's corners) are not crossed by the rays of every angle, so FBP leaves there a
 wash of values no scan can pin down: on the held-out `cells` phantom the noise-free FBP of all
 360 views scores 35.3 dB against the phantom inside that circle and 16.7 dB outside it, 23.2 dB
-over the whole slice. Learning Noise2Inverse's target there would teach the network to paint
-that wash back, which the supervised training (phantoms are zero outside the circle) had taught
-it to remove; with the corners' target set to 0 the adapted network keeps removing it, and
-adaptation from the shipped default lifts the whole-slice PSNR on held-out `cells` at 200
-photons instead of lowering it (docs/adaptation.md). `FIELD_OF_VIEW_TARGETS` turns it off.
+over the whole slice (`python tools/fov_split.py --family cells`). Learning Noise2Inverse's
+target there would teach the network to paint that wash back, which the supervised training
+(phantoms are zero outside the circle) had taught it to remove; with the corners' target
+set to 0 the adapted network keeps removing it, and adaptation from the shipped default lifts
+the whole-slice PSNR on held-out `cells` at 200 photons instead of lowering it
+(docs/adaptation.md). `FIELD_OF_VIEW_TARGETS` turns it off.
 
 Input conventions are the engine's: depth adjacent slices as channels (edges replicated), and
 each scan mapped to the artifact's training level by one factor, the full FBP's intensity level
