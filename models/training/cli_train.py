@@ -71,6 +71,12 @@ def _add_loss_flags(p: argparse.ArgumentParser) -> None:
         default=2.0,
         help="VGG19 perceptual weight (used only with --vgg-weights)",
     )
+    p.add_argument(
+        "--lambda-ssim",
+        type=float,
+        default=0.0,
+        help="weight of 1 - SSIM (0: off; weighs local structure that MSE averages away)",
+    )
     p.add_argument("--adv", choices=["wgan-gp", "bce"], default="wgan-gp", help="adversarial loss")
     p.add_argument("--d-steps", type=int, default=2, help="discriminator steps per G step")
     p.add_argument(
@@ -321,6 +327,7 @@ def _train_config(args: argparse.Namespace, device: str) -> TrainConfig:
         lambda_adv=args.lambda_adv,
         lambda_mse=args.lambda_mse,
         lambda_perc=args.lambda_perc,
+        lambda_ssim=args.lambda_ssim,
         adv=args.adv,
         d_steps=args.d_steps,
         vgg_weights=None if args.vgg_weights is None else str(args.vgg_weights),
@@ -342,7 +349,11 @@ def _log_setup(trainer: Trainer) -> None:
         log.warning(
             "perceptual loss OFF: no --vgg-weights file given (weights are never "
             "downloaded); training on %s",
-            "MSE + adversarial" if config.lambda_adv > 0 else "MSE only",
+            " + ".join(
+                ["MSE"]
+                + (["adversarial"] if config.lambda_adv > 0 else [])
+                + (["SSIM"] if config.lambda_ssim > 0 else [])
+            ),
         )
     if trainer.discriminator is None:
         log.info("adversarial loss off (--lambda-adv 0, the default): no discriminator is trained")
@@ -361,5 +372,6 @@ def _log_setup(trainer: Trainer) -> None:
         f"training {config.arch} (depth {config.depth}) on {data.source}; "
         f"{config.precision} on {trainer.device}; perceptual "
         f"{'on' if trainer.vgg is not None else 'off'}, adversarial "
-        f"{config.adv if trainer.discriminator is not None else 'off'}\n"
+        f"{config.adv if trainer.discriminator is not None else 'off'}, SSIM "
+        f"{config.lambda_ssim if config.lambda_ssim > 0 else 'off'}\n"
     )

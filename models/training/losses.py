@@ -1,9 +1,12 @@
 """TomoGAN's loss terms: pixel MSE, adversarial (WGAN-GP or BCE), perceptual (VGG19 features).
 
 The generator's loss is the weighted sum lambda_adv * adv + lambda_mse * mse + lambda_perc * perc
-(the talk's l^G). The discriminator trains either as a Wasserstein critic with gradient penalty
-(Gulrajani et al.; the talk's L(theta_D)) or, as the public TF 2 code does, with binary cross
-entropy on logits.
+(the talk's l^G), plus lambda_ssim * (1 - SSIM) where asked (structural similarity as a loss,
+after H. Zhao, O. Gallo, I. Frosio, J. Kautz, "Loss Functions for Image Restoration with Neural
+Networks", IEEE TCI 3(1), 2017: it weighs local structure and contrast, which pixel MSE averages
+away on low-contrast samples). The discriminator trains either as a Wasserstein critic with
+gradient penalty (Gulrajani et al.; the talk's L(theta_D)) or, as the public TF 2 code does, with
+binary cross entropy on logits.
 
 The perceptual term compares VGG19 features of target and output. torchvision is not a
 dependency, so `VGG19Features` defines the convolutional part of VGG19 itself, with the layer
@@ -20,9 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.training.metrics import ssim
 from service.errors import ModelError
 
 AdversarialKind = Literal["wgan-gp", "bce"]
+# The SSIM loss's data range per patch: its target's peak, at least this (normalised units,
+# where a training volume's material sits near 1), so a patch of air does not make every
+# fluctuation count as structure.
+SSIM_LOSS_MIN_RANGE = 0.1
 GRADIENT_PENALTY_WEIGHT = 10.0
 # VGG19 configuration "E": channels per conv, "M" a 2x2 max-pool.
 VGG19_LAYERS = (
@@ -174,3 +182,11 @@ def gradient_penalty(
     norm = grads.flatten(1).norm(2, dim=1)
     penalty: torch.Tensor = GRADIENT_PENALTY_WEIGHT * (norm - 1).square().mean()
     return penalty
+
+
+def ssim_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - the mean SSIM of (B, 1, H, W) `output` against `target` (scikit-image's definition,
+    `models.training.metrics.ssim`), each patch's data range its target's peak (at least
+    SSIM_LOSS_MIN_RANGE); 0 for identical patches. A float32 scalar with gradients."""
+    peak = target.detach().flatten(1).amax(dim=1).clamp_min(SSIM_LOSS_MIN_RANGE)
+    return (1 - ssim(output, target, peak).mean()).float()

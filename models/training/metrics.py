@@ -45,8 +45,11 @@ def psnr(image: torch.Tensor, reference: torch.Tensor, data_range: float) -> tor
     return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-30))
 
 
-def ssim(image: torch.Tensor, reference: torch.Tensor, data_range: float) -> torch.Tensor:
-    """(B,) mean structural similarity per image (scikit-image's defaults)."""
+def ssim(
+    image: torch.Tensor, reference: torch.Tensor, data_range: float | torch.Tensor
+) -> torch.Tensor:
+    """(B,) mean structural similarity per image (scikit-image's defaults); `data_range` one
+    number, or one per image ((B,) tensor). Differentiable (a training loss uses it)."""
     x, y = _as_batch(image), _as_batch(reference)
     if min(x.shape[-2:]) < SSIM_WINDOW:
         raise ValueError(
@@ -54,6 +57,8 @@ def ssim(image: torch.Tensor, reference: torch.Tensor, data_range: float) -> tor
         )
     n = SSIM_WINDOW**2
     covariance = n / (n - 1)
+    if isinstance(data_range, torch.Tensor):
+        data_range = data_range.to(x).reshape(-1, 1, 1, 1)
 
     def mean(t: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(t, SSIM_WINDOW, stride=1)

@@ -2,10 +2,11 @@
 
 One training step is `d_steps` discriminator steps (two, as in TomoGAN) and one generator step,
 each on a fresh random batch. The generator minimises lambda_mse * MSE + lambda_adv * adv +
-lambda_perc * VGG19 perceptual; with lambda_adv = 0 (the default: best for PSNR and SSIM, and
-much cheaper a step without the critic's steps; figures in docs/model-card.md, "Training" and
-"Adversarial training, measured") no discriminator is built or stepped, and the perceptual term
-runs only when a local VGG19 weights file is given.
+lambda_perc * VGG19 perceptual + lambda_ssim * (1 - SSIM); with lambda_adv = 0 (the default:
+best for PSNR and SSIM, and much cheaper a step without the critic's steps; figures in
+docs/model-card.md, "Training" and "Adversarial training, measured") no discriminator is built
+or stepped, the perceptual term runs only when a local VGG19 weights file is given, and the SSIM
+term only when its weight is above 0 (the default is 0).
 
 Mixed precision (`precision="mixed"`): fp16 autocast with a GradScaler per network on CUDA,
 bf16 autocast on the CPU (bf16 has fp32's range, so no loss scaling). Losses, metrics and the
@@ -43,6 +44,7 @@ from models.training.losses import (
     generator_adversarial_loss,
     gradient_penalty,
     perceptual_loss,
+    ssim_loss,
 )
 from models.training.memory import PeakMemory
 from models.training.metrics import psnr, ssim
@@ -85,6 +87,8 @@ class TrainConfig:
     lambda_adv: float = 0.0
     lambda_mse: float = 1.0
     lambda_perc: float = 2.0
+    # 1 - SSIM (scikit-image's definition, `models.training.losses.ssim_loss`); 0: off.
+    lambda_ssim: float = 0.0
     adv: AdversarialKind = "wgan-gp"
     d_steps: int = 2
     vgg_weights: str | None = None
@@ -109,6 +113,8 @@ class TrainConfig:
             raise ValueError(f"precision={self.precision!r}: choose fp32 or mixed")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule={self.lr_schedule!r}: choose constant or cosine")
+        if self.lambda_ssim < 0:
+            raise ValueError(f"lambda_ssim={self.lambda_ssim} must be >= 0")
         if min(self.batch, self.steps, self.val_every, self.checkpoint_every) < 1:
             raise ValueError("batch, steps, val_every and checkpoint_every must be >= 1")
 
@@ -241,7 +247,14 @@ class Trainer:
                 self.discriminator.requires_grad_(True)
             if self.vgg is not None:
                 terms["perc"] = perceptual_loss(self.vgg, out, y).float()
-        weights = {"mse": config.lambda_mse, "adv": config.lambda_adv, "perc": config.lambda_perc}
+            if config.lambda_ssim > 0:
+                terms["ssim"] = ssim_loss(out.float(), y)
+        weights = {
+            "mse": config.lambda_mse,
+            "adv": config.lambda_adv,
+            "perc": config.lambda_perc,
+            "ssim": config.lambda_ssim,
+        }
         loss = sum(
             (weights[name] * value for name, value in terms.items()),
             torch.zeros((), device=self.device),

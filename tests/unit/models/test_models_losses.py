@@ -1,12 +1,15 @@
 """Loss terms: the VGG19 feature extractor loads a torchvision-layout state dict from a local
-file (and refuses anything else), and the WGAN gradient penalty is what its formula says."""
+file (and refuses anything else), the WGAN gradient penalty is what its formula says, and the
+SSIM loss is 1 - scikit-image's SSIM with each patch's own data range."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from skimage.metrics import structural_similarity
 from torch import nn
 
 from models.training.losses import (
@@ -16,6 +19,7 @@ from models.training.losses import (
     generator_adversarial_loss,
     gradient_penalty,
     perceptual_loss,
+    ssim_loss,
 )
 from service.errors import ModelError
 
@@ -83,3 +87,25 @@ def test_adversarial_losses() -> None:
     assert float(generator_adversarial_loss("wgan-gp", fake)) == pytest.approx(0.0)
     assert float(discriminator_loss("bce", real, fake)) > 0
     assert float(generator_adversarial_loss("bce", torch.full((2, 1), 20.0))) < 1e-6
+
+
+def test_ssim_loss_is_one_minus_scikit_image_ssim_per_patch() -> None:
+    rng = np.random.default_rng(3)
+    targets = np.zeros((3, 1, 24, 24))
+    targets[0, 0, 4:20, 6:18] = 1.0  # material at the volume's level
+    targets[1, 0, 8:16, 8:16] = 0.4  # a fainter patch: its own, smaller range
+    # patch 2 is air: the floor range keeps its noise from counting as lost structure
+    outputs = targets + 0.05 * rng.standard_normal(targets.shape)
+    expected = [
+        1.0 - structural_similarity(t[0], o[0], data_range=max(float(t.max()), 0.1))
+        for t, o in zip(targets, outputs, strict=True)
+    ]
+    output = torch.tensor(outputs, dtype=torch.float32, requires_grad=True)
+    loss = ssim_loss(output, torch.tensor(targets, dtype=torch.float32))
+    assert loss.dtype == torch.float32
+    assert float(loss.detach()) == pytest.approx(float(np.mean(expected)), rel=1e-4)
+    loss.backward()
+    assert output.grad is not None and torch.isfinite(output.grad).all()
+    assert float(output.grad.abs().sum()) > 0
+    same = torch.tensor(targets, dtype=torch.float32)
+    assert float(ssim_loss(same, same)) == pytest.approx(0.0, abs=1e-6)
