@@ -128,8 +128,13 @@ class FrameSteps:
             transmission = counts.mul_(torch.reciprocal(flat.to(counts.device) - dark))
         if self.paganin is not None:
             p = self.paganin
-            transmission = paganin_filter(
-                transmission, p.energy_kev, p.distance_m, p.pixel_size_m, p.delta_beta
+            transmission = paganin_filter(  # transmission is ours: filtered in place
+                transmission,
+                p.energy_kev,
+                p.distance_m,
+                p.pixel_size_m,
+                p.delta_beta,
+                in_place=True,
             )
         return minus_log(transmission)
 

@@ -108,7 +108,7 @@ def measure_costs(
         costs.append(StepCost(step, seconds, "slice", seconds / fbp))
     repeats = -(-cols // rows)
     square = transmission[:_PHASE_FRAMES].repeat(1, repeats, 1)[:, :cols].contiguous()
-    phase = timed(lambda: paganin_filter(square, 20.0, 0.1, 1e-6, 100.0))
+    phase = timed(lambda: paganin_filter(square, 20.0, 0.1, 1e-6, 100.0, in_place=True))
     phase *= angles / (square.shape[0] * cols)
     costs.append(StepCost("phase (paganin)", phase, "slice", phase / fbp))
     center = timed(lambda: find_center_vo(sinograms[:_CENTER_ROWS]))

@@ -4,6 +4,7 @@ and against a homogeneous sphere propagated through free space (Fresnel, in nump
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -58,6 +59,35 @@ def test_a_stack_of_many_frames_is_filtered_frame_by_frame_alike() -> None:
     np.testing.assert_allclose(stack, expected, rtol=1e-10)
     empty = paganin_filter(intensity[:0], ENERGY, 0.5, PIXEL, DELTA / BETA)
     assert empty.shape == (0, 64, 64)
+
+
+def test_in_place_and_reused_buffers_give_the_same_frames() -> None:
+    """The service filters each chunk it owns in place, chunk after chunk, in the buffers of the
+    previous call; another shape between two calls, and another thread, change nothing."""
+    rng = np.random.default_rng(2)
+    chunks = [
+        torch.from_numpy(np.exp(-np.abs(rng.normal(0.2, 0.05, (n, 40, 48))))).float()
+        for n in (3, 3, 1)
+    ]
+    expected = [paganin_reference(c.double().numpy(), ENERGY, 0.5, PIXEL, pad=16) for c in chunks]
+    other = torch.ones(2, 24, 30)
+    for chunk, reference in zip(chunks, expected, strict=True):
+        own = chunk.clone()
+        result = paganin_filter(own, ENERGY, 0.5, PIXEL, DELTA / BETA, pad=16, in_place=True)
+        assert result.data_ptr() == own.data_ptr() and torch.equal(result, own)  # no copy
+        np.testing.assert_allclose(result.numpy(), reference, rtol=2e-5)
+        copy = paganin_filter(chunk, ENERGY, 0.5, PIXEL, DELTA / BETA, pad=16)
+        assert copy is not chunk and torch.equal(copy, result)
+        paganin_filter(other, ENERGY, 0.5, PIXEL, DELTA / BETA, pad=8)  # another shape
+    results: list[torch.Tensor] = []
+    thread = threading.Thread(
+        target=lambda: results.append(
+            paganin_filter(chunks[0], ENERGY, 0.5, PIXEL, DELTA / BETA, pad=16)
+        )
+    )
+    thread.start()
+    thread.join(timeout=30)
+    np.testing.assert_allclose(results[0].numpy(), expected[0], rtol=2e-5)
 
 
 def test_recovers_a_homogeneous_spheres_thickness() -> None:
