@@ -117,10 +117,12 @@ def _work_buffers(
     `width`: those of its previous call when the shape is the same (one set per thread, the
     latest shape's), else new ones."""
     key = (step, height, width, dtype, device)
-    cached: tuple[object, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None
     cached = getattr(_WORK, "buffers", None)
     if cached is not None and cached[0] == key:
-        return cached[1]
+        padded, spectrum, filtered = cached[1]
+        assert isinstance(padded, torch.Tensor) and isinstance(spectrum, torch.Tensor)
+        assert isinstance(filtered, torch.Tensor)
+        return padded, spectrum, filtered
     padded = torch.empty((step, height, width), dtype=dtype, device=device)
     spectrum = torch.empty((step, height, width // 2 + 1), dtype=_COMPLEX[dtype], device=device)
     buffers = (padded, spectrum, torch.empty_like(padded))
