@@ -7,6 +7,15 @@ reports ms/slice (min and median), the first call's seconds (set-up included), t
 error against the phantom inside the reconstruction circle, and each engine's median as a
 multiple of ours (the method `workers.recon.AutoFBP` picks there). Slow peers reconstruct one
 slice at a time until --peer-budget is spent, and say how many they timed.
+
+The row `tomocast recon()` is the TomoPy-style call a user's script makes,
+`workers.recon.recon(tomo, theta, device=...)` on numpy (angles, rows, cols) in and out, called
+again on the same geometry (its session keeps the reconstructor): its ratio is that call's time
+per slice over the service path's (the reconstructor on tensors, geometry prepared).
+
+`--clock cpu` times the calling thread's CPU time instead of the elapsed time, for a shared
+machine whose other jobs scramble elapsed times (CPU device, with `OMP_NUM_THREADS=1`: work on
+other threads, such as TomoPy's, goes uncounted).
 """
 
 from __future__ import annotations
@@ -28,6 +37,9 @@ if TYPE_CHECKING:
     import numpy as np
 
 log = logging.getLogger("tomocast.bench")
+_CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
+# What the timings read; set once by `run` from --clock (a bench is one command, one thread).
+_now: Callable[[], float] = time.perf_counter
 
 
 @dataclass
@@ -86,6 +98,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="timed batches per engine (ours and fast peers; min and median reported)",
     )
     parser.add_argument(
+        "--clock",
+        choices=sorted(_CLOCKS),
+        default="wall",
+        help="wall: elapsed time; cpu: this thread's CPU time, which other jobs on a shared "
+        "machine do not inflate (CPU device only; work on other threads is not counted)",
+    )
+    parser.add_argument(
         "--peer-budget",
         type=float,
         default=20.0,
@@ -101,8 +120,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _command(args: argparse.Namespace) -> str:
-    flags = ["--sizes", "--angles", "--batch", "--repeat", "--peer-budget", "--device", "--seed"]
-    return command_line("recon", args, flags, peer_budget=f"{args.peer_budget:g}")
+    flags = ["--sizes", "--angles", "--batch", "--repeat", "--peer-budget", "--clock"]
+    flags += ["--device", "--seed"]
+    clock = None if args.clock == "wall" else args.clock  # the default stays unwritten
+    return command_line("recon", args, flags, peer_budget=f"{args.peer_budget:g}", clock=clock)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,8 +133,13 @@ def run(args: argparse.Namespace) -> int:
             "tomocast bench recon: --sizes must be >= 8, --angles, --batch and --repeat >= 1\n"
         )
         return 2
+    if args.clock == "cpu" and not str(args.device).startswith("cpu"):
+        sys.stderr.write("tomocast bench recon: --clock cpu times the CPU device only\n")
+        return 2
     import torch
 
+    global _now
+    _now = _CLOCKS[args.clock]
     load_before, device = os.getloadavg()[0], torch.device(args.device)
     results: list[Timing] = []
     notes: list[str] = []
@@ -131,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     angles = "1.5 x cols" if args.angles is None else str(args.angles)
     about = (
         f"batch {args.batch}, angles = {angles}, ramp filter, foam phantom (seed {args.seed}); "
-        "error: relative L2 vs the phantom inside the circle\n\n"
+        f"error: relative L2 vs the phantom inside the circle; clock: {args.clock}\n\n"
     )
     emit(args, report, heading(report) + about + _table(results, notes))
     return 0
@@ -150,6 +176,8 @@ def _time_size(cols: int, device: Any, args: argparse.Namespace, notes: list[str
     for method in ("gridding", "direct"):
         log.info("bench recon: tomocast %s at %d columns", method, cols)
         size.append(_time_ours(method, case, device, args.repeat, method == chosen))
+    log.info("bench recon: tomocast recon() at %d columns", cols)
+    size.append(_time_api(case, device, args.repeat))
     for engine, module, peer in _PEERS:
         if importlib.util.find_spec(module) is None:
             if cols == args.sizes[0]:
@@ -202,9 +230,9 @@ def _rel_error(slices: np.ndarray, truth: np.ndarray, inside: np.ndarray) -> flo
 
 
 def _timed(func: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
+    start = _now()
     result = func()
-    return time.perf_counter() - start, result
+    return _now() - start, result
 
 
 def _time_batches(
@@ -255,6 +283,24 @@ def _time_ours(method: str, case: _Case, device: Any, repeat: int, chosen: bool)
     return _time_batches(f"tomocast {method}", run, case, repeat, chosen)
 
 
+def _time_api(case: _Case, device: Any, repeat: int) -> Timing:
+    """`workers.recon.recon` as a script calls it: numpy projections (angles, rows, cols) in,
+    numpy slices out, in a session of its own (its first call is the set-up)."""
+    import numpy as np
+
+    from workers.recon import ReconSession, recon
+
+    tomo = np.ascontiguousarray(case.sinograms.transpose(1, 0, 2))
+    session = ReconSession()
+
+    def run() -> Any:
+        return recon(tomo, case.theta, device=str(device), session=session)
+
+    return _time_batches(
+        "tomocast recon()", run, case, repeat, note="numpy in and out, second call on"
+    )
+
+
 def _time_slices(
     engine: str,
     reconstruct: Callable[[np.ndarray], np.ndarray],
@@ -270,9 +316,9 @@ def _time_slices(
 
     times, slices = [], []
     for sinogram in sinograms:
-        start = time.perf_counter()
+        start = _now()
         slices.append(reconstruct(sinogram))
-        times.append(time.perf_counter() - start)
+        times.append(_now() - start)
         if sum(times) >= budget:
             break
     batch, angles, cols = sinograms.shape
@@ -318,7 +364,7 @@ def _astra(case: _Case, args: argparse.Namespace) -> Timing:
     import astra
 
     cols = case.sinograms.shape[-1]
-    start = time.perf_counter()
+    start = _now()
     # ASTRA's 'parallel' geometry is ours (DESIGN.md): detector centred on the axis, unit pixels
     volume = astra.create_vol_geom(cols, cols)
     geometry = astra.create_proj_geom("parallel", 1.0, cols, case.theta)
@@ -333,7 +379,7 @@ def _astra(case: _Case, args: argparse.Namespace) -> Timing:
         option={"FilterType": "Ram-Lak"},
     )
     algorithm = astra.algorithm.create(config)
-    setup = time.perf_counter() - start
+    setup = _now() - start
 
     def reconstruct(sinogram: np.ndarray) -> np.ndarray:
         astra.data2d.store(sinogram_id, sinogram)

@@ -13,24 +13,36 @@ from service.cli import build_parser, main
 
 def test_bench_recon_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert (
-        main(["bench", "recon", "--sizes", "24", "25", "--batch", "3", "--repeat", "2", "--json"])
+        main(
+            [
+                *("bench", "recon", "--sizes", "24", "25", "--batch", "3", "--repeat", "2"),
+                *("--clock", "cpu", "--json"),
+            ]
+        )
         == 0
     )
     report = json.loads(capsys.readouterr().out)
     assert report["command"].startswith("tomocast bench recon --sizes 24 25 --batch 3")
+    assert "--clock cpu" in report["command"]
     assert {"cpu", "cpus", "torch_threads", "load_average_before"} <= set(report["machine"])
     results = report["results"]
     for cols in (24, 25):
         rows = {row["engine"]: row for row in results if row["cols"] == cols}
-        assert {"tomocast gridding", "tomocast direct"} <= set(rows)
+        assert {"tomocast gridding", "tomocast direct", "tomocast recon()"} <= set(rows)
         assert [row["ours"] for row in rows.values()].count(True) == 1
         ours = next(row for row in rows.values() if row["ours"])
         assert ours["ratio"] == 1.0 and ours["slices"] == 3 and ours["repeats"] == 2
+        # the script's call makes the service path's slices (same method, same geometry)
+        api = rows["tomocast recon()"]
+        assert api["rel_error"] == pytest.approx(ours["rel_error"], rel=1e-4)
+        assert not api["ours"] and api["slices"] == 3
         for row in rows.values():
             assert row["angles"] == round(1.5 * cols)
             assert math.isfinite(row["rel_error"]) and 0 < row["rel_error"] < 0.5, row
             assert 0 < row["ms_per_slice_min"] <= row["ms_per_slice_median"]
             assert math.isfinite(row["ratio"])
+    assert main(["bench", "recon", "--clock", "cpu", "--device", "cuda", "--sizes", "24"]) == 2
+    assert "--clock cpu times the CPU device only" in capsys.readouterr().err
     # every peer is either timed or named as not importable
     engines = {row["engine"] for row in results}
     for peer in ("scikit-image iradon", "astra-toolbox FBP (CPU)", "tomopy gridrec"):
@@ -60,6 +72,7 @@ def test_bench_recon_table_and_slow_peers(capsys: pytest.CaptureFixture[str]) ->
     )
     out = capsys.readouterr().out
     assert out.startswith("tomocast bench recon --sizes 16 --angles 20 --batch 2 --repeat 1")
+    assert "clock: wall" in out
     assert "   16     20  tomocast gridding" in out
     assert "tomocast gridding" in out and "x ours" in out
     # a zero budget still times one slice of each slow peer, and says so
