@@ -6,12 +6,17 @@ kernels run several times faster. oneDNN rather than fbgemm (PyTorch's "x86" def
 and closer to fp32 on the same calibration here. Figures: docs/benchmarks.md, "Denoise engine
 (CPU)" (`tomocast bench denoise`).
 
-Calibration: activation ranges (min/max; the histogram observer was no more accurate here and
-slower to calibrate) are observed on foam FBP slices synthesised at load with a fixed seed
-(`workers.lowdose.render`) under low-dose `CONDITIONS`, mapped into the network's units the way
-tomocast's training maps its targets (robust range -> [0, 1],
-`models.training.dataset.normalisation`). Weights are per-channel symmetric int8. The decoder's
-joins are requantized (`_join`).
+Calibration: activation ranges are observed on foam FBP slices synthesised at load with a fixed
+seed (`workers.lowdose.render`) under low-dose `CONDITIONS`, at 128 px and, one stack per
+condition, at `CALIBRATION_WIDE_SIZES`, mapped into the network's units the way tomocast's
+training maps its targets (robust range -> [0, 1], `models.training.dataset.normalisation`).
+The histogram observer picks each range (min/max was as accurate for the first shipped model,
+but on the default trained with an SSIM term min/max over the wider slices made every step too
+coarse, and without them clipped: 1.0 dB lost at 256 px, 1/8 views; docs/benchmarks.md, "int8
+accuracy"). Weights are per-channel symmetric int8. The stem (the 1x1 convolution that reads
+the slices) and the head (the two 1x1 convolutions that write the output) stay fp32: they are a
+small share of the work, and quantizing the input and output values themselves cost the most
+accuracy. The decoder's joins are requantized (`_join`).
 
 The quantized network is then compared with the fp32 one on a held-out phantom:
 `QuantizationCheck.rms` must stay within `INT8_RMS_TOLERANCE` of the data range, or the caller
@@ -44,6 +49,9 @@ INT8_RMS_TOLERANCE = 0.01
 CALIBRATION_SEED = 4242  # a phantom no training or evaluation set uses
 CHECK_SEED = 4243
 CALIBRATION_SIZE = 128
+# Wider slices calibrated too, one stack per condition each: a wider slice's noise and streaks
+# push activations past the 128-px ranges (module docstring).
+CALIBRATION_WIDE_SIZES: tuple[int, ...] = (256,)
 CALIBRATION_ANGLES = 180
 CALIBRATION_ROWS = 3
 # (keep every n-th view, photons per pixel): the model card's low-dose conditions and noisier
@@ -209,13 +217,13 @@ def quantize_int8(
         ) from exc
     try:
         from torch.ao.quantization import QConfig, QConfigMapping
-        from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
+        from torch.ao.quantization.observer import HistogramObserver, PerChannelMinMaxObserver
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
     except ImportError as exc:  # removed from a future PyTorch: run fp32 (or migrate to torchao)
         raise QuantizationError(f"this PyTorch has no FX quantization: {exc}") from exc
     engine = "onednn" if "onednn" in torch.backends.quantized.supported_engines else "x86"
     qconfig = QConfig(  # type: ignore[no-untyped-call]
-        activation=MinMaxObserver.with_args(dtype=torch.quint8),
+        activation=HistogramObserver.with_args(dtype=torch.quint8),
         weight=PerChannelMinMaxObserver.with_args(
             dtype=torch.qint8, qscheme=torch.per_channel_symmetric
         ),
@@ -224,13 +232,23 @@ def quantize_int8(
     # engine feeds (`calibration_units`), which keeps brighter scans from clipping (calibrated
     # at exactly the engine's units, inputs above them lost dBs to clipping)
     calibration, _ = foam_stacks(depth, CALIBRATION_SEED)
+    wide = [
+        foam_stacks(depth, CALIBRATION_SEED, rows=depth, size=size, centre_only=True)[0]
+        for size in CALIBRATION_WIDE_SIZES
+    ]
     held_out, _ = foam_stacks(depth, CHECK_SEED, rows=depth, centre_only=True)
     with _quantized_engine(engine), _deprecations_silenced(), _fx_stack_traces_off():
         prepared = prepare_fx(
-            copy.deepcopy(network), QConfigMapping().set_global(qconfig), (calibration[:1],)
+            copy.deepcopy(network),
+            QConfigMapping()
+            .set_global(qconfig)
+            .set_module_name("stem", None)  # the input and output values stay fp32
+            .set_module_name("head", None),
+            (calibration[:1],),
         )
         with torch.inference_mode():
-            prepared(calibration)
+            for stacks in (calibration, *wide):  # the observers see them all
+                prepared(stacks)
         quantized = convert_fx(prepared)
         for node in quantized.graph.nodes:
             if node.op == "call_function" and node.target is torch.cat:
