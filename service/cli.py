@@ -352,8 +352,8 @@ def _add_demo(command: Command) -> None:
         "--phantom",
         default="foam",
         choices=PHANTOM_FAMILIES,
-        help="sample: foam is what the shipped model was trained on; the others show how the "
-        "denoiser does on what it never saw",
+        help="sample (a phantom seed training never saw): cells is a family the shipped model "
+        "was never trained on; the others are families it was trained on",
     )
     demo.add_argument(
         "--attenuation", type=float, default=1.0, help="times the family's default attenuation"
