@@ -42,6 +42,11 @@ _SLICE_TOPICS = (b"slice", b"recon")
 _END_EVENTS = ("scan_completed", "scan_failed")
 
 
+# At stop, how long the viewers get to take what was already forwarded to them; a viewer that
+# reads nothing holds the stop no longer than this.
+CLOSE_LINGER_MS = 2000
+
+
 class Publisher(StageThread):
     """Owns the XPUB socket and its forwarding thread. `bind`/`start`/`stop`/`join` from the
     owner's thread; `channel()` for each producer thread (one channel per thread)."""
@@ -131,7 +136,9 @@ class Publisher(StageThread):
                     self._forward(frames, sequence)
         finally:
             self._pull.close(linger=0)
-            self._xpub.close(linger=0)
+            # what was forwarded may still sit in the sockets' queues: viewers get a bounded
+            # while to take it (with linger 0 a loaded machine lost the last few at stop)
+            self._xpub.close(linger=CLOSE_LINGER_MS)
 
     def _forward(self, frames: list[zmq.Frame], sequence: dict[bytes, int]) -> None:
         assert self._xpub is not None
