@@ -314,6 +314,17 @@ def _trainer(args: argparse.Namespace) -> Trainer:
 
 
 def _train_config(args: argparse.Namespace, device: str) -> TrainConfig:
+    """The run's settings from the flags; a flag out of range is a ConfigError (a message,
+    not a traceback)."""
+    from service.errors import ConfigError
+
+    try:
+        return _config_from(args, device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _config_from(args: argparse.Namespace, device: str) -> TrainConfig:
     from models.training.train import TrainConfig
 
     return TrainConfig(

@@ -109,6 +109,17 @@ def test_ssim_term_trains_the_generator_towards_structure(tiny: Path) -> None:
         TrainConfig(lambda_ssim=-1.0)
 
 
+def test_a_flag_out_of_range_is_a_message(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for flag, value in (("--lambda-ssim", "-1"), ("--depth", "2")):
+        args = ["train", "--data", str(tiny), flag, value, "--out", str(tmp_path / "run")]
+        assert main([*args, "--steps", "1", "--no-progress"]) != 0
+        err = capsys.readouterr().err
+        assert f"{flag.lstrip('-').replace('-', '_')}=" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_resume_continues_exactly(tiny: Path, tmp_path: Path) -> None:
     """A step, checkpoint, resume, a step == two steps (WGAN-GP, D steps included)."""
     data = load_one_file(tiny)

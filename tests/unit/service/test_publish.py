@@ -51,6 +51,37 @@ def test_stop_forwards_every_queued_message_in_order() -> None:
     assert viewer.dropped == {}
 
 
+def test_stop_delivers_what_a_slow_viewer_has_not_yet_taken() -> None:
+    """A viewer that reads slower than the service publishes still gets, after stop(), every
+    slice forwarded before it: the socket's queue is not thrown away at close."""
+    context = zmq.Context()
+    metrics = Metrics()
+    publisher = Publisher(
+        PublishSettings(endpoint="tcp://127.0.0.1:*", sndhwm=1000), context, metrics, {}
+    )
+    publisher.start()
+    count, data = 40, np.ones((512, 512), np.float32)  # 1 MiB each: more than TCP buffers
+    with Subscriber(publisher.endpoint, ("slice",), context=context, rcvhwm=2) as viewer:
+        viewer.wait_ready()
+        channel = publisher.channel()
+        for index in range(count):
+            channel.send_slice("slice", SliceHeader("s", 512, "m", time.time(), index, {}), data)
+        channel.close()
+        wait_for(
+            "every slice forwarded to the socket",
+            lambda: (
+                metrics.registry.get_sample_value("tomocast_queue_depth", {"queue": "publish"}) == 0
+            ),
+        )
+        publisher.stop()  # the viewer has read nothing yet
+        assert publisher.join(30)
+        got = []
+        while len(got) < count and (message := viewer.recv(timeout=10.0)) is not None:
+            got.append(message.header["index"])
+    context.term()
+    assert got == list(range(count))
+
+
 def test_no_slice_of_a_scan_goes_out_after_its_end() -> None:
     """The drain timeout fails a scan from the stopping thread while the worker may still be
     writing a batch of it: the publisher sends nothing of a scan after its end event, and a
