@@ -18,8 +18,11 @@ own stack.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -31,7 +34,7 @@ from models.placeholder import PLACEHOLDER_FILE, shipped_weights_dir
 from service.errors import ModelError
 from workers.graphs import GraphCache
 from workers.intensity import intensity_level
-from workers.quantize import QuantizationError, quantizable, quantize_int8
+from workers.quantize import QuantizationCheck, QuantizationError, quantizable, quantize_int8
 from workers.tiling import core_for_budget, receptive_radius, run_tiled
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,24 @@ DEFAULT_MODEL = "tomogan-beamline-d3"  # docs/model-card.md
 
 Precision = Literal["artifact", "auto", "fp32", "fp16", "bf16", "int8"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+# int8 modules already calibrated in this process, by (artifact bytes' SHA-256, arch, depth):
+# the same weights quantize to the same module, which inference only reads, so engines built
+# again on one artifact (a service restarted in-process, a second service, model reloads)
+# share it instead of calibrating again (5 s on one CPU thread). A refusal is not kept.
+INT8_CACHE_SIZE = 4
+_INT8_CACHE: OrderedDict[tuple[str, str, int], tuple[torch.nn.Module, QuantizationCheck]] = (
+    OrderedDict()
+)
+_INT8_CACHE_LOCK = threading.Lock()
+
+
+def clear_int8_cache() -> None:
+    """Forget every int8 module calibrated so far: the next int8 engine calibrates (and its
+    construction costs what a fresh process pays; `tomocast bench denoise`'s set-up column)."""
+    with _INT8_CACHE_LOCK:
+        _INT8_CACHE.clear()
+
+
 _FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Peak activation memory per input pixel of TomoGAN (the widest shipped network) with batch 1,
 # as measured on the CPU (docs/benchmarks.md, "Activation memory"), plus margin. On CUDA the
@@ -204,7 +225,7 @@ class DenoiseEngine:
         if self._device.type != "cpu":
             raise ModelError(f"precision=int8 runs on the CPU only, not {self._device}")
         try:
-            quantized, check = quantize_int8(module, self._metadata.arch, self._metadata.depth)
+            quantized, check = self._quantize_once(module)
         except QuantizationError as exc:
             if asked == "int8":
                 raise
@@ -218,6 +239,25 @@ class DenoiseEngine:
             check.max_abs,
         )
         return quantized
+
+    def _quantize_once(self, module: torch.nn.Module) -> tuple[torch.nn.Module, QuantizationCheck]:
+        """`quantize_int8` of this artifact, or the module an earlier engine of this process
+        made from the same bytes (`_INT8_CACHE`)."""
+        key = (
+            hashlib.sha256(self._path.read_bytes()).hexdigest(),
+            self._metadata.arch,
+            self._metadata.depth,
+        )
+        with _INT8_CACHE_LOCK:
+            if key in _INT8_CACHE:
+                _INT8_CACHE.move_to_end(key)
+                return _INT8_CACHE[key]
+        made = quantize_int8(module, self._metadata.arch, self._metadata.depth)
+        with _INT8_CACHE_LOCK:
+            _INT8_CACHE[key] = made
+            while len(_INT8_CACHE) > INT8_CACHE_SIZE:
+                _INT8_CACHE.popitem(last=False)
+        return made
 
     @property
     def name(self) -> str:

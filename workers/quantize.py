@@ -15,9 +15,11 @@ The histogram observer picks each range (min/max was as accurate for the first s
 but on the default trained with an SSIM term min/max over the wider slices made every step too
 coarse, and without them clipped: 1.0 dB lost at 256 px, 1/8 views; docs/benchmarks.md, "int8
 accuracy"). Weights are per-channel symmetric int8. The stem (the 1x1 convolution that reads
-the slices) and the head (the two 1x1 convolutions that write the output) stay fp32: they are a
-small share of the work, and quantizing the input and output values themselves cost the most
-accuracy. The decoder's joins are requantized (`_join`).
+the slices) and the head's last 1x1 convolution (16 channels -> the output slice) stay fp32
+(`FP32_MODULES`): they are a small share of the work, and quantizing the input and output values
+themselves cost the most accuracy. They run as matrix products over the channels (`_Pointwise`):
+as convolutions, these few-channel 1x1 kernels took PyTorch's slow path. The decoder's joins
+are requantized (`_join`).
 
 The quantized network is then compared with the fp32 one on a held-out phantom:
 `QuantizationCheck.rms` must stay within `INT8_RMS_TOLERANCE` of the data range, or the caller
@@ -54,6 +56,9 @@ CALIBRATION_SIZE = 128
 # push activations past the 128-px ranges (module docstring).
 CALIBRATION_WIDE_SIZES: tuple[int, ...] = (256,)
 CALIBRATION_ANGLES = 180
+# Modules left fp32 (module docstring): the stem reads the input values, the head's last 1x1
+# convolution writes the output.
+FP32_MODULES: tuple[str, ...] = ("stem", "head.2")
 CALIBRATION_ROWS = 3
 # (keep every n-th view, photons per pixel): the model card's low-dose conditions and noisier
 # ones, so that a noisier scan than the model was trained on is not clipped (with only the first
@@ -93,6 +98,44 @@ class _TraceableTomoGAN(TomoGANGenerator):
 
 
 _NETWORKS: dict[str, type[nn.Module]] = {"tomogan": _TraceableTomoGAN}
+
+
+class _Pointwise(nn.Module):
+    """A fp32 1x1 convolution, and the ReLU fused after it if any, as one matrix product over
+    the channels: on the engine's channels_last tensors the channels are the contiguous last
+    dimension, so this is a GEMM, where PyTorch's convolution took its slow path for these
+    few-channel 1x1 kernels. Same values (tests/unit/workers/test_quantize.py)."""
+
+    def __init__(self, conv: nn.Conv2d, relu: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(conv.weight.detach().flatten(1).clone(), requires_grad=False)
+        bias = conv.bias.detach().clone() if conv.bias is not None else None
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias)
+        if self.relu:
+            out = F.relu(out)
+        return out.permute(0, 3, 1, 2)
+
+
+def _pointwise_fp32(network: nn.Module) -> None:
+    """Replace, in place, every fp32 1x1 convolution (alone or fused with its ReLU) left in the
+    converted `network` by a `_Pointwise`."""
+    from torch.ao.nn.intrinsic import ConvReLU2d
+
+    targets: dict[str, tuple[nn.Conv2d, bool]] = {}
+    for name, module in network.named_modules():
+        if type(module) is ConvReLU2d and isinstance(module[0], nn.Conv2d):
+            targets[name] = (module[0], True)
+        elif type(module) is nn.Conv2d and name.rpartition(".")[0] not in targets:
+            targets[name] = (module, False)
+    for name, (conv, relu) in targets.items():
+        pointwise = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
+        if pointwise and conv.padding == (0, 0):
+            parent, _, attribute = name.rpartition(".")
+            setattr(network.get_submodule(parent), attribute, _Pointwise(conv, relu))
 
 
 def quantizable(arch: str) -> bool:
@@ -250,14 +293,10 @@ def quantize_int8(
     ]
     held_out, _ = foam_stacks(depth, CHECK_SEED, rows=depth, centre_only=True)
     with _quantized_engine(engine), _deprecations_silenced(), _fx_stack_traces_off():
-        prepared = prepare_fx(
-            copy.deepcopy(network),
-            QConfigMapping()
-            .set_global(qconfig)
-            .set_module_name("stem", None)  # the input and output values stay fp32
-            .set_module_name("head", None),
-            (calibration[:1],),
-        )
+        mapping = QConfigMapping().set_global(qconfig)
+        for name in FP32_MODULES:
+            mapping = mapping.set_module_name(name, None)
+        prepared = prepare_fx(copy.deepcopy(network), mapping, (calibration[:1],))
         with torch.inference_mode():
             for stacks in (calibration, *wide):  # the observers see them all
                 prepared(stacks)
@@ -265,6 +304,7 @@ def quantize_int8(
         for node in quantized.graph.nodes:
             if node.op == "call_function" and node.target is torch.cat:
                 node.target = _join
+        _pointwise_fp32(quantized)
         quantized.recompile()
         with torch.inference_mode():
             reference = network(held_out)  # the artifact's weights; no TorchScript warm-up

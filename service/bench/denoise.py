@@ -168,10 +168,11 @@ def _build(name: str, path: Any, device: Any, memory_limit: int | None) -> Calla
 
     from models.artifact import load_artifact
     from models.networks import build_generator
-    from workers.denoise import DenoiseEngine
+    from workers.denoise import DenoiseEngine, clear_int8_cache
 
     if name.startswith("engine"):
         precision = name.partition("-")[2] or "auto"
+        clear_int8_cache()  # each variant's set-up as a fresh process pays it
         engine = DenoiseEngine(path, device, precision=precision, memory_limit_bytes=memory_limit)
 
         def run(x: torch.Tensor) -> torch.Tensor:

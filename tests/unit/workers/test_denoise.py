@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import workers.denoise as denoise_module
 from models.artifact import ModelMetadata, save_artifact
 from models.placeholder import PlaceholderSmoothing, placeholder_metadata
 from models.tomogan import TomoGANGenerator
@@ -26,7 +27,7 @@ from workers.denoise import (
 )
 from workers.lowdose import EVALUATION_SEED
 from workers.protocols import Denoiser
-from workers.quantize import CONDITIONS, calibration_units, foam_stacks
+from workers.quantize import CONDITIONS, QuantizationError, calibration_units, foam_stacks
 
 
 class CentrePlus(nn.Module):
@@ -279,6 +280,40 @@ def test_precisions_on_this_cpu(
 def test_int8_is_refused_where_it_cannot_run(placeholder: DenoiseEngine) -> None:
     with pytest.raises(ModelError, match="no int8 graph for arch='placeholder'"):
         load_denoiser(placeholder_artifact_path(), "cpu", precision="int8")
+
+
+def test_int8_calibrates_once_per_artifact(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    first = load_denoiser(None, "cpu", precision="int8")
+    calls: list[str] = []
+    real = denoise_module.quantize_int8
+
+    def counted(module: nn.Module, arch: str, depth: int) -> tuple[nn.Module, object]:
+        calls.append(arch)
+        return real(module, arch, depth)
+
+    monkeypatch.setattr(denoise_module, "quantize_int8", counted)
+    again = load_denoiser(None, "cpu", precision="int8")
+    copy = tmp_path / "same-weights.pt"  # another path, the same bytes
+    copy.write_bytes(default_artifact_path("cpu").read_bytes())
+    elsewhere = load_denoiser(copy, "cpu", precision="int8")
+    assert calls == [] and again._module is first._module and elsewhere._module is first._module
+    monkeypatch.setattr(denoise_module, "_INT8_CACHE", type(denoise_module._INT8_CACHE)())
+    fresh = load_denoiser(copy, "cpu", precision="int8")
+    assert calls == ["tomogan"] and fresh._module is not first._module
+
+
+def test_a_refused_int8_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+
+    def refused(module: nn.Module, arch: str, depth: int) -> tuple[nn.Module, object]:
+        calls.append(arch)
+        raise QuantizationError("strays")
+
+    monkeypatch.setattr(denoise_module, "_INT8_CACHE", type(denoise_module._INT8_CACHE)())
+    monkeypatch.setattr(denoise_module, "quantize_int8", refused)
+    engines = [load_denoiser(None, "cpu", precision="auto") for _ in range(2)]
+    assert [e.precision for e in engines] == ["fp32", "fp32"] and calls == ["tomogan"] * 2
+    assert not denoise_module._INT8_CACHE
 
 
 @pytest.mark.parametrize("size", [128, 256])
