@@ -124,7 +124,8 @@ def run_matrix(
 
 
 def _rate(flags: Sequence[bool]) -> str:
-    return f"{100 * np.mean(flags):.0f} %"
+    # "-" where the run has no such slices (e.g. no foam among --families): not "nan %"
+    return f"{100 * np.mean(flags):.0f} %" if len(flags) else "-"
 
 
 def format_report(cases: Sequence[Case], denoise_s: float, guard_s: float, threshold: float) -> str:
