@@ -6,6 +6,10 @@ asserts the tolerances at 128 and 256 px.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python tools/int8_accuracy.py --sizes 128 256 512
 
+`--fp32-modules` replaces `workers.quantize.FP32_MODULES` for the run (e.g. `--fp32-modules
+head` quantizes the stem too); where int8's own check refuses the variant, the refusal is
+printed. `--model` scores other weights, e.g. an earlier default from git history.
+
 Foam phantom `EVALUATION_SEED + 11`, 3 slices, 180 views at full dose (so a wider slice is also
 a sparser one), conditions `workers.quantize.CONDITIONS`.
 """
@@ -16,18 +20,28 @@ import argparse
 
 import torch
 
+import workers.quantize as quantize
 from models.training.metrics import psnr
 from workers.denoise import load_denoiser
 from workers.lowdose import EVALUATION_SEED
-from workers.quantize import CONDITIONS, calibration_units, foam_stacks
+from workers.quantize import CONDITIONS, QuantizationError, calibration_units, foam_stacks
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--model", default=None, help="artifact (default: the service's)")
+    parser.add_argument(
+        "--fp32-modules", nargs="*", default=None, help="modules left fp32 (default: the engine's)"
+    )
     args = parser.parse_args()
-    engines = {p: load_denoiser(args.model, "cpu", precision=p) for p in ("fp32", "int8")}
+    if args.fp32_modules is not None:
+        quantize.FP32_MODULES = tuple(args.fp32_modules)
+        print(f"fp32 modules: {', '.join(quantize.FP32_MODULES) or 'none'}")
+    try:
+        engines = {p: load_denoiser(args.model, "cpu", precision=p) for p in ("fp32", "int8")}
+    except QuantizationError as exc:
+        raise SystemExit(f"int8 refused: {exc}") from None
     metadata = engines["fp32"].metadata
     offset, scale = metadata.scaled(1.0)
     units = calibration_units(metadata.reference_level, metadata.input_scale)

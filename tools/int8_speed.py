@@ -55,6 +55,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--model", default=None, help="artifact (default: the service's)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print torch.profiler's top operators of each int8 engine at each size",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     working_tree = denoise.quantize_int8
@@ -97,6 +102,14 @@ def main() -> None:
                     start = time.thread_time()
                     run(x)
                     times[name].append((time.thread_time() - start) / args.batch * 1e3)
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            for name, engine in engines.items():
+                with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+                    engine.denoise(x, scale=1.0)
+                table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8)
+                print(f"\n{size} px, {name}:\n{table}")
         base = statistics.median(times["eager fp32"])
         for name, measured in times.items():
             lost = ""

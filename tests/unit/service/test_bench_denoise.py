@@ -162,3 +162,23 @@ def test_compile_keeps_a_graph_per_case() -> None:
         assert getattr(dynamo, name) == max(12, before)
     assert getattr(dynamo, name) == before
     assert f"torch._dynamo.config.{name} {before} -> {max(12, before)}" in note
+
+
+def test_each_int8_variant_calibrates_as_a_fresh_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The set-up column is what a fresh process pays: an int8 engine already calibrated in this
+    # process (workers.denoise's cache) must not make the bench's int8 set-up look free.
+    import workers.denoise as denoise
+
+    denoise.load_denoiser(None, "cpu", precision="int8")  # the cache now holds the default
+    calls: list[str] = []
+    real = denoise.quantize_int8
+
+    def counted(module: torch.nn.Module, arch: str, depth: int) -> object:
+        calls.append(arch)
+        return real(module, arch, depth)
+
+    monkeypatch.setattr(denoise, "quantize_int8", counted)
+    path = denoise.default_artifact_path("cpu")
+    bench_denoise._build("engine-int8", path, torch.device("cpu"), None)
+    bench_denoise._build("engine-int8", path, torch.device("cpu"), None)
+    assert calls == ["tomogan", "tomogan"]
